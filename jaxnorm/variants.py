@@ -1,0 +1,291 @@
+"""Layer, RMS, group and instance normalization: thin layers over one core.
+
+Each function only chooses the reduction axes (and, for group norm, a
+reshape) and the parameter layout; statistics, normalization and the
+hand-derived derivatives all live in ``jaxnorm._core``. Names, axis meanings
+and defaults follow the ``flax.linen`` layers of the same name (channels
+last; for group and instance norm axis 0 is the batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks
+from jaxnorm import _core
+
+
+def _params(fn, x, scale, bias, feat):
+  """Validates affine params of shape x.shape[feat] and broadcasts them."""
+  fshape = tuple(x.shape[a] for a in feat)
+  bshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  hint = _checks.param_shape_hint(fn, x.shape, feat)
+  scale = _checks.check_param(fn, "scale", scale, fshape, hint)
+  bias = _checks.check_param(fn, "bias", bias, fshape, hint)
+  rs = lambda p: None if p is None else p.reshape(bshape)
+  return rs(scale), rs(bias)
+
+
+def _common(fn, x, epsilon, mask):
+  x = _checks.as_float_array(fn, "x", x)
+  if x.ndim == 0:
+    raise ValueError(f"{fn}: `x` must have at least one dimension; got a "
+                     f"scalar.")
+  epsilon = _checks.check_epsilon(fn, epsilon)
+  mask = _checks.check_mask(fn, mask, x.shape)
+  return x, epsilon, mask
+
+
+def layer_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    reduction_axes: int | tuple[int, ...] = -1,
+    feature_axes: int | tuple[int, ...] = -1,
+    epsilon: float = 1e-6,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Layer normalization (Ba et al., 2016) over ``reduction_axes``.
+
+  For each position outside ``reduction_axes`` (the set :math:`R`, of
+  :math:`H` valid elements),
+
+  .. math::
+     \\mu = \\frac{1}{H} \\sum_{j \\in R} x_j, \\quad
+     \\sigma^2 = \\frac{1}{H} \\sum_{j \\in R} (x_j - \\mu)^2, \\quad
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta.
+
+  Args:
+    x: floating array of any rank >= 1, e.g. (batch, seq, d_model).
+    scale: optional :math:`\\gamma` of shape
+      ``tuple(x.shape[a] for a in feature_axes)``.
+    bias: optional :math:`\\beta`, same shape as ``scale``.
+    reduction_axes: axes the statistics reduce over (flax default -1).
+    feature_axes: axes the affine parameters vary along (flax default -1).
+    epsilon: non-negative, added to the variance (flax default 1e-6).
+    mask: optional boolean array broadcastable to ``x``; False elements are
+      left out of the statistics.
+
+  Returns:
+    Array of ``x``'s shape and dtype (statistics in at least float32).
+
+  Raises:
+    TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
+    ValueError: bad or repeated axes, parameter or mask shape mismatch,
+      negative ``epsilon``.
+  """
+  fn = "layer_norm"
+  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
+  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
+  scale, bias = _params(fn, x, scale, bias, feat)
+  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon)[0]
+
+
+def rms_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    *,
+    reduction_axes: int | tuple[int, ...] = -1,
+    feature_axes: int | tuple[int, ...] = -1,
+    epsilon: float = 1e-6,
+    scale_offset: float = 0.0,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Root-mean-square normalization (Zhang & Sennrich, 2019).
+
+  .. math::
+     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}
+
+  with :math:`o` = ``scale_offset`` (``1.0`` gives Gemma's ``(1 + scale)``)
+  and :math:`\\epsilon` inside the square root. Without ``scale`` the output
+  is the normalized input and ``scale_offset`` is not used.
+
+  Args:
+    x: floating array of any rank >= 1.
+    scale: optional :math:`\\gamma` of shape
+      ``tuple(x.shape[a] for a in feature_axes)``.
+    reduction_axes: axes the mean square reduces over (default -1).
+    feature_axes: axes ``scale`` varies along (default -1).
+    epsilon: non-negative, added to the mean square (default 1e-6).
+    scale_offset: Python float added to ``scale``.
+    mask: optional boolean array broadcastable to ``x``.
+
+  Returns:
+    Array of ``x``'s shape and dtype.
+
+  Raises:
+    TypeError: non-floating ``x``/``scale``, non-boolean ``mask``,
+      non-numeric ``scale_offset``.
+    ValueError: bad or repeated axes, shape mismatch, negative ``epsilon``.
+  """
+  fn = "rms_norm"
+  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  if isinstance(scale_offset, bool) or not isinstance(
+      scale_offset, (int, float)):
+    raise TypeError(f"{fn}: `scale_offset` must be a Python float; got "
+                    f"{scale_offset!r}.")
+  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
+  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
+  scale, _ = _params(fn, x, scale, None, feat)
+  if scale is not None and scale_offset != 0.0:
+    scale = scale + jnp.asarray(scale_offset, scale.dtype)
+  return _core.normalize(
+      x, scale, None, mask, axes=red, epsilon=epsilon, center=False)[0]
+
+
+def group_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    num_groups: int | None = 32,
+    group_size: int | None = None,
+    reduction_axes: int | tuple[int, ...] | None = None,
+    epsilon: float = 1e-6,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Group normalization (Wu & He, 2018), channels last.
+
+  The ``C`` channels (last axis) are split into ``G`` groups of ``C/G``
+  consecutive channels; each example's group is normalized over its
+  channels and the other ``reduction_axes``:
+
+  .. math::
+     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
+       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+
+  ``num_groups=1`` is layer norm over all non-batch axes; ``group_size=1``
+  is instance norm.
+
+  Args:
+    x: floating array (N, ..., C), e.g. (N, H, W, C).
+    scale: optional :math:`\\gamma` of shape (C,).
+    bias: optional :math:`\\beta` of shape (C,).
+    num_groups: number of groups G (flax default 32); set it to None when
+      giving ``group_size``.
+    group_size: channels per group, instead of ``num_groups``.
+    reduction_axes: axes reduced besides the in-group channels; None (flax's
+      default) means all axes but the first. If given it must include the
+      last axis.
+    epsilon: non-negative, added to the variance (default 1e-6).
+    mask: optional boolean array broadcastable to ``x``.
+
+  Returns:
+    Array of ``x``'s shape and dtype.
+
+  Raises:
+    TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``,
+      non-integer group settings.
+    ValueError: both or neither of ``num_groups``/``group_size``, a channel
+      count the grouping does not divide, ``x`` of rank < 2, bad axes or
+      shapes, negative ``epsilon``.
+  """
+  fn = "group_norm"
+  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  if x.ndim < 2:
+    raise ValueError(f"{fn}: `x` must have a batch axis and a channel axis "
+                     f"(N, ..., C); got shape {tuple(x.shape)}.")
+  c = x.shape[-1]
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        f"{fn}: exactly one of `num_groups` and `group_size` must be set; got "
+        f"num_groups={num_groups!r}, group_size={group_size!r}. Note that "
+        f"num_groups defaults to 32: pass num_groups=None with group_size."
+    )
+  for name, v in (("num_groups", num_groups), ("group_size", group_size)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+      raise TypeError(f"{fn}: `{name}` must be an int; got {v!r}.")
+    if v is not None and v <= 0:
+      raise ValueError(f"{fn}: `{name}` must be positive; got {v}.")
+  if group_size is not None:
+    if c % group_size:
+      raise ValueError(
+          f"{fn}: group_size={group_size} does not divide the {c} channels "
+          f"of x (shape {tuple(x.shape)}). Pick a divisor of {c}."
+      )
+    num_groups = c // group_size
+  elif c % num_groups:
+    raise ValueError(
+        f"{fn}: num_groups={num_groups} does not divide the {c} channels of "
+        f"x (shape {tuple(x.shape)}). Pick a divisor of {c}."
+    )
+  if reduction_axes is None:
+    red = tuple(range(1, x.ndim))
+  else:
+    red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes,
+                                    x.ndim)
+    if x.ndim - 1 not in red:
+      raise ValueError(
+          f"{fn}: `reduction_axes`={reduction_axes!r} must include the "
+          f"channel axis -1 (the groups are reduced over their channels)."
+      )
+  scale, bias = _params(fn, x, scale, bias, (x.ndim - 1,))
+  g = num_groups
+  gshape = (*x.shape[:-1], g, c // g)
+  xg = x.reshape(gshape)
+  rs = lambda p: None if p is None else p.reshape((*p.shape[:-1], g, c // g))
+  mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(gshape)
+  axes = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
+  y = _core.normalize(xg, rs(scale), rs(bias), mg, axes=axes,
+                      epsilon=epsilon)[0]
+  return y.reshape(x.shape)
+
+
+def instance_norm(
+    x: ArrayLike,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    feature_axes: int | tuple[int, ...] = -1,
+    epsilon: float = 1e-6,
+    mask: ArrayLike | None = None,
+) -> jax.Array:
+  """Instance normalization (Ulyanov et al., 2016).
+
+  Each example (axis 0) and feature is normalized over the remaining axes,
+  e.g. for NHWC input
+
+  .. math::
+     \\mu_{n,c} = \\frac{1}{HW}\\sum_{h,w} x_{n,h,w,c}, \\quad
+     \\sigma^2_{n,c} = \\frac{1}{HW}\\sum_{h,w}(x_{n,h,w,c}-\\mu_{n,c})^2,
+     \\quad y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2+\\epsilon}} + \\beta.
+
+  Args:
+    x: floating array (N, ..., C) with at least one axis besides the batch
+      and feature axes.
+    scale: optional :math:`\\gamma` of shape ``x.shape[feature_axes]``.
+    bias: optional :math:`\\beta`, same shape.
+    feature_axes: axes kept (default -1); axis 0 is always the batch.
+    epsilon: non-negative, added to the variance (default 1e-6).
+    mask: optional boolean array broadcastable to ``x``.
+
+  Returns:
+    Array of ``x``'s shape and dtype.
+
+  Raises:
+    TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
+    ValueError: bad axes (including axis 0 as a feature axis), no axis left
+      to reduce, shape mismatch, negative ``epsilon``.
+  """
+  fn = "instance_norm"
+  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
+  if 0 in feat:
+    raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a "
+                     f"feature axis; got feature_axes={feature_axes!r}.")
+  red = tuple(i for i in range(1, x.ndim) if i not in feat)
+  if not red:
+    raise ValueError(
+        f"{fn}: x of shape {tuple(x.shape)} has no axis to reduce besides the "
+        f"batch axis 0 and feature_axes={feat}; instance norm needs spatial "
+        f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm."
+    )
+  scale, bias = _params(fn, x, scale, bias, feat)
+  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon)[0]
