@@ -154,7 +154,8 @@ def check_mask(fn: str, mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None
         f"dimensions where it does not vary (e.g. (N, 1, 1, 1) for whole "
         f"examples of an NHWC batch)."
     )
-  return mask
+  # Same rank as x (leading size-1 axes), so no rank promotion is needed.
+  return mask.reshape((1,) * (len(x_shape) - mask.ndim) + tuple(mask.shape))
 
 
 def check_axis_name(fn: str, axis_name: Any) -> tuple[Any, ...] | None:

@@ -87,14 +87,22 @@ def _forward(cfg: _Config, x, scale, bias, mask):
     y = y * scale.astype(dt)
   if bias is not None:
     y = y + bias.astype(dt)
-  res = (xhat, rstd, count, mask, scale)
+  # Per-element weight of the statistics: w / n, with w the mask. It has the
+  # broadcast shape of the mask and the statistics, so without a mask (or
+  # with a per-example mask) it is small; it is the only place the mask
+  # enters the backward pass (a multiplication, which transposes to itself,
+  # so no select or zeros array appears in either derivative).
+  w_over_n = 1.0 / jnp.maximum(count, 1.0)
+  if mask is not None:
+    w_over_n = w_over_n * mask.astype(dt)
+  res = (xhat, rstd, w_over_n, scale)
   return (y.astype(x.dtype), mean, var, count), res
 
 
 def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``."""
   x_dtype, scale_aval, bias_aval = shapes
-  xhat, rstd, count, mask, scale = res
+  xhat, rstd, w_over_n, scale = res
   dt = rstd.dtype
   g = dy.astype(dt)
   dbias = None
@@ -112,11 +120,8 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
     sums = jax.lax.psum(
         sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
-  inv_n = 1.0 / jnp.maximum(count, 1.0)
   corr = (sums[0] + xhat * sums[1]) if cfg.center else xhat * sums[0]
-  corr = corr * inv_n
-  if mask is not None:
-    corr = jnp.where(mask, corr, 0.0)
+  corr = corr * w_over_n
   dx = (rstd * (g - corr)).astype(x_dtype)
   return dx, dscale, dbias
 

@@ -25,8 +25,13 @@ import jax.numpy as jnp
 
 
 def stat_dtype(dtype: Any) -> Any:
-  """The dtype statistics are computed in: at least float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  """The dtype statistics are computed in: at least float32.
+
+  Written without type promotion so it also holds under
+  ``jax_numpy_dtype_promotion="strict"`` (which refuses float64 + float32).
+  """
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def _merge_across(

@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 
 from jaxnorm import _checks
 from jaxnorm import _core
+from jaxnorm import _stats
 
 
 class BatchNormState(NamedTuple):
@@ -268,7 +269,7 @@ def batch_norm_infer(
   x, feat, red, bshape, fshape, scale, bias = _prepare(
       fn, x, state, scale, bias, axis)
   epsilon = _checks.check_epsilon(fn, epsilon)
-  dt = jnp.promote_types(x.dtype, jnp.float32)
+  dt = _stats.stat_dtype(x.dtype)
   mean = jax.lax.stop_gradient(state.mean).astype(dt).reshape(bshape)
   var = jax.lax.stop_gradient(state.var).astype(dt).reshape(bshape)
   mul = jax.lax.rsqrt(var + jnp.asarray(epsilon, dt))

@@ -38,7 +38,7 @@ def normalize_reference(
   Returns:
     The normalized array in ``x``'s dtype, statistics in >= float32.
   """
-  dt = jnp.promote_types(x.dtype, jnp.float32)
+  dt = x.dtype if jnp.dtype(x.dtype).itemsize >= 4 else jnp.float32
   xf = x.astype(dt)
   axes = tuple(axes)
   w = jnp.ones_like(xf) if mask is None else jnp.broadcast_to(mask, x.shape).astype(dt)

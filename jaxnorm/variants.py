@@ -231,7 +231,12 @@ def group_norm(
   gshape = (*x.shape[:-1], g, c // g)
   xg = x.reshape(gshape)
   rs = lambda p: None if p is None else p.reshape((*p.shape[:-1], g, c // g))
-  mg = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(gshape)
+  mg = None
+  if mask is not None:  # same rank as x (check_mask); keep size-1 axes small
+    if mask.shape[-1] == 1:
+      mg = mask.reshape((*mask.shape[:-1], 1, 1))
+    else:
+      mg = mask.reshape((*mask.shape[:-1], g, c // g))
   axes = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
   y = _core.normalize(xg, rs(scale), rs(bias), mg, axes=axes,
                       epsilon=epsilon)[0]
