@@ -1,0 +1,443 @@
+"""Train the seed's CNN with BatchNorm on real images with optax.
+
+The seed documents close with a PyTorch CNN (conv 32 + BatchNorm2d, conv 64 +
+BatchNorm2d, fc 128 + BatchNorm1d, fc 10; Adam, lr 1e-3). This is that model in
+``flax.linen`` with ``jaxnorm.linen.BatchNorm`` (channels-last), trained with
+optax on real data read from local files (see ``data.py``; nothing is
+downloaded):
+
+    pip install -e '.[examples]'
+    python examples/train_cnn.py                        # mnist5k, BN on
+    python examples/train_cnn.py --no-bn                # the same without BN
+    python examples/train_cnn.py --dataset fashion-mnist --epochs 3
+    python examples/train_cnn.py --out runs/a --epochs 2            # then:
+    python examples/train_cnn.py --out runs/a --epochs 4 --resume   # 2 more
+
+Writes to ``--out`` (default ``runs/<timestamp>``): ``metrics.json``,
+``learning_curves.png`` and orbax checkpoints (params, batch_stats, optimizer
+state, epoch) in ``checkpoints/`` after every epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import data as data_lib  # noqa: E402  (examples/data.py, beside this file)
+
+from flax.linen import BatchNorm  # noqa: E402  TODO switch to jaxnorm.linen
+
+PyTree = Any
+# Fields of the configuration that must match when resuming a run.
+RESUME_KEYS = (
+    "dataset", "limit", "batch_size", "optimizer", "lr", "schedule", "seed",
+    "bn", "bn_momentum", "augment",
+)
+
+
+class CNN(nn.Module):
+  """The seed's CNN, channels-last: inputs ``(B, 28, 28, 1)``, logits ``(B, 10)``.
+
+  ``conv3x3(32) -> BN -> relu -> maxpool2 -> conv3x3(64) -> BN -> relu ->
+  maxpool2 -> dense(128) -> BN -> relu -> dense(10)``.
+
+  Attributes:
+    use_bn: put a BatchNorm after each conv and after the hidden dense layer.
+    bn_momentum: running-average decay, weight on the OLD value as in flax.
+      0.9 matches the seed's PyTorch default ``momentum=0.1`` (weight on the
+      new batch).
+    init_scale: multiplies the standard deviation of every kernel's LeCun
+      normal initialization (1.0 = flax's default), to study bad inits.
+  """
+
+  use_bn: bool = True
+  bn_momentum: float = 0.9
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    kernel_init = nn.initializers.variance_scaling(
+        self.init_scale**2, "fan_in", "truncated_normal")
+
+    def norm(h: jax.Array) -> jax.Array:
+      if not self.use_bn:
+        return h
+      return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=1e-5)(h)
+
+    x = nn.Conv(32, (3, 3), padding=1, kernel_init=kernel_init)(x)
+    x = nn.max_pool(nn.relu(norm(x)), (2, 2), strides=(2, 2))
+    x = nn.Conv(64, (3, 3), padding=1, kernel_init=kernel_init)(x)
+    x = nn.max_pool(nn.relu(norm(x)), (2, 2), strides=(2, 2))
+    # The seed writes nn.Linear(64*28*28, 128), which is wrong: after two 2x2
+    # poolings a 28x28 image is 7x7, so the flattened input is 64*7*7 = 3136.
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(128, kernel_init=kernel_init)(x)
+    x = nn.relu(norm(x))
+    return nn.Dense(10, kernel_init=kernel_init)(x)
+
+
+def make_optimizer(name: str, lr: float, schedule: str,
+                   total_steps: int) -> optax.GradientTransformation:
+  """``adam``/``sgd`` (momentum 0.9)/``adamw`` with a constant or cosine lr."""
+  if schedule == "constant":
+    learning_rate: Any = lr
+  elif schedule == "cosine":
+    learning_rate = optax.cosine_decay_schedule(lr, max(total_steps, 1))
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}; expected constant or cosine.")
+  if name == "adam":
+    return optax.adam(learning_rate)
+  if name == "adamw":
+    return optax.adamw(learning_rate)
+  if name == "sgd":
+    return optax.sgd(learning_rate, momentum=0.9)
+  raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or sgd.")
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation,
+               key: jax.Array, sample: np.ndarray) -> dict[str, PyTree]:
+  """``{"params", "batch_stats", "opt_state"}``; batch_stats is ``{}`` without BN."""
+  variables = model.init(key, jnp.asarray(sample), train=False)
+  params = variables["params"]
+  return {
+      "params": params,
+      "batch_stats": dict(variables.get("batch_stats", {})),
+      "opt_state": tx.init(params),
+  }
+
+
+def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
+  if batch_stats:
+    return {"params": params, "batch_stats": batch_stats}
+  return {"params": params}
+
+
+def make_train_step(
+    model: nn.Module, tx: optax.GradientTransformation
+) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
+  """A jitted step ``(state, x, y) -> (new_state, loss, accuracy)``.
+
+  BatchNorm normalizes with the batch's statistics and the returned state
+  carries the updated running averages (``batch_stats``).
+  """
+
+  @jax.jit
+  def train_step(state, x, y):
+    def loss_fn(params):
+      logits, updates = model.apply(
+          _variables(params, state["batch_stats"]), x, train=True,
+          mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    step_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        "params": optax.apply_updates(state["params"], step_updates),
+        "batch_stats": dict(updates.get("batch_stats", {})),
+        "opt_state": opt_state,
+    }
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+    return new_state, loss, accuracy
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """A jitted ``(params, batch_stats, x, y, mask) -> (loss_sum, correct_sum)``.
+
+  Uses the running averages (inference mode); ``mask`` drops padded rows.
+  """
+
+  @jax.jit
+  def eval_step(params, batch_stats, x, y, mask):
+    logits = model.apply(_variables(params, batch_stats), x, train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, -1) == y)
+    return jnp.sum(loss * mask), jnp.sum(correct * mask)
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable[..., Any], state: dict[str, PyTree],
+             x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> tuple[float, float]:
+  """Mean loss and accuracy over ``(x, y)`` in fixed-size padded batches."""
+  n = x.shape[0]
+  batch_size = min(batch_size, n)
+  loss_sum, correct_sum = 0.0, 0.0
+  for start in range(0, n, batch_size):
+    xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+    m = xb.shape[0]
+    mask = np.ones(batch_size, np.float32)
+    if m < batch_size:  # pad to one compiled shape
+      pad = batch_size - m
+      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+      yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+      mask[m:] = 0.0
+    ls, cs = eval_step(state["params"], state["batch_stats"], xb, yb, mask)
+    loss_sum += float(ls)
+    correct_sum += float(cs)
+  return loss_sum / n, correct_sum / n
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.random.Generator:
+  """The data order's generator for one epoch: a function of (seed, epoch) only,
+  so a resumed run sees exactly the batches an uninterrupted run sees."""
+  return np.random.default_rng([seed, epoch])
+
+
+def random_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int) -> np.ndarray:
+  """Translate each ``(B, H, W, C)`` image by up to ``max_shift`` pixels, filling
+  with the background value (the minimum of the standardized images)."""
+  b, h, w, _ = x.shape
+  fill = x.min()
+  padded = np.pad(x, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)),
+                  constant_values=fill)
+  dy, dx = rng.integers(0, 2 * max_shift + 1, size=(2, b))
+  rows = dy[:, None] + np.arange(h)[None, :]
+  cols = dx[:, None] + np.arange(w)[None, :]
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int,
+            augment: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """One epoch's shuffled full batches (the last partial batch is dropped)."""
+  rng = epoch_order(x.shape[0], seed, epoch)
+  perm = rng.permutation(x.shape[0])
+  out = []
+  for i in range(x.shape[0] // batch_size):
+    idx = perm[i * batch_size:(i + 1) * batch_size]
+    xb = x[idx]
+    if augment:
+      xb = random_shift(xb, rng, augment)
+    out.append((xb, y[idx]))
+  return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--dataset", choices=data_lib.DATASETS, default="mnist5k")
+  p.add_argument("--data-dir", default=None,
+                 help="Fashion-MNIST idx .gz directory (default: "
+                 f"{data_lib.FASHION_MNIST_DEBIAN_DIR}, from Debian's "
+                 "dataset-fashion-mnist package)")
+  p.add_argument("--epochs", type=int, default=10, help="total epochs")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-bn", dest="bn", action="store_false",
+                 help="drop every BatchNorm layer")
+  p.add_argument("--bn-momentum", type=float, default=0.9,
+                 help="running-average decay (flax convention, weight on old)")
+  p.add_argument("--augment", type=int, default=0, metavar="PIXELS",
+                 help="random translations by up to PIXELS (0 = off)")
+  p.add_argument("--limit", type=int, default=None,
+                 help="use only the first N train and N test images (smoke)")
+  p.add_argument("--out", default=None, help="output dir (default runs/<timestamp>)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in --out")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  args = p.parse_args(argv)
+  if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+    p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+  if args.resume and args.out is None:
+    p.error("--resume needs --out DIR, the directory of the run to continue")
+  if args.out is None:
+    args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+  return args
+
+
+def _machine() -> dict[str, Any]:
+  return {
+      "cpu_count": os.cpu_count(),
+      "load_average_1m": os.getloadavg()[0],
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+  }
+
+
+def save_plot(path: str, per_epoch: dict[str, list[float]], title: str) -> None:
+  """Two panels: train/test loss and train/test accuracy per epoch."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ep = per_epoch["epoch"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+  ax1.plot(ep, per_epoch["train_loss"], "o-", label="train")
+  ax1.plot(ep, per_epoch["test_loss"], "s-", label="test")
+  ax1.set_xlabel("epoch")
+  ax1.set_ylabel("cross-entropy")
+  ax1.set_yscale("log")
+  ax1.legend()
+  ax2.plot(ep, per_epoch["train_accuracy"], "o-", label="train")
+  ax2.plot(ep, per_epoch["test_accuracy"], "s-", label="test")
+  ax2.set_xlabel("epoch")
+  ax2.set_ylabel("accuracy")
+  ax2.legend()
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+class Checkpoints:
+  """orbax CheckpointManager keyed by epoch: the training state pytree plus a
+  JSON record (config and per-epoch history)."""
+
+  def __init__(self, directory: str):
+    import orbax.checkpoint as ocp
+    self._ocp = ocp
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, enable_async_checkpointing=False),
+        item_names=("state", "meta"))
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, epoch: int, state: dict[str, PyTree], meta: dict[str, Any]) -> None:
+    ocp = self._ocp
+    self.manager.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self.manager.wait_until_finished()
+
+  def restore(self, epoch: int, like: dict[str, PyTree]) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self.manager.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Train, evaluate, checkpoint; returns the metrics written to metrics.json."""
+  args = parse_args(argv)
+  t_start = time.perf_counter()
+  machine_start = _machine()
+  ds = data_lib.load(args.dataset, args.data_dir, args.limit)
+  steps_per_epoch = ds.x_train.shape[0] // args.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"--batch-size {args.batch_size} exceeds the {ds.x_train.shape[0]} "
+        "training images; lower --batch-size or raise --limit.")
+  config = {k: getattr(args, k) for k in RESUME_KEYS}
+  config["epochs"] = args.epochs
+
+  model = CNN(use_bn=args.bn, bn_momentum=args.bn_momentum)
+  tx = make_optimizer(args.optimizer, args.lr, args.schedule,
+                      args.epochs * steps_per_epoch)
+  state = init_state(model, tx, jax.random.key(args.seed), ds.x_train[:2])
+  train_step = make_train_step(model, tx)
+  eval_step = make_eval_step(model)
+
+  os.makedirs(args.out, exist_ok=True)
+  ckpt = Checkpoints(os.path.join(args.out, "checkpoints"))
+  per_epoch: dict[str, list[float]] = {
+      k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+                      "test_accuracy", "seconds")}
+  start_epoch = 0
+  latest = ckpt.latest()
+  if args.resume:
+    if latest is None:
+      raise FileNotFoundError(
+          f"--resume: no checkpoint in {args.out}/checkpoints; run without "
+          "--resume to start a new run there.")
+    state, meta = ckpt.restore(latest, state)
+    old = meta["config"]
+    changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
+    if args.schedule != "constant" and old["epochs"] != args.epochs:
+      changed["epochs (the cosine schedule depends on it)"] = (old["epochs"], args.epochs)
+    if changed:
+      raise ValueError(
+          f"--resume: the run in {args.out} used different settings "
+          f"(old, new): {changed}; pass the same flags or use a new --out.")
+    per_epoch = meta["per_epoch"]
+    start_epoch = latest
+    print(f"resumed {args.out} at epoch {latest}", flush=True)
+  elif latest is not None:
+    raise FileExistsError(
+        f"{args.out}/checkpoints already holds epoch {latest}; pass --resume "
+        "to continue that run or choose another --out.")
+
+  from tqdm import tqdm
+
+  for epoch in range(start_epoch + 1, args.epochs + 1):
+    t0 = time.perf_counter()
+    loss_sum, acc_sum = jnp.zeros(()), jnp.zeros(())
+    bar = tqdm(batches(ds.x_train, ds.y_train, args.batch_size, args.seed, epoch,
+                       args.augment),
+               desc=f"epoch {epoch}/{args.epochs}", disable=args.quiet,
+               leave=False, unit="batch")
+    for i, (xb, yb) in enumerate(bar, 1):
+      state, loss, acc = train_step(state, xb, yb)
+      loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
+      if i % 10 == 0 or i == steps_per_epoch:
+        bar.set_postfix(loss=f"{float(loss_sum) / i:.4f}",
+                        acc=f"{float(acc_sum) / i:.4f}")
+    train_loss = float(loss_sum) / steps_per_epoch
+    train_acc = float(acc_sum) / steps_per_epoch
+    if not np.isfinite(train_loss):
+      print(f"epoch {epoch}: training loss is {train_loss}; the run diverged "
+            "(try a lower --lr).", flush=True)
+    test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test)
+    seconds = time.perf_counter() - t0
+    for k, v in (("epoch", epoch), ("train_loss", train_loss),
+                 ("train_accuracy", train_acc), ("test_loss", test_loss),
+                 ("test_accuracy", test_acc), ("seconds", seconds)):
+      per_epoch[k].append(v)
+    print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} "
+          f"acc {train_acc:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
+          f"{seconds:.1f}s", flush=True)
+    ckpt.save(epoch, state, {"config": config, "per_epoch": per_epoch})
+  ckpt.close()
+
+  metrics = {
+      "dataset": args.dataset,
+      "epochs": args.epochs,
+      "test_accuracy": per_epoch["test_accuracy"][-1],
+      "seconds": float(sum(per_epoch["seconds"])),
+      "seconds_this_invocation": time.perf_counter() - t_start,
+      "train_size": int(ds.x_train.shape[0]),
+      "test_size": int(ds.x_test.shape[0]),
+      "config": config,
+      "per_epoch": per_epoch,
+      "machine": {"start": machine_start, "end": _machine()},
+  }
+  with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=1)
+  save_plot(os.path.join(args.out, "learning_curves.png"), per_epoch,
+            f"{args.dataset}, BN {'on' if args.bn else 'off'}, {args.optimizer} "
+            f"lr {args.lr:g}, batch {args.batch_size}: final test accuracy "
+            f"{metrics['test_accuracy']:.4f}")
+  print(f"test accuracy {metrics['test_accuracy']:.4f} after {args.epochs} epochs, "
+        f"{metrics['seconds']:.1f}s training; wrote {args.out}/metrics.json",
+        flush=True)
+  return metrics
+
+
+if __name__ == "__main__":
+  main()
