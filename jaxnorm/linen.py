@@ -1,0 +1,571 @@
+"""``flax.linen`` modules over jaxnorm's pure functions.
+
+Drop-in replacements for ``flax.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
+``GroupNorm`` and ``InstanceNorm`` (flax 0.12.8): the same attribute names,
+meanings and defaults, the same variable collections, names, shapes and
+dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
+``batch_stats/var``) and the same output dtype rule, so a flax variable tree
+loads into these modules and back. What changes is the arithmetic: the
+variance is always computed in two passes in at least float32 (stable on
+shifted data), the backward pass is jaxnorm's hand-derived one, masked
+cross-device statistics are count-weighted, and a training batch with a
+single element per feature raises instead of silently returning zeros.
+
+The one addition is ``batch_stats/count`` (int32 scalar) in ``BatchNorm``,
+the number of running-average updates; see ``BatchNorm`` for how a flax tree
+without it loads.
+
+Output dtype: ``dtype`` if given, else the promotion of the input and
+parameter dtypes (``flax.linen.dtypes.canonicalize_dtype``). The computation
+runs in the promotion of that dtype with the input and parameter dtypes, and
+the statistics in at least float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.errors
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as _dtypes
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+from jax.typing import ArrayLike
+
+from jaxnorm.batch_norm import BatchNormState
+from jaxnorm.batch_norm import batch_norm_infer
+from jaxnorm.batch_norm import batch_norm_train
+from jaxnorm.variants import group_norm
+from jaxnorm.variants import instance_norm
+from jaxnorm.variants import layer_norm
+from jaxnorm.variants import rms_norm
+
+__all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+
+def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
+  """Sorted non-negative axes (flax accepts an int or any iterable)."""
+  if isinstance(axes, int):
+    axes = (axes,)
+  return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
+
+
+def _dtypes_for(x: jax.Array, params: list[jax.Array], dtype: Dtype | None):
+  """Returns (compute dtype, output dtype) following flax's dtype rule."""
+  out = _dtypes.canonicalize_dtype(x, *params, dtype=dtype)
+  natural = _dtypes.canonicalize_dtype(x, *params)
+  return jnp.promote_types(natural, out), out
+
+
+def _as_mask(mask: ArrayLike | None) -> jax.Array | None:
+  """flax takes a 'binary array' mask and casts it to bool; so do we."""
+  if mask is None:
+    return None
+  return jnp.asarray(mask).astype(jnp.bool_)
+
+
+def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
+            use_bias: bool) -> list[jax.Array | None]:
+  """Creates ``params/scale`` and ``params/bias`` as flax does."""
+  scale = (mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype)
+           if use_scale else None)
+  bias = (mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
+          if use_bias else None)
+  return [scale, bias]
+
+
+def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
+         fn) -> jax.Array:
+  """Casts x and params to the compute dtype, calls fn, casts the output."""
+  x = jnp.asarray(x)
+  present = [p for p in params if p is not None]
+  compute, out = _dtypes_for(x, present, dtype)
+  cast = [None if p is None else p.astype(compute) for p in params]
+  return fn(x.astype(compute), *cast).astype(out)
+
+
+def _no_axis_name(cls: str, axis_name: Any) -> None:
+  if axis_name is not None:
+    raise NotImplementedError(
+        f"jaxnorm.linen.{cls}: `axis_name`={axis_name!r} is not supported yet: "
+        f"the pure function behind {cls} takes no `axis_name` (only "
+        f"batch_norm_train does). Statistics of {cls} are per example, so an "
+        f"axis name is only needed when a single example is split across "
+        f"devices; use flax.linen.{cls} for that case for now."
+    )
+
+
+class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
+                                ValueError):
+  """A training-mode ``BatchNorm`` was applied with immutable batch_stats.
+
+  Subclasses flax's ``ModifyScopeVariableError`` (so code that catches
+  flax's error keeps working) and ``ValueError``; the message names the fix.
+  """
+
+  def __init__(self, message: str):  # pylint: disable=super-init-not-called
+    Exception.__init__(self, message)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
+
+  In training mode (``use_running_average=False``), over all axes but
+  ``axis`` (and across ``axis_name``),
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
+     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
+     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
+
+  with the biased batch variance :math:`\\sigma^2_B` and :math:`m` =
+  ``momentum``; in eval mode the running statistics replace the batch ones.
+  It calls ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
+
+  Variables (as flax): ``params/scale`` and ``params/bias`` of the feature
+  shape ``[x.shape[a] for a in axis]`` in ``param_dtype``;
+  ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones) of the feature
+  shape in float32 (``param_dtype`` if ``force_float32_reductions=False``).
+  In addition, when ``track_count=True`` (default), ``batch_stats/count``
+  (int32 scalar, starts at 0) counts the running-average updates.
+
+  Loading a flax variable tree (no ``count``): in eval mode the module reads
+  ``mean``/``var`` only and runs unchanged, without adding anything. In
+  training mode with ``mutable=['batch_stats']`` the returned ``batch_stats``
+  gain ``count``, started at 0 at the first update made by jaxnorm (it counts
+  updates since the tree was loaded; the running averages do not depend on
+  it). To produce trees exactly like flax's, set ``track_count=False``.
+
+  Statistics are not updated during ``init`` (``self.is_initializing()``),
+  and ``axis_name`` is not used during ``init``, as in flax. If the ``init``
+  batch has a single element per feature, ``init`` computes its output with
+  the (fresh) running statistics instead of raising.
+
+  Attributes:
+    use_running_average: if True, use the stored ``batch_stats`` instead of
+      batch statistics; may instead be given at call time (``nn.merge_param``:
+      exactly one of the two must be set).
+    axis: feature axis or axes (default -1).
+    momentum: weight of the old running value, in [0, 1] (default 0.99;
+      PyTorch's momentum ``p`` is ``1 - p`` here).
+    epsilon: added to the variance (default 1e-5).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of ``scale``/``bias`` (default float32).
+    use_bias: add ``bias`` (beta).
+    use_scale: multiply by ``scale`` (gamma).
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis to compute
+      the statistics over the global batch; the per-device (count, mean, M2)
+      are merged exactly (count-weighted, also with masks).
+    axis_index_groups: replica groups within ``axis_name``.
+    use_fast_variance: accepted for compatibility with flax and ignored:
+      jaxnorm always computes the variance in two passes in at least float32,
+      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+    force_float32_reductions: as flax: if False the ``batch_stats`` are stored
+      in ``param_dtype``. The reductions are always done in at least float32.
+    track_count: keep ``batch_stats/count`` (jaxnorm only; default True).
+
+  Raises:
+    flax.errors.ScopeParamShapeError / ScopeVariableError: as flax, for
+      variables of the wrong shape or a missing ``mean``/``var``.
+    ImmutableBatchStatsError: training mode without ``batch_stats`` in
+      ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``
+      whose message names the fix).
+    ValueError: a training batch with one element per feature,
+      and the errors of ``jaxnorm.batch_norm_train`` (bad axis, momentum,
+      epsilon, mask shape, unbound ``axis_name``).
+  """
+
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  track_count: bool = True
+
+  @nn.compact
+  def __call__(
+      self,
+      x: ArrayLike,
+      use_running_average: bool | None = None,
+      *,
+      mask: ArrayLike | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x`` with batch (training) or running (eval) statistics.
+
+    Args:
+      x: floating array, e.g. (N, C) or (N, H, W, C).
+      use_running_average: overrides nothing: it must be given here if and
+        only if it was not given at construction.
+      mask: optional array broadcastable to ``x``, cast to bool; False
+        elements are left out of the batch statistics (training mode only).
+
+    Returns:
+      Array of ``x``'s shape in the output dtype (see module docstring).
+
+    Raises:
+      ValueError: see the class docstring.
+    """
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    x = jnp.asarray(x)
+    feat = _axes_tuple(x.ndim, self.axis)
+    fshape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    stat_dtype = (jnp.float32 if self.force_float32_reductions
+                  else self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean",
+                            lambda s: jnp.zeros(s, stat_dtype), fshape)
+    ra_var = self.variable("batch_stats", "var",
+                           lambda s: jnp.ones(s, stat_dtype), fshape)
+    ra_count = None
+    if self.track_count and (
+        self.has_variable("batch_stats", "count")
+        or self.is_mutable_collection("batch_stats")):
+      ra_count = self.variable("batch_stats", "count",
+                               lambda: jnp.zeros((), jnp.int32))
+    count = (ra_count.value if ra_count is not None
+             else jnp.zeros((), jnp.int32))
+    state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
+    params = _affine(self, fshape, self.use_scale, self.use_bias)
+    axis = self.axis if isinstance(self.axis, int) else tuple(self.axis)
+
+    if use_running_average:
+      return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
+          xc, state, s, b, axis=axis, epsilon=self.epsilon))
+
+    if self.is_initializing():
+      per_feature = math.prod(
+          d for i, d in enumerate(x.shape) if i not in feat)
+      if per_feature <= 1:
+        return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
+            xc, state, s, b, axis=axis, epsilon=self.epsilon))
+    elif not self.is_mutable_collection("batch_stats"):
+      raise ImmutableBatchStatsError(
+          f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
+          f"training mode (use_running_average=False) updates the running "
+          f"statistics, but the 'batch_stats' collection is immutable. Fix: "
+          f"`y, updates = model.apply(variables, x, mutable=['batch_stats'])` "
+          f"and keep `updates['batch_stats']`; or use "
+          f"use_running_average=True for evaluation."
+      )
+    out = {}
+
+    def train(xc, s, b):
+      y, new_state = batch_norm_train(
+          xc, state, s, b, axis=axis, momentum=self.momentum,
+          epsilon=self.epsilon,
+          axis_name=None if self.is_initializing() else self.axis_name,
+          axis_index_groups=self.axis_index_groups, mask=_as_mask(mask))
+      out["state"] = new_state
+      return y
+
+    y = _run(x, params, self.dtype, train)
+    if not self.is_initializing():
+      new_state = out["state"]
+      ra_mean.value = new_state.mean
+      ra_var.value = new_state.var
+      if ra_count is not None:
+        ra_count.value = new_state.count
+    return y
+
+
+
+class LayerNorm(nn.Module):
+  """Layer normalization, a drop-in for ``flax.linen.LayerNorm``.
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+
+  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (two-pass, at least
+  float32); calls ``jaxnorm.layer_norm``. Variables: ``params/scale`` and
+  ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]`` in
+  ``param_dtype``.
+
+  Attributes:
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: axes of the statistics (default -1).
+    feature_axes: axes the parameters vary along (default -1).
+    axis_name: must be None (not supported by ``jaxnorm.layer_norm`` yet).
+    axis_index_groups: accepted for compatibility; unused without axis_name.
+    use_fast_variance: accepted for compatibility with flax and ignored:
+      jaxnorm always computes the variance in two passes in at least float32,
+      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+    force_float32_reductions: accepted for compatibility; jaxnorm always
+      reduces in at least float32.
+
+  Raises:
+    NotImplementedError: ``axis_name`` is not None.
+    ValueError / TypeError: the errors of ``jaxnorm.layer_norm``.
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies layer normalization.
+
+    Args:
+      x: floating array, e.g. (batch, seq, d_model).
+      mask: optional array broadcastable to ``x``, cast to bool; False
+        elements are left out of the statistics.
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    _no_axis_name("LayerNorm", self.axis_name)
+    x = jnp.asarray(x)
+    feat = _axes_tuple(x.ndim, self.feature_axes)
+    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    params = _affine(self, shape, self.use_scale, self.use_bias)
+    return _run(x, params, self.dtype, lambda xc, s, b: layer_norm(
+        xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
+        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
+        mask=_as_mask(mask)))
+
+
+def _as_axes(axes: Axes) -> int | tuple[int, ...]:
+  return axes if isinstance(axes, int) else tuple(axes)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalization, a drop-in for ``flax.linen.RMSNorm``.
+
+  .. math::
+     y = \\gamma \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}
+
+  over ``reduction_axes`` :math:`R`; calls ``jaxnorm.rms_norm``. Variable:
+  ``params/scale`` of shape ``[x.shape[a] for a in feature_axes]``.
+
+  Attributes:
+    epsilon: added to the mean square (default 1e-6).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of ``scale`` (default float32).
+    use_scale: multiply by ``scale``.
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: axes of the mean square (default -1).
+    feature_axes: axes ``scale`` varies along (default -1).
+    axis_name: must be None (not supported by ``jaxnorm.rms_norm`` yet).
+    axis_index_groups: accepted for compatibility; unused without axis_name.
+    use_fast_variance: accepted for compatibility (no variance here).
+    force_float32_reductions: accepted; jaxnorm always reduces in at least
+      float32.
+
+  Raises:
+    NotImplementedError: ``axis_name`` is not None.
+    ValueError / TypeError: the errors of ``jaxnorm.rms_norm``.
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies RMS normalization.
+
+    Args:
+      x: floating array, e.g. (batch, seq, d_model).
+      mask: optional array broadcastable to ``x``, cast to bool.
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    _no_axis_name("RMSNorm", self.axis_name)
+    x = jnp.asarray(x)
+    feat = _axes_tuple(x.ndim, self.feature_axes)
+    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    scale = (self.param("scale", self.scale_init, shape, self.param_dtype)
+             if self.use_scale else None)
+    return _run(x, [scale], self.dtype, lambda xc, s: rms_norm(
+        xc, s, reduction_axes=_as_axes(self.reduction_axes),
+        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
+        mask=_as_mask(mask)))
+
+
+class GroupNorm(nn.Module):
+  """Group normalization, a drop-in for ``flax.linen.GroupNorm``.
+
+  The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
+  channels; each example's group is normalized over its channels and the
+  other ``reduction_axes`` (default: all axes but the first):
+
+  .. math::
+     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
+       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+
+  Calls ``jaxnorm.group_norm``. Variables: ``params/scale``, ``params/bias``
+  of shape (C,).
+
+  Attributes:
+    num_groups: number of groups (default 32); None when ``group_size`` is
+      given.
+    group_size: channels per group.
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: axes of the statistics; must include the last axis;
+      None = all axes but the first.
+    axis_name: must be None (not supported by ``jaxnorm.group_norm`` yet).
+    axis_index_groups: accepted for compatibility; unused without axis_name.
+    use_fast_variance: accepted for compatibility with flax and ignored:
+      jaxnorm always computes the variance in two passes in at least float32,
+      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+    force_float32_reductions: accepted; jaxnorm always reduces in at least
+      float32.
+
+  Raises:
+    NotImplementedError: ``axis_name`` is not None.
+    ValueError / TypeError: the errors of ``jaxnorm.group_norm`` (groups
+      that do not divide the channels, both or neither of ``num_groups`` and
+      ``group_size``, ``reduction_axes`` without the last axis).
+  """
+
+  num_groups: int | None = 32
+  group_size: int | None = None
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  reduction_axes: Axes | None = None
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies group normalization.
+
+    Args:
+      x: floating array (N, ..., C).
+      mask: optional array broadcastable to ``x``, cast to bool.
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    _no_axis_name("GroupNorm", self.axis_name)
+    x = jnp.asarray(x)
+    params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
+    red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
+    return _run(x, params, self.dtype, lambda xc, s, b: group_norm(
+        xc, s, b, num_groups=self.num_groups, group_size=self.group_size,
+        reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask)))
+
+
+class InstanceNorm(nn.Module):
+  """Instance normalization, a drop-in for ``flax.linen.InstanceNorm``.
+
+  Each example (axis 0) and feature is normalized over the remaining axes:
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
+         + \\beta.
+
+  Calls ``jaxnorm.instance_norm``. Variables: ``params/scale``,
+  ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]``.
+
+  Attributes:
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    feature_axes: axes kept (default -1); axis 0 is the batch.
+    axis_name: must be None (not supported by ``jaxnorm.instance_norm`` yet).
+    axis_index_groups: accepted for compatibility; unused without axis_name.
+    use_fast_variance: accepted for compatibility with flax and ignored:
+      jaxnorm always computes the variance in two passes in at least float32,
+      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+    force_float32_reductions: accepted; jaxnorm always reduces in at least
+      float32.
+
+  Raises:
+    NotImplementedError: ``axis_name`` is not None.
+    ValueError / TypeError: the errors of ``jaxnorm.instance_norm``.
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+
+  @nn.compact
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies instance normalization.
+
+    Args:
+      x: floating array (N, ..., C) with at least one spatial axis.
+      mask: optional array broadcastable to ``x``, cast to bool.
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    _no_axis_name("InstanceNorm", self.axis_name)
+    x = jnp.asarray(x)
+    feat = _axes_tuple(x.ndim, self.feature_axes)
+    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    params = _affine(self, shape, self.use_scale, self.use_bias)
+    return _run(x, params, self.dtype, lambda xc, s, b: instance_norm(
+        xc, s, b, feature_axes=_as_axes(self.feature_axes),
+        epsilon=self.epsilon, mask=_as_mask(mask)))
