@@ -1,0 +1,1293 @@
+"""PyTorch conventions and weights, BatchNorm folding, statistics recalibration.
+
+Everything here works on NumPy arrays; PyTorch is never imported unless a
+function is asked to return ``torch.Tensor``s (``as_torch=True``), and
+``torch.Tensor`` inputs are read through ``.detach().cpu().numpy()``.
+
+Conventions bridged (PyTorch -> jaxnorm / flax):
+
+=====================  =================================  =====================
+PyTorch                jaxnorm / flax                     conversion
+=====================  =================================  =====================
+``momentum`` m (0.1)   ``momentum`` = weight on old (0.9)  ``1 - m``
+``weight``             ``scale``                           copy
+``running_mean``       ``BatchNormState.mean``             copy
+``running_var``        ``BatchNormState.var``              copy or exact debias
+(EMA of *unbiased*     (EMA of *biased* batch variances)   (``running_var=``)
+batch variances)
+``num_batches_tracked````BatchNormState.count`` (int32)    copy
+Conv ``weight``        Conv ``kernel``                     OIHW -> HWIO
+(O, I/g, *k)           (*k, I/g, O)
+Linear ``weight``      Dense ``kernel`` (in, out)          transpose, and the
+(out, in)                                                  NCHW -> NHWC flatten
+                                                           order (``flatten_chw``)
+=====================  =================================  =====================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxnorm import _checks
+from jaxnorm.batch_norm import BatchNormState
+
+__all__ = [
+    "SEED_CNN_LAYERS",
+    "TorchLayer",
+    "batch_norm_from_torch",
+    "batch_norm_to_torch",
+    "biased_running_var_from_torch",
+    "conv_from_torch",
+    "conv_to_torch",
+    "fold_batch_norm",
+    "from_torch",
+    "jaxnorm_momentum_to_torch",
+    "linear_from_torch",
+    "linear_to_torch",
+    "norm_from_torch",
+    "norm_to_torch",
+    "recalibrate_batch_norm",
+    "to_torch",
+    "torch_momentum_to_jaxnorm",
+    "unbiased_running_var_to_torch",
+]
+
+StateDict = Mapping[str, Any]  # values: torch.Tensor, np.ndarray or jax.Array
+
+# --------------------------------------------------------------------------
+# Momentum.
+
+
+def _check_unit_interval(fn: str, name: str, m: Any) -> float:
+  if isinstance(m, bool) or not isinstance(m, numbers.Real):
+    raise TypeError(f"{fn}: `{name}` must be a Python float in [0, 1]; got "
+                    f"{m!r} of type {type(m).__name__}.")
+  if not 0.0 <= m <= 1.0:  # also rejects NaN
+    raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {m!r}.")
+  return float(m)
+
+
+def torch_momentum_to_jaxnorm(momentum: float) -> float:
+  """Converts a PyTorch BatchNorm ``momentum`` to jaxnorm's (and flax's).
+
+  PyTorch weights the *new* batch statistic, jaxnorm/flax/keras the *old*
+  running value:
+
+  .. math::
+     \\text{torch: } r \\leftarrow (1 - m)\\, r + m\\, s, \\qquad
+     \\text{jaxnorm: } r \\leftarrow \\alpha\\, r + (1 - \\alpha)\\, s,
+     \\qquad \\alpha = 1 - m.
+
+  So PyTorch's default ``m = 0.1`` is jaxnorm's ``momentum=0.9`` (not the
+  flax default 0.99).
+
+  Args:
+    momentum: PyTorch's ``momentum`` ``m``, a Python float in [0, 1].
+
+  Returns:
+    ``1 - m``, jaxnorm's ``momentum`` (weight on the old running value).
+
+  Raises:
+    TypeError: if ``momentum`` is not a real number (``None`` included).
+    ValueError: if it is outside [0, 1].
+  """
+  fn = "torch_momentum_to_jaxnorm"
+  if momentum is None:
+    raise TypeError(
+        f"{fn}: PyTorch's momentum=None is the cumulative moving average "
+        f"r <- r + (s - r) / t, which no constant jaxnorm momentum "
+        f"reproduces (it is alpha_t = 1 - 1/t at update t). Use "
+        f"batch_norm_train(momentum=None) for it."
+    )
+  return 1.0 - _check_unit_interval(fn, "momentum", momentum)
+
+
+def jaxnorm_momentum_to_torch(momentum: float) -> float:
+  """Converts a jaxnorm/flax BatchNorm ``momentum`` to PyTorch's.
+
+  The inverse of :func:`torch_momentum_to_jaxnorm`: :math:`m = 1 - \\alpha`
+  (flax's default 0.99 is PyTorch's 0.01).
+
+  Args:
+    momentum: jaxnorm's ``momentum`` :math:`\\alpha` (weight on the old
+      running value), a Python float in [0, 1].
+
+  Returns:
+    ``1 - momentum``, PyTorch's ``momentum`` (weight on the new batch).
+
+  Raises:
+    TypeError: if ``momentum`` is not a real number.
+    ValueError: if it is outside [0, 1].
+  """
+  return 1.0 - _check_unit_interval("jaxnorm_momentum_to_torch", "momentum",
+                                    momentum)
+
+
+# --------------------------------------------------------------------------
+# Running variance: PyTorch's unbiased EMA <-> jaxnorm's biased EMA.
+
+
+def _init_weight(fn: str, count: int, torch_momentum: float | None) -> float:
+  """Weight of the initial variance 1 in the running variance after ``count``
+  updates."""
+  if torch_momentum is None:  # cumulative average: the first update wipes it
+    return 1.0 if count == 0 else 0.0
+  m = _check_unit_interval(fn, "torch_momentum", torch_momentum)
+  return (1.0 - m) ** count
+
+
+def _check_var_conversion_args(fn, elements_per_batch, count):
+  if isinstance(elements_per_batch, bool) or not isinstance(
+      elements_per_batch, (numbers.Integral, np.integer)):
+    raise TypeError(
+        f"{fn}: `elements_per_batch` must be an int (the number n of values "
+        f"each batch contributed per feature, e.g. N*H*W for BatchNorm2d on "
+        f"(N, C, H, W) batches); got {elements_per_batch!r}."
+    )
+  if elements_per_batch < 2:
+    raise ValueError(
+        f"{fn}: `elements_per_batch` must be >= 2 (the unbiased variance "
+        f"divides by n - 1); got {elements_per_batch}."
+    )
+  count = int(np.asarray(count))
+  if count < 0:
+    raise ValueError(f"{fn}: the update count must be >= 0; got {count}.")
+  return int(elements_per_batch), count
+
+
+def biased_running_var_from_torch(
+    running_var: ArrayLike,
+    *,
+    elements_per_batch: int,
+    num_batches_tracked: int,
+    torch_momentum: float | None = 0.1,
+) -> np.ndarray:
+  """PyTorch's running variance as the biased running variance jaxnorm keeps.
+
+  PyTorch's ``running_var`` after :math:`t` updates from its initial value 1
+  is an EMA of *unbiased* batch variances, jaxnorm's of *biased* ones. With
+  :math:`n` values per feature in every batch, each unbiased batch variance
+  is :math:`\\frac{n}{n-1}` times the biased one, and only the initial 1 is
+  not scaled, so
+
+  .. math::
+     v_t = w_t + \\frac{n - 1}{n}\\,(r_t - w_t), \\qquad
+     w_t = (1 - m)^t \\text{ (momentum } m\\text{)}, \\quad
+     w_t = [t = 0] \\text{ (momentum None)},
+
+  where :math:`w_t` is the weight left on the initial 1. This is exact (up
+  to float rounding) when: every one of the :math:`t` batches had the same
+  :math:`n` (``drop_last``, no padding), the momentum was constant, and the
+  statistics started from PyTorch's init (mean 0, var 1,
+  ``num_batches_tracked`` 0) and were never reset or loaded mid-way. If
+  these do not hold, keep the values as they are (``running_var="copy"`` in
+  the converters): eval outputs stay identical either way, since both
+  frameworks normalize with the stored variance as is.
+
+  Args:
+    running_var: PyTorch's ``running_var``, shape (C,) (any float array).
+    elements_per_batch: :math:`n` >= 2, values per feature per batch
+      (``N`` for BatchNorm1d on (N, C), ``N*H*W`` for BatchNorm2d).
+    num_batches_tracked: :math:`t`, PyTorch's ``num_batches_tracked``.
+    torch_momentum: PyTorch's ``momentum`` :math:`m` (None for the
+      cumulative average).
+
+  Returns:
+    float64 NumPy array of ``running_var``'s shape: the biased running
+    variance.
+
+  Raises:
+    TypeError: non-integer ``elements_per_batch`` or bad ``torch_momentum``.
+    ValueError: ``elements_per_batch`` < 2, negative count, momentum outside
+      [0, 1].
+  """
+  fn = "biased_running_var_from_torch"
+  n, t = _check_var_conversion_args(fn, elements_per_batch,
+                                    num_batches_tracked)
+  w = _init_weight(fn, t, torch_momentum)
+  r = _to_numpy(fn, "running_var", running_var).astype(np.float64)
+  return w + (n - 1) / n * (r - w)
+
+
+def unbiased_running_var_to_torch(
+    var: ArrayLike,
+    *,
+    elements_per_batch: int,
+    count: int,
+    torch_momentum: float | None = 0.1,
+) -> np.ndarray:
+  """jaxnorm's biased running variance as PyTorch's unbiased one.
+
+  The inverse of :func:`biased_running_var_from_torch`:
+
+  .. math::
+     r_t = w_t + \\frac{n}{n - 1}\\,(v_t - w_t),
+
+  with the same :math:`w_t` and the same conditions for exactness (every
+  batch of the same :math:`n`, constant momentum ``1 - torch_momentum`` or
+  the cumulative average, statistics started at var 1 with count 0).
+
+  Args:
+    var: jaxnorm's ``BatchNormState.var``, shape (C,).
+    elements_per_batch: :math:`n` >= 2, values per feature per batch.
+    count: :math:`t`, ``BatchNormState.count``.
+    torch_momentum: PyTorch's ``momentum`` (``1 - `` jaxnorm's), or None.
+
+  Returns:
+    float64 NumPy array of ``var``'s shape.
+
+  Raises:
+    TypeError: non-integer ``elements_per_batch`` or bad ``torch_momentum``.
+    ValueError: ``elements_per_batch`` < 2, negative count, momentum outside
+      [0, 1].
+  """
+  fn = "unbiased_running_var_to_torch"
+  n, t = _check_var_conversion_args(fn, elements_per_batch, count)
+  w = _init_weight(fn, t, torch_momentum)
+  v = _to_numpy(fn, "var", var).astype(np.float64)
+  return w + n / (n - 1) * (v - w)
+
+
+# --------------------------------------------------------------------------
+# Array plumbing.
+
+
+def _to_numpy(fn: str, name: str, v: Any) -> np.ndarray:
+  """A torch tensor, jax array or array-like as a NumPy array."""
+  if type(v).__module__.split(".")[0] == "torch" and hasattr(v, "detach"):
+    v = v.detach().cpu()
+    if str(v.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
+      v = v.float()
+    return v.numpy()
+  try:
+    return np.asarray(v)
+  except Exception as e:  # pragma: no cover - exotic inputs
+    raise TypeError(f"{fn}: `{name}` must be an array or a torch tensor; got "
+                    f"{type(v).__name__} ({e}).") from None
+
+
+def _float_out(a: np.ndarray, dtype: Any) -> jax.Array:
+  if dtype is None:  # the source's dtype, as far as JAX's x64 mode allows
+    dtype = jax.dtypes.canonicalize_dtype(a.dtype)
+  # A fresh copy: on CPU, JAX may wrap a NumPy buffer without copying, and
+  # the source (often a live torch parameter) may be updated in place later.
+  return jnp.asarray(np.array(a, dtype=dtype, copy=True))
+
+
+def _export(a: Any, as_torch: bool, dtype: Any = np.float32):
+  a = np.array(a, dtype=dtype)  # always a fresh, writable copy
+  if not as_torch:
+    return a
+  import torch  # pylint: disable=g-import-not-at-top
+
+  return torch.from_numpy(a)
+
+
+def _key(prefix: str, name: str) -> str:
+  return f"{prefix}{name}"
+
+
+def _take(fn: str, sd: StateDict, prefix: str, name: str, *,
+          required: bool = True) -> np.ndarray | None:
+  key = _key(prefix, name)
+  if key not in sd:
+    if not required:
+      return None
+    near = sorted(k for k in sd if k.startswith(prefix))[:12]
+    raise KeyError(
+        f"{fn}: the state dict has no key {key!r}. Keys starting with "
+        f"{prefix!r}: {near}. Fix: check `prefix` (PyTorch names keys "
+        f"'<module name>.<tensor>', e.g. 'bn1.weight'; strip a DataParallel "
+        f"'module.' prefix first)."
+    )
+  return _to_numpy(fn, key, sd[key])
+
+
+def _check_shape(fn: str, what: str, a: np.ndarray, shape) -> None:
+  if tuple(a.shape) != tuple(shape):
+    raise ValueError(f"{fn}: {what} must have shape {tuple(shape)}; got "
+                     f"{tuple(a.shape)}.")
+
+
+def _check_vector(fn: str, what: str, a: np.ndarray, c: int | None) -> int:
+  if a.ndim != 1 or (c is not None and a.shape[0] != c):
+    want = "(C,)" if c is None else f"({c},)"
+    raise ValueError(f"{fn}: {what} must have shape {want}; got "
+                     f"{tuple(a.shape)}.")
+  return a.shape[0]
+
+
+def _check_running_var_mode(fn: str, running_var: Any) -> None:
+  if running_var not in ("copy", "convert"):
+    raise ValueError(
+        f"{fn}: `running_var` must be 'copy' (values unchanged; eval outputs "
+        f"identical in both frameworks) or 'convert' (exact biased <-> "
+        f"unbiased EMA conversion, needs elements_per_batch); got "
+        f"{running_var!r}."
+    )
+
+
+# --------------------------------------------------------------------------
+# BatchNorm (1d/2d/3d).
+
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var",
+            "num_batches_tracked")
+
+
+def batch_norm_from_torch(
+    state_dict: StateDict,
+    *,
+    prefix: str = "",
+    running_var: Literal["copy", "convert"] = "copy",
+    elements_per_batch: int | None = None,
+    torch_momentum: float | None = 0.1,
+    dtype: Any = jnp.float32,
+) -> tuple[dict[str, jax.Array], BatchNormState | None]:
+  """Reads a PyTorch ``BatchNorm1d/2d/3d`` state dict as jaxnorm variables.
+
+  ``weight -> scale``, ``bias -> bias``, ``running_mean -> mean``,
+  ``running_var -> var``, ``num_batches_tracked -> count``. The layout of
+  the statistics does not depend on the data layout, so the same variables
+  serve NCHW (``axis=1``) and NHWC (``axis=-1``) inputs.
+
+  PyTorch's ``running_var`` is a running average of *unbiased* batch
+  variances, jaxnorm's of *biased* ones:
+
+  * ``running_var="copy"`` (default) keeps the values. ``batch_norm_infer``
+    then gives PyTorch's eval outputs exactly (both normalize with the stored
+    value). Further jaxnorm training blends biased variances into an unbiased
+    average (a relative difference of at most 1/(n-1)).
+  * ``running_var="convert"`` stores the biased average jaxnorm's
+    ``batch_norm_train`` would have produced on the same batches (see
+    :func:`biased_running_var_from_torch` for the formula and when it is
+    exact); eval outputs then differ from PyTorch's by that factor.
+
+  Args:
+    state_dict: mapping of names to ``torch.Tensor``s or arrays, e.g.
+      ``model.state_dict()``.
+    prefix: key prefix of the layer, e.g. ``"bn1."``.
+    running_var: ``"copy"`` or ``"convert"`` (see above).
+    elements_per_batch: values per feature per batch (``N*H*W`` for
+      BatchNorm2d); required for ``"convert"``.
+    torch_momentum: the layer's PyTorch ``momentum`` (None: cumulative);
+      used by ``"convert"`` only.
+    dtype: dtype of the returned floating arrays (None keeps the source's).
+
+  Returns:
+    ``(params, state)``: ``params`` is ``{"scale": (C,), "bias": (C,)}``
+    (empty for ``affine=False``); ``state`` is a ``BatchNormState`` (count
+    int32), or None for ``track_running_stats=False`` (PyTorch then
+    normalizes with batch statistics in eval mode too: use
+    ``batch_norm_train`` and drop its state).
+
+  Raises:
+    KeyError: a tensor the layer must have is missing.
+    ValueError: inconsistent shapes, a count that does not fit int32, bad
+      ``running_var`` mode or conversion arguments.
+  """
+  fn = "batch_norm_from_torch"
+  _check_running_var_mode(fn, running_var)
+  params: dict[str, jax.Array] = {}
+  c = None
+  for src, dst in (("weight", "scale"), ("bias", "bias")):
+    a = _take(fn, state_dict, prefix, src, required=False)
+    if a is not None:
+      c = _check_vector(fn, f"{prefix}{src}", a, c)
+      params[dst] = _float_out(a, dtype)
+  mean = _take(fn, state_dict, prefix, "running_mean", required=False)
+  if mean is None:
+    if _key(prefix, "running_var") in state_dict:
+      _take(fn, state_dict, prefix, "running_mean")  # raises KeyError
+    if not params:
+      raise KeyError(f"{fn}: the state dict has no BatchNorm tensors under "
+                     f"prefix {prefix!r} (looked for {list(_BN_KEYS)}).")
+    return params, None
+  c = _check_vector(fn, f"{prefix}running_mean", mean, c)
+  var = _take(fn, state_dict, prefix, "running_var")
+  _check_vector(fn, f"{prefix}running_var", var, c)
+  nbt = _take(fn, state_dict, prefix, "num_batches_tracked", required=False)
+  if nbt is None:
+    if running_var == "convert":
+      raise KeyError(
+          f"{fn}: running_var='convert' needs {prefix}num_batches_tracked "
+          f"(the number of updates), which this state dict lacks (PyTorch "
+          f"< 0.4.1 did not save it). Use running_var='copy'."
+      )
+    count = 0
+  else:
+    _check_shape(fn, f"{prefix}num_batches_tracked", nbt.reshape(-1), (1,))
+    count = int(nbt.reshape(()))
+  if not 0 <= count < 2**31:
+    raise ValueError(f"{fn}: {prefix}num_batches_tracked={count} does not "
+                     f"fit jaxnorm's int32 count.")
+  if running_var == "convert":
+    if elements_per_batch is None:
+      raise TypeError(f"{fn}: running_var='convert' needs "
+                      f"`elements_per_batch` (values per feature per batch, "
+                      f"e.g. N*H*W for BatchNorm2d).")
+    var = biased_running_var_from_torch(
+        var, elements_per_batch=elements_per_batch,
+        num_batches_tracked=count, torch_momentum=torch_momentum)
+  state = BatchNormState(
+      mean=_float_out(mean, dtype),
+      var=_float_out(np.asarray(var, mean.dtype), dtype),
+      count=jnp.asarray(count, jnp.int32),
+  )
+  return params, state
+
+
+def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
+  """(mean, var, count or None) of a BatchNormState or flax batch_stats."""
+  if isinstance(state, BatchNormState):
+    return state.mean, state.var, state.count
+  if isinstance(state, Mapping) and "mean" in state and "var" in state:
+    return state["mean"], state["var"], state.get("count")
+  raise TypeError(
+      f"{fn}: `state` must be a jaxnorm.BatchNormState or a flax batch_stats "
+      f"mapping with 'mean' and 'var'; got {type(state).__name__}."
+  )
+
+
+def batch_norm_to_torch(
+    params: Mapping[str, ArrayLike] | None,
+    state: BatchNormState | Mapping[str, ArrayLike] | None,
+    *,
+    prefix: str = "",
+    running_var: Literal["copy", "convert"] = "copy",
+    elements_per_batch: int | None = None,
+    torch_momentum: float | None = 0.1,
+    as_torch: bool = False,
+) -> dict[str, Any]:
+  """Writes jaxnorm BatchNorm variables as a PyTorch ``BatchNorm*d`` state dict.
+
+  The inverse of :func:`batch_norm_from_torch`: ``scale -> weight``,
+  ``mean -> running_mean``, ``var -> running_var`` (copied, or converted to
+  PyTorch's unbiased running average with ``running_var="convert"``, see
+  :func:`unbiased_running_var_to_torch`), ``count -> num_batches_tracked``
+  (0 if the state has no count, as a flax ``batch_stats`` dict).
+
+  Args:
+    params: ``{"scale": (C,), "bias": (C,)}``, either optional; None or
+      empty for ``affine=False``.
+    state: ``BatchNormState`` or flax ``{"mean", "var"[, "count"]}``; None
+      for ``track_running_stats=False``.
+    prefix: key prefix, e.g. ``"bn1."``.
+    running_var: ``"copy"`` or ``"convert"``.
+    elements_per_batch: values per feature per batch; for ``"convert"``.
+    torch_momentum: PyTorch momentum to write for (``"convert"`` only).
+    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+
+  Returns:
+    ``{prefix + "weight": (C,), prefix + "bias": (C,), prefix +
+    "running_mean": (C,), prefix + "running_var": (C,), prefix +
+    "num_batches_tracked": () int64}`` (float32), as present.
+
+  Raises:
+    TypeError: a ``state`` of the wrong type, missing conversion arguments.
+    ValueError: inconsistent shapes, bad ``running_var`` mode.
+    KeyError: a parameter other than ``scale``/``bias``.
+  """
+  fn = "batch_norm_to_torch"
+  _check_running_var_mode(fn, running_var)
+  out: dict[str, Any] = {}
+  c = None
+  params = dict(params or {})
+  extra = set(params) - {"scale", "bias"}
+  if extra:
+    raise KeyError(f"{fn}: unexpected BatchNorm parameters {sorted(extra)}; "
+                   f"expected 'scale' and/or 'bias'.")
+  for src, dst in (("scale", "weight"), ("bias", "bias")):
+    if src in params:
+      a = _to_numpy(fn, src, params[src])
+      c = _check_vector(fn, f"params[{src!r}]", a, c)
+      out[_key(prefix, dst)] = _export(a, as_torch)
+  if state is None:
+    return out
+  mean, var, count = _state_fields(fn, state)
+  mean, var = _to_numpy(fn, "state.mean", mean), _to_numpy(fn, "state.var",
+                                                          var)
+  c = _check_vector(fn, "state.mean", mean, c)
+  _check_vector(fn, "state.var", var, c)
+  count = 0 if count is None else int(np.asarray(count))
+  if running_var == "convert":
+    if elements_per_batch is None:
+      raise TypeError(f"{fn}: running_var='convert' needs "
+                      f"`elements_per_batch`.")
+    if _state_fields(fn, state)[2] is None:
+      raise TypeError(f"{fn}: running_var='convert' needs the update count; "
+                      f"this state has none. Use running_var='copy'.")
+    var = unbiased_running_var_to_torch(
+        var, elements_per_batch=elements_per_batch, count=count,
+        torch_momentum=torch_momentum)
+  out[_key(prefix, "running_mean")] = _export(mean, as_torch)
+  out[_key(prefix, "running_var")] = _export(var, as_torch)
+  out[_key(prefix, "num_batches_tracked")] = _export(count, as_torch,
+                                                     np.int64)
+  return out
+
+
+# --------------------------------------------------------------------------
+# LayerNorm, GroupNorm, InstanceNorm, RMSNorm.
+
+_NORM_KINDS = ("layer_norm", "group_norm", "instance_norm", "rms_norm")
+
+
+def _check_norm_kind(fn: str, kind: Any) -> None:
+  if kind not in _NORM_KINDS:
+    raise ValueError(f"{fn}: `kind` must be one of {_NORM_KINDS}; got "
+                     f"{kind!r}. BatchNorm has its own converters "
+                     f"(batch_norm_from_torch / batch_norm_to_torch).")
+
+
+def norm_from_torch(
+    state_dict: StateDict,
+    *,
+    kind: Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"],
+    prefix: str = "",
+    dtype: Any = jnp.float32,
+) -> dict[str, jax.Array]:
+  """Reads a PyTorch LayerNorm/GroupNorm/InstanceNorm/RMSNorm state dict.
+
+  ``weight -> scale`` and ``bias -> bias`` (RMSNorm has no bias), shapes
+  unchanged: (C,) for GroupNorm/InstanceNorm, ``normalized_shape`` for
+  LayerNorm/RMSNorm. The PyTorch layers' settings are not in the state dict;
+  call the jaxnorm functions with the same ones: ``epsilon`` (PyTorch's
+  default 1e-5 for all but ``RMSNorm(eps=None)``, which is
+  ``finfo(x.dtype).eps``), ``num_groups`` for GroupNorm, and for a
+  LayerNorm over ``normalized_shape`` of k axes ``reduction_axes =
+  feature_axes = (-k, ..., -1)`` (on NCHW data moved to NHWC, a
+  ``normalized_shape`` of (C, H, W) becomes ``scale.transpose(1, 2, 0)``).
+
+  Args:
+    state_dict: mapping of names to ``torch.Tensor``s or arrays.
+    kind: ``"layer_norm"``, ``"group_norm"``, ``"instance_norm"`` or
+      ``"rms_norm"``.
+    prefix: key prefix of the layer, e.g. ``"ln."``.
+    dtype: dtype of the returned arrays (None keeps the source's).
+
+  Returns:
+    ``{"scale": ..., "bias": ...}`` with the entries the layer has (empty
+    for ``elementwise_affine=False`` / ``affine=False``).
+
+  Raises:
+    ValueError: unknown ``kind``, an InstanceNorm with running statistics
+      (``track_running_stats=True``: read it with
+      :func:`batch_norm_from_torch`, whose ``state`` with
+      ``batch_norm_infer`` is PyTorch's eval mode), mismatched shapes, a
+      bias on RMSNorm.
+  """
+  fn = "norm_from_torch"
+  _check_norm_kind(fn, kind)
+  if kind == "instance_norm" and _key(prefix, "running_mean") in state_dict:
+    raise ValueError(
+        f"{fn}: {prefix!r} is an InstanceNorm with track_running_stats=True; "
+        f"jaxnorm.instance_norm keeps no running statistics. In eval mode "
+        f"PyTorch normalizes it with the running statistics like BatchNorm: "
+        f"read it with batch_norm_from_torch(state_dict, prefix={prefix!r}) "
+        f"and apply batch_norm_infer in eval, instance_norm in training."
+    )
+  if kind == "rms_norm" and _key(prefix, "bias") in state_dict:
+    raise ValueError(f"{fn}: RMSNorm has no bias, but the state dict has "
+                     f"{prefix}bias. Check `kind` and `prefix`.")
+  out = {}
+  for src, dst in (("weight", "scale"), ("bias", "bias")):
+    a = _take(fn, state_dict, prefix, src, required=False)
+    if a is not None:
+      out[dst] = _float_out(a, dtype)
+  if "scale" in out and "bias" in out:
+    _check_shape(fn, f"{prefix}bias", np.asarray(out["bias"]),
+                 out["scale"].shape)
+  return out
+
+
+def norm_to_torch(
+    params: Mapping[str, ArrayLike] | None,
+    *,
+    kind: Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"],
+    prefix: str = "",
+    as_torch: bool = False,
+) -> dict[str, Any]:
+  """Writes LayerNorm/GroupNorm/InstanceNorm/RMSNorm parameters for PyTorch.
+
+  The inverse of :func:`norm_from_torch`: ``scale -> weight``,
+  ``bias -> bias``, shapes unchanged.
+
+  Args:
+    params: ``{"scale": ..., "bias": ...}``, either optional.
+    kind: as in :func:`norm_from_torch`.
+    prefix: key prefix, e.g. ``"ln."``.
+    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+
+  Returns:
+    ``{prefix + "weight": ..., prefix + "bias": ...}`` (float32).
+
+  Raises:
+    ValueError: unknown ``kind``, a bias for RMSNorm.
+    KeyError: a parameter other than ``scale``/``bias``.
+  """
+  fn = "norm_to_torch"
+  _check_norm_kind(fn, kind)
+  params = dict(params or {})
+  extra = set(params) - {"scale", "bias"}
+  if extra:
+    raise KeyError(f"{fn}: unexpected parameters {sorted(extra)}; expected "
+                   f"'scale' and/or 'bias'.")
+  if kind == "rms_norm" and "bias" in params:
+    raise ValueError(f"{fn}: torch.nn.RMSNorm has no bias; got one.")
+  return {
+      _key(prefix, dst): _export(_to_numpy(fn, src, params[src]), as_torch)
+      for src, dst in (("scale", "weight"), ("bias", "bias"))
+      if src in params
+  }
+
+
+# --------------------------------------------------------------------------
+# Conv and Linear.
+
+
+def _conv_perms(nd: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(torch -> flax, flax -> torch) axis permutations of an nd-dim kernel."""
+  to_flax = (*range(2, nd), 1, 0)
+  return to_flax, tuple(int(i) for i in np.argsort(to_flax))
+
+
+def _bias_in(fn, sd, prefix, out_features, dtype, params):
+  b = _take(fn, sd, prefix, "bias", required=False)
+  if b is not None:
+    _check_vector(fn, f"{prefix}bias", b, out_features)
+    params["bias"] = _float_out(b, dtype)
+  return params
+
+
+def conv_from_torch(
+    state_dict: StateDict, *, prefix: str = "", dtype: Any = jnp.float32
+) -> dict[str, jax.Array]:
+  """Reads a PyTorch ``Conv1d/2d/3d`` as ``flax.linen.Conv`` parameters.
+
+  PyTorch's weight ``(O, I/groups, *k)`` becomes flax's kernel
+  ``(*k, I/groups, O)`` (for Conv2d OIHW -> HWIO). Both compute a
+  cross-correlation, so ``Conv(O, kernel_size=k, padding=p,
+  feature_group_count=groups)`` applied to the NHWC transpose of the input
+  gives the NHWC transpose of PyTorch's output.
+
+  Args:
+    state_dict: mapping with ``prefix + "weight"`` (and ``"bias"``).
+    prefix: key prefix, e.g. ``"conv1."``.
+    dtype: dtype of the returned arrays (None keeps the source's).
+
+  Returns:
+    ``{"kernel": (*k, I/groups, O), "bias": (O,)}`` (no bias if
+    ``bias=False``).
+
+  Raises:
+    KeyError: no weight under ``prefix``.
+    ValueError: a weight of rank other than 3-5, or a bias of the wrong shape.
+  """
+  fn = "conv_from_torch"
+  w = _take(fn, state_dict, prefix, "weight")
+  if not 3 <= w.ndim <= 5:
+    raise ValueError(f"{fn}: {prefix}weight must be a Conv1d/2d/3d weight "
+                     f"(O, I/groups, *kernel) of rank 3 to 5; got shape "
+                     f"{tuple(w.shape)}.")
+  params = {"kernel": _float_out(w.transpose(_conv_perms(w.ndim)[0]), dtype)}
+  return _bias_in(fn, state_dict, prefix, w.shape[0], dtype, params)
+
+
+def conv_to_torch(
+    params: Mapping[str, ArrayLike], *, prefix: str = "",
+    as_torch: bool = False
+) -> dict[str, Any]:
+  """Writes ``flax.linen.Conv`` parameters as a PyTorch ``Conv*d`` state dict.
+
+  The inverse of :func:`conv_from_torch`: kernel ``(*k, I/groups, O)`` ->
+  weight ``(O, I/groups, *k)``.
+
+  Args:
+    params: ``{"kernel": ..., "bias": (O,)}`` (bias optional).
+    prefix: key prefix, e.g. ``"conv1."``.
+    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+
+  Returns:
+    ``{prefix + "weight": ..., prefix + "bias": ...}`` (float32).
+
+  Raises:
+    KeyError: no ``kernel``.
+    ValueError: a kernel of rank other than 3-5.
+  """
+  fn = "conv_to_torch"
+  k = _to_numpy(fn, "kernel", _param(fn, params, "kernel"))
+  if not 3 <= k.ndim <= 5:
+    raise ValueError(f"{fn}: `kernel` must have rank 3 to 5 (*kernel, "
+                     f"I/groups, O); got shape {tuple(k.shape)}.")
+  out = {_key(prefix, "weight"): _export(k.transpose(_conv_perms(k.ndim)[1]),
+                                         as_torch)}
+  return _bias_out(fn, params, prefix, k.shape[-1], as_torch, out)
+
+
+def _param(fn: str, params: Mapping[str, Any], name: str) -> Any:
+  if name not in params:
+    raise KeyError(f"{fn}: `params` has no {name!r}; got keys "
+                   f"{sorted(params)}.")
+  return params[name]
+
+
+def _bias_out(fn, params, prefix, out_features, as_torch, out):
+  if "bias" in params:
+    b = _to_numpy(fn, "bias", params["bias"])
+    _check_vector(fn, "params['bias']", b, out_features)
+    out[_key(prefix, "bias")] = _export(b, as_torch)
+  return out
+
+
+def _check_flatten_chw(fn: str, flatten_chw: Any, in_features: int):
+  if flatten_chw is None:
+    return None
+  shape = tuple(int(s) for s in flatten_chw)
+  if len(shape) < 2 or math.prod(shape) != in_features:
+    raise ValueError(
+        f"{fn}: `flatten_chw`={flatten_chw!r} must be the per-example shape "
+        f"(C, *spatial) that PyTorch flattened into this layer, with a "
+        f"product equal to in_features={in_features} (e.g. (64, 7, 7) for "
+        f"64*7*7 = 3136)."
+    )
+  return shape
+
+
+def linear_from_torch(
+    state_dict: StateDict,
+    *,
+    prefix: str = "",
+    flatten_chw: tuple[int, ...] | None = None,
+    dtype: Any = jnp.float32,
+) -> dict[str, jax.Array]:
+  """Reads a PyTorch ``Linear`` as ``flax.linen.Dense`` parameters.
+
+  The weight ``(out, in)`` becomes the kernel ``(in, out)``. If the layer's
+  input was a channels-first feature map flattened by PyTorch
+  (``x.view(N, -1)`` of an (N, C, H, W) tensor, index ``c*H*W + h*W + w``)
+  and the Flax model flattens the NHWC map instead (index ``h*W*C + w*C +
+  c``), pass ``flatten_chw=(C, H, W)``: the kernel rows are permuted so that
+
+  .. math::
+     \\text{Dense}(\\text{flatten}(x_{NHWC})) =
+     \\text{Linear}(\\text{flatten}(x_{NCHW})).
+
+  Args:
+    state_dict: mapping with ``prefix + "weight"`` (and ``"bias"``).
+    prefix: key prefix, e.g. ``"fc1."``.
+    flatten_chw: optional (C, *spatial) of the flattened input.
+    dtype: dtype of the returned arrays (None keeps the source's).
+
+  Returns:
+    ``{"kernel": (in, out), "bias": (out,)}`` (no bias if ``bias=False``).
+
+  Raises:
+    KeyError: no weight under ``prefix``.
+    ValueError: a weight that is not 2-D, a ``flatten_chw`` whose product is
+      not ``in``, a bias of the wrong shape.
+  """
+  fn = "linear_from_torch"
+  w = _take(fn, state_dict, prefix, "weight")
+  if w.ndim != 2:
+    raise ValueError(f"{fn}: {prefix}weight must be a Linear weight (out, "
+                     f"in); got shape {tuple(w.shape)}.")
+  out_f, in_f = w.shape
+  chw = _check_flatten_chw(fn, flatten_chw, in_f)
+  if chw is not None:  # (out, C, *s) -> (*s, C, out)
+    k = w.reshape(out_f, *chw)
+    k = k.transpose(*range(2, k.ndim), 1, 0).reshape(in_f, out_f)
+  else:
+    k = w.T
+  params = {"kernel": _float_out(k, dtype)}
+  return _bias_in(fn, state_dict, prefix, out_f, dtype, params)
+
+
+def linear_to_torch(
+    params: Mapping[str, ArrayLike],
+    *,
+    prefix: str = "",
+    flatten_chw: tuple[int, ...] | None = None,
+    as_torch: bool = False,
+) -> dict[str, Any]:
+  """Writes ``flax.linen.Dense`` parameters as a PyTorch ``Linear``.
+
+  The inverse of :func:`linear_from_torch` (kernel ``(in, out)`` -> weight
+  ``(out, in)``, rows un-permuted when ``flatten_chw`` is given).
+
+  Args:
+    params: ``{"kernel": (in, out), "bias": (out,)}`` (bias optional).
+    prefix: key prefix, e.g. ``"fc1."``.
+    flatten_chw: optional (C, *spatial) of the input PyTorch flattens.
+    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+
+  Returns:
+    ``{prefix + "weight": (out, in), prefix + "bias": (out,)}`` (float32).
+
+  Raises:
+    KeyError: no ``kernel``.
+    ValueError: a kernel that is not 2-D, a bad ``flatten_chw``.
+  """
+  fn = "linear_to_torch"
+  k = _to_numpy(fn, "kernel", _param(fn, params, "kernel"))
+  if k.ndim != 2:
+    raise ValueError(f"{fn}: `kernel` must be 2-D (in, out); got shape "
+                     f"{tuple(k.shape)}.")
+  in_f, out_f = k.shape
+  chw = _check_flatten_chw(fn, flatten_chw, in_f)
+  if chw is not None:  # (*s, C, out) -> (out, C, *s)
+    s = len(chw) - 1
+    w = k.reshape(*chw[1:], chw[0], out_f)
+    w = w.transpose(s + 1, s, *range(s)).reshape(out_f, in_f)
+  else:
+    w = k.T
+  out = {_key(prefix, "weight"): _export(w, as_torch)}
+  return _bias_out(fn, params, prefix, out_f, as_torch, out)
+
+
+# --------------------------------------------------------------------------
+# Whole models.
+
+_KINDS = ("conv", "linear", "batch_norm", *_NORM_KINDS)
+_KEYS = {
+    "conv": ("weight", "bias"),
+    "linear": ("weight", "bias"),
+    "batch_norm": _BN_KEYS,
+    **{k: ("weight", "bias") for k in _NORM_KINDS},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayer:
+  """How one PyTorch submodule maps to Flax variables.
+
+  Attributes:
+    kind: ``"conv"`` (Conv1d/2d/3d -> ``flax.linen.Conv``), ``"linear"``
+      (-> ``flax.linen.Dense``), ``"batch_norm"`` (BatchNorm1d/2d/3d, and
+      InstanceNorm with running statistics), ``"layer_norm"``,
+      ``"group_norm"``, ``"instance_norm"`` or ``"rms_norm"``.
+    flatten_chw: for ``"linear"`` only: the per-example (C, *spatial) shape
+      PyTorch flattened into the layer (see :func:`linear_from_torch`).
+  """
+
+  kind: str
+  flatten_chw: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f"TorchLayer: `kind` must be one of {_KINDS}; got "
+                       f"{self.kind!r}.")
+    if self.flatten_chw is not None and self.kind != "linear":
+      raise ValueError(f"TorchLayer: `flatten_chw` applies to kind "
+                       f"'linear' only; got kind {self.kind!r}.")
+
+
+#: The seed CNN of the project's seed documents, with its first Linear
+#: fixed to its real input size 64*7*7 (two 2x2 poolings of 28x28):
+#: conv1 (1->32, 3x3, pad 1) - bn1 - relu - maxpool 2 - conv2 (32->64) -
+#: bn2 - relu - maxpool 2 - flatten - fc1 (3136->128) - bn_fc1 - relu -
+#: fc2 (128->10).
+SEED_CNN_LAYERS: dict[str, TorchLayer] = {
+    "conv1": TorchLayer("conv"),
+    "bn1": TorchLayer("batch_norm"),
+    "conv2": TorchLayer("conv"),
+    "bn2": TorchLayer("batch_norm"),
+    "fc1": TorchLayer("linear", flatten_chw=(64, 7, 7)),
+    "bn_fc1": TorchLayer("batch_norm"),
+    "fc2": TorchLayer("linear"),
+}
+
+
+def _layers(fn: str, layers: Any) -> dict[str, TorchLayer]:
+  if not isinstance(layers, Mapping):
+    raise TypeError(f"{fn}: `layers` must map module names to TorchLayer or "
+                    f"kind strings; got {type(layers).__name__}.")
+  return {name: spec if isinstance(spec, TorchLayer) else TorchLayer(spec)
+          for name, spec in layers.items()}
+
+
+def _per_layer(fn: str, value: Any, name: str) -> Any:
+  """``elements_per_batch``/``torch_momentum`` given per layer or for all."""
+  if isinstance(value, Mapping):
+    if name not in value:
+      raise KeyError(f"{fn}: no entry for BatchNorm layer {name!r} in "
+                     f"{sorted(value)}.")
+    return value[name]
+  return value
+
+
+def _check_batch_stats_format(fn: str, fmt: Any) -> None:
+  if fmt not in ("state", "flax"):
+    raise ValueError(f"{fn}: `batch_stats_format` must be 'state' "
+                     f"(jaxnorm.BatchNormState, keeps the count) or 'flax' "
+                     f"({{'mean', 'var'}} as flax.linen.BatchNorm); got "
+                     f"{fmt!r}.")
+
+
+def from_torch(
+    state_dict: StateDict,
+    layers: Mapping[str, TorchLayer | str],
+    *,
+    running_var: Literal["copy", "convert"] = "copy",
+    elements_per_batch: int | Mapping[str, int] | None = None,
+    torch_momentum: float | None | Mapping[str, float | None] = 0.1,
+    batch_stats_format: Literal["state", "flax"] = "state",
+    dtype: Any = jnp.float32,
+    strict: bool = True,
+) -> dict[str, dict[str, Any]]:
+  """Converts a whole PyTorch state dict to Flax-style variables.
+
+  Each entry ``name: TorchLayer(kind)`` of ``layers`` reads the tensors
+  ``name + ".weight"`` etc. with the converter of that kind
+  (:func:`conv_from_torch`, :func:`linear_from_torch`,
+  :func:`batch_norm_from_torch`, :func:`norm_from_torch`) and stores them as
+  ``variables["params"][name]``, BatchNorm running statistics as
+  ``variables["batch_stats"][name]``.
+
+  Args:
+    state_dict: ``model.state_dict()`` (tensors or arrays).
+    layers: module name -> ``TorchLayer`` or kind string; e.g.
+      :data:`SEED_CNN_LAYERS`. Nested names (``"block.0.conv"``) are used as
+      flat keys.
+    running_var: ``"copy"`` or ``"convert"``, for every BatchNorm layer (see
+      :func:`batch_norm_from_torch`).
+    elements_per_batch: for ``"convert"``: an int for every BatchNorm layer
+      or a mapping name -> int (they differ: N*H*W per conv layer, N after a
+      Linear).
+    torch_momentum: PyTorch momentum (or None), for all or per layer.
+    batch_stats_format: ``"state"`` stores ``BatchNormState`` (with the
+      count, for the jaxnorm functions); ``"flax"`` stores ``{"mean",
+      "var"}`` dicts as ``flax.linen.BatchNorm`` expects (the count is
+      dropped).
+    dtype: dtype of the returned floating arrays.
+    strict: if True, a key of ``state_dict`` no layer reads is an error (as
+      ``torch.nn.Module.load_state_dict(strict=True)``).
+
+  Returns:
+    ``{"params": {name: {...}}, "batch_stats": {name: ...}}``.
+
+  Raises:
+    KeyError: a tensor a layer needs is missing.
+    ValueError: unread keys with ``strict``, bad shapes, bad options.
+    TypeError: ``layers`` not a mapping.
+  """
+  fn = "from_torch"
+  _check_batch_stats_format(fn, batch_stats_format)
+  specs = _layers(fn, layers)
+  params: dict[str, Any] = {}
+  stats: dict[str, Any] = {}
+  read: set[str] = set()
+  for name, spec in specs.items():
+    prefix = f"{name}." if name else ""
+    read.update(_key(prefix, k) for k in _KEYS[spec.kind])
+    if spec.kind == "conv":
+      p = conv_from_torch(state_dict, prefix=prefix, dtype=dtype)
+    elif spec.kind == "linear":
+      p = linear_from_torch(state_dict, prefix=prefix, dtype=dtype,
+                            flatten_chw=spec.flatten_chw)
+    elif spec.kind == "batch_norm":
+      p, st = batch_norm_from_torch(
+          state_dict, prefix=prefix, running_var=running_var,
+          elements_per_batch=(None if running_var == "copy" else _per_layer(
+              fn, elements_per_batch, name)),
+          torch_momentum=_per_layer(fn, torch_momentum, name), dtype=dtype)
+      if st is not None:
+        stats[name] = st if batch_stats_format == "state" else {
+            "mean": st.mean, "var": st.var}
+    else:
+      p = norm_from_torch(state_dict, kind=spec.kind, prefix=prefix,
+                          dtype=dtype)
+    if p:
+      params[name] = p
+  unread = sorted(set(state_dict) - read)
+  if strict and unread:
+    raise ValueError(
+        f"{fn}: {len(unread)} state dict keys belong to no layer in "
+        f"`layers`: {unread[:12]}. Fix: add those modules to `layers` (with "
+        f"their kind), or pass strict=False to ignore them."
+    )
+  return {"params": params, "batch_stats": stats}
+
+
+def to_torch(
+    variables: Mapping[str, Mapping[str, Any]],
+    layers: Mapping[str, TorchLayer | str],
+    *,
+    running_var: Literal["copy", "convert"] = "copy",
+    elements_per_batch: int | Mapping[str, int] | None = None,
+    torch_momentum: float | None | Mapping[str, float | None] = 0.1,
+    as_torch: bool = False,
+) -> dict[str, Any]:
+  """Converts Flax-style variables to a PyTorch state dict.
+
+  The inverse of :func:`from_torch`: with ``running_var="copy"`` the round
+  trip ``from_torch(to_torch(v))`` is exact (transposes and copies only).
+
+  Args:
+    variables: ``{"params": {name: ...}, "batch_stats": {name: ...}}``;
+      ``batch_stats`` entries may be ``BatchNormState``s or flax
+      ``{"mean", "var"}`` dicts (``num_batches_tracked`` is then 0).
+    layers: module name -> ``TorchLayer`` or kind string.
+    running_var: ``"copy"`` or ``"convert"`` (see
+      :func:`batch_norm_to_torch`).
+    elements_per_batch: for ``"convert"``: int or mapping name -> int.
+    torch_momentum: PyTorch momentum (or None), for all or per layer.
+    as_torch: return ``torch.Tensor``s, ready for
+      ``module.load_state_dict``, instead of NumPy arrays.
+
+  Returns:
+    A flat ``{"name.weight": ..., ...}`` dict in the order of ``layers``.
+
+  Raises:
+    KeyError: a layer with no parameters (and no statistics) in
+      ``variables``.
+    ValueError, TypeError: as the per-layer converters.
+  """
+  fn = "to_torch"
+  specs = _layers(fn, layers)
+  params = variables.get("params", {})
+  stats = variables.get("batch_stats", {})
+  out: dict[str, Any] = {}
+  for name, spec in specs.items():
+    prefix = f"{name}." if name else ""
+    p = params.get(name)
+    if p is None and not (spec.kind == "batch_norm" and name in stats):
+      if spec.kind in ("conv", "linear"):
+        raise KeyError(f"{fn}: variables['params'] has no entry {name!r} "
+                       f"for the {spec.kind} layer; got {sorted(params)}.")
+      p = {}
+    if spec.kind == "conv":
+      out.update(conv_to_torch(p, prefix=prefix, as_torch=as_torch))
+    elif spec.kind == "linear":
+      out.update(linear_to_torch(p, prefix=prefix, as_torch=as_torch,
+                                 flatten_chw=spec.flatten_chw))
+    elif spec.kind == "batch_norm":
+      out.update(batch_norm_to_torch(
+          p, stats.get(name), prefix=prefix, running_var=running_var,
+          elements_per_batch=(None if running_var == "copy" else _per_layer(
+              fn, elements_per_batch, name)),
+          torch_momentum=_per_layer(fn, torch_momentum, name),
+          as_torch=as_torch))
+    else:
+      out.update(norm_to_torch(p, kind=spec.kind, prefix=prefix,
+                               as_torch=as_torch))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Folding BatchNorm into the preceding Conv/Dense.
+
+
+def fold_batch_norm(
+    kernel: ArrayLike,
+    kernel_bias: ArrayLike | None,
+    state: BatchNormState | Mapping[str, ArrayLike],
+    scale: ArrayLike | None,
+    bias: ArrayLike | None,
+    *,
+    epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
+  """Folds inference-mode BatchNorm into the Conv/Dense layer before it.
+
+  For a layer :math:`z = x * K + b` (convolution or matrix product, output
+  features on the last axis of ``K``) followed by
+  ``batch_norm_infer(z, state, scale, bias, epsilon=epsilon)``,
+
+  .. math::
+     \\gamma \\frac{z - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+     = x * K' + b', \\qquad
+     s = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad
+     K'_{\\ldots,o} = s_o K_{\\ldots,o}, \\quad
+     b' = s\\,(b - \\mu) + \\beta,
+
+  one layer instead of two at inference (PyTorch's ``fuse_conv_bn_eval``).
+  Valid only in inference mode and only when nothing (no activation,
+  pooling or dropout) sits between the layer and the BatchNorm. Computed in
+  at least float32; returned in ``kernel``'s dtype.
+
+  Args:
+    kernel: flax kernel with output features last: Dense ``(in, O)``, Conv
+      ``(*k, I/groups, O)`` (also grouped/depthwise).
+    kernel_bias: the layer's bias (O,), or None for ``use_bias=False``.
+    state: the BatchNorm's ``BatchNormState`` (or flax ``batch_stats``
+      mapping with ``"mean"``, ``"var"``), feature shape (O,).
+    scale: :math:`\\gamma` (O,), or None (no scale).
+    bias: :math:`\\beta` (O,), or None (no bias).
+    epsilon: the BatchNorm's epsilon (non-negative).
+
+  Returns:
+    ``(kernel', bias')``: the folded kernel (``kernel``'s shape and dtype)
+    and bias (O,) for a layer with ``use_bias=True``.
+
+  Raises:
+    TypeError: non-floating arrays, a ``state`` of the wrong type.
+    ValueError: a kernel of rank < 2, a parameter or statistic whose shape
+      is not (O,), negative ``epsilon``.
+  """
+  fn = "fold_batch_norm"
+  kernel = _checks.as_float_array(fn, "kernel", kernel)
+  if kernel.ndim < 2:
+    raise ValueError(f"{fn}: `kernel` must have rank >= 2 with the output "
+                     f"features last ((in, O) or (*k, I, O)); got shape "
+                     f"{tuple(kernel.shape)}.")
+  fshape = (kernel.shape[-1],)
+  hint = f"the output features of kernel.shape={tuple(kernel.shape)}"
+  mean, var, _ = _state_fields(fn, state)
+  mean = _checks.check_param(fn, "state.mean", mean, fshape, hint)
+  var = _checks.check_param(fn, "state.var", var, fshape, hint)
+  kernel_bias = _checks.check_param(fn, "kernel_bias", kernel_bias, fshape,
+                                    hint)
+  scale = _checks.check_param(fn, "scale", scale, fshape, hint)
+  bias = _checks.check_param(fn, "bias", bias, fshape, hint)
+  epsilon = _checks.check_epsilon(fn, epsilon)
+  dt = jnp.promote_types(kernel.dtype, jnp.float32)
+  mul = jax.lax.rsqrt(var.astype(dt) + jnp.asarray(epsilon, dt))
+  if scale is not None:
+    mul = mul * scale.astype(dt)
+  shift = -mean.astype(dt)
+  if kernel_bias is not None:
+    shift = shift + kernel_bias.astype(dt)
+  new_bias = shift * mul
+  if bias is not None:
+    new_bias = new_bias + bias.astype(dt)
+  new_kernel = kernel.astype(dt) * mul
+  return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
+
+
+# --------------------------------------------------------------------------
+# Statistics recalibration ("precise BN").
+
+
+def _is_float_leaf(a: Any) -> bool:
+  return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def recalibrate_batch_norm(
+    stats_fn: Callable[[Any, Any], Any],
+    state: Any,
+    batches: Iterable[Any],
+    *,
+    check: bool = True,
+    jit: bool = True,
+) -> Any:
+  """Recomputes BatchNorm running statistics as an exact average over batches.
+
+  "Precise BN" (Wu & Johnson, 2021) and PyTorch's
+  ``torch.optim.swa_utils.update_bn``: after training (or weight averaging)
+  the running averages lag behind the final weights; replace them by the
+  plain average of the statistics of :math:`K` batches computed with the
+  final weights,
+
+  .. math::
+     \\mu = \\frac{1}{K}\\sum_{k=1}^{K} \\mu_k, \\qquad
+     \\sigma^2 = \\frac{1}{K}\\sum_{k=1}^{K} \\sigma^2_k, \\qquad
+     \\text{count} = K,
+
+  where :math:`\\mu_k, \\sigma^2_k` are batch :math:`k`'s mean and biased
+  variance at every BatchNorm layer (every batch weighs the same, as in
+  PyTorch; use batches of one size). The sums are accumulated in float64 on
+  the host, so the result is the exact average rounded once.
+
+  ``stats_fn(state, batch) -> new_state`` is the model's *train-mode*
+  forward pass returning its updated state tree, run with ``momentum=0.0``
+  in every ``batch_norm_train`` call, so that each returned running
+  statistic *is* the batch statistic (:math:`0 \\cdot old + 1 \\cdot
+  batch`). For example::
+
+    def stats_fn(state, x):
+      return forward(params, state, x, train=True, momentum=0.0)[1]
+
+    state = jaxnorm.recalibrate_batch_norm(stats_fn, state, batches)
+
+  Any state tree works: ``BatchNormState`` leaves (their count becomes
+  :math:`K`) or flax ``batch_stats`` dicts (every floating leaf is
+  averaged; integer leaves are taken from the last call), so flax module
+  wrappers can pass e.g. ``model.apply`` with ``mutable=["batch_stats"]``
+  of a clone with ``momentum=0.0``.
+
+  Args:
+    stats_fn: ``(state, batch) -> state`` as described; it must return a
+      tree of the same structure, shapes and dtypes as ``state``.
+    state: the current state tree (its running values are not used, only
+      its structure, and passed to ``stats_fn``).
+    batches: iterable of :math:`K \\ge 1` batches (anything ``stats_fn``
+      takes, e.g. arrays or tuples).
+    check: on the first batch, also run ``stats_fn`` with every floating
+      state leaf shifted by 1 and raise if the result changes, i.e. if
+      ``stats_fn`` does not return batch statistics (a momentum other than
+      0, or a feature with no valid element in a masked batch). Costs one
+      extra forward pass.
+    jit: compile ``stats_fn`` with ``jax.jit`` (pass False if it is jitted
+      already or cannot be).
+
+  Returns:
+    A state tree like ``state`` holding the averaged statistics (floating
+    leaves in their original dtypes).
+
+  Raises:
+    ValueError: no batches, ``stats_fn`` changing the tree structure or a
+      leaf's shape, or (with ``check``) depending on the incoming state.
+    TypeError: a non-callable ``stats_fn``.
+  """
+  fn = "recalibrate_batch_norm"
+  if not callable(stats_fn):
+    raise TypeError(f"{fn}: `stats_fn` must be callable (state, batch) -> "
+                    f"state; got {type(stats_fn).__name__}.")
+  f = jax.jit(stats_fn) if jit else stats_fn
+  leaves, treedef = jax.tree.flatten(state)
+  is_float = [_is_float_leaf(a) for a in leaves]
+  sums: list[np.ndarray | None] = [None] * len(leaves)
+  last = None
+  k = 0
+  for batch in batches:
+    out = f(state, batch)
+    out_leaves, out_def = jax.tree.flatten(out)
+    if out_def != treedef:
+      raise ValueError(
+          f"{fn}: `stats_fn` must return a state tree of the structure it "
+          f"was given; got {out_def}, expected {treedef}."
+      )
+    for i, (a, b) in enumerate(zip(leaves, out_leaves)):
+      if np.shape(a) != np.shape(b):
+        raise ValueError(f"{fn}: `stats_fn` changed the shape of state leaf "
+                         f"{i} from {np.shape(a)} to {np.shape(b)}.")
+    if check and k == 0:
+      shifted = treedef.unflatten(
+          [a + 1 if fl else a for a, fl in zip(leaves, is_float)])
+      alt = jax.tree.leaves(f(shifted, batch))
+      for a, b, fl in zip(out_leaves, alt, is_float):
+        if fl and not np.allclose(np.asarray(a, np.float64),
+                                  np.asarray(b, np.float64),
+                                  rtol=1e-6, atol=1e-6):
+          raise ValueError(
+              f"{fn}: the state returned by `stats_fn` depends on the "
+              f"running statistics passed in, so it does not hold batch "
+              f"statistics. Fix: run the train-mode forward with "
+              f"momentum=0.0 in every batch_norm_train call (new = 0 * old "
+              f"+ 1 * batch) and give every feature valid elements in each "
+              f"batch. (check=False skips this test.)"
+          )
+    for i, (b, fl) in enumerate(zip(out_leaves, is_float)):
+      if fl:
+        b = np.asarray(b, np.float64)
+        sums[i] = b if sums[i] is None else sums[i] + b
+    last = out_leaves
+    k += 1
+  if k == 0:
+    raise ValueError(f"{fn}: `batches` yielded no batch; give at least one.")
+  new = treedef.unflatten([
+      jnp.asarray(s / k, a.dtype) if fl else b
+      for s, a, b, fl in zip(sums, leaves, last, is_float)
+  ])
+  return jax.tree.map(
+      lambda n: n._replace(count=jnp.asarray(k, n.count.dtype))
+      if isinstance(n, BatchNormState) else n,
+      new, is_leaf=lambda n: isinstance(n, BatchNormState))
