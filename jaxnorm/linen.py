@@ -53,10 +53,10 @@ def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
   return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
 
 
-def _dtypes_for(x: jax.Array, params: list[jax.Array], dtype: Dtype | None):
+def _dtypes_for(arrays: list[jax.Array], dtype: Dtype | None):
   """Returns (compute dtype, output dtype) following flax's dtype rule."""
-  out = _dtypes.canonicalize_dtype(x, *params, dtype=dtype)
-  natural = _dtypes.canonicalize_dtype(x, *params)
+  out = _dtypes.canonicalize_dtype(*arrays, dtype=dtype)
+  natural = _dtypes.canonicalize_dtype(*arrays)
   return jnp.promote_types(natural, out), out
 
 
@@ -78,23 +78,27 @@ def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
 
 
 def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
-         fn) -> jax.Array:
-  """Casts x and params to the compute dtype, calls fn, casts the output."""
+         fn, promote_with: tuple[jax.Array, ...] = ()) -> jax.Array:
+  """Casts x and params to the compute dtype, calls fn, casts the output.
+
+  ``promote_with`` are further arrays whose dtypes take part in the output
+  dtype (flax.nnx.BatchNorm promotes with its running statistics).
+  """
   x = jnp.asarray(x)
   present = [p for p in params if p is not None]
-  compute, out = _dtypes_for(x, present, dtype)
+  compute, out = _dtypes_for([x, *present, *promote_with], dtype)
   cast = [None if p is None else p.astype(compute) for p in params]
   return fn(x.astype(compute), *cast).astype(out)
 
 
-def _no_axis_name(cls: str, axis_name: Any) -> None:
+def _no_axis_name(cls: str, axis_name: Any, api: str = "linen") -> None:
   if axis_name is not None:
     raise NotImplementedError(
-        f"jaxnorm.linen.{cls}: `axis_name`={axis_name!r} is not supported yet: "
+        f"jaxnorm.{api}.{cls}: `axis_name`={axis_name!r} is not supported yet: "
         f"the pure function behind {cls} takes no `axis_name` (only "
         f"batch_norm_train does). Statistics of {cls} are per example, so an "
         f"axis name is only needed when a single example is split across "
-        f"devices; use flax.linen.{cls} for that case for now."
+        f"devices; use flax.{api}.{cls} for that case for now."
     )
 
 

@@ -1,0 +1,585 @@
+"""``flax.nnx`` modules over jaxnorm's pure functions.
+
+Drop-in replacements for ``flax.nnx.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
+``GroupNorm`` and ``InstanceNorm`` (flax 0.12.8): the same constructor
+(``num_features``, keyword options, ``rngs``), the same variables
+(``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``), the
+same ``use_running_average`` handling (constructor attribute, call-time
+override, ``model.train()``/``model.eval()``, ``nnx.view``), and the same
+output dtype (``dtype`` if given, else the promotion of the input, parameter
+and, for ``BatchNorm``, running-statistic dtypes). They work inside
+``nnx.jit``, ``nnx.value_and_grad`` and ``nnx.split``/``nnx.merge``.
+
+The arithmetic is jaxnorm's: two-pass variance in at least float32 (stable
+on shifted data) whatever ``use_fast_variance`` says, hand-derived
+backward passes, exact count-weighted statistics across ``axis_name``, and
+an error instead of silent zeros for a training batch of one.
+
+``BatchNorm`` keeps one more ``nnx.BatchStat``, ``count`` (int32 scalar, the
+number of running-average updates); ``track_count=False`` drops it.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.typing import Axes, Dtype, Initializer
+from jax.typing import ArrayLike
+
+from jaxnorm.batch_norm import BatchNormState
+from jaxnorm.batch_norm import batch_norm_infer
+from jaxnorm.batch_norm import batch_norm_train
+from jaxnorm.linen import _as_axes
+from jaxnorm.linen import _as_mask
+from jaxnorm.linen import _no_axis_name
+from jaxnorm.linen import _run
+from jaxnorm.variants import group_norm
+from jaxnorm.variants import instance_norm
+from jaxnorm.variants import layer_norm
+from jaxnorm.variants import rms_norm
+
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
+  shape = (num_features,) if isinstance(num_features, int) else num_features
+  if (isinstance(num_features, bool) or not isinstance(shape, tuple)
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                 for d in shape)):
+    raise TypeError(
+        f"jaxnorm.nnx.{cls}: `num_features` must be a positive int (the size "
+        f"of the feature axis) or a tuple of them; got {num_features!r}.")
+  return shape
+
+
+def _value(v: Any) -> jax.Array | None:
+  return None if v is None else v[...]
+
+
+class _Affine(nnx.Module):
+  """Shared constructor part: ``scale``/``bias`` params and options."""
+
+  def _init_affine(self, shape, *, use_scale, use_bias, scale_init,
+                   bias_init, param_dtype, rngs, scale_metadata,
+                   bias_metadata):
+    self.scale: nnx.Param[jax.Array] | None
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
+                             **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.bias: nnx.Param[jax.Array] | None
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
+                            **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+
+
+class BatchNorm(_Affine):
+  """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
+
+  Training mode (``use_running_average=False``):
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
+     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
+     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
+
+  over all axes but ``axis`` (and across ``axis_name``), :math:`m` =
+  ``momentum``; eval mode uses the running statistics. Calls
+  ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
+
+  Variables: ``scale``, ``bias`` (``nnx.Param``, shape ``(num_features,)``,
+  ``param_dtype``); ``mean`` (zeros), ``var`` (ones) (``nnx.BatchStat``,
+  float32); ``count`` (``nnx.BatchStat``, int32 scalar, 0) unless
+  ``track_count=False``. A state saved from ``flax.nnx.BatchNorm`` (no
+  ``count``) loads with ``nnx.update(model, state)``; ``count`` then keeps
+  its value (it counts jaxnorm's updates; the averages do not depend on it).
+
+  Args:
+    num_features: size of the feature axis (or a tuple for several axes).
+    use_running_average: default mode (False = training); overridden by the
+      call argument, ``model.train()``/``model.eval()`` or ``nnx.view``.
+    axis: feature axis or axes (default -1).
+    momentum: weight of the old running value, in [0, 1] (default 0.99).
+    epsilon: added to the variance (default 1e-5).
+    dtype: output dtype (default: promotion of input, params and stats).
+    param_dtype: dtype of ``scale``/``bias`` (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    axis_name: name(s) of a mapped axis for global-batch statistics
+      (count-weighted exact merge).
+    axis_index_groups: replica groups within ``axis_name``.
+    use_fast_variance: accepted for compatibility and ignored: jaxnorm always
+      uses the stable two-pass variance in at least float32.
+    promote_dtype: accepted for compatibility; jaxnorm applies flax's
+      default promotion rule (see module docstring) and ignores a custom one.
+    rngs: ``nnx.Rngs`` for the parameter initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
+    track_count: keep the ``count`` BatchStat (default True).
+
+  Raises:
+    TypeError: ``num_features`` is not a positive int or tuple of them.
+  """
+
+  def __init__(
+      self,
+      num_features: int | tuple[int, ...],
+      *,
+      use_running_average: bool | None = False,
+      axis: int | tuple[int, ...] = -1,
+      momentum: float = 0.99,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      use_bias: bool = True,
+      use_scale: bool = True,
+      bias_init: Initializer = _zeros,
+      scale_init: Initializer = _ones,
+      axis_name: Any = None,
+      axis_index_groups: Any = None,
+      use_fast_variance: bool = True,
+      promote_dtype: Any = None,
+      rngs: nnx.Rngs,
+      bias_metadata: Mapping[str, Any] = _EMPTY,
+      scale_metadata: Mapping[str, Any] = _EMPTY,
+      track_count: bool = True,
+  ):
+    shape = _feature_shape("BatchNorm", num_features)
+    self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+    self.count: nnx.BatchStat[jax.Array] | None
+    self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32)) if track_count
+                  else nnx.data(None))
+    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
+                      scale_init=scale_init, bias_init=bias_init,
+                      param_dtype=param_dtype, rngs=rngs,
+                      scale_metadata=scale_metadata,
+                      bias_metadata=bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.track_count = track_count
+
+  def __call__(
+      self,
+      x: ArrayLike,
+      use_running_average: bool | None = None,
+      *,
+      mask: ArrayLike | None = None,
+  ) -> jax.Array:
+    """Normalizes ``x``; in training mode also updates the BatchStats.
+
+    Args:
+      x: floating array, e.g. (N, C) or (N, H, W, C).
+      use_running_average: overrides the module attribute for this call.
+      mask: optional array broadcastable to ``x`` (cast to bool); False
+        elements are left out of the batch statistics.
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+
+    Raises:
+      ValueError: neither the call nor the module sets
+        ``use_running_average``; the errors of ``batch_norm_train``/
+        ``batch_norm_infer`` (e.g. a training batch with one element per
+        feature, an unbound ``axis_name``).
+    """
+    use_running_average = first_from(
+        use_running_average, self.use_running_average,
+        error_msg=(
+            "jaxnorm.nnx.BatchNorm: no `use_running_average` was given. Fix: "
+            "pass it to the constructor or the call, or switch the model "
+            "with model.train() / model.eval()."))
+    count = (self.count[...] if self.count is not None
+             else jnp.zeros((), jnp.int32))
+    state = BatchNormState(mean=self.mean[...], var=self.var[...],
+                           count=count)
+    params = [_value(self.scale), _value(self.bias)]
+    axis = _as_axes(self.axis)
+    stats = (state.mean, state.var)
+    if use_running_average:
+      return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
+          xc, state, s, b, axis=axis, epsilon=self.epsilon), stats)
+    out = {}
+
+    def train(xc, s, b):
+      y, out["state"] = batch_norm_train(
+          xc, state, s, b, axis=axis, momentum=self.momentum,
+          epsilon=self.epsilon, axis_name=self.axis_name,
+          axis_index_groups=self.axis_index_groups, mask=_as_mask(mask))
+      return y
+
+    y = _run(x, params, self.dtype, train, stats)
+    new = out["state"]
+    self.mean[...] = new.mean
+    self.var[...] = new.var
+    if self.count is not None:
+      self.count[...] = new.count
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``: sets the default mode.
+
+    Args:
+      use_running_average: if not None, the new default.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+
+def _common_attrs(self, num_features, epsilon, dtype, param_dtype,
+                  axis_name, axis_index_groups, use_fast_variance,
+                  promote_dtype):
+  self.num_features = num_features
+  self.epsilon = epsilon
+  self.dtype = dtype
+  self.param_dtype = param_dtype
+  self.axis_name = axis_name
+  self.axis_index_groups = axis_index_groups
+  self.use_fast_variance = use_fast_variance
+  self.promote_dtype = promote_dtype
+
+
+class LayerNorm(_Affine):
+  """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+
+  over ``reduction_axes`` (two-pass, at least float32); calls
+  ``jaxnorm.layer_norm``. Params ``scale``/``bias`` of shape
+  ``(num_features,)`` (or the tuple given).
+
+  Args:
+    num_features: size of the feature axis (or a tuple for several).
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and params).
+    param_dtype: dtype of the params (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: axes of the statistics (default -1).
+    feature_axes: axes the params vary along (default -1).
+    axis_name: must be None (``jaxnorm.layer_norm`` takes none yet).
+    axis_index_groups: accepted; unused without ``axis_name``.
+    use_fast_variance: accepted and ignored (jaxnorm is always stable).
+    promote_dtype: accepted for compatibility; flax's default rule is used.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
+
+  Raises:
+    TypeError: bad ``num_features``.
+    NotImplementedError: ``axis_name`` is not None.
+  """
+
+  def __init__(self, num_features: int | tuple[int, ...], *,
+               epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+               use_scale: bool = True, bias_init: Initializer = _zeros,
+               scale_init: Initializer = _ones, reduction_axes: Axes = -1,
+               feature_axes: Axes = -1, axis_name: Any = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = None, rngs: nnx.Rngs,
+               bias_metadata: Mapping[str, Any] = _EMPTY,
+               scale_metadata: Mapping[str, Any] = _EMPTY):
+    _no_axis_name("LayerNorm", axis_name, "nnx")
+    shape = _feature_shape("LayerNorm", num_features)
+    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
+                      scale_init=scale_init, bias_init=bias_init,
+                      param_dtype=param_dtype, rngs=rngs,
+                      scale_metadata=scale_metadata,
+                      bias_metadata=bias_metadata)
+    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
+                  axis_index_groups, use_fast_variance, promote_dtype)
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies layer normalization.
+
+    Args:
+      x: floating array, e.g. (batch, seq, num_features).
+      mask: optional array broadcastable to ``x`` (cast to bool).
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+                lambda xc, s, b: layer_norm(
+                    xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
+                    feature_axes=_as_axes(self.feature_axes),
+                    epsilon=self.epsilon, mask=_as_mask(mask)))
+
+
+class RMSNorm(_Affine):
+  """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
+
+  .. math::
+     y = \\gamma \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}
+
+  over ``reduction_axes`` :math:`R`; calls ``jaxnorm.rms_norm``. Param
+  ``scale`` of shape ``(num_features,)``.
+
+  Args:
+    num_features: size of the feature axis (or a tuple).
+    epsilon: added to the mean square (default 1e-6).
+    dtype: output dtype (default: promotion of input and ``scale``).
+    param_dtype: dtype of ``scale`` (default float32).
+    use_scale: multiply by ``scale``.
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: axes of the mean square (default -1).
+    feature_axes: axes ``scale`` varies along (default -1).
+    axis_name: must be None (``jaxnorm.rms_norm`` takes none yet).
+    axis_index_groups: accepted; unused.
+    use_fast_variance: accepted; no variance is computed.
+    promote_dtype: accepted for compatibility; flax's default rule is used.
+    rngs: ``nnx.Rngs`` for the initializer.
+    scale_metadata: metadata of the ``scale`` Param.
+
+  Raises:
+    TypeError: bad ``num_features``.
+    NotImplementedError: ``axis_name`` is not None.
+  """
+
+  def __init__(self, num_features: int | tuple[int, ...], *,
+               epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_scale: bool = True,
+               scale_init: Initializer = _ones, reduction_axes: Axes = -1,
+               feature_axes: Axes = -1, axis_name: Any = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = None, rngs: nnx.Rngs,
+               scale_metadata: Mapping[str, Any] = _EMPTY):
+    _no_axis_name("RMSNorm", axis_name, "nnx")
+    shape = _feature_shape("RMSNorm", num_features)
+    self.scale: nnx.Param[jax.Array] | None
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
+                             **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
+                  axis_index_groups, use_fast_variance, promote_dtype)
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+
+  def __call__(self, x: ArrayLike,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies RMS normalization.
+
+    Args:
+      x: floating array, e.g. (batch, seq, num_features).
+      mask: optional array broadcastable to ``x`` (cast to bool).
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    return _run(x, [_value(self.scale)], self.dtype, lambda xc, s: rms_norm(
+        xc, s, reduction_axes=_as_axes(self.reduction_axes),
+        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
+        mask=_as_mask(mask)))
+
+
+class GroupNorm(_Affine):
+  """Group normalization, a drop-in for ``flax.nnx.GroupNorm``.
+
+  .. math::
+     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
+       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c
+
+  with ``num_groups`` groups of consecutive channels (last axis) reduced
+  with ``reduction_axes`` (default all but the batch axis 0); calls
+  ``jaxnorm.group_norm``.
+
+  Args:
+    num_features: number of channels ``C``.
+    num_groups: number of groups (default 32); None with ``group_size``.
+    group_size: channels per group.
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and params).
+    param_dtype: dtype of the params (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    reduction_axes: statistics axes incl. the last; None = all but axis 0.
+    axis_name: must be None (``jaxnorm.group_norm`` takes none yet).
+    axis_index_groups: accepted; unused.
+    use_fast_variance: accepted and ignored (jaxnorm is always stable).
+    promote_dtype: accepted for compatibility; flax's default rule is used.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
+
+  Raises:
+    ValueError: both or neither of ``num_groups``/``group_size`` set, or a
+      grouping that does not divide ``num_features`` (at construction, as
+      flax).
+    TypeError: bad ``num_features``.
+    NotImplementedError: ``axis_name`` is not None.
+  """
+
+  def __init__(self, num_features: int, num_groups: int | None = 32,
+               group_size: int | None = None, *, epsilon: float = 1e-6,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               use_bias: bool = True, use_scale: bool = True,
+               bias_init: Initializer = _zeros,
+               scale_init: Initializer = _ones,
+               reduction_axes: Axes | None = None, axis_name: Any = None,
+               axis_index_groups: Any = None, use_fast_variance: bool = True,
+               promote_dtype: Any = None, rngs: nnx.Rngs,
+               bias_metadata: Mapping[str, Any] = _EMPTY,
+               scale_metadata: Mapping[str, Any] = _EMPTY):
+    _no_axis_name("GroupNorm", axis_name, "nnx")
+    (c,) = _feature_shape("GroupNorm", num_features)
+    if (num_groups is None) == (group_size is None):
+      raise ValueError(
+          f"jaxnorm.nnx.GroupNorm: exactly one of `num_groups` and "
+          f"`group_size` must be set; got num_groups={num_groups!r}, "
+          f"group_size={group_size!r}. num_groups defaults to 32: pass "
+          f"num_groups=None with group_size.")
+    g = num_groups if group_size is None else None
+    if group_size is not None:
+      if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
+        raise ValueError(
+            f"jaxnorm.nnx.GroupNorm: group_size={group_size!r} must be a "
+            f"positive divisor of num_features={c}.")
+      g = c // group_size
+    elif not isinstance(g, int) or g <= 0 or c % g:
+      raise ValueError(
+          f"jaxnorm.nnx.GroupNorm: num_groups={num_groups!r} must be a "
+          f"positive divisor of num_features={c}.")
+    self.feature_axis = -1
+    self.num_groups = g
+    self.group_size = c // g
+    self._init_affine((c,), use_scale=use_scale, use_bias=use_bias,
+                      scale_init=scale_init, bias_init=bias_init,
+                      param_dtype=param_dtype, rngs=rngs,
+                      scale_metadata=scale_metadata,
+                      bias_metadata=bias_metadata)
+    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
+                  axis_index_groups, use_fast_variance, promote_dtype)
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies group normalization.
+
+    Args:
+      x: floating array (N, ..., num_features).
+      mask: optional array broadcastable to ``x`` (cast to bool).
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    red = (None if self.reduction_axes is None
+           else _as_axes(self.reduction_axes))
+    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+                lambda xc, s, b: group_norm(
+                    xc, s, b, num_groups=self.num_groups,
+                    reduction_axes=red, epsilon=self.epsilon,
+                    mask=_as_mask(mask)))
+
+
+class InstanceNorm(_Affine):
+  """Instance normalization, a drop-in for ``flax.nnx.InstanceNorm``.
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
+         + \\beta
+
+  with statistics per example (axis 0) and feature over the other axes;
+  calls ``jaxnorm.instance_norm``.
+
+  Args:
+    num_features: size of the feature axis (or a tuple).
+    epsilon: added to the variance (default 1e-6).
+    dtype: output dtype (default: promotion of input and params).
+    param_dtype: dtype of the params (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    feature_axes: feature axes (default -1); axis 0 is the batch.
+    axis_name: must be None (``jaxnorm.instance_norm`` takes none yet).
+    axis_index_groups: accepted; unused.
+    use_fast_variance: accepted and ignored (jaxnorm is always stable).
+    promote_dtype: accepted for compatibility; flax's default rule is used.
+    rngs: ``nnx.Rngs`` for the initializers.
+    bias_metadata: metadata of the ``bias`` Param.
+    scale_metadata: metadata of the ``scale`` Param.
+
+  Raises:
+    TypeError: bad ``num_features``.
+    NotImplementedError: ``axis_name`` is not None.
+  """
+
+  def __init__(self, num_features: int | tuple[int, ...], *,
+               epsilon: float = 1e-6, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+               use_scale: bool = True, bias_init: Initializer = _zeros,
+               scale_init: Initializer = _ones, feature_axes: Axes = -1,
+               axis_name: Any = None, axis_index_groups: Any = None,
+               use_fast_variance: bool = True, promote_dtype: Any = None,
+               rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
+               scale_metadata: Mapping[str, Any] = _EMPTY):
+    _no_axis_name("InstanceNorm", axis_name, "nnx")
+    shape = _feature_shape("InstanceNorm", num_features)
+    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
+                      scale_init=scale_init, bias_init=bias_init,
+                      param_dtype=param_dtype, rngs=rngs,
+                      scale_metadata=scale_metadata,
+                      bias_metadata=bias_metadata)
+    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
+                  axis_index_groups, use_fast_variance, promote_dtype)
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+
+  def __call__(self, x: ArrayLike, *,
+               mask: ArrayLike | None = None) -> jax.Array:
+    """Applies instance normalization.
+
+    Args:
+      x: floating array (N, ..., num_features) with a spatial axis.
+      mask: optional array broadcastable to ``x`` (cast to bool).
+
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+    """
+    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+                lambda xc, s, b: instance_norm(
+                    xc, s, b, feature_axes=_as_axes(self.feature_axes),
+                    epsilon=self.epsilon, mask=_as_mask(mask)))
