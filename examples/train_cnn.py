@@ -21,6 +21,7 @@ state, epoch) in ``checkpoints/`` after every epoch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,12 +37,12 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as data_lib  # noqa: E402  (examples/data.py, beside this file)
 
-from flax.linen import BatchNorm  # noqa: E402  TODO switch to jaxnorm.linen
+from jaxnorm.linen import BatchNorm  # noqa: E402  (channels-last, flax's API)
 
 PyTree = Any
 # Fields of the configuration that must match when resuming a run.
 RESUME_KEYS = (
-    "dataset", "limit", "batch_size", "optimizer", "lr", "schedule", "seed",
+    "dataset", "limit", "batch_size", "optimizer", "lr", "seed",
     "bn", "bn_momentum", "augment",
 )
 
@@ -88,33 +89,50 @@ class CNN(nn.Module):
     return nn.Dense(10, kernel_init=kernel_init)(x)
 
 
-def make_optimizer(name: str, lr: float, schedule: str,
-                   total_steps: int) -> optax.GradientTransformation:
-  """``adam``/``sgd`` (momentum 0.9)/``adamw`` with a constant or cosine lr."""
-  if schedule == "constant":
-    learning_rate: Any = lr
-  elif schedule == "cosine":
-    learning_rate = optax.cosine_decay_schedule(lr, max(total_steps, 1))
-  else:
-    raise ValueError(f"unknown schedule {schedule!r}; expected constant or cosine.")
-  if name == "adam":
-    return optax.adam(learning_rate)
-  if name == "adamw":
-    return optax.adamw(learning_rate)
-  if name == "sgd":
-    return optax.sgd(learning_rate, momentum=0.9)
-  raise ValueError(f"unknown optimizer {name!r}; expected adam, adamw or sgd.")
+@functools.cache
+def make_optimizer(name: str) -> optax.GradientTransformation:
+  """``adam``, ``adamw`` or ``sgd`` (momentum 0.9) with the learning rate in
+  the optimizer state (``optax.inject_hyperparams``), set by ``init_state``.
+
+  Keeping the lr in the state (not in the closure) checkpoints it and lets one
+  compiled train step serve every lr; ``functools.cache`` hands out one
+  optimizer object per name, so ``make_train_step`` compiles once per model.
+
+  Raises:
+    ValueError: for an unknown name.
+  """
+  optimizers = {"adam": optax.adam, "adamw": optax.adamw,
+                "sgd": functools.partial(optax.sgd, momentum=0.9)}
+  if name not in optimizers:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(optimizers)}.")
+  return optax.inject_hyperparams(optimizers[name])(learning_rate=1e-3)
+
+
+@functools.cache
+def _jitted_init(model: nn.Module) -> Callable[..., PyTree]:
+  # One compiled program instead of dozens of eagerly dispatched ops.
+  return jax.jit(functools.partial(model.init, train=False))
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               key: jax.Array, sample: np.ndarray) -> dict[str, PyTree]:
-  """``{"params", "batch_stats", "opt_state"}``; batch_stats is ``{}`` without BN."""
-  variables = model.init(key, jnp.asarray(sample), train=False)
+               key: jax.Array, sample: np.ndarray, lr: float = 1e-3) -> dict[str, PyTree]:
+  """``{"params", "batch_stats", "opt_state"}``; batch_stats is ``{}`` without BN.
+
+  Args:
+    model: the flax module; ``init`` runs it in eval mode on ``sample``.
+    tx: an optimizer from ``make_optimizer``.
+    key: PRNG key of the initialization.
+    sample: ``(B, 28, 28, 1)`` float32 inputs (only the shape matters).
+    lr: learning rate stored in ``opt_state.hyperparams``.
+  """
+  variables = _jitted_init(model)(key, jnp.asarray(sample, jnp.float32))
   params = variables["params"]
+  opt_state = jax.jit(tx.init)(params)
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
   return {
       "params": params,
       "batch_stats": dict(variables.get("batch_stats", {})),
-      "opt_state": tx.init(params),
+      "opt_state": opt_state,
   }
 
 
@@ -124,13 +142,15 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
   return {"params": params}
 
 
+@functools.cache
 def make_train_step(
     model: nn.Module, tx: optax.GradientTransformation
 ) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
   """A jitted step ``(state, x, y) -> (new_state, loss, accuracy)``.
 
   BatchNorm normalizes with the batch's statistics and the returned state
-  carries the updated running averages (``batch_stats``).
+  carries the updated running averages (``batch_stats``). Cached per
+  ``(model, tx)``: equal modules and the same optimizer share one compiled step.
   """
 
   @jax.jit
@@ -156,10 +176,12 @@ def make_train_step(
   return train_step
 
 
+@functools.cache
 def make_eval_step(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """A jitted ``(params, batch_stats, x, y, mask) -> (loss_sum, correct_sum)``.
 
   Uses the running averages (inference mode); ``mask`` drops padded rows.
+  Cached per model, like ``make_train_step``.
   """
 
   @jax.jit
@@ -240,7 +262,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
   p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-bn", dest="bn", action="store_false",
                  help="drop every BatchNorm layer")
@@ -333,6 +354,33 @@ class Checkpoints:
     self.manager.close()
 
 
+def restore_run(out: str, epoch: int | None = None) -> tuple[dict[str, PyTree], dict[str, Any]]:
+  """The training state and record saved by a run in ``out`` (latest epoch by
+  default), e.g. to evaluate or inspect a trained model.
+
+  Returns:
+    ``(state, meta)``: ``state`` has ``params``, ``batch_stats`` and
+    ``opt_state``; ``meta`` has ``config`` and ``per_epoch``.
+
+  Raises:
+    FileNotFoundError: if ``out/checkpoints`` holds no checkpoint.
+  """
+  ckpt = Checkpoints(os.path.join(out, "checkpoints"))
+  try:
+    epoch = ckpt.latest() if epoch is None else epoch
+    if epoch is None:
+      raise FileNotFoundError(f"no checkpoint in {out}/checkpoints")
+    meta = ckpt.manager.restore(epoch, args=ckpt._ocp.args.Composite(
+        meta=ckpt._ocp.args.JsonRestore()))["meta"]
+    cfg = meta["config"]
+    model = CNN(use_bn=cfg["bn"], bn_momentum=cfg["bn_momentum"])
+    like = init_state(model, make_optimizer(cfg["optimizer"]), jax.random.key(0),
+                      np.zeros((1, 28, 28, 1), np.float32), cfg["lr"])
+    return ckpt.restore(epoch, like)
+  finally:
+    ckpt.close()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Train, evaluate, checkpoint; returns the metrics written to metrics.json."""
   args = parse_args(argv)
@@ -348,9 +396,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config["epochs"] = args.epochs
 
   model = CNN(use_bn=args.bn, bn_momentum=args.bn_momentum)
-  tx = make_optimizer(args.optimizer, args.lr, args.schedule,
-                      args.epochs * steps_per_epoch)
-  state = init_state(model, tx, jax.random.key(args.seed), ds.x_train[:2])
+  tx = make_optimizer(args.optimizer)
+  state = init_state(model, tx, jax.random.key(args.seed), ds.x_train[:2], args.lr)
   train_step = make_train_step(model, tx)
   eval_step = make_eval_step(model)
 
@@ -369,8 +416,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     state, meta = ckpt.restore(latest, state)
     old = meta["config"]
     changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
-    if args.schedule != "constant" and old["epochs"] != args.epochs:
-      changed["epochs (the cosine schedule depends on it)"] = (old["epochs"], args.epochs)
     if changed:
       raise ValueError(
           f"--resume: the run in {args.out} used different settings "
