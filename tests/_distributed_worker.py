@@ -131,7 +131,7 @@ def compare(y, new, grads, ref, *, state_copies: bool = False) -> dict:
       want = np.broadcast_to(want, got.shape)
     out[f"state_{name}"] = rel_err(got, want)
   cnt = np.asarray(new.count)
-  out["state_count_ok"] = bool(np.all(cnt == int(new_r.count)))
+  out["state_count_ok"] = bool(np.all(cnt == np.asarray(new_r.count)))
   if grads is not None:
     for name, g, gr in zip(("dx", "dscale", "dbias"), grads, grads_r):
       out[name] = rel_err(g, gr)
@@ -319,6 +319,71 @@ def case_shard_map(check_vma: bool, tuple_axes: bool = False):
   return compare(y, new, grads, ref)
 
 
+def case_shard_map_vma_local():
+  """No axis_name inside shard_map(check_vma=True): per-device statistics.
+
+  The most common shard_map use (BN without sync, replicated params) must
+  differentiate too; the reference is one call per device's shard.
+  """
+  x, scale, bias, w, state = make_data(D * B, C)
+  mask = make_mask(D, B, C)
+  mesh, rows = _mesh((D,), ("d",)), P("d")
+
+  def local(x, m, w, scale, bias, state):
+    y, new = jn.batch_norm_train(x, state, scale, bias, momentum=MOMENTUM,
+                                 mask=m)
+    new = jax.tree.map(lambda a: a[None], new)  # per-device states, stacked
+    return jax.lax.psum(loss_of(y, w), "d"), y, new
+
+  sm = jax.shard_map(local, mesh=mesh,
+                     in_specs=(rows, rows, rows, P(), P(), P()),
+                     out_specs=(P(), rows, rows))
+
+  def total(x, scale, bias):
+    l, y, new = sm(x, mask, w, scale, bias, state)
+    return l, (y, new)
+
+  (_, (y, new)), grads = jax.jit(
+      jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
+  shard = lambda a, i: a[i * B:(i + 1) * B]
+  refs = [reference(shard(x, i), scale, bias, shard(w, i), state,
+                    shard(mask, i)) for i in range(D)]
+  # Device 2 has no valid element: its state must be left as it was.
+  ref = (np.concatenate([r[0] for r in refs]),
+         jax.tree.map(lambda *a: np.stack(a), *[r[1] for r in refs]),
+         (np.concatenate([r[2][0] for r in refs]),
+          sum(np.asarray(r[2][1]) for r in refs),
+          sum(np.asarray(r[2][2]) for r in refs)))
+  return compare(y, new, grads, ref)
+
+
+def case_shifted():
+  """Exact merge on shifted data: mean 1e4, std ~1, device means differ.
+
+  E[x^2] - E[x]^2 in float32 loses every digit here (ANCHORS.md 3.1); the
+  two-pass local moments and Chan's merge must match a float64 NumPy
+  two-pass variance of the same float32 values.
+  """
+  rng = np.random.default_rng(7)
+  x = (1e4 + rng.normal(size=(D, 64, C)) + np.arange(D)[:, None, None] * 0.5
+       ).astype(np.float32)
+  mask = make_mask(D, 64, C).reshape(D, 64, C)
+  state = jn.batch_norm_init(C)
+  f = jax.pmap(lambda x, m: jn.batch_norm_train(
+      x, state, momentum=0.0, axis_name="d", mask=m)[1], axis_name="d")
+  new = f(x, mask)
+  one = jn.batch_norm_train(x.reshape(-1, C), state, momentum=0.0,
+                            mask=mask.reshape(-1, C))[1]
+  xs = np.where(mask, x.astype(np.float64), np.nan).reshape(-1, C)
+  want_mean, want_var = np.nanmean(xs, 0), np.nanvar(xs, 0)
+  rel_var = lambda v: float(np.max(np.abs(np.asarray(v) - want_var)
+                                   / want_var))
+  return {"mean": rel_err(new.mean[0], want_mean),
+          "var_relative": rel_var(new.var[0]),
+          "info": {"want_var": want_var.tolist(),
+                   "global_batch_var_relative": rel_var(one.var)}}
+
+
 def case_anchor():
   """ANCHORS.md section 3.2: one valid 10 on device 0, eight 0s on device 1.
 
@@ -493,7 +558,9 @@ CASES = {
     "shard_map_tuple": lambda: case_shard_map(False, tuple_axes=True),
     "shard_map_vma": lambda: case_shard_map(check_vma=True),
     "shard_map_vma_tuple": lambda: case_shard_map(True, tuple_axes=True),
+    "shard_map_vma_local": case_shard_map_vma_local,
     "anchor": case_anchor,
+    "shifted": case_shifted,
     "vmap_jvp": case_vmap_jvp,
     "hlo_forward": case_hlo_forward,
     "hlo_vjp": case_hlo_vjp,

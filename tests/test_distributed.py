@@ -29,7 +29,8 @@ import pytest
 import jaxnorm
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
-ROOT = WORKER.parent.parent
+# The workers import the same jaxnorm as this process.
+JAXNORM_PARENT = Path(jaxnorm.__file__).resolve().parent.parent
 # Relative max-abs error allowed between a distributed float32 result and the
 # global-batch float32 result (observed: <= 5e-7; a missing cross-device term
 # gives errors of order 1).
@@ -43,7 +44,7 @@ D, C = 4, 3  # devices and features of the worker's cases
 def _env() -> dict[str, str]:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+      [str(JAXNORM_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("XLA_FLAGS", None)  # the worker sets the device count itself
   return env
@@ -114,6 +115,10 @@ _TUPLE_REASON = (
         strict=True, reason=_VMA_REASON)),  # default check_vma=True
     pytest.param("shard_map_vma_tuple", marks=pytest.mark.xfail(
         strict=True, reason=_VMA_REASON)),
+    # No axis_name in shard_map(check_vma=True): per-device statistics; the
+    # reference is one call per shard (grads of replicated params summed).
+    pytest.param("shard_map_vma_local", marks=pytest.mark.xfail(
+        strict=True, reason=_VMA_REASON)),
 ])
 def test_synchronized_equals_global_batch(results, case):
   _assert_matches(_case(results, case), FULL)
@@ -151,6 +156,19 @@ def test_masked_mean_is_count_weighted_not_mean_of_means(results):
   assert abs(r["mean"][0][0] - 5.0) > 3.0
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "core bug: the merge drops the cross term 2 (mean_d - mu) sum_d(x - "
+    "mean_d), which is not 0 once mean_d is rounded to float32: relative "
+    "variance error 5.5e-4 at mean 1e4 (one call on the global batch: "
+    "~1e-7); fix (a 4th merged statistic) in the report"))
+def test_merge_is_exact_for_shifted_data(results):
+  """Mean 1e4, std ~1, device means 0.5 apart, masked (ANCHORS.md 3.1)."""
+  r = _case(results, "shifted")
+  assert r["info"]["global_batch_var_relative"] <= TOL  # what one call gets
+  assert r["mean"] <= TOL
+  assert r["var_relative"] <= TOL
+
+
 def test_forward_mode_under_vmap_with_axis_name(results):
   """jax.jvp through the synchronized op equals the global batch's jvp."""
   r = _case(results, "vmap_jvp")
@@ -158,8 +176,7 @@ def test_forward_mode_under_vmap_with_axis_name(results):
   assert r["info"]["tangent_norm"] > 1.0  # a zero tangent would prove nothing
 
 
-def _ops(colls: list[dict]) -> list[str]:
-  return sorted(c["op"] for c in colls)
+_STAT_OPS = ("all-gather", "all-reduce")  # a gather, or a psum of slots
 
 
 def test_forward_statistics_travel_in_one_collective(results):
@@ -168,20 +185,26 @@ def test_forward_statistics_travel_in_one_collective(results):
   per_feature_bound = 3 * r["devices"] * r["features"]  # (count, mean, M2)
   for name in ("shard_map_small", "shard_map_large", "pmap"):
     colls = r[name]
-    assert _ops(colls) == ["all-gather"], (name, colls)
+    assert len(colls) == 1 and colls[0]["op"] in _STAT_OPS, (name, colls)
     assert colls[0]["elements"] <= per_feature_bound, (name, colls)
   # 8x more rows per device: the collective is unchanged, so activations
   # never travel.
   assert r["shard_map_small"] == r["shard_map_large"]
 
 
-def test_backward_adds_one_per_feature_all_reduce(results):
-  """The VJP's two per-group sums travel in one all-reduce."""
+def test_backward_adds_one_per_feature_collective(results):
+  """The VJP's two per-group sums travel in one more all-reduce.
+
+  (XLA may combine the sum that does not depend on the statistics with the
+  forward's all-reduce; the count of collectives is 2 either way.)
+  """
   r = _case(results, "hlo_vjp")
   colls = r["vjp"]
-  assert _ops(colls) == ["all-gather", "all-reduce"], colls
-  reduce = next(c for c in colls if c["op"] == "all-reduce")
-  assert reduce["elements"] <= 2 * r["features"], reduce
+  assert len(colls) == 2, colls
+  assert all(c["op"] in _STAT_OPS for c in colls), colls
+  assert any(c["op"] == "all-reduce" for c in colls), colls
+  total = sum(c["elements"] for c in colls)
+  assert total <= 3 * r["devices"] * r["features"] + 2 * r["features"], colls
 
 
 def test_jit_with_sharded_batch_equals_single_device(results):
