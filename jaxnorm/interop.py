@@ -924,12 +924,23 @@ def _per_layer(fn: str, value: Any, name: str) -> Any:
   return value
 
 
+_BATCH_STATS_FORMATS = ("state", "linen", "flax")
+
+
 def _check_batch_stats_format(fn: str, fmt: Any) -> None:
-  if fmt not in ("state", "flax"):
-    raise ValueError(f"{fn}: `batch_stats_format` must be 'state' "
-                     f"(jaxnorm.BatchNormState, keeps the count) or 'flax' "
-                     f"({{'mean', 'var'}} as flax.linen.BatchNorm); got "
-                     f"{fmt!r}.")
+  if fmt not in _BATCH_STATS_FORMATS:
+    raise ValueError(
+        f"{fn}: `batch_stats_format` must be 'state' (jaxnorm.BatchNormState),"
+        f" 'linen' ({{'mean', 'var', 'count'}} as jaxnorm.linen.BatchNorm) or "
+        f"'flax' ({{'mean', 'var'}} as flax.linen.BatchNorm); got {fmt!r}."
+    )
+
+
+def _batch_stats_entry(st: BatchNormState, fmt: str) -> Any:
+  if fmt == "state":
+    return st
+  out = {"mean": st.mean, "var": st.var}
+  return out if fmt == "flax" else {**out, "count": st.count}
 
 
 def from_torch(
@@ -939,7 +950,7 @@ def from_torch(
     running_var: Literal["copy", "convert"] = "copy",
     elements_per_batch: int | Mapping[str, int] | None = None,
     torch_momentum: float | None | Mapping[str, float | None] = 0.1,
-    batch_stats_format: Literal["state", "flax"] = "state",
+    batch_stats_format: Literal["state", "linen", "flax"] = "state",
     dtype: Any = jnp.float32,
     strict: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -963,10 +974,10 @@ def from_torch(
       or a mapping name -> int (they differ: N*H*W per conv layer, N after a
       Linear).
     torch_momentum: PyTorch momentum (or None), for all or per layer.
-    batch_stats_format: ``"state"`` stores ``BatchNormState`` (with the
-      count, for the jaxnorm functions); ``"flax"`` stores ``{"mean",
-      "var"}`` dicts as ``flax.linen.BatchNorm`` expects (the count is
-      dropped).
+    batch_stats_format: ``"state"`` stores ``BatchNormState`` (for the
+      jaxnorm functions), ``"linen"`` ``{"mean", "var", "count"}`` dicts (as
+      ``jaxnorm.linen.BatchNorm``), ``"flax"`` ``{"mean", "var"}`` dicts (as
+      ``flax.linen.BatchNorm``; the count is dropped).
     dtype: dtype of the returned floating arrays.
     strict: if True, a key of ``state_dict`` no layer reads is an error (as
       ``torch.nn.Module.load_state_dict(strict=True)``).
@@ -1000,8 +1011,7 @@ def from_torch(
               fn, elements_per_batch, name)),
           torch_momentum=_per_layer(fn, torch_momentum, name), dtype=dtype)
       if st is not None:
-        stats[name] = st if batch_stats_format == "state" else {
-            "mean": st.mean, "var": st.var}
+        stats[name] = _batch_stats_entry(st, batch_stats_format)
     else:
       p = norm_from_torch(state_dict, kind=spec.kind, prefix=prefix,
                           dtype=dtype)
@@ -1033,8 +1043,9 @@ def to_torch(
 
   Args:
     variables: ``{"params": {name: ...}, "batch_stats": {name: ...}}``;
-      ``batch_stats`` entries may be ``BatchNormState``s or flax
-      ``{"mean", "var"}`` dicts (``num_batches_tracked`` is then 0).
+      ``batch_stats`` entries may be ``BatchNormState``s or
+      ``{"mean", "var"[, "count"]}`` dicts (``num_batches_tracked`` is 0
+      without a count).
     layers: module name -> ``TorchLayer`` or kind string.
     running_var: ``"copy"`` or ``"convert"`` (see
       :func:`batch_norm_to_torch`).
@@ -1158,7 +1169,8 @@ def fold_batch_norm(
   new_bias = shift * mul
   if bias is not None:
     new_bias = new_bias + bias.astype(dt)
-  new_kernel = kernel.astype(dt) * mul
+  bshape = (1,) * (kernel.ndim - 1) + fshape
+  new_kernel = kernel.astype(dt) * mul.reshape(bshape)
   return new_kernel.astype(kernel.dtype), new_bias.astype(kernel.dtype)
 
 

@@ -105,6 +105,28 @@ def seed_cnn_folded(params, x):
   return FC2.apply({"params": params["fc2"]}, h)
 
 
+class LinenSeedCNN(nn.Module):
+  """The seed CNN as a linen module with a given BatchNorm class (flax's or
+  jaxnorm.linen's); submodule names are PyTorch's, so
+  ``from_torch(sd, SEED_CNN_LAYERS, batch_stats_format=...)`` loads."""
+
+  bn_cls: type
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    def bn(name):
+      return self.bn_cls(use_running_average=not train, momentum=0.9,
+                         epsilon=1e-5, name=name)
+
+    h = _pool(nn.relu(bn("bn1")(nn.Conv(32, (3, 3), padding=1,
+                                        name="conv1")(x))))
+    h = _pool(nn.relu(bn("bn2")(nn.Conv(64, (3, 3), padding=1,
+                                        name="conv2")(h))))
+    h = h.reshape(h.shape[0], -1)
+    h = nn.relu(bn("bn_fc1")(nn.Dense(128, name="fc1")(h)))
+    return nn.Dense(10, name="fc2")(h)
+
+
 def random_seed_cnn_variables(seed=0, *, count=0):
   """Random params and non-trivial running statistics for the Flax CNN
   (NumPy RNG: no tracing or compilation)."""

@@ -18,6 +18,8 @@ from jaxnorm import interop
 
 import _torch_seed_cnn as seed
 
+pytestmark = pytest.mark.strict_promotion
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -120,7 +122,7 @@ def test_conv_kernel_layout_matches_channels_first_convolution(spatial):
   ref = jax.lax.conv_general_dilated(
       x, w, (1,) * nd, [(1, 1)] * nd, feature_group_count=groups,
       dimension_numbers=(f"NC{sp}", f"OI{sp}", f"NC{sp}"),
-      precision="highest") + b.reshape(o, *(1,) * nd)
+      precision="highest") + b.reshape(1, o, *(1,) * nd)
   p = interop.conv_from_torch({"weight": w, "bias": b})
   assert p["kernel"].shape == (*(3,) * nd, i // groups, o)
   conv = nn.Conv(o, (3,) * nd, padding=1, feature_group_count=groups,
@@ -356,6 +358,12 @@ def _norm_cases(torch):
   }
 
 
+@jax.jit(static_argnums=0)
+def _value_and_vjp(fwd, x, params, g):
+  y, vjp = jax.vjp(fwd, x, params)
+  return y, vjp(g)
+
+
 @pytest.mark.parametrize("case", ["layer_norm", "layer_norm_2d", "group_norm",
                                   "instance_norm", "rms_norm",
                                   "rms_norm_eps"])
@@ -375,8 +383,7 @@ def test_norm_forward_and_backward_match_torch(case):
   xt = torch.tensor(x, requires_grad=True)
   yt = module(xt)
   (yt * torch.tensor(g)).sum().backward()
-  y, vjp = jax.vjp(fwd, to_jax(x), params)
-  dx, dp = vjp(jnp.asarray(to_jax(g)))
+  y, (dx, dp) = _value_and_vjp(fwd, to_jax(x), params, to_jax(g))
   np.testing.assert_allclose(y, to_jax(_np(yt)), **TOL)
   np.testing.assert_allclose(dx, to_jax(_np(xt.grad)), **TOL)
   np.testing.assert_allclose(dp["scale"], _np(module.weight.grad), **TOL)
@@ -409,6 +416,38 @@ def test_trained_torch_seed_cnn_converts_to_same_flax_eval_logits():
     ref = _np(model(torch.tensor(x)))
   logits = jax.jit(seed.seed_cnn)(variables, _nhwc(x))
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["linen", "flax"])
+def test_torch_seed_cnn_loads_into_linen_modules(fmt):
+  """``batch_stats_format`` 'linen' fits jaxnorm.linen.BatchNorm (with the
+  count), 'flax' fits flax.linen.BatchNorm; both give PyTorch's logits."""
+  torch = _torch()
+  jaxnorm_linen = pytest.importorskip("jaxnorm.linen")
+  rng = np.random.default_rng(12)
+  model = seed.torch_seed_cnn().eval()
+  model.load_state_dict(interop.to_torch(
+      seed.random_seed_cnn_variables(12, count=2), interop.SEED_CNN_LAYERS,
+      as_torch=True))
+  variables = interop.from_torch(model.state_dict(), interop.SEED_CNN_LAYERS,
+                                 batch_stats_format=fmt)
+  bn_cls = jaxnorm_linen.BatchNorm if fmt == "linen" else nn.BatchNorm
+  net = seed.LinenSeedCNN(bn_cls)
+  init = jax.eval_shape(net.init, jax.random.key(0),
+                        jnp.zeros((1, 28, 28, 1)))
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), init)
+          == jax.tree.map(lambda a: (a.shape, a.dtype), variables))
+  if fmt == "linen":
+    assert int(variables["batch_stats"]["bn1"]["count"]) == 2
+  x = rng.normal(size=(4, 1, 28, 28)).astype(np.float32)
+  with torch.no_grad():
+    ref = _np(model(torch.tensor(x)))
+  np.testing.assert_allclose(jax.jit(net.apply)(variables, _nhwc(x)), ref,
+                             rtol=1e-4, atol=1e-4)
+  sd = interop.to_torch(variables, interop.SEED_CNN_LAYERS, as_torch=True)
+  if fmt == "flax":  # no count in flax's tree
+    assert int(sd["bn1.num_batches_tracked"]) == 0
+  model.load_state_dict(sd)
 
 
 def test_jax_seed_cnn_to_torch_and_back_is_exact():
@@ -472,7 +511,7 @@ def test_fold_batch_norm_into_dense_with_flax_batch_stats_under_jit():
   flax_stats = {"mean": state.mean, "var": state.var}
   kf, bf = jax.jit(lambda *a: interop.fold_batch_norm(*a, epsilon=1e-3))(
       kernel, kb, flax_stats, scale, bias)
-  np.testing.assert_allclose(x @ kf + bf, ref, **TOL)
+  np.testing.assert_allclose(x @ kf + bf[None], ref, **TOL)
 
 
 def test_folded_seed_cnn_gives_same_logits():
