@@ -6,22 +6,23 @@ function is asked to return ``torch.Tensor``s (``as_torch=True``), and
 
 Conventions bridged (PyTorch -> jaxnorm / flax):
 
-=====================  =================================  =====================
-PyTorch                jaxnorm / flax                     conversion
-=====================  =================================  =====================
-``momentum`` m (0.1)   ``momentum`` = weight on old (0.9)  ``1 - m``
-``weight``             ``scale``                           copy
-``running_mean``       ``BatchNormState.mean``             copy
-``running_var``        ``BatchNormState.var``              copy or exact debias
-(EMA of *unbiased*     (EMA of *biased* batch variances)   (``running_var=``)
-batch variances)
-``num_batches_tracked````BatchNormState.count`` (int32)    copy
-Conv ``weight``        Conv ``kernel``                     OIHW -> HWIO
-(O, I/g, *k)           (*k, I/g, O)
-Linear ``weight``      Dense ``kernel`` (in, out)          transpose, and the
-(out, in)                                                  NCHW -> NHWC flatten
-                                                           order (``flatten_chw``)
-=====================  =================================  =====================
+* ``momentum`` m (weight on the new batch, default 0.1) -> ``momentum``
+  ``1 - m`` (weight on the old value; 0.9, not flax's default 0.99).
+* BatchNorm ``weight`` -> ``scale``, ``bias`` -> ``bias``,
+  ``running_mean`` -> ``BatchNormState.mean``,
+  ``num_batches_tracked`` (int64) -> ``BatchNormState.count`` (int32).
+* ``running_var`` (a running average of *unbiased* batch variances) ->
+  ``BatchNormState.var`` (jaxnorm averages *biased* ones): copied as is
+  (eval outputs identical) or converted exactly (``running_var="convert"``).
+* Conv ``weight`` (O, I/groups, *k) -> flax ``kernel`` (*k, I/groups, O)
+  (OIHW -> HWIO).
+* Linear ``weight`` (out, in) -> flax ``kernel`` (in, out), with the rows
+  reordered from PyTorch's NCHW flatten order to the NHWC one when the
+  layer follows a flattened feature map (``flatten_chw``).
+
+Beyond weights: :func:`fold_batch_norm` (inference-mode BatchNorm folded
+into the preceding Conv/Dense) and :func:`recalibrate_batch_norm` ("precise
+BN": running statistics recomputed as an exact average over batches).
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ def torch_momentum_to_jaxnorm(momentum: float) -> float:
     raise TypeError(
         f"{fn}: PyTorch's momentum=None is the cumulative moving average "
         f"r <- r + (s - r) / t, which no constant jaxnorm momentum "
-        f"reproduces (it is alpha_t = 1 - 1/t at update t). Use "
-        f"batch_norm_train(momentum=None) for it."
+        f"reproduces: it is momentum_t = 1 - 1/t at update t = count + 1. "
+        f"Use jaxnorm's cumulative-average option of batch_norm_train "
+        f"(momentum=None) for it."
     )
   return 1.0 - _check_unit_interval(fn, "momentum", momentum)
 
@@ -190,8 +192,8 @@ def biased_running_var_from_torch(
   statistics started from PyTorch's init (mean 0, var 1,
   ``num_batches_tracked`` 0) and were never reset or loaded mid-way. If
   these do not hold, keep the values as they are (``running_var="copy"`` in
-  the converters): eval outputs stay identical either way, since both
-  frameworks normalize with the stored variance as is.
+  the converters), which keeps eval outputs identical: both frameworks
+  normalize with the stored variance as is.
 
   Args:
     running_var: PyTorch's ``running_var``, shape (C,) (any float array).
@@ -283,8 +285,15 @@ def _float_out(a: np.ndarray, dtype: Any) -> jax.Array:
   return jnp.asarray(np.array(a, dtype=dtype, copy=True))
 
 
-def _export(a: Any, as_torch: bool, dtype: Any = np.float32):
-  a = np.array(a, dtype=dtype)  # always a fresh, writable copy
+_NUMPY_FLOATS = (np.float16, np.float32, np.float64)
+
+
+def _export(a: Any, as_torch: bool, dtype: Any = None):
+  """A fresh, writable copy (float16/32/64 kept, other floats such as
+  bfloat16 as float32), as a NumPy array or a torch tensor."""
+  a = np.array(a, dtype=dtype)
+  if dtype is None and a.dtype not in _NUMPY_FLOATS:
+    a = a.astype(np.float32)
   if not as_torch:
     return a
   import torch  # pylint: disable=g-import-not-at-top
@@ -369,7 +378,8 @@ def batch_norm_from_torch(
   * ``running_var="convert"`` stores the biased average jaxnorm's
     ``batch_norm_train`` would have produced on the same batches (see
     :func:`biased_running_var_from_torch` for the formula and when it is
-    exact); eval outputs then differ from PyTorch's by that factor.
+    exact); eval outputs then differ slightly from PyTorch's, which
+    normalize with the unbiased average.
 
   Args:
     state_dict: mapping of names to ``torch.Tensor``s or arrays, e.g.
@@ -390,7 +400,9 @@ def batch_norm_from_torch(
     ``batch_norm_train`` and drop its state).
 
   Raises:
-    KeyError: a tensor the layer must have is missing.
+    KeyError: a tensor the layer must have is missing (also
+      ``num_batches_tracked`` for ``"convert"``).
+    TypeError: ``"convert"`` without an int ``elements_per_batch``.
     ValueError: inconsistent shapes, a count that does not fit int32, bad
       ``running_var`` mode or conversion arguments.
   """
@@ -489,7 +501,8 @@ def batch_norm_to_torch(
   Returns:
     ``{prefix + "weight": (C,), prefix + "bias": (C,), prefix +
     "running_mean": (C,), prefix + "running_var": (C,), prefix +
-    "num_batches_tracked": () int64}`` (float32), as present.
+    "num_batches_tracked": () int64}``, as present (floating dtypes kept,
+    bfloat16 as float32).
 
   Raises:
     TypeError: a ``state`` of the wrong type, missing conversion arguments.
@@ -527,7 +540,7 @@ def batch_norm_to_torch(
                       f"this state has none. Use running_var='copy'.")
     var = unbiased_running_var_to_torch(
         var, elements_per_batch=elements_per_batch, count=count,
-        torch_momentum=torch_momentum)
+        torch_momentum=torch_momentum).astype(var.dtype)
   out[_key(prefix, "running_mean")] = _export(mean, as_torch)
   out[_key(prefix, "running_var")] = _export(var, as_torch)
   out[_key(prefix, "num_batches_tracked")] = _export(count, as_torch,
@@ -628,7 +641,8 @@ def norm_to_torch(
     as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
 
   Returns:
-    ``{prefix + "weight": ..., prefix + "bias": ...}`` (float32).
+    ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
+    float16/32/64 dtypes kept, others (bfloat16) as float32.
 
   Raises:
     ValueError: unknown ``kind``, a bias for RMSNorm.
@@ -717,7 +731,8 @@ def conv_to_torch(
     as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
 
   Returns:
-    ``{prefix + "weight": ..., prefix + "bias": ...}`` (float32).
+    ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
+    float16/32/64 dtypes kept, others (bfloat16) as float32.
 
   Raises:
     KeyError: no ``kernel``.
@@ -830,7 +845,8 @@ def linear_to_torch(
     as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
 
   Returns:
-    ``{prefix + "weight": (out, in), prefix + "bias": (out,)}`` (float32).
+    ``{prefix + "weight": (out, in), prefix + "bias": (out,)}``, NumPy
+    float16/32/64 dtypes kept, others (bfloat16) as float32.
 
   Raises:
     KeyError: no ``kernel``.
@@ -1182,6 +1198,26 @@ def _is_float_leaf(a: Any) -> bool:
   return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 
 
+def _check_batch_statistics(fn, f, treedef, leaves, is_float, out_leaves,
+                            batch):
+  """Raises unless ``f`` ignores the incoming floating state leaves."""
+  shifted = treedef.unflatten(
+      [a + 1 if fl else a for a, fl in zip(leaves, is_float)])
+  alt = jax.tree.leaves(f(shifted, batch))
+  for a, b, fl in zip(out_leaves, alt, is_float):
+    if fl and not np.allclose(np.asarray(a, np.float64),
+                              np.asarray(b, np.float64), rtol=1e-6,
+                              atol=1e-6):
+      raise ValueError(
+          f"{fn}: the state returned by `stats_fn` depends on the running "
+          f"statistics passed in, so it does not hold batch statistics. "
+          f"Fix: run the train-mode forward with momentum=0.0 in every "
+          f"batch_norm_train call (new = 0 * old + 1 * batch) and give every "
+          f"feature valid elements in each batch. (check=False skips this "
+          f"test.)"
+      )
+
+
 def recalibrate_batch_norm(
     stats_fn: Callable[[Any, Any], Any],
     state: Any,
@@ -1257,11 +1293,17 @@ def recalibrate_batch_norm(
   leaves, treedef = jax.tree.flatten(state)
   is_float = [_is_float_leaf(a) for a in leaves]
   sums: list[np.ndarray | None] = [None] * len(leaves)
-  last = None
+
+  def accumulate(out_leaves):
+    for i, (b, fl) in enumerate(zip(out_leaves, is_float)):
+      if fl:
+        b = np.asarray(b, np.float64)
+        sums[i] = b if sums[i] is None else sums[i] + b
+
+  pending = None
   k = 0
   for batch in batches:
-    out = f(state, batch)
-    out_leaves, out_def = jax.tree.flatten(out)
+    out_leaves, out_def = jax.tree.flatten(f(state, batch))
     if out_def != treedef:
       raise ValueError(
           f"{fn}: `stats_fn` must return a state tree of the structure it "
@@ -1272,32 +1314,19 @@ def recalibrate_batch_norm(
         raise ValueError(f"{fn}: `stats_fn` changed the shape of state leaf "
                          f"{i} from {np.shape(a)} to {np.shape(b)}.")
     if check and k == 0:
-      shifted = treedef.unflatten(
-          [a + 1 if fl else a for a, fl in zip(leaves, is_float)])
-      alt = jax.tree.leaves(f(shifted, batch))
-      for a, b, fl in zip(out_leaves, alt, is_float):
-        if fl and not np.allclose(np.asarray(a, np.float64),
-                                  np.asarray(b, np.float64),
-                                  rtol=1e-6, atol=1e-6):
-          raise ValueError(
-              f"{fn}: the state returned by `stats_fn` depends on the "
-              f"running statistics passed in, so it does not hold batch "
-              f"statistics. Fix: run the train-mode forward with "
-              f"momentum=0.0 in every batch_norm_train call (new = 0 * old "
-              f"+ 1 * batch) and give every feature valid elements in each "
-              f"batch. (check=False skips this test.)"
-          )
-    for i, (b, fl) in enumerate(zip(out_leaves, is_float)):
-      if fl:
-        b = np.asarray(b, np.float64)
-        sums[i] = b if sums[i] is None else sums[i] + b
-    last = out_leaves
+      _check_batch_statistics(fn, f, treedef, leaves, is_float, out_leaves,
+                              batch)
+    if pending is not None:  # copy batch k-1 to the host while k computes
+      accumulate(pending)
+    pending = out_leaves
     k += 1
-  if k == 0:
+  if pending is None:
     raise ValueError(f"{fn}: `batches` yielded no batch; give at least one.")
+  accumulate(pending)
   new = treedef.unflatten([
-      jnp.asarray(s / k, a.dtype) if fl else b
-      for s, a, b, fl in zip(sums, leaves, last, is_float)
+      jnp.asarray((s / k).astype(jax.dtypes.canonicalize_dtype(a.dtype)))
+      if fl else b
+      for s, a, b, fl in zip(sums, leaves, pending, is_float)
   ])
   return jax.tree.map(
       lambda n: n._replace(count=jnp.asarray(k, n.count.dtype))

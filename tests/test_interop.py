@@ -336,6 +336,27 @@ def test_batch_norm1d_3d_eval_match_torch(dims):
   np.testing.assert_allclose(y1, _np(bn(torch.tensor(x))), **TOL)
 
 
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_convert_recovers_biased_average_of_torch_batches(momentum):
+  """PyTorch's own running_var (BatchNorm1d on (N, C, L), n = N*L),
+  converted, equals the biased running average of the same batches."""
+  torch = _torch()
+  rng = np.random.default_rng(13)
+  bn = torch.nn.BatchNorm1d(3, momentum=momentum)
+  v = np.ones(3)
+  for t in range(1, 5):
+    x = (rng.normal(size=(4, 3, 5)) * rng.uniform(0.5, 3, size=(1, 3, 1))
+         ).astype(np.float32)
+    bn(torch.tensor(x))
+    a = 1.0 / t if momentum is None else momentum
+    v = (1 - a) * v + a * x.astype(np.float64).var(axis=(0, 2))
+  _, state = interop.batch_norm_from_torch(
+      bn.state_dict(), running_var="convert", elements_per_batch=4 * 5,
+      torch_momentum=momentum)
+  np.testing.assert_allclose(state.var, v, rtol=1e-5)
+  assert int(state.count) == 4
+
+
 def _norm_cases(torch):
   eps32 = float(np.finfo(np.float32).eps)
   return {
