@@ -39,6 +39,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
+from jaxnorm import _stats
 from jaxnorm.batch_norm import BatchNormState
 
 __all__ = [
@@ -1175,7 +1176,7 @@ def fold_batch_norm(
   scale = _checks.check_param(fn, "scale", scale, fshape, hint)
   bias = _checks.check_param(fn, "bias", bias, fshape, hint)
   epsilon = _checks.check_epsilon(fn, epsilon)
-  dt = jnp.promote_types(kernel.dtype, jnp.float32)
+  dt = _stats.stat_dtype(kernel.dtype)  # >= float32, promotion-free
   mul = jax.lax.rsqrt(var.astype(dt) + jnp.asarray(epsilon, dt))
   if scale is not None:
     mul = mul * scale.astype(dt)
@@ -1255,11 +1256,12 @@ def recalibrate_batch_norm(
 
     state = jaxnorm.recalibrate_batch_norm(stats_fn, state, batches)
 
-  Any state tree works: ``BatchNormState`` leaves (their count becomes
-  :math:`K`) or flax ``batch_stats`` dicts (every floating leaf is
-  averaged; integer leaves are taken from the last call), so flax module
-  wrappers can pass e.g. ``model.apply`` with ``mutable=["batch_stats"]``
-  of a clone with ``momentum=0.0``.
+  Any state tree works: every floating leaf is averaged; the count of each
+  ``BatchNormState`` and of each ``{"mean", "var", "count"}`` dict
+  (``jaxnorm.linen`` ``batch_stats``) becomes :math:`K`, as PyTorch's
+  ``num_batches_tracked``; other integer leaves are taken from the last
+  call. So flax module wrappers can pass e.g. ``model.apply`` with
+  ``mutable=["batch_stats"]`` of a clone with ``momentum=0.0``.
 
   Args:
     stats_fn: ``(state, batch) -> state`` as described; it must return a
@@ -1328,7 +1330,19 @@ def recalibrate_batch_norm(
       if fl else b
       for s, a, b, fl in zip(sums, leaves, pending, is_float)
   ])
-  return jax.tree.map(
-      lambda n: n._replace(count=jnp.asarray(k, n.count.dtype))
-      if isinstance(n, BatchNormState) else n,
-      new, is_leaf=lambda n: isinstance(n, BatchNormState))
+  return jax.tree.map(lambda n: _with_count(n, k), new,
+                      is_leaf=_is_stats_node)
+
+
+def _is_stats_node(n: Any) -> bool:
+  """A BatchNormState, or a linen ``batch_stats`` entry with a count."""
+  return isinstance(n, BatchNormState) or (
+      isinstance(n, Mapping) and {"mean", "var", "count"} <= set(n))
+
+
+def _with_count(n: Any, k: int) -> Any:
+  if isinstance(n, BatchNormState):
+    return n._replace(count=jnp.asarray(k, n.count.dtype))
+  if _is_stats_node(n):
+    return type(n)({**n, "count": jnp.asarray(k, jnp.result_type(n["count"]))})
+  return n

@@ -1,8 +1,10 @@
 """Inference time of the seed CNN with and without folded BatchNorm.
 
 Run: .venv/bin/python tests/_torch_bench_fold.py [batch] [repeats]
-Prints the median wall time per jitted forward pass (params passed as
-arguments, as in a serving loop) and the largest logit difference.
+Prints, per jitted forward pass (params passed as arguments, as in a
+serving loop), the minimum wall time and the median CPU time of the process
+(all threads; less sensitive to other jobs on a shared machine), and the
+largest logit difference.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ import numpy as np
 import _torch_seed_cnn as seed
 
 
-def _median_time(f, *args, repeats):
+def _times(f, *args, repeats):
+  """(wall seconds, process CPU seconds) of each of ``repeats`` calls."""
   f(*args).block_until_ready()  # compile
-  times = []
+  out = []
   for _ in range(repeats):
-    t = time.perf_counter()
+    w, c = time.perf_counter(), time.process_time()
     f(*args).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    out.append((time.perf_counter() - w, time.process_time() - c))
+  return out
 
 
 def main(batch: int = 256, repeats: int = 30) -> None:
@@ -36,14 +39,18 @@ def main(batch: int = 256, repeats: int = 30) -> None:
   diff = float(np.abs(f_bn(v, x) - f_fold(folded, x)).max())
   # Interleave the two to share the machine's load fairly.
   t_bn, t_fold = [], []
-  for _ in range(3):
-    t_bn.append(_median_time(f_bn, v, x, repeats=repeats))
-    t_fold.append(_median_time(f_fold, folded, x, repeats=repeats))
-  t_bn, t_fold = min(t_bn), min(t_fold)
+  for _ in range(5):
+    t_bn += _times(f_bn, v, x, repeats=repeats)
+    t_fold += _times(f_fold, folded, x, repeats=repeats)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {batch}")
-  print(f"conv+BN (batch_norm_infer): {1e3 * t_bn:.2f} ms")
-  print(f"folded:                     {1e3 * t_fold:.2f} ms")
-  print(f"speed-up {t_bn / t_fold:.2f}x, max |logit diff| {diff:.2e}")
+  res = {}
+  for name, t in (("conv+BN (batch_norm_infer)", t_bn), ("folded", t_fold)):
+    res[name] = (min(w for w, _ in t), statistics.median(c for _, c in t))
+    print(f"{name:27s} wall min {1e3 * res[name][0]:8.3f} ms   "
+          f"cpu median {1e3 * res[name][1]:8.3f} ms")
+  (w0, c0), (w1, c1) = res.values()
+  print(f"speed-up: wall {w0 / w1:.2f}x, cpu {c0 / c1:.2f}x; "
+        f"max |logit diff| {diff:.2e}")
 
 
 if __name__ == "__main__":

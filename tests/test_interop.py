@@ -533,6 +533,10 @@ def test_fold_batch_norm_into_dense_with_flax_batch_stats_under_jit():
   kf, bf = jax.jit(lambda *a: interop.fold_batch_norm(*a, epsilon=1e-3))(
       kernel, kb, flax_stats, scale, bias)
   np.testing.assert_allclose(x @ kf + bf[None], ref, **TOL)
+  kb16, bb16 = interop.fold_batch_norm(jnp.asarray(kernel, jnp.bfloat16), kb,
+                                       state, scale, bias, epsilon=1e-3)
+  assert kb16.dtype == bb16.dtype == jnp.bfloat16  # computed in float32
+  np.testing.assert_allclose(kb16.astype(jnp.float32), kf, rtol=1e-2)
 
 
 def test_folded_seed_cnn_gives_same_logits():
@@ -618,9 +622,13 @@ def test_recalibrate_equals_exact_average_of_batch_statistics(mlp_setup):
   np.testing.assert_allclose(one["bn2"].var, ref1[3], rtol=1e-5)
 
 
-def test_recalibrate_flax_linen_batch_stats(mlp_setup):
-  """The same API serves flax.linen models (momentum=0.0 clone)."""
+@pytest.mark.parametrize("bn_module", ["flax", "jaxnorm"])
+def test_recalibrate_linen_batch_stats(mlp_setup, bn_module):
+  """The same API serves linen models (a momentum=0.0 clone), with flax's
+  BatchNorm and with jaxnorm.linen's (whose count becomes K)."""
   _, batches = mlp_setup
+  bn_cls = (nn.BatchNorm if bn_module == "flax" else
+            pytest.importorskip("jaxnorm.linen").BatchNorm)
 
   class Net(nn.Module):
     momentum: float = 0.99
@@ -628,8 +636,8 @@ def test_recalibrate_flax_linen_batch_stats(mlp_setup):
     @nn.compact
     def __call__(self, x):
       x = nn.Dense(4)(x)
-      return nn.BatchNorm(use_running_average=False, momentum=self.momentum,
-                          use_fast_variance=False)(x)
+      return bn_cls(use_running_average=False, momentum=self.momentum,
+                    use_fast_variance=False)(x)
 
   variables = Net().init(jax.random.key(9), batches[0])
   stats_model = Net(momentum=0.0)
@@ -649,6 +657,8 @@ def test_recalibrate_flax_linen_batch_stats(mlp_setup):
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(bn["var"], np.mean([a.var(0) for a in h], 0),
                              rtol=1e-5)
+  if bn_module == "jaxnorm":
+    assert int(bn["count"]) == len(batches)
 
 
 def test_recalibrate_errors(mlp_setup):
