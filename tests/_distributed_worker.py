@@ -98,6 +98,7 @@ def loss_of(y, w):
   return jnp.sum(jnp.sin(y) * w) + 0.1 * jnp.sum(y * y * w)
 
 
+@jax.jit
 def reference(x, scale, bias, w, state, mask=None):
   """One batch_norm_train call on the global batch: y, state, grads."""
   def f(x, scale, bias):
@@ -190,8 +191,8 @@ def case_vmap(masked: bool):
         scale, bias)
     return jnp.sum(l), aux
 
-  (_, (y, new)), grads = jax.value_and_grad(total, (0, 1, 2), has_aux=True)(
-      x, scale, bias)
+  (_, (y, new)), grads = jax.jit(
+      jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
   ref = reference(x, scale, bias, w, state, mask)
   return compare(y.reshape(x.shape), new, grads, ref, state_copies=True)
 
@@ -214,8 +215,8 @@ def case_vmap_tuple():
     l, aux = outer(sp(x), sp(mask), sp(w), scale, bias)
     return jnp.sum(l), aux
 
-  (_, (y, new)), grads = jax.value_and_grad(total, (0, 1, 2), has_aux=True)(
-      x, scale, bias)
+  (_, (y, new)), grads = jax.jit(
+      jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
   ref = reference(x, scale, bias, w, state, mask)
   return compare(y.reshape(x.shape), new, grads, ref, state_copies=True)
 
@@ -372,8 +373,9 @@ def case_shifted():
   f = jax.pmap(lambda x, m: jn.batch_norm_train(
       x, state, momentum=0.0, axis_name="d", mask=m)[1], axis_name="d")
   new = f(x, mask)
-  one = jn.batch_norm_train(x.reshape(-1, C), state, momentum=0.0,
-                            mask=mask.reshape(-1, C))[1]
+  one = jax.jit(lambda x, m: jn.batch_norm_train(
+      x, state, momentum=0.0, mask=m)[1])(x.reshape(-1, C),
+                                          mask.reshape(-1, C))
   xs = np.where(mask, x.astype(np.float64), np.nan).reshape(-1, C)
   want_mean, want_var = np.nanmean(xs, 0), np.nanvar(xs, 0)
   rel_var = lambda v: float(np.max(np.abs(np.asarray(v) - want_var)
@@ -429,9 +431,10 @@ def case_vmap_jvp():
         x, scale[None], bias[None], axes=(0,), epsilon=1e-5, mask=mask)
 
   primals = (x, scale, bias)
-  y_d, t_d = jax.jvp(dist, primals, tangents)
-  y_g, t_g = jax.jvp(glob, primals, tangents)
-  _, t_p = jax.jvp(plain, primals, tangents)
+  jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))(primals, tangents)
+  y_d, t_d = jvp(dist)
+  y_g, t_g = jvp(glob)
+  _, t_p = jvp(plain)
   return {"y": rel_err(y_d, y_g), "tangent": rel_err(t_d, t_g),
           "tangent_vs_plain_jnp": rel_err(t_d, t_p),
           "info": {"tangent_norm": float(np.linalg.norm(np.asarray(t_g)))}}

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -177,12 +178,15 @@ def test_forward_mode_under_vmap_with_axis_name(results):
 
 
 _STAT_OPS = ("all-gather", "all-reduce")  # a gather, or a psum of slots
+# Per feature and device: count, mean, M2 (and the local mean's rounding
+# residue, which makes the merge exact for shifted data).
+_STATS = 4
 
 
 def test_forward_statistics_travel_in_one_collective(results):
   """One collective per layer, its payload per-feature, batch-independent."""
   r = _case(results, "hlo_forward")
-  per_feature_bound = 3 * r["devices"] * r["features"]  # (count, mean, M2)
+  per_feature_bound = _STATS * r["devices"] * r["features"]
   for name in ("shard_map_small", "shard_map_large", "pmap"):
     colls = r[name]
     assert len(colls) == 1 and colls[0]["op"] in _STAT_OPS, (name, colls)
@@ -204,7 +208,8 @@ def test_backward_adds_one_per_feature_collective(results):
   assert all(c["op"] in _STAT_OPS for c in colls), colls
   assert any(c["op"] == "all-reduce" for c in colls), colls
   total = sum(c["elements"] for c in colls)
-  assert total <= 3 * r["devices"] * r["features"] + 2 * r["features"], colls
+  assert total <= _STATS * r["devices"] * r["features"] + 2 * r["features"], \
+      colls
 
 
 def test_jit_with_sharded_batch_equals_single_device(results):
@@ -272,12 +277,9 @@ def _gloo_available() -> bool:
   return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-def test_two_processes_agree_with_global_batch(tmp_path):
-  """2 processes x 4 CPU devices, gloo collectives, one train step."""
-  if not _gloo_available():
-    pytest.skip("this jaxlib has no gloo CPU collectives "
-                "(jax._src.lib._jax.make_gloo_tcp_collectives), so CPU "
-                "processes cannot run collectives together")
+def _run_two_processes(tmp_path: Path) -> tuple[list, list[str], list[Path]]:
+  """Starts both workers, waits at most MULTI_TIMEOUT_S, kills leftovers."""
+  tmp_path.mkdir()
   port = _free_port()
   outs = [tmp_path / f"proc{i}.json" for i in range(2)]
   logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
@@ -288,11 +290,14 @@ def test_two_processes_agree_with_global_batch(tmp_path):
           env=_env(), stdout=logs[i], stderr=subprocess.STDOUT)
       for i in range(2)
   ]
+  deadline = time.monotonic() + MULTI_TIMEOUT_S
+  codes = []
   try:
     for p in procs:
-      p.wait(timeout=MULTI_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    pass
+      try:
+        codes.append(p.wait(timeout=max(0.0, deadline - time.monotonic())))
+      except subprocess.TimeoutExpired:
+        codes.append(f"timed out after {MULTI_TIMEOUT_S} s")
   finally:
     for p in procs:
       if p.poll() is None:
@@ -303,7 +308,19 @@ def test_two_processes_agree_with_global_batch(tmp_path):
     log.seek(0)
     texts.append(log.read()[-3000:])
     log.close()
-  codes = [p.returncode for p in procs]
+  return codes, texts, outs
+
+
+def test_two_processes_agree_with_global_batch(tmp_path):
+  """2 processes x 4 CPU devices, gloo collectives, one train step."""
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives "
+                "(jax._src.lib._jax.make_gloo_tcp_collectives), so CPU "
+                "processes cannot run collectives together")
+  codes, texts, outs = _run_two_processes(tmp_path / "a")
+  if codes != [0, 0] and any("already in use" in t for t in texts):
+    # Another program took the free port before the coordinator bound it.
+    codes, texts, outs = _run_two_processes(tmp_path / "b")
   assert codes == [0, 0], f"exit codes {codes}:\n" + "\n---\n".join(texts)
   reports = [json.loads(o.read_text()) for o in outs]
   assert sorted(r["process_id"] for r in reports) == [0, 1]
