@@ -902,9 +902,11 @@ class TorchLayer:
     if self.kind not in _KINDS:
       raise ValueError(f"TorchLayer: `kind` must be one of {_KINDS}; got "
                        f"{self.kind!r}.")
-    if self.flatten_chw is not None and self.kind != "linear":
-      raise ValueError(f"TorchLayer: `flatten_chw` applies to kind "
-                       f"'linear' only; got kind {self.kind!r}.")
+    if self.flatten_chw is not None:
+      if self.kind != "linear":
+        raise ValueError(f"TorchLayer: `flatten_chw` applies to kind "
+                         f"'linear' only; got kind {self.kind!r}.")
+      object.__setattr__(self, "flatten_chw", tuple(self.flatten_chw))
 
 
 #: The seed CNN of the project's seed documents, with its first Linear
