@@ -175,44 +175,27 @@ def _split(a, d=D):
   return a.reshape((d, -1) + a.shape[1:])
 
 
-def case_vmap(masked: bool):
+def case_vmap(masked: bool, axes=(("d", D),)):
+  """vmap with axis_name="d"; or nested vmaps and a tuple of their names."""
+  names = tuple(n for n, _ in axes)
+  sizes = tuple(s for _, s in axes)
   x, scale, bias, w, state = make_data(D * B, C)
   mask = make_mask(D, B, C) if masked else None
 
   def per_device(x, m, w, scale, bias):
-    y, new = jn.batch_norm_train(x, state, scale, bias, momentum=MOMENTUM,
-                                 axis_name="d", mask=m)
+    y, new = jn.batch_norm_train(
+        x, state, scale, bias, momentum=MOMENTUM, mask=m,
+        axis_name=names[0] if len(names) == 1 else names)
     return loss_of(y, w), (y, new)
 
-  def total(x, scale, bias):
-    l, aux = jax.vmap(per_device, in_axes=(0, 0 if masked else None, 0,
-                                           None, None), axis_name="d")(
-        _split(x), None if mask is None else _split(mask), _split(w),
-        scale, bias)
-    return jnp.sum(l), aux
-
-  (_, (y, new)), grads = jax.jit(
-      jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
-  ref = reference(x, scale, bias, w, state, mask)
-  return compare(y.reshape(x.shape), new, grads, ref, state_copies=True)
-
-
-def case_vmap_tuple():
-  """axis_name=("a", "b") over two nested vmaps (2 x 2 groups), masked."""
-  x, scale, bias, w, state = make_data(D * B, C)
-  mask = make_mask(D, B, C)
-
-  def per_device(x, m, w, scale, bias):
-    y, new = jn.batch_norm_train(x, state, scale, bias, momentum=MOMENTUM,
-                                 axis_name=("a", "b"), mask=m)
-    return loss_of(y, w), (y, new)
-
-  inner = jax.vmap(per_device, in_axes=(0, 0, 0, None, None), axis_name="b")
-  outer = jax.vmap(inner, in_axes=(0, 0, 0, None, None), axis_name="a")
-  sp = lambda a: a.reshape((2, 2, B) + a.shape[1:])
+  f = per_device
+  for name in reversed(names):  # the first name is the outermost vmap
+    f = jax.vmap(f, in_axes=(0, 0 if masked else None, 0, None, None),
+                 axis_name=name)
+  sp = lambda a: None if a is None else a.reshape(sizes + (B,) + a.shape[1:])
 
   def total(x, scale, bias):
-    l, aux = outer(sp(x), sp(mask), sp(w), scale, bias)
+    l, aux = f(sp(x), sp(mask), sp(w), scale, bias)
     return jnp.sum(l), aux
 
   (_, (y, new)), grads = jax.jit(
@@ -238,18 +221,29 @@ def _local_grads(axis_name, axis_index_groups=None, sum_params=True):
   return step
 
 
-def case_pmap():
+def case_pmap(inner_vmap: bool = False):
+  """pmap over 4 devices, masked; or pmap "p" (2) of vmap "v" (2).
+
+  (Nested pmaps are not supported by jax 0.10.2 itself; a device axis with
+  an inner vmap axis is the tuple case pmap users meet.)
+  """
   x, scale, bias, w, state = make_data(D * B, C)
   mask = make_mask(D, B, C)
-  step = jax.pmap(_local_grads("d"), axis_name="d",
-                  in_axes=(0, 0, 0, None, None, None))
-  y, new, (dx, ds, db) = step(_split(x), _split(mask), _split(w), scale,
-                              bias, state)
+  in_axes = (0, 0, 0, None, None, None)
+  if inner_vmap:
+    step = jax.vmap(_local_grads(("p", "v")), axis_name="v", in_axes=in_axes)
+    step, lead = jax.pmap(step, axis_name="p", in_axes=in_axes), (2, 2)
+  else:
+    step, lead = jax.pmap(_local_grads("d"), axis_name="d",
+                          in_axes=in_axes), (D,)
+  sp = lambda a: a.reshape(lead + (B,) + a.shape[1:])
+  y, new, (dx, ds, db) = step(sp(x), sp(mask), sp(w), scale, bias, state)
   ref = reference(x, scale, bias, w, state, mask)
-  out = compare(y.reshape(x.shape), new, (dx.reshape(x.shape), ds[0], db[0]),
-                ref, state_copies=True)
-  out["param_grads_replicated"] = bool(
-      np.all(np.asarray(ds) == np.asarray(ds)[0]))
+  flat = lambda a: np.asarray(a).reshape((D,) + a.shape[len(lead):])
+  out = compare(y.reshape(x.shape), jax.tree.map(flat, new),
+                (dx.reshape(x.shape), flat(ds)[0], flat(db)[0]), ref,
+                state_copies=True)
+  out["param_grads_replicated"] = bool(np.all(flat(ds) == flat(ds)[0]))
   return out
 
 
@@ -516,26 +510,6 @@ def case_jit_sharded():
   return out
 
 
-def case_pmap_vmap_tuple():
-  """axis_name=("p", "v"): pmap over 2 devices of a vmap over 2, masked.
-
-  (Nested pmaps are not supported by jax 0.10.2 itself; a device axis with
-  an inner vmap axis is the tuple case pmap users meet.)
-  """
-  x, scale, bias, w, state = make_data(D * B, C)
-  mask = make_mask(D, B, C)
-  step = _local_grads(("p", "v"))
-  inner = jax.vmap(step, axis_name="v", in_axes=(0, 0, 0, None, None, None))
-  outer = jax.pmap(inner, axis_name="p", in_axes=(0, 0, 0, None, None, None))
-  sp = lambda a: a.reshape((2, 2, B) + a.shape[1:])
-  y, new, (dx, ds, db) = outer(sp(x), sp(mask), sp(w), scale, bias, state)
-  ref = reference(x, scale, bias, w, state, mask)
-  new = jax.tree.map(lambda a: a.reshape((4,) + a.shape[2:]), new)
-  return compare(y.reshape(x.shape), new,
-                 (dx.reshape(x.shape), ds[0, 0], db[0, 0]), ref,
-                 state_copies=True)
-
-
 def case_strict_promotion():
   """vmap and shard_map cases under tests/conftest.py's strictness.
 
@@ -553,9 +527,9 @@ def case_strict_promotion():
 CASES = {
     "vmap": lambda: case_vmap(masked=False),
     "vmap_masked": lambda: case_vmap(masked=True),
-    "vmap_tuple": case_vmap_tuple,
+    "vmap_tuple": lambda: case_vmap(True, (("a", 2), ("b", 2))),
     "pmap": case_pmap,
-    "pmap_vmap_tuple": case_pmap_vmap_tuple,
+    "pmap_vmap_tuple": lambda: case_pmap(inner_vmap=True),
     "pmap_groups": case_pmap_groups,
     "shard_map": lambda: case_shard_map(check_vma=False),
     "shard_map_tuple": lambda: case_shard_map(False, tuple_axes=True),
