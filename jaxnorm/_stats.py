@@ -54,7 +54,7 @@ def _merge_across(
     return total, jnp.zeros_like(mean), gathered[:, 1].sum(0)
   means, m2s = gathered[:, 1], gathered[:, 2]
   g_mean = (counts * means).sum(0) / safe_total
-  g_m2 = (m2s + counts * jnp.square(means - g_mean)).sum(0)
+  g_m2 = (m2s + counts * jnp.square(means - g_mean[None])).sum(0)
   return total, g_mean, g_m2
 
 

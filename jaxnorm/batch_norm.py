@@ -212,16 +212,18 @@ def batch_norm_train(
   )
   mean, var = mean.reshape(fshape), var.reshape(fshape)
   st = state
-  new_mean = momentum * st.mean + (1.0 - momentum) * mean
-  new_var = momentum * st.var + (1.0 - momentum) * var
+  # In the statistics' dtype (>= float32, float64 for float64 x), then cast
+  # back to the state's dtype: no implicit promotion between the two.
+  new_mean = momentum * st.mean.astype(mean.dtype) + (1.0 - momentum) * mean
+  new_var = momentum * st.var.astype(var.dtype) + (1.0 - momentum) * var
   new_count = st.count + 1
   if mask is not None:
     # A feature with no valid element in the (global) batch keeps its
     # running statistics; the update count moves only if some feature had
     # data, so a fully masked batch leaves the state exactly as it was.
     has_data = count.reshape(fshape) > 0
-    new_mean = jnp.where(has_data, new_mean, st.mean)
-    new_var = jnp.where(has_data, new_var, st.var)
+    new_mean = jnp.where(has_data, new_mean, st.mean.astype(new_mean.dtype))
+    new_var = jnp.where(has_data, new_var, st.var.astype(new_var.dtype))
     new_count = jnp.where(jnp.any(has_data), new_count, st.count)
   new_state = BatchNormState(
       mean=new_mean.astype(st.mean.dtype),

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def normalize_reference(
@@ -51,3 +52,42 @@ def normalize_reference(
   if bias is not None:
     y = y + bias.astype(dt)
   return y.astype(x.dtype)
+
+
+def normalize_numpy(
+    x,
+    scale=None,
+    bias=None,
+    *,
+    axes: Sequence[int],
+    epsilon: float,
+    mask=None,
+    center: bool = True,
+) -> np.ndarray:
+  """Float64 NumPy version of :func:`normalize_reference` (the seed formulas).
+
+  Args:
+    x: array-like; converted to float64.
+    scale, bias: None or array-likes broadcastable to ``x``.
+    axes: reduction axes.
+    epsilon: added to the variance (or mean square when ``center=False``).
+    mask: None or boolean array-like broadcastable to ``x``.
+    center: subtract the mean.
+
+  Returns:
+    ``gamma * (x - mu) / sqrt(sigma^2 + eps) + beta`` as a float64 array,
+    statistics over the valid elements (``mu = sigma^2 = 0`` where none).
+  """
+  xf = np.asarray(x, np.float64)
+  axes = tuple(axes)
+  w = np.ones_like(xf) if mask is None else np.broadcast_to(
+      np.asarray(mask), xf.shape).astype(np.float64)
+  n = np.maximum(w.sum(axes, keepdims=True), 1.0)
+  mean = (w * xf).sum(axes, keepdims=True) / n if center else 0.0
+  var = (w * (xf - mean) ** 2).sum(axes, keepdims=True) / n
+  y = (xf - mean) / np.sqrt(var + epsilon)
+  if scale is not None:
+    y = y * np.asarray(scale, np.float64)
+  if bias is not None:
+    y = y + np.asarray(bias, np.float64)
+  return y
