@@ -90,11 +90,13 @@ def test_worker_sees_eight_devices(results):
   assert results["device_count"] == 8
 
 
-_VMA_REASON = (
+_VMA_GRAD_REASON = (
     "core bug: under jax.shard_map(check_vma=True) the custom_jvp's "
     "linear_transpose sees an unvarying scale/bias tangent where its VJP "
-    "returns a varying cotangent (TypeError 'cotangent type does not match'), "
-    "and the all_gather-merged statistics are 'varying', so the new state "
+    "returns a varying cotangent (TypeError 'cotangent type does not "
+    "match'); fix in the report")
+_VMA_REASON = _VMA_GRAD_REASON[:-len("; fix in the report")] + (
+    ", and the all_gather-merged statistics are 'varying', so the new state "
     "cannot leave with out_specs=P(); fix in the report")
 _TUPLE_REASON = (
     "core bug: jax 0.10.2's all_gather cannot batch a tuple of axis names "
@@ -119,16 +121,12 @@ _TUPLE_REASON = (
     # No axis_name in shard_map(check_vma=True): per-device statistics; the
     # reference is one call per shard (grads of replicated params summed).
     pytest.param("shard_map_vma_local", marks=pytest.mark.xfail(
-        strict=True, reason=_VMA_REASON)),
+        strict=True, reason=_VMA_GRAD_REASON)),
 ])
 def test_synchronized_equals_global_batch(results, case):
   _assert_matches(_case(results, case), FULL)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: jaxnorm._stats._merge_across subtracts the (1, C) global "
-    "mean from the gathered (devices, 1, C) means, a rank promotion that "
-    "jax_numpy_rank_promotion='raise' rejects; fix in the report"))
 def test_synchronized_under_strict_promotion(results):
   """The conftest strictness (rank 'raise', dtype 'strict') in vmap/shard_map."""
   _assert_matches(_case(results, "strict_promotion"),
