@@ -90,14 +90,14 @@ def test_worker_sees_eight_devices(results):
   assert results["device_count"] == 8
 
 
-_VMA_GRAD_REASON = (
+_VMA_GRAD = (
     "core bug: under jax.shard_map(check_vma=True) the custom_jvp's "
     "linear_transpose sees an unvarying scale/bias tangent where its VJP "
-    "returns a varying cotangent (TypeError 'cotangent type does not "
-    "match'); fix in the report")
-_VMA_REASON = _VMA_GRAD_REASON[:-len("; fix in the report")] + (
-    ", and the all_gather-merged statistics are 'varying', so the new state "
-    "cannot leave with out_specs=P(); fix in the report")
+    "returns a varying cotangent (TypeError 'cotangent type does not match')")
+_VMA_GRAD_REASON = _VMA_GRAD + "; fix in the report"
+_VMA_REASON = (
+    _VMA_GRAD + ", and the all_gather-merged statistics are 'varying', so "
+    "the new state cannot leave with out_specs=P(); fix in the report")
 _TUPLE_REASON = (
     "core bug: jax 0.10.2's all_gather cannot batch a tuple of axis names "
     "when one of them is a vmap axis (AssertionError 'axis size doesn't "
