@@ -18,7 +18,14 @@ from jaxnorm import interop
 
 import _torch_seed_cnn as seed
 
-pytestmark = pytest.mark.strict_promotion
+
+@pytest.fixture(autouse=True)
+def _no_implicit_promotion():
+  """No implicit rank or dtype promotion, in the library and the tests (the
+  same setting as the shared ``strict_promotion`` marker of conftest.py)."""
+  with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+    yield
+
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
