@@ -171,6 +171,33 @@ def test_seed_cnn_layers_round_trip_exactly_without_torch():
   jax.tree.map(np.testing.assert_array_equal, sd2, sd)
 
 
+def test_from_torch_dispatches_every_kind_and_round_trips():
+  rng = np.random.default_rng(14)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  sd = {"c.weight": f32(4, 2, 3), "c.bias": f32(4),
+        "ln.weight": f32(5, 4), "ln.bias": f32(5, 4),
+        "gn.weight": f32(4), "gn.bias": f32(4),
+        "inorm.weight": f32(4), "inorm.bias": f32(4),
+        "rms.weight": f32(4),
+        "inorm_tracked.running_mean": f32(4),
+        "inorm_tracked.running_var": np.ones(4, np.float32),
+        "inorm_tracked.num_batches_tracked": np.asarray(2, np.int64)}
+  layers = {"c": "conv", "ln": "layer_norm", "gn": "group_norm",
+            "inorm": "instance_norm", "rms": "rms_norm",
+            "inorm_tracked": "batch_norm"}
+  v = interop.from_torch(sd, layers)
+  assert v["params"]["c"]["kernel"].shape == (3, 2, 4)
+  assert set(v["params"]["rms"]) == {"scale"}
+  assert v["params"]["ln"]["scale"].shape == (5, 4)
+  assert "inorm_tracked" not in v["params"]
+  assert int(v["batch_stats"]["inorm_tracked"].count) == 2
+  back = interop.to_torch(v, layers)
+  assert set(back) == set(sd)
+  for k, a in sd.items():
+    np.testing.assert_array_equal(back[k], a)
+    assert back[k].dtype == a.dtype
+
+
 def test_from_torch_flax_format_and_convert_mode():
   v = seed.random_seed_cnn_variables(1, count=3)
   n = {"bn1": 8 * 28 * 28, "bn2": 8 * 14 * 14, "bn_fc1": 8}
