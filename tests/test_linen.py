@@ -540,3 +540,63 @@ def test_layers_reject_axis_name_and_bad_groups():
 def test_shifted_data_within_1e_3_of_float64(case):
   errs = _bn_shifted() if case == "BatchNorm" else _ln_shifted()
   assert errs["jaxnorm"] < 1e-3, errs
+
+
+# ------------------------------------------------------------ README text
+
+README_LINEN = '''
+import jax
+import flax.linen as nn
+import optax
+import jaxnorm.linen as jnn  # drop-in for flax.linen's norm layers
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(16, (3, 3))(x)
+    x = jnn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x).mean((1, 2))
+    x = jnn.LayerNorm()(nn.Dense(32)(x))
+    return nn.Dense(10)(x)
+
+
+model = CNN()
+x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+labels = jax.numpy.arange(8) % 10
+variables = model.init(jax.random.key(1), x, train=False)
+params, batch_stats = variables["params"], variables["batch_stats"]
+tx = optax.adam(1e-3)
+opt_state = tx.init(params)
+
+
+@jax.jit
+def train_step(params, batch_stats, opt_state, x, labels):
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True,
+        mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss.mean(), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params)
+  updates, opt_state = tx.update(grads, opt_state)
+  return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+
+for _ in range(2):
+  params, batch_stats, opt_state, loss = train_step(
+      params, batch_stats, opt_state, x, labels)
+logits = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                     train=False)
+print(loss, batch_stats["BatchNorm_0"]["count"])  # count == 2 updates
+'''
+
+
+def test_readme_linen_snippet_runs():
+  ns = {}
+  exec(compile(README_LINEN, "README_LINEN", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["logits"].shape == (8, 10)
+  assert int(ns["batch_stats"]["BatchNorm_0"]["count"]) == 2
+  assert np.isfinite(float(ns["loss"]))
