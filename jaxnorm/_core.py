@@ -70,7 +70,7 @@ def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def _forward(cfg: _Config, x, scale, bias, mask):
   """Primal computation; returns outputs and the residuals of ``_vjp``."""
-  count, mean, var = _stats.moments(
+  count, hi, lo, var = _stats.moments(
       x,
       cfg.axes,
       mask=mask,
@@ -81,7 +81,9 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
   xf = x.astype(dt)
-  xhat = (xf - mean) * rstd if cfg.center else xf * rstd
+  # Centred as (x - hi) - lo: exact for shifted data (see _stats.moments).
+  xhat = ((xf - hi) - lo) * rstd if cfg.center else xf * rstd
+  mean = hi + lo
   y = xhat
   if scale is not None:
     y = y * scale.astype(dt)

@@ -5,7 +5,8 @@ normalized group, where ``M2 = sum(w * (x - mean) ** 2)`` and ``w`` is the
 mask. Locally they come from two passes over the data (mean first, then the
 centred second moment), so shifted data loses no precision. Across a named
 axis (``vmap``/``pmap``/``shard_map``) the per-device triples travel in one
-``all_gather`` and are merged with Chan et al.'s pairwise formula
+``all_gather`` per axis name and are merged with Chan et al.'s pairwise
+formula
 
 .. math::
    n = \\sum_d n_d, \\quad
@@ -36,26 +37,33 @@ def stat_dtype(dtype: Any) -> Any:
 
 def _merge_across(
     count: jax.Array,
-    mean: jax.Array,
+    hi: jax.Array,
+    lo: jax.Array,
     m2: jax.Array,
-    axis_name: tuple[Any, ...],
+    axis_name: Any,
     axis_index_groups: Any,
     center: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Merges per-device ``(count, mean, M2)`` over ``axis_name`` exactly."""
-  stacked = jnp.stack([count, mean, m2]) if center else jnp.stack([count, m2])
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Merges per-device ``(count, mean, M2)`` over ``axis_name`` exactly.
+
+  The mean travels as ``hi + lo`` (see :func:`moments`); the merged mean is
+  again split so that no precision is lost to shifted data.
+  """
+  parts = [count, hi, lo, m2] if center else [count, m2]
   gathered = jax.lax.all_gather(
-      stacked, axis_name, axis_index_groups=axis_index_groups
-  )  # (devices, 3 or 2, *stat_shape)
+      jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups
+  )  # (devices, 4 or 2, *stat_shape)
   counts = gathered[:, 0]
   total = counts.sum(0)
   safe_total = jnp.maximum(total, 1.0)
   if not center:
-    return total, jnp.zeros_like(mean), gathered[:, 1].sum(0)
-  means, m2s = gathered[:, 1], gathered[:, 2]
-  g_mean = (counts * means).sum(0) / safe_total
-  g_m2 = (m2s + counts * jnp.square(means - g_mean[None])).sum(0)
-  return total, g_mean, g_m2
+    return total, jnp.zeros_like(hi), jnp.zeros_like(lo), gathered[:, 1].sum(0)
+  his, los, m2s = gathered[:, 1], gathered[:, 2], gathered[:, 3]
+  g_hi = (counts * his).sum(0) / safe_total
+  dhi = his - g_hi[None]  # small and exact when the device means are close
+  g_lo = (counts * (dhi + los)).sum(0) / safe_total
+  g_m2 = (m2s + counts * jnp.square(dhi + (los - g_lo[None]))).sum(0)
+  return total, g_hi, g_lo, g_m2
 
 
 def moments(
@@ -66,23 +74,30 @@ def moments(
     center: bool = True,
     axis_name: tuple[Any, ...] | None = None,
     axis_index_groups: Any = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Count, mean and biased variance over ``axes`` (kept as size-1 dims).
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
+
+  The mean is computed in two passes and kept as an unevaluated sum: ``hi``
+  is the rounded first-pass mean and ``lo = mean(x - hi)`` its correction.
+  ``x - hi`` is exact for values near the mean (Sterbenz), so centring as
+  ``(x - hi) - lo`` loses nothing even when ``|mean| >> std`` (float32 data
+  with mean 1e4 and std 1 would otherwise carry the rounding error of a
+  mean near 1e4, about 1e-3, into every output).
 
   Args:
     x: floating array of any shape.
     axes: canonical (non-negative, sorted) reduction axes.
-    mask: optional boolean array broadcastable to ``x``; False entries are
-      left out of the statistics.
-    center: if False the "mean" is fixed at 0 and the "variance" is the mean
+    mask: optional boolean array of ``x``'s rank, broadcastable to ``x``;
+      False entries are left out of the statistics.
+    center: if False the mean is fixed at 0 and the "variance" is the mean
       square (RMS normalization).
     axis_name: optional tuple of bound axis names to merge statistics over.
     axis_index_groups: passed to ``jax.lax.all_gather``.
 
   Returns:
-    ``(count, mean, var)`` in ``stat_dtype(x.dtype)``, each with ``x``'s rank
-    and size 1 along ``axes``. ``count`` is the number of valid elements,
-    summed over ``axis_name``; where it is 0, mean and var are 0.
+    ``(count, hi, lo, var)`` in ``stat_dtype(x.dtype)``, each with ``x``'s
+    rank and size 1 along ``axes``. ``count`` is the number of valid
+    elements, summed over ``axis_name``; where it is 0, mean and var are 0.
   """
   dt = stat_dtype(x.dtype)
   xf = x.astype(dt)
@@ -91,24 +106,27 @@ def moments(
     n = math.prod(x.shape[a] for a in axes)
     count = jnp.full(jnp.sum(xf, **keep).shape, float(n), dt)
     safe = count
-    w = None
+    valid = lambda v: v
   else:
     w = jnp.broadcast_to(mask, x.shape)
     count = jnp.sum(w, dtype=dt, **keep)
     safe = jnp.maximum(count, 1.0)
+    valid = lambda v: jnp.where(w, v, 0.0)
   if center:
-    s = jnp.sum(xf if w is None else jnp.where(w, xf, 0.0), **keep)
-    mean = s / safe
-    d = xf - mean
+    hi = jnp.sum(valid(xf), **keep) / safe
+    d = xf - hi
+    lo = jnp.sum(valid(d), **keep) / safe
+    d = d - lo
   else:
-    mean = jnp.zeros_like(count)
+    hi = lo = jnp.zeros_like(count)
     d = xf
-  sq = jnp.square(d)
-  m2 = jnp.sum(sq if w is None else jnp.where(w, sq, 0.0), **keep)
+  m2 = jnp.sum(valid(jnp.square(d)), **keep)
   if axis_name is not None:
-    count, mean, m2 = _merge_across(
-        count, mean, m2, axis_name, axis_index_groups, center
-    )
+    # One gather per name: the merge is associative, and jax's vmap cannot
+    # all_gather over several vmapped names at once.
+    for name in axis_name:
+      count, hi, lo, m2 = _merge_across(
+          count, hi, lo, m2, name, axis_index_groups, center
+      )
     safe = jnp.maximum(count, 1.0)
-  var = m2 / safe
-  return count, mean, var
+  return count, hi, lo, m2 / safe
