@@ -39,13 +39,11 @@ TOL = 1e-5
 SINGLE_TIMEOUT_S = 240  # a hang fails the test instead of stalling the suite
 MULTI_TIMEOUT_S = 120
 
-D, C = 4, 3  # devices and features of the worker's cases
-
 
 def _env() -> dict[str, str]:
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(JAXNORM_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  paths = [str(JAXNORM_PARENT), env.get("PYTHONPATH", "")]
+  env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("XLA_FLAGS", None)  # the worker sets the device count itself
   return env
@@ -59,7 +57,8 @@ def results(tmp_path_factory) -> dict:
       [sys.executable, str(WORKER), "single", str(out)],
       env=_env(), capture_output=True, text=True, timeout=SINGLE_TIMEOUT_S)
   if proc.returncode != 0 or not out.exists():
-    pytest.fail(f"worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    pytest.fail(f"worker failed (exit {proc.returncode}):\n"
+                f"{proc.stderr[-4000:]}")
   return json.loads(out.read_text())
 
 
@@ -128,7 +127,7 @@ def test_synchronized_equals_global_batch(results, case):
 
 
 def test_synchronized_under_strict_promotion(results):
-  """The conftest strictness (rank 'raise', dtype 'strict') in vmap/shard_map."""
+  """conftest.py's strictness (rank 'raise', dtype 'strict'), synchronized."""
   _assert_matches(_case(results, "strict_promotion"),
                   tuple(f"{p}_{k}" for p in ("vmap", "shard_map")
                         for k in FULL))
