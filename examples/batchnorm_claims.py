@@ -15,8 +15,9 @@ axes:
 3. ``claim3_covariate_shift.png``: after Ioffe & Szegedy (2015), Figure 1: an
    MLP with three hidden layers of 100 sigmoid units trained with plain SGD
    on batches of 60; test accuracy over steps and the 15th/50th/85th
-   percentiles (over the test images) of the input to one sigmoid of the last
-   hidden layer over training.
+   percentiles (over the test images, with BN in training mode, i.e. as
+   training sees them) of the input to one sigmoid of the last hidden layer
+   over training.
 
 ``summary.json`` holds every number plotted plus a per-run summary, and
 ``summary.md`` the same summary as a markdown table.
@@ -173,10 +174,13 @@ def run_mlp(ds: data_lib.Dataset, *, bn: bool, lr: float, steps: int,
 
   @jax.jit
   def probe(state):
-    logits, inter = model.apply(
-        train_cnn._variables(state["params"], state["batch_stats"]), x_test,
-        train=False, mutable=["intermediates"])
+    variables = train_cnn._variables(state["params"], state["batch_stats"])
+    logits = model.apply(variables, x_test, train=False)
     acc = jnp.mean(jnp.argmax(logits, -1) == y_test)
+    # The sigmoid inputs as training sees them: BN in training mode (statistics
+    # of this batch of test images); the updated running averages are dropped.
+    _, inter = model.apply(variables, x_test, train=True,
+                           mutable=["intermediates", "batch_stats"])
     h = inter["intermediates"]["sigmoid_input_2"][0]  # (N_test, 100)
     return acc, jnp.percentile(h, jnp.asarray(PERCENTILES, jnp.float32), axis=0)
 
