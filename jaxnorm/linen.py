@@ -91,6 +91,32 @@ def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
   return fn(x.astype(compute), *cast).astype(out)
 
 
+def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
+                params: list[jax.Array | None], *, train: bool,
+                axis_name: Any, mask: ArrayLike | None,
+                promote_with: tuple[jax.Array, ...] = ()
+                ) -> tuple[jax.Array, BatchNormState | None]:
+  """One BatchNorm step for the linen and nnx modules (options on ``mdl``).
+
+  Returns ``(y, new_state)`` in training mode and ``(y, None)`` in eval mode.
+  """
+  axis = _as_axes(mdl.axis)
+  if not train:
+    return _run(x, params, mdl.dtype, lambda xc, s, b: batch_norm_infer(
+        xc, state, s, b, axis=axis, epsilon=mdl.epsilon), promote_with), None
+  out = {}
+
+  def step(xc, s, b):
+    y, out["state"] = batch_norm_train(
+        xc, state, s, b, axis=axis, momentum=mdl.momentum,
+        epsilon=mdl.epsilon, axis_name=axis_name,
+        axis_index_groups=mdl.axis_index_groups, mask=_as_mask(mask))
+    return y
+
+  y = _run(x, params, mdl.dtype, step, promote_with)
+  return y, out["state"]
+
+
 def _no_axis_name(cls: str, axis_name: Any, api: str = "linen") -> None:
   if axis_name is not None:
     raise NotImplementedError(
@@ -244,19 +270,14 @@ class BatchNorm(nn.Module):
              else jnp.zeros((), jnp.int32))
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
-    axis = self.axis if isinstance(self.axis, int) else tuple(self.axis)
-
-    if use_running_average:
-      return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
-          xc, state, s, b, axis=axis, epsilon=self.epsilon))
-
-    if self.is_initializing():
+    train = not use_running_average
+    if train and self.is_initializing():
       per_feature = math.prod(
           d for i, d in enumerate(x.shape) if i not in feat)
-      if per_feature <= 1:
-        return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
-            xc, state, s, b, axis=axis, epsilon=self.epsilon))
-    elif not self.is_mutable_collection("batch_stats"):
+      # Statistics are not updated during init; a batch of one (allowed by
+      # flax at init) is normalized with the fresh running statistics.
+      train = per_feature > 1
+    elif train and not self.is_mutable_collection("batch_stats"):
       raise ImmutableBatchStatsError(
           f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
           f"training mode (use_running_average=False) updates the running "
@@ -265,26 +286,15 @@ class BatchNorm(nn.Module):
           f"and keep `updates['batch_stats']`; or use "
           f"use_running_average=True for evaluation."
       )
-    out = {}
-
-    def train(xc, s, b):
-      y, new_state = batch_norm_train(
-          xc, state, s, b, axis=axis, momentum=self.momentum,
-          epsilon=self.epsilon,
-          axis_name=None if self.is_initializing() else self.axis_name,
-          axis_index_groups=self.axis_index_groups, mask=_as_mask(mask))
-      out["state"] = new_state
-      return y
-
-    y = _run(x, params, self.dtype, train)
-    if not self.is_initializing():
-      new_state = out["state"]
+    y, new_state = _batch_norm(
+        self, x, state, params, train=train, mask=mask,
+        axis_name=None if self.is_initializing() else self.axis_name)
+    if new_state is not None and not self.is_initializing():
       ra_mean.value = new_state.mean
       ra_var.value = new_state.var
       if ra_count is not None:
         ra_count.value = new_state.count
     return y
-
 
 
 class LayerNorm(nn.Module):

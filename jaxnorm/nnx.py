@@ -32,10 +32,9 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.typing import ArrayLike
 
 from jaxnorm.batch_norm import BatchNormState
-from jaxnorm.batch_norm import batch_norm_infer
-from jaxnorm.batch_norm import batch_norm_train
 from jaxnorm.linen import _as_axes
 from jaxnorm.linen import _as_mask
+from jaxnorm.linen import _batch_norm
 from jaxnorm.linen import _no_axis_name
 from jaxnorm.linen import _run
 from jaxnorm.variants import group_norm
@@ -219,22 +218,12 @@ class BatchNorm(_Affine):
     state = BatchNormState(mean=self.mean[...], var=self.var[...],
                            count=count)
     params = [_value(self.scale), _value(self.bias)]
-    axis = _as_axes(self.axis)
-    stats = (state.mean, state.var)
-    if use_running_average:
-      return _run(x, params, self.dtype, lambda xc, s, b: batch_norm_infer(
-          xc, state, s, b, axis=axis, epsilon=self.epsilon), stats)
-    out = {}
-
-    def train(xc, s, b):
-      y, out["state"] = batch_norm_train(
-          xc, state, s, b, axis=axis, momentum=self.momentum,
-          epsilon=self.epsilon, axis_name=self.axis_name,
-          axis_index_groups=self.axis_index_groups, mask=_as_mask(mask))
+    y, new = _batch_norm(self, x, state, params,
+                         train=not use_running_average, mask=mask,
+                         axis_name=self.axis_name,
+                         promote_with=(state.mean, state.var))
+    if new is None:
       return y
-
-    y = _run(x, params, self.dtype, train, stats)
-    new = out["state"]
     self.mean[...] = new.mean
     self.var[...] = new.var
     if self.count is not None:
