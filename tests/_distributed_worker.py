@@ -434,12 +434,16 @@ def case_vmap_jvp():
           "info": {"tangent_norm": float(np.linalg.norm(np.asarray(t_g)))}}
 
 
-def _fwd_shard_map(rows_per_device: int):
+def _fwd_shard_map(rows_per_device: int, tuple_axes: bool = False):
   x, scale, bias, _, state = make_data(D * rows_per_device, C)
-  mesh = _mesh((D,), ("d",))
+  if tuple_axes:
+    mesh, names = _mesh((2, 2), ("a", "b")), ("a", "b")
+  else:
+    mesh, names = _mesh((D,), ("d",)), "d"
   f = jax.jit(jax.shard_map(
-      lambda x: jn.batch_norm_train(x, state, scale, bias, axis_name="d"),
-      mesh=mesh, in_specs=P("d"), out_specs=(P("d"), P()), check_vma=False))
+      lambda x: jn.batch_norm_train(x, state, scale, bias, axis_name=names),
+      mesh=mesh, in_specs=P(names), out_specs=(P(names), P()),
+      check_vma=False))
   return collectives(f.lower(x).compile().as_text())
 
 
@@ -451,6 +455,7 @@ def case_hlo_forward():
   return {
       "shard_map_small": _fwd_shard_map(B),
       "shard_map_large": _fwd_shard_map(8 * B),  # 8x the rows per device
+      "shard_map_tuple": _fwd_shard_map(B, tuple_axes=True),  # 2 x 2 mesh
       "pmap": collectives(pm.lower(_split(x)).compile().as_text()),
       "devices": D, "features": C, "rows_per_device": B,
   }

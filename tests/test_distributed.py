@@ -97,22 +97,14 @@ _VMA_GRAD_REASON = _VMA_GRAD + "; fix in the report"
 _VMA_REASON = (
     _VMA_GRAD + ", and the all_gather-merged statistics are 'varying', so "
     "the new state cannot leave with out_specs=P(); fix in the report")
-_TUPLE_REASON = (
-    "core bug: jax 0.10.2's all_gather cannot batch a tuple of axis names "
-    "when one of them is a vmap axis (AssertionError 'axis size doesn't "
-    "match'); fix in the report")
-
-
 @pytest.mark.parametrize("case", [
     "vmap",               # vmap, axis_name="d", no mask
     "vmap_masked",        # vmap, unequal valid counts, one device all masked
     "pmap",               # pmap over 4 devices, masked
     "shard_map",          # shard_map(check_vma=False), masked
     "shard_map_tuple",    # 2x2 mesh, axis_name=("a", "b"), masked
-    pytest.param("vmap_tuple", marks=pytest.mark.xfail(
-        strict=True, reason=_TUPLE_REASON)),  # nested vmaps ("a", "b")
-    pytest.param("pmap_vmap_tuple", marks=pytest.mark.xfail(
-        strict=True, reason=_TUPLE_REASON)),  # pmap "p" of vmap "v"
+    "vmap_tuple",         # nested vmaps, axis_name=("a", "b"), masked
+    "pmap_vmap_tuple",    # pmap "p" of vmap "v", masked
     pytest.param("shard_map_vma", marks=pytest.mark.xfail(
         strict=True, reason=_VMA_REASON)),  # default check_vma=True
     pytest.param("shard_map_vma_tuple", marks=pytest.mark.xfail(
@@ -154,11 +146,6 @@ def test_masked_mean_is_count_weighted_not_mean_of_means(results):
   assert abs(r["mean"][0][0] - 5.0) > 3.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: the merge drops the cross term 2 (mean_d - mu) sum_d(x - "
-    "mean_d), which is not 0 once mean_d is rounded to float32: relative "
-    "variance error 5.5e-4 at mean 1e4 (one call on the global batch: "
-    "~1e-7); fix (a 4th merged statistic) in the report"))
 def test_merge_is_exact_for_shifted_data(results):
   """Mean 1e4, std ~1, device means 0.5 apart, masked (ANCHORS.md 3.1)."""
   r = _case(results, "shifted")
@@ -191,6 +178,18 @@ def test_forward_statistics_travel_in_one_collective(results):
   # 8x more rows per device: the collective is unchanged, so activations
   # never travel.
   assert r["shard_map_small"] == r["shard_map_large"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "core: jaxnorm._stats gathers once per axis name (jax 0.10.2's vmap "
+    "cannot all_gather a tuple of names), so a 2x2 mesh with axis_name="
+    "('a', 'b') runs 2 all-gathers; one psum of per-device slots over the "
+    "tuple does it in 1 (fix in the report)"))
+def test_tuple_axis_name_statistics_travel_in_one_collective(results):
+  r = _case(results, "hlo_forward")
+  colls = r["shard_map_tuple"]
+  assert len(colls) == 1 and colls[0]["op"] in _STAT_OPS, colls
+  assert colls[0]["elements"] <= _STATS * r["devices"] * r["features"], colls
 
 
 def test_backward_adds_one_per_feature_collective(results):
