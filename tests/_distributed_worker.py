@@ -294,16 +294,27 @@ def case_shard_map(check_vma: bool, tuple_axes: bool = False):
     y, new, grads = jax.jit(step)(x, mask, w, scale, bias, state)
     return compare(y, new, grads, ref)
 
-  # check_vma=True: the loss is psum-ed, so jax.grad outside the shard_map
-  # differentiates the global loss and sums replicated params' cotangents.
+  # check_vma=True: jax.grad of the psum-ed loss, outside the shard_map.
   def local(x, m, w, scale, bias, state):
     y, new = jn.batch_norm_train(x, state, scale, bias, momentum=MOMENTUM,
                                  axis_name=names, mask=m)
     return jax.lax.psum(loss_of(y, w), names), y, new
 
+  y, new, grads = _grad_of_psummed_loss(local, mesh, rows, P(), x, mask, w,
+                                        scale, bias, state)
+  return compare(y, new, grads, ref)
+
+
+def _grad_of_psummed_loss(local, mesh, rows, state_spec, x, mask, w, scale,
+                          bias, state):
+  """jax.grad outside a shard_map(check_vma=True) whose loss is psum-ed.
+
+  Replicated (P()) params get the sum of the per-device cotangents from
+  shard_map's own transpose.
+  """
   sm = jax.shard_map(local, mesh=mesh,
                      in_specs=(rows, rows, rows, P(), P(), P()),
-                     out_specs=(P(), rows, P()))
+                     out_specs=(P(), rows, state_spec))
 
   def total(x, scale, bias):
     l, y, new = sm(x, mask, w, scale, bias, state)
@@ -311,7 +322,7 @@ def case_shard_map(check_vma: bool, tuple_axes: bool = False):
 
   (_, (y, new)), grads = jax.jit(
       jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
-  return compare(y, new, grads, ref)
+  return y, new, grads
 
 
 def case_shard_map_vma_local():
@@ -330,16 +341,8 @@ def case_shard_map_vma_local():
     new = jax.tree.map(lambda a: a[None], new)  # per-device states, stacked
     return jax.lax.psum(loss_of(y, w), "d"), y, new
 
-  sm = jax.shard_map(local, mesh=mesh,
-                     in_specs=(rows, rows, rows, P(), P(), P()),
-                     out_specs=(P(), rows, rows))
-
-  def total(x, scale, bias):
-    l, y, new = sm(x, mask, w, scale, bias, state)
-    return l, (y, new)
-
-  (_, (y, new)), grads = jax.jit(
-      jax.value_and_grad(total, (0, 1, 2), has_aux=True))(x, scale, bias)
+  y, new, grads = _grad_of_psummed_loss(local, mesh, rows, rows, x, mask, w,
+                                        scale, bias, state)
   shard = lambda a, i: a[i * B:(i + 1) * B]
   refs = [reference(shard(x, i), scale, bias, shard(w, i), state,
                     shard(mask, i)) for i in range(D)]
