@@ -35,8 +35,14 @@ tangent map is *defined as the exact transpose of the hand-written VJP*
 (``jax.linear_transpose(_vjp)``). Reverse mode transposes that tangent map
 back, which reproduces the operations of ``_vjp`` one for one (transposition
 is an involution on linear ops): ``jax.grad`` runs the hand-derived backward,
-its residuals are :math:`\\hat x` and the per-group statistics, and forward
-mode, ``jax.hessian`` and grad-of-grad work because everything is plain jnp.
+its residuals are :math:`\\hat x` and the per-group statistics
+(:math:`r` and :math:`w/n`; :math:`w/n` has the broadcast shape of the mask
+and the statistics, so only an elementwise mask makes it activation-sized),
+and forward mode, ``jax.hessian`` and grad-of-grad work because everything
+is plain jnp. ``tests/test_transforms.py`` checks each of these claims:
+the saved residuals, that altering ``_vjp`` alters ``jax.grad`` and
+``jax.jvp``, and that the same rules as a plain ``jax.custom_vjp`` refuse
+``jax.jvp``.
 """
 
 from __future__ import annotations

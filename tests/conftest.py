@@ -35,7 +35,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 
-
 def pytest_configure(config):
   config.addinivalue_line(
       "markers",
@@ -51,6 +50,7 @@ def _strict_promotion(request):
     return
   with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
     yield
+
 
 settings.register_profile(
     "jaxnorm",
