@@ -107,18 +107,39 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   return (y.astype(x.dtype), mean, var, count), res
 
 
+def _vma(a) -> frozenset:
+  """The mesh axes ``a`` varies over (``shard_map(check_vma=True)``)."""
+  mat = getattr(jax.typeof(a), "manual_axis_type", None)  # jax 0.10 name
+  return frozenset(getattr(mat, "varying", None) or ())
+
+
+def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
+  """Sums a cotangent over the mesh axes its primal does not vary over.
+
+  Under ``shard_map(check_vma=True)`` a replicated ``scale`` meets varying
+  activations; its cotangent must be replicated too, i.e. summed over the
+  devices (what shard_map's own transpose of the implicit broadcast does).
+  Elsewhere (``vmap``, ``pmap``, no mesh) both sets are empty: a no-op.
+  """
+  extra = tuple(n for n in _vma(ct) if n not in vma)
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
 def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``."""
-  x_dtype, scale_aval, bias_aval = shapes
+  x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
   xhat, rstd, w_over_n, scale = res
   dt = rstd.dtype
   g = dy.astype(dt)
   dbias = None
   if bias_aval is not None:
-    dbias = _sum_to(g, bias_aval.shape).astype(bias_aval.dtype)
+    dbias = _like_primal(
+        _sum_to(g, bias_aval.shape).astype(bias_aval.dtype), bias_vma)
   dscale = None
   if scale_aval is not None:
-    dscale = _sum_to(g * xhat, scale_aval.shape).astype(scale_aval.dtype)
+    dscale = _like_primal(
+        _sum_to(g * xhat, scale_aval.shape).astype(scale_aval.dtype),
+        scale_vma)
     g = g * scale.astype(dt)
   keep = dict(axis=cfg.axes, keepdims=True)
   sum_gx = jnp.sum(g * xhat, **keep)
@@ -146,13 +167,14 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   outs, res = _forward(cfg, x, scale, bias, mask)
   y, mean, var, count = outs
   aval = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
-  shapes = (x.dtype, aval(scale), aval(bias))
+  shapes = (x.dtype, *((aval(p), None if p is None else _vma(p))
+                       for p in (scale, bias)))
   # The tangent map is the transpose of the hand-written VJP; reverse mode
   # transposes it back into exactly the operations of `_vjp`.
+  # `y` only gives dy's type: shape, dtype and, under
+  # shard_map(check_vma=True), the mesh axes it varies over.
   tangent_map = jax.linear_transpose(
-      functools.partial(_vjp, cfg, shapes, res), jax.ShapeDtypeStruct(
-          y.shape, y.dtype)
-  )
+      functools.partial(_vjp, cfg, shapes, res), y)
   (dy,) = tangent_map((dx, dscale, dbias))
   # The statistics leave the op only for running averages; they carry no
   # derivative (public functions also wrap them in stop_gradient).

@@ -5,8 +5,8 @@ normalized group, where ``M2 = sum(w * (x - mean) ** 2)`` and ``w`` is the
 mask. Locally they come from two passes over the data (mean first, then the
 centred second moment), so shifted data loses no precision. Across a named
 axis (``vmap``/``pmap``/``shard_map``) the per-device triples travel in one
-``all_gather`` per axis name and are merged with Chan et al.'s pairwise
-formula
+collective (a ``psum`` of per-device slots, see :func:`_gather`) and are
+merged with Chan et al.'s pairwise formula
 
 .. math::
    n = \\sum_d n_d, \\quad
@@ -35,6 +35,23 @@ def stat_dtype(dtype: Any) -> Any:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def _gather(stacked: jax.Array, axis_name: Any,
+            axis_index_groups: Any) -> jax.Array:
+  """Every device's ``stacked`` along a new leading axis, in one ``psum``.
+
+  Each device writes its slot of a zero array and the slots are summed: an
+  all-gather whose result is the same on every device ("unvarying" under
+  ``shard_map(check_vma=True)``, so merged statistics may leave it with
+  ``out_specs=P()``), and that works for a tuple of ``vmap`` names, where
+  ``lax.all_gather`` does not. The statistics are per feature, so the
+  ``devices``-fold payload is small.
+  """
+  slots = jnp.zeros((jax.lax.axis_size(axis_name), *stacked.shape),
+                    stacked.dtype)
+  slots = slots.at[jax.lax.axis_index(axis_name)].set(stacked)
+  return jax.lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+
+
 def _merge_across(
     count: jax.Array,
     hi: jax.Array,
@@ -47,13 +64,12 @@ def _merge_across(
   """Merges per-device ``(count, mean, M2)`` over ``axis_name`` exactly.
 
   The mean travels as ``hi + lo`` (see :func:`moments`); the merged mean is
-  again split so that no precision is lost to shifted data.
+  again split so that no precision is lost to shifted data. Devices outside
+  a device's ``axis_index_groups`` group contribute zero slots (count 0).
   """
   parts = [count, hi, lo, m2] if center else [count, m2]
-  gathered = jax.lax.all_gather(
-      jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups
-  )  # (devices, 4 or 2, *stat_shape)
-  counts = gathered[:, 0]
+  gathered = _gather(jnp.stack(parts), axis_name, axis_index_groups)
+  counts = gathered[:, 0]  # (devices, *stat_shape)
   total = counts.sum(0)
   safe_total = jnp.maximum(total, 1.0)
   if not center:
@@ -92,7 +108,7 @@ def moments(
     center: if False the mean is fixed at 0 and the "variance" is the mean
       square (RMS normalization).
     axis_name: optional tuple of bound axis names to merge statistics over.
-    axis_index_groups: passed to ``jax.lax.all_gather``.
+    axis_index_groups: passed to the collective.
 
   Returns:
     ``(count, hi, lo, var)`` in ``stat_dtype(x.dtype)``, each with ``x``'s
@@ -122,11 +138,8 @@ def moments(
     d = xf
   m2 = jnp.sum(valid(jnp.square(d)), **keep)
   if axis_name is not None:
-    # One gather per name: the merge is associative, and jax's vmap cannot
-    # all_gather over several vmapped names at once.
-    for name in axis_name:
-      count, hi, lo, m2 = _merge_across(
-          count, hi, lo, m2, name, axis_index_groups, center
-      )
+    count, hi, lo, m2 = _merge_across(
+        count, hi, lo, m2, axis_name, axis_index_groups, center
+    )
     safe = jnp.maximum(count, 1.0)
   return count, hi, lo, m2 / safe

@@ -397,7 +397,8 @@ def _plain_custom_vjp():
 
   def bwd(cfg, saved, dy):
     res, s, b = saved
-    return _core._vjp(cfg, (dy.dtype, s, b), res, dy)
+    return _core._vjp(cfg, (dy.dtype, (s, frozenset()), (b, frozenset())),
+                      res, dy)
   f.defvjp(fwd, bwd)
   return f
 
