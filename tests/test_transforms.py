@@ -429,3 +429,26 @@ def test_forward_jaxpr_has_one_custom_jvp_call(case):
   jaxpr = jax.make_jaxpr(_fn(case))(*_args(case))
   names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
   assert names.count("custom_jvp_call") == 1, names
+
+
+@pytest.mark.parametrize("axis_name", [None, "d"])
+def test_shard_map_check_vma_differentiates(axis_name):
+  # A one-device mesh still types values as varying over "d" (x) or not
+  # (replicated scale/bias), which is what the custom_jvp must respect:
+  # the cotangent of a replicated parameter is summed over the mesh.
+  # (Multi-device equality with the global batch: tests/test_distributed.py.)
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:1]), ("d",))
+  case = CASES[0]
+  x, s, b = _args(case)
+
+  def local(x, s, b):
+    y, _ = jaxnorm.batch_norm_train(x, jaxnorm.batch_norm_init(3), s, b,
+                                    axis_name=axis_name)
+    return jax.lax.psum(_loss(lambda y: y, case.shape)(y), "d")
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("d"), P(), P()),
+                          out_specs=P(), check_vma=True)
+  g, g_ref = jax.jit(lambda *a: (
+      jax.grad(sharded, (0, 1, 2))(*a),
+      jax.grad(_loss(_fn(case, "ref"), case.shape), (0, 1, 2))(*a)))(x, s, b)
+  _close(g, g_ref, 2e-5)
