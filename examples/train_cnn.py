@@ -485,4 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (FileNotFoundError, FileExistsError, ValueError) as err:
+    sys.exit(f"{os.path.basename(__file__)}: error: {err}")
