@@ -9,7 +9,6 @@ last; for group and instance norm axis 0 is the batch).
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
