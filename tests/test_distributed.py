@@ -89,14 +89,6 @@ def test_worker_sees_eight_devices(results):
   assert results["device_count"] == 8
 
 
-_VMA_GRAD = (
-    "core bug: under jax.shard_map(check_vma=True) the custom_jvp's "
-    "linear_transpose sees an unvarying scale/bias tangent where its VJP "
-    "returns a varying cotangent (TypeError 'cotangent type does not match')")
-_VMA_GRAD_REASON = _VMA_GRAD + "; fix in the report"
-_VMA_REASON = (
-    _VMA_GRAD + ", and the all_gather-merged statistics are 'varying', so "
-    "the new state cannot leave with out_specs=P(); fix in the report")
 @pytest.mark.parametrize("case", [
     "vmap",               # vmap, axis_name="d", no mask
     "vmap_masked",        # vmap, unequal valid counts, one device all masked
@@ -105,14 +97,11 @@ _VMA_REASON = (
     "shard_map_tuple",    # 2x2 mesh, axis_name=("a", "b"), masked
     "vmap_tuple",         # nested vmaps, axis_name=("a", "b"), masked
     "pmap_vmap_tuple",    # pmap "p" of vmap "v", masked
-    pytest.param("shard_map_vma", marks=pytest.mark.xfail(
-        strict=True, reason=_VMA_REASON)),  # default check_vma=True
-    pytest.param("shard_map_vma_tuple", marks=pytest.mark.xfail(
-        strict=True, reason=_VMA_REASON)),
+    "shard_map_vma",      # default check_vma=True, masked
+    "shard_map_vma_tuple",  # check_vma=True, 2x2 mesh, masked
     # No axis_name in shard_map(check_vma=True): per-device statistics; the
     # reference is one call per shard (grads of replicated params summed).
-    pytest.param("shard_map_vma_local", marks=pytest.mark.xfail(
-        strict=True, reason=_VMA_GRAD_REASON)),
+    "shard_map_vma_local",
 ])
 def test_synchronized_equals_global_batch(results, case):
   _assert_matches(_case(results, case), FULL)
@@ -180,11 +169,6 @@ def test_forward_statistics_travel_in_one_collective(results):
   assert r["shard_map_small"] == r["shard_map_large"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core: jaxnorm._stats gathers once per axis name (jax 0.10.2's vmap "
-    "cannot all_gather a tuple of names), so a 2x2 mesh with axis_name="
-    "('a', 'b') runs 2 all-gathers; one psum of per-device slots over the "
-    "tuple does it in 1 (fix in the report)"))
 def test_tuple_axis_name_statistics_travel_in_one_collective(results):
   r = _case(results, "hlo_forward")
   colls = r["shard_map_tuple"]
