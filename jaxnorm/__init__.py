@@ -9,6 +9,15 @@ from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
 from jaxnorm.variants import rms_norm as rms_norm
+from jaxnorm.interop import fold_batch_norm as fold_batch_norm
+from jaxnorm.interop import jaxnorm_momentum_to_torch as jaxnorm_momentum_to_torch
+from jaxnorm.interop import recalibrate_batch_norm as recalibrate_batch_norm
+from jaxnorm.interop import torch_momentum_to_jaxnorm as torch_momentum_to_jaxnorm
+
+# Submodules: Flax modules (linen, nnx) and PyTorch/folding utilities.
+from jaxnorm import interop as interop
+from jaxnorm import linen as linen
+from jaxnorm import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -17,8 +26,12 @@ __all__ = [
     "batch_norm_infer",
     "batch_norm_init",
     "batch_norm_train",
+    "fold_batch_norm",
     "group_norm",
     "instance_norm",
+    "jaxnorm_momentum_to_torch",
     "layer_norm",
+    "recalibrate_batch_norm",
     "rms_norm",
+    "torch_momentum_to_jaxnorm",
 ]

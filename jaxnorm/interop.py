@@ -117,7 +117,11 @@ def torch_momentum_to_jaxnorm(momentum: float) -> float:
 def jaxnorm_momentum_to_torch(momentum: float) -> float:
   """Converts a jaxnorm/flax BatchNorm ``momentum`` to PyTorch's.
 
-  The inverse of :func:`torch_momentum_to_jaxnorm`: :math:`m = 1 - \\alpha`
+  The inverse of :func:`torch_momentum_to_jaxnorm`:
+
+  .. math::
+     m = 1 - \\alpha
+
   (flax's default 0.99 is PyTorch's 0.01).
 
   Args:
