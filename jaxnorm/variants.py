@@ -5,10 +5,19 @@ reshape) and the parameter layout; statistics, normalization and the
 hand-derived derivatives all live in ``jaxnorm._core``. Names, axis meanings
 and defaults follow the ``flax.linen`` layers of the same name (channels
 last; for group and instance norm axis 0 is the batch).
+
+Every function takes ``axis_name`` (and ``axis_index_groups``): when the
+*reduced* axes are split across devices, e.g. a LayerNorm whose hidden axis
+is sharded over a ``shard_map`` mesh axis, the per-device (count, mean, M2)
+are merged exactly over that axis in one collective, so each device gets
+the statistics of the whole unsplit row, and the backward pass sums its
+per-row reductions over the axis too. The non-reduced axes must be the same
+positions on every device (they are matched element by element).
 """
 
 from __future__ import annotations
 
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +38,21 @@ def _params(fn, x, scale, bias, feat):
   return rs(scale), rs(bias)
 
 
-def _common(fn, x, epsilon, mask):
+def _common(fn, x, epsilon, mask, axis_name, axis_index_groups):
   x = _checks.as_float_array(fn, "x", x)
   if x.ndim == 0:
     raise ValueError(f"{fn}: `x` must have at least one dimension; got a "
                      f"scalar.")
   epsilon = _checks.check_epsilon(fn, epsilon)
   mask = _checks.check_mask(fn, mask, x.shape)
-  return x, epsilon, mask
+  names = _checks.check_axis_name(fn, axis_name)
+  if names is None and axis_index_groups is not None:
+    raise ValueError(
+        f"{fn}: `axis_index_groups`={axis_index_groups!r} was given without "
+        f"`axis_name`; the groups select devices along a named axis. Fix: "
+        f"pass axis_name too, or drop axis_index_groups."
+    )
+  return x, epsilon, mask, names
 
 
 def layer_norm(
@@ -48,6 +64,8 @@ def layer_norm(
     feature_axes: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     mask: ArrayLike | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
 ) -> jax.Array:
   """Layer normalization (Ba et al., 2016) over ``reduction_axes``.
 
@@ -69,6 +87,16 @@ def layer_norm(
     epsilon: non-negative, added to the variance (flax default 1e-6).
     mask: optional boolean array broadcastable to ``x``; False elements are
       left out of the statistics.
+    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
+      ``shard_map`` axis over which ``reduction_axes`` are split: the
+      statistics of each row are merged over it, as if the shards were
+      concatenated. Use it when the normalized axis is sharded across
+      devices, e.g. ``d_model`` split by tensor parallelism (each device
+      holds ``x[..., d_model/k]`` and its slice of ``scale``/``bias``).
+      Unequal or masked shards are merged exactly, weighted by count.
+    axis_index_groups: optional replica groups (lists of axis indices)
+      within which statistics are merged, as in ``jax.lax.psum``; needs
+      ``axis_name``.
 
   Returns:
     Array of ``x``'s shape and dtype (statistics in at least float32).
@@ -76,14 +104,18 @@ def layer_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
     ValueError: bad or repeated axes, parameter or mask shape mismatch,
-      negative ``epsilon``.
+      negative ``epsilon``, an unbound ``axis_name``, ``axis_index_groups``
+      without ``axis_name``.
   """
   fn = "layer_norm"
-  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
+                                   axis_index_groups)
   red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   scale, bias = _params(fn, x, scale, bias, feat)
-  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon)[0]
+  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,
+                         axis_name=names,
+                         axis_index_groups=axis_index_groups)[0]
 
 
 def rms_norm(
@@ -95,6 +127,8 @@ def rms_norm(
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
     mask: ArrayLike | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
 ) -> jax.Array:
   """Root-mean-square normalization (Zhang & Sennrich, 2019).
 
@@ -115,6 +149,13 @@ def rms_norm(
     epsilon: non-negative, added to the mean square (default 1e-6).
     scale_offset: Python float added to ``scale``.
     mask: optional boolean array broadcastable to ``x``.
+    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
+      ``shard_map`` axis over which ``reduction_axes`` are split: the mean
+      square of each row is summed over it (count-weighted), as for one
+      unsplit row; e.g. an RMSNorm whose hidden axis is sharded by tensor
+      parallelism.
+    axis_index_groups: optional replica groups within which the mean square
+      is merged, as in ``jax.lax.psum``; needs ``axis_name``.
 
   Returns:
     Array of ``x``'s shape and dtype.
@@ -122,10 +163,13 @@ def rms_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``, non-boolean ``mask``,
       non-numeric ``scale_offset``.
-    ValueError: bad or repeated axes, shape mismatch, negative ``epsilon``.
+    ValueError: bad or repeated axes, shape mismatch, negative ``epsilon``,
+      an unbound ``axis_name``, ``axis_index_groups`` without
+      ``axis_name``.
   """
   fn = "rms_norm"
-  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
+                                   axis_index_groups)
   if isinstance(scale_offset, bool) or not isinstance(
       scale_offset, (int, float)):
     raise TypeError(f"{fn}: `scale_offset` must be a Python float; got "
@@ -136,7 +180,8 @@ def rms_norm(
   if scale is not None and scale_offset != 0.0:
     scale = scale + jnp.asarray(scale_offset, scale.dtype)
   return _core.normalize(
-      x, scale, None, mask, axes=red, epsilon=epsilon, center=False)[0]
+      x, scale, None, mask, axes=red, epsilon=epsilon, center=False,
+      axis_name=names, axis_index_groups=axis_index_groups)[0]
 
 
 def group_norm(
@@ -149,6 +194,8 @@ def group_norm(
     reduction_axes: int | tuple[int, ...] | None = None,
     epsilon: float = 1e-6,
     mask: ArrayLike | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
 ) -> jax.Array:
   """Group normalization (Wu & He, 2018), channels last.
 
@@ -175,6 +222,13 @@ def group_norm(
       last axis.
     epsilon: non-negative, added to the variance (default 1e-6).
     mask: optional boolean array broadcastable to ``x``.
+    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
+      ``shard_map`` axis over which the reduced *spatial* axes are split
+      (e.g. a high-resolution image whose H axis is sharded across
+      devices): each example's group statistics are merged over it. Every
+      device must hold all ``C`` channels (the groups are formed locally).
+    axis_index_groups: optional replica groups within which statistics are
+      merged, as in ``jax.lax.psum``; needs ``axis_name``.
 
   Returns:
     Array of ``x``'s shape and dtype.
@@ -184,10 +238,12 @@ def group_norm(
       non-integer group settings.
     ValueError: both or neither of ``num_groups``/``group_size``, a channel
       count the grouping does not divide, ``x`` of rank < 2, bad axes or
-      shapes, negative ``epsilon``.
+      shapes, negative ``epsilon``, an unbound ``axis_name``,
+      ``axis_index_groups`` without ``axis_name``.
   """
   fn = "group_norm"
-  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
+                                   axis_index_groups)
   if x.ndim < 2:
     raise ValueError(f"{fn}: `x` must have a batch axis and a channel axis "
                      f"(N, ..., C); got shape {tuple(x.shape)}.")
@@ -238,7 +294,8 @@ def group_norm(
       mg = mask.reshape((*mask.shape[:-1], g, c // g))
   axes = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
   y = _core.normalize(xg, rs(scale), rs(bias), mg, axes=axes,
-                      epsilon=epsilon)[0]
+                      epsilon=epsilon, axis_name=names,
+                      axis_index_groups=axis_index_groups)[0]
   return y.reshape(x.shape)
 
 
@@ -250,6 +307,8 @@ def instance_norm(
     feature_axes: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     mask: ArrayLike | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
 ) -> jax.Array:
   """Instance normalization (Ulyanov et al., 2016).
 
@@ -269,6 +328,12 @@ def instance_norm(
     feature_axes: axes kept (default -1); axis 0 is always the batch.
     epsilon: non-negative, added to the variance (default 1e-6).
     mask: optional boolean array broadcastable to ``x``.
+    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
+      ``shard_map`` axis over which the spatial axes are split (e.g. H
+      sharded across devices): each (example, feature)'s statistics are
+      merged over it, as for the unsplit image.
+    axis_index_groups: optional replica groups within which statistics are
+      merged, as in ``jax.lax.psum``; needs ``axis_name``.
 
   Returns:
     Array of ``x``'s shape and dtype.
@@ -276,10 +341,12 @@ def instance_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
     ValueError: bad axes (including axis 0 as a feature axis), no axis left
-      to reduce, shape mismatch, negative ``epsilon``.
+      to reduce, shape mismatch, negative ``epsilon``, an unbound
+      ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
   fn = "instance_norm"
-  x, epsilon, mask = _common(fn, x, epsilon, mask)
+  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
+                                   axis_index_groups)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   if 0 in feat:
     raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a "
@@ -292,4 +359,6 @@ def instance_norm(
         f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm."
     )
   scale, bias = _params(fn, x, scale, bias, feat)
-  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon)[0]
+  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,
+                         axis_name=names,
+                         axis_index_groups=axis_index_groups)[0]

@@ -27,18 +27,19 @@ SIGNATURES = {
     "layer_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*",
         ("reduction_axes", -1), ("feature_axes", -1), ("epsilon", 1e-6),
-        ("mask", None)],
+        ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "rms_norm": [
         ("x", _E), ("scale", None), "*", ("reduction_axes", -1),
         ("feature_axes", -1), ("epsilon", 1e-6), ("scale_offset", 0.0),
-        ("mask", None)],
+        ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "group_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*", ("num_groups", 32),
         ("group_size", None), ("reduction_axes", None), ("epsilon", 1e-6),
-        ("mask", None)],
+        ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "instance_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*", ("feature_axes", -1),
-        ("epsilon", 1e-6), ("mask", None)],
+        ("epsilon", 1e-6), ("mask", None), ("axis_name", None),
+        ("axis_index_groups", None)],
 }
 
 
