@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
@@ -123,6 +126,233 @@ def _prepare(fn, x, state, scale, bias, axis):
   return x, feat, red, bshape, fshape, scale, bias
 
 
+def _check_momentum(fn: str, momentum: Any, debias: Any) -> float | None:
+  """``momentum``: a float in [0, 1] or None (cumulative average)."""
+  if not isinstance(debias, bool):
+    raise TypeError(f"{fn}: `debias` must be True or False; got {debias!r}.")
+  if momentum is None:
+    return None
+  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    raise TypeError(
+        f"{fn}: `momentum` must be a Python float in [0, 1] (weight on the "
+        f"old running value) or None (cumulative moving average, PyTorch's "
+        f"momentum=None); got {momentum!r} of type {type(momentum).__name__}."
+    )
+  momentum = _checks.check_momentum(fn, momentum)
+  if debias and momentum == 1.0:
+    raise ValueError(
+        f"{fn}: debias=True with momentum=1.0 divides 0 by 0; its limit is "
+        f"the cumulative moving average. Fix: pass momentum=None."
+    )
+  return momentum
+
+
+_RUNNING_VAR = ("biased", "unbiased")
+
+
+def _check_running_var(fn: str, running_var: Any) -> str:
+  if not isinstance(running_var, str) or running_var not in _RUNNING_VAR:
+    raise ValueError(
+        f"{fn}: `running_var` must be 'biased' (store the batch variance "
+        f"sum((x - mean)**2) / n, as flax, haiku and keras) or 'unbiased' "
+        f"(store n / (n - 1) times it, as PyTorch); got {running_var!r}."
+    )
+  return running_var
+
+
+def _check_virtual_batch_size(fn: str, vbs: Any, shape: tuple[int, ...],
+                              feat: tuple[int, ...]) -> int:
+  """Returns the number of virtual batches (1 without ``vbs``)."""
+  if vbs is None:
+    return 1
+  if isinstance(vbs, bool) or not isinstance(vbs, (numbers.Integral,
+                                                   np.integer)):
+    raise TypeError(
+        f"{fn}: `virtual_batch_size` must be a positive int or None; got "
+        f"{vbs!r} of type {type(vbs).__name__}."
+    )
+  vbs = int(vbs)
+  if 0 in feat:
+    raise ValueError(
+        f"{fn}: `virtual_batch_size` splits the leading batch axis 0, but "
+        f"axis 0 is a feature axis here (axis={feat}). Fix: put the batch "
+        f"first, or drop virtual_batch_size."
+    )
+  if vbs <= 0 or shape[0] % vbs:
+    raise ValueError(
+        f"{fn}: `virtual_batch_size`={vbs} must be a positive divisor of the "
+        f"batch size x.shape[0]={shape[0]} (x.shape={tuple(shape)}). Fix: "
+        f"pick a divisor of the batch size, or drop the last incomplete "
+        f"batch (drop_last) so every batch splits evenly."
+    )
+  return shape[0] // vbs
+
+
+def _check_clip(fn: str, name: str, v: Any, lower: float) -> jax.Array:
+  """``rmax`` (>= 1) or ``dmax`` (>= 0): a number or a scalar array."""
+  if isinstance(v, bool) or v is None:
+    raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "
+                    f"{v!r}.")
+  if isinstance(v, numbers.Real):
+    if not v >= lower:  # also rejects NaN
+      raise ValueError(
+          f"{fn}: `{name}` must be >= {lower} (r is clipped to [1/rmax, "
+          f"rmax], d to [-dmax, dmax]; rmax=1, dmax=0 is plain BatchNorm); "
+          f"got {v!r}."
+      )
+    return v
+  try:
+    a = jnp.asarray(v)
+  except TypeError:
+    raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "
+                    f"{type(v).__name__}.") from None
+  if a.shape != () or not (jnp.issubdtype(a.dtype, jnp.floating)
+                           or jnp.issubdtype(a.dtype, jnp.integer)):
+    raise TypeError(
+        f"{fn}: `{name}` must be a float or a scalar real array (e.g. from "
+        f"batch_renorm_schedule); got shape {a.shape}, dtype {a.dtype}."
+    )
+  return a
+
+
+def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
+                    dt: Any) -> tuple[Any, Any]:
+  """``(keep, w)`` of the update ``new = keep * old + w * batch``.
+
+  ``t = count + 1`` is the number of the update being made.
+  """
+  if momentum is None:  # cumulative: keep = (t - 1) / t, w = 1 / t
+    t = count.astype(dt) + 1.0
+    return (t - 1.0) / t, 1.0 / t
+  if not debias or momentum == 0.0:
+    return momentum, 1.0 - momentum
+  # Debiased EMA: w_t = (1 - a) / (1 - a^t), keep_t = 1 - w_t
+  # = a (1 - a^(t-1)) / (1 - a^t), with 1 - a^k = -expm1(k log a) accurate
+  # for a near 1; keep_1 = 0 exactly (the first update is the batch value).
+  t = count.astype(dt) + 1.0
+  log_a = math.log(momentum)
+  one_minus_pow = lambda k: -jnp.expm1(k * jnp.asarray(log_a, dt))
+  denom = one_minus_pow(t)
+  return (momentum * one_minus_pow(t - 1.0) / denom,
+          (1.0 - momentum) / denom)
+
+
+def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
+               count: jax.Array, *, momentum: float | None, debias: bool,
+               running_var: str) -> BatchNormState:
+  """Running-statistics update from per-virtual-batch ``(G, *F)`` stats.
+
+  The batch value is the count-weighted average over the ``G`` virtual
+  batches (the plain average when they have equal counts); features with no
+  valid element keep their running values (with ``"unbiased"``, fewer than
+  two elements keep the running variance). ``count`` moves only if some
+  feature had data.
+  """
+  dt = mean.dtype
+  n_var = count
+  if running_var == "unbiased":
+    var = var * count / jnp.maximum(count - 1.0, 1.0)
+    n_var = jnp.where(count >= 2.0, count, 0.0)
+  if mean.shape[0] == 1:
+    batch_mean, batch_var = mean[0], var[0]
+    has_mean, has_var = count[0] > 0, n_var[0] > 0
+  else:
+    tot, tot_var = count.sum(0), n_var.sum(0)
+    batch_mean = (count * mean).sum(0) / jnp.maximum(tot, 1.0)
+    batch_var = (n_var * var).sum(0) / jnp.maximum(tot_var, 1.0)
+    has_mean, has_var = tot > 0, tot_var > 0
+  keep, w = _update_weights(momentum, debias, state.count, dt)
+  old_mean, old_var = state.mean.astype(dt), state.var.astype(dt)
+  # In the statistics' dtype (>= float32, float64 for float64 x), then cast
+  # back to the state's dtype: no implicit promotion between the two.
+  new_mean = jnp.where(has_mean, keep * old_mean + w * batch_mean, old_mean)
+  new_var = jnp.where(has_var, keep * old_var + w * batch_var, old_var)
+  new_count = jnp.where(jnp.any(has_mean), state.count + 1, state.count)
+  return BatchNormState(
+      mean=new_mean.astype(state.mean.dtype),
+      var=new_var.astype(state.var.dtype),
+      count=jnp.asarray(new_count).astype(state.count.dtype),
+  )
+
+
+def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
+           axis_index_groups, mask, running_var, debias, virtual_batch_size,
+           renorm=None):
+  """Shared body of batch_norm_train and batch_renorm_train."""
+  x, feat, red, bshape, fshape, scale, bias = _prepare(
+      fn, x, state, scale, bias, axis)
+  momentum = _check_momentum(fn, momentum, debias)
+  running_var = _check_running_var(fn, running_var)
+  epsilon = _checks.check_epsilon(fn, epsilon)
+  mask = _checks.check_mask(fn, mask, x.shape)
+  names = _checks.check_axis_name(fn, axis_name)
+  if renorm is not None:
+    renorm = (_check_clip(fn, "rmax", renorm[0], 1.0),
+              _check_clip(fn, "dmax", renorm[1], 0.0))
+  groups = _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
+  per_group = math.prod(x.shape[i] for i in red) // groups
+  if names is None and per_group <= 1:
+    where = ("" if groups == 1 else
+             f" per virtual batch of {virtual_batch_size}")
+    raise ValueError(
+        f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
+        f"{per_group} element(s) per feature{where} to compute batch "
+        f"statistics from; every output would be 0 (torch raises here too). "
+        f"Fix: use a batch of at least 2, use batch_norm_infer for single "
+        f"examples, or use layer_norm/group_norm, which do not depend on "
+        f"the batch."
+    )
+  if groups > 1:  # Ghost BatchNorm: (N, ...) -> (G, N / G, ...)
+    xs = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    if mask is not None:
+      lead = ((groups, mask.shape[0] // groups) if mask.shape[0] > 1
+              else (1, 1))
+      mask = mask.reshape(lead + mask.shape[1:])
+    axes = tuple(a + 1 for a in red)
+    pshape = (1,) + bshape
+  else:
+    xs, axes, pshape = x, red, bshape
+  reshape = lambda p: None if p is None else p.reshape(pshape)
+  core = functools.partial(
+      _core.normalize, axes=axes, epsilon=epsilon, axis_name=names,
+      axis_index_groups=axis_index_groups)
+  if renorm is None:
+    y, mean, var, count = core(xs, reshape(scale), reshape(bias), mask)
+  else:
+    xhat, mean, var, count = core(xs, None, None, mask)
+    y = _renorm_affine(xhat, mean, var, count, state, reshape(scale),
+                       reshape(bias), pshape, epsilon, *renorm)
+  stat = lambda a: a.reshape((groups,) + fshape)
+  new_state = _new_state(state, stat(mean), stat(var), stat(count),
+                         momentum=momentum, debias=debias,
+                         running_var=running_var)
+  return y.reshape(x.shape), new_state
+
+
+def _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
+                   epsilon, rmax, dmax):
+  """``y = gamma (xhat r + d) + beta`` with ``r``, ``d`` not differentiated."""
+  dt = mean.dtype
+  stop = jax.lax.stop_gradient
+  run_mean = stop(state.mean).astype(dt).reshape(pshape)
+  run_var = stop(state.var).astype(dt).reshape(pshape)
+  eps = jnp.asarray(epsilon, dt)
+  rmax = jnp.asarray(rmax, dt)
+  dmax = jnp.asarray(dmax, dt)
+  inv_run_std = jax.lax.rsqrt(run_var + eps)
+  r = jnp.clip(jnp.sqrt(var + eps) * inv_run_std, 1.0 / rmax, rmax)
+  d = jnp.clip((mean - run_mean) * inv_run_std, -dmax, dmax)
+  has_data = count > 0  # a feature with no valid element: r = 1, d = 0
+  r = stop(jnp.where(has_data, r, 1.0))
+  d = stop(jnp.where(has_data, d, 0.0))
+  mul, add = r, d
+  if scale is not None:
+    mul, add = mul * scale.astype(dt), add * scale.astype(dt)
+  if bias is not None:
+    add = add + bias.astype(dt)
+  return (xhat.astype(dt) * mul + add).astype(xhat.dtype)
+
+
 def batch_norm_train(
     x: ArrayLike,
     state: BatchNormState,
@@ -130,11 +360,14 @@ def batch_norm_train(
     bias: ArrayLike | None = None,
     *,
     axis: int | tuple[int, ...] = -1,
-    momentum: float = 0.99,
+    momentum: float | None = 0.99,
     epsilon: float = 1e-5,
     axis_name: Any = None,
     axis_index_groups: Any = None,
     mask: ArrayLike | None = None,
+    running_var: str = "biased",
+    debias: bool = False,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Training-mode batch normalization with a running-average update.
 
@@ -142,18 +375,57 @@ def batch_norm_train(
   ``axis``, across ``axis_name`` too),
 
   .. math::
-     \\mu = \\frac{1}{m}\\sum_{i \\in \\mathcal{B}} x_i, \\quad
-     \\sigma^2 = \\frac{1}{m}\\sum_{i \\in \\mathcal{B}} (x_i - \\mu)^2, \\quad
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta,
+     \\mu = \\frac{1}{n}\\sum_{i \\in \\mathcal{B}} x_i, \\quad
+     \\sigma^2 = \\frac{1}{n}\\sum_{i \\in \\mathcal{B}} (x_i - \\mu)^2, \\quad
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta.
 
-  and the running statistics move as
-  :math:`\\mu_{run} \\leftarrow \\alpha \\mu_{run} + (1 - \\alpha)\\mu`,
-  :math:`\\sigma^2_{run} \\leftarrow \\alpha \\sigma^2_{run} +
-  (1 - \\alpha)\\sigma^2` with :math:`\\alpha` = ``momentum`` (flax's
-  convention; PyTorch's momentum ``m`` is ``1 - m`` here), and ``count``
-  increments. The variance is computed in two passes in at least float32
-  (stable for shifted data). The backward pass is hand-derived (see
-  ``jaxnorm._core``); no gradient flows into the state.
+  The normalization always uses the biased :math:`\\sigma^2`, computed in
+  two passes in at least float32 (stable for shifted data). The backward
+  pass is hand-derived (see ``jaxnorm._core``); no gradient flows into the
+  state. The running statistics then move towards the batch values
+  :math:`s \\in \\{\\mu, v\\}`, with :math:`v = \\sigma^2` (``running_var=
+  "biased"``, as flax, haiku, keras) or :math:`v = \\frac{n}{n-1}\\sigma^2`
+  (``"unbiased"``, as PyTorch; :math:`n` is the valid count across masks and
+  devices; a feature with :math:`n < 2` keeps its running variance), as
+
+  .. math::
+     r_t = \\kappa_t\\, r_{t-1} + w_t\\, s, \\qquad t = \\text{count} + 1,
+
+  .. list-table::
+
+     * - ``momentum=a`` (float; flax's convention, PyTorch's ``m`` is
+         ``1 - m`` here)
+       - :math:`\\kappa_t = a,\\ w_t = 1 - a` (EMA)
+     * - ``momentum=None`` (PyTorch's ``momentum=None``)
+       - :math:`\\kappa_t = \\frac{t-1}{t},\\ w_t = \\frac{1}{t}`
+         (cumulative average: the running value is the plain mean of all
+         batch values so far)
+     * - ``momentum=a, debias=True`` (Haiku's zero-debiased EMA)
+       - :math:`w_t = \\frac{1-a}{1-a^t},\\ \\kappa_t = 1 - w_t`
+
+  The debiased EMA equals Haiku's ``ExponentialMovingAverage(zero_debias=
+  True)``, whose hidden accumulator :math:`h_t = a h_{t-1} + (1-a) s_t`,
+  :math:`h_0 = 0`, is reported as :math:`h_t / (1 - a^t)`. jaxnorm stores
+  that reported average itself (:math:`h_t = r_t (1 - a^t)` is implied by
+  ``count``), so ``state.mean``/``state.var`` are what inference uses from
+  the first step on (no inflated variance early, unlike a running variance
+  that starts at 1 and is divided by :math:`1 - a^t`), ``batch_norm_infer``
+  stays a pure function of ``(mean, var)``, and the state keeps its three
+  fields. The initial mean 0 / variance 1 get weight 0 after the first
+  update in both ``momentum=None`` and ``debias=True`` modes.
+
+  ``count`` increments by one per update (not if every feature was fully
+  masked). The ``momentum=None`` and ``debias=True`` modes depend on it:
+  thread it, and start from ``count=0`` only with a fresh state. A feature
+  fully masked in some batches is still weighted by the layer's ``count``.
+
+  Ghost BatchNorm (``virtual_batch_size=v``): the leading axis is split into
+  :math:`G = N / v` virtual batches of :math:`v` consecutive examples; each is
+  normalized with its own statistics (gradients flow through each virtual
+  batch's statistics), and the running statistics move towards the average
+  of the :math:`G` virtual-batch values :math:`s_g` (weighted by the valid
+  counts, so the plain average without a mask). With ``axis_name``, virtual
+  batch :math:`g` spans the :math:`g`-th slice of every device.
 
   Args:
     x: floating array of any rank >= 1, e.g. (N, C) or (N, H, W, C).
@@ -162,7 +434,8 @@ def batch_norm_train(
     scale: optional :math:`\\gamma` of the feature shape; None for none.
     bias: optional :math:`\\beta` of the feature shape; None for none.
     axis: feature axis or axes (kept); statistics reduce over all others.
-    momentum: weight on the old running value, in [0, 1].
+    momentum: weight on the old running value, in [0, 1], or None for the
+      cumulative moving average.
     epsilon: non-negative constant added to the variance.
     axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
       ``shard_map`` axis to compute statistics over the global batch. The
@@ -170,6 +443,12 @@ def batch_norm_train(
     axis_index_groups: optional replica groups for the collectives (pmap).
     mask: optional boolean array broadcastable to ``x``; False elements are
       left out of the statistics (their outputs are still normalized).
+    running_var: ``"biased"`` (default) or ``"unbiased"``: which variance
+      the running statistics average (see above).
+    debias: with a float ``momentum``, use the zero-debiased EMA.
+    virtual_batch_size: Ghost BatchNorm: size of the virtual batches the
+      leading axis is split into (must divide ``x.shape[0]``); None for one
+      batch.
 
   Returns:
     ``(y, new_state)``: ``y`` has ``x``'s shape and dtype; ``new_state`` is a
@@ -177,60 +456,169 @@ def batch_norm_train(
 
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, a ``state`` that is not
-      a ``BatchNormState``, a non-boolean ``mask``.
+      a ``BatchNormState``, a non-boolean ``mask``, a ``momentum`` that is
+      neither a float nor None, a non-bool ``debias``, a non-int
+      ``virtual_batch_size``.
     ValueError: bad ``axis`` (out of range, duplicated), shape mismatches of
       ``scale``/``bias``/``state``/``mask``, ``momentum`` outside [0, 1],
-      negative ``epsilon``, an unbound ``axis_name``, or a single element per
-      feature (a batch of one with no other reduced axis normalizes every
-      value to 0).
+      ``debias=True`` with ``momentum=1``, negative ``epsilon``, an unknown
+      ``running_var``, a ``virtual_batch_size`` that does not divide the
+      batch (or with axis 0 as a feature axis), an unbound ``axis_name``, or
+      a single element per feature (per virtual batch): a batch of one with
+      no other reduced axis normalizes every value to 0.
   """
-  fn = "batch_norm_train"
-  x, feat, red, bshape, fshape, scale, bias = _prepare(
-      fn, x, state, scale, bias, axis)
-  momentum = _checks.check_momentum(fn, momentum)
-  epsilon = _checks.check_epsilon(fn, epsilon)
-  mask = _checks.check_mask(fn, mask, x.shape)
-  names = _checks.check_axis_name(fn, axis_name)
-  per_device = math.prod(x.shape[i] for i in red)
-  if names is None and per_device <= 1:
-    raise ValueError(
-        f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
-        f"{per_device} element(s) per feature to compute batch statistics "
-        f"from; every output would be 0 (torch raises here too). Fix: use a "
-        f"batch of at least 2, use batch_norm_infer for single examples, or "
-        f"use layer_norm/group_norm, which do not depend on the batch."
-    )
-  y, mean, var, count = _core.normalize(
-      x,
-      None if scale is None else scale.reshape(bshape),
-      None if bias is None else bias.reshape(bshape),
-      mask,
-      axes=red,
-      epsilon=epsilon,
-      axis_name=names,
-      axis_index_groups=axis_index_groups,
-  )
-  mean, var = mean.reshape(fshape), var.reshape(fshape)
-  st = state
-  # In the statistics' dtype (>= float32, float64 for float64 x), then cast
-  # back to the state's dtype: no implicit promotion between the two.
-  new_mean = momentum * st.mean.astype(mean.dtype) + (1.0 - momentum) * mean
-  new_var = momentum * st.var.astype(var.dtype) + (1.0 - momentum) * var
-  new_count = st.count + 1
-  if mask is not None:
-    # A feature with no valid element in the (global) batch keeps its
-    # running statistics; the update count moves only if some feature had
-    # data, so a fully masked batch leaves the state exactly as it was.
-    has_data = count.reshape(fshape) > 0
-    new_mean = jnp.where(has_data, new_mean, st.mean.astype(new_mean.dtype))
-    new_var = jnp.where(has_data, new_var, st.var.astype(new_var.dtype))
-    new_count = jnp.where(jnp.any(has_data), new_count, st.count)
-  new_state = BatchNormState(
-      mean=new_mean.astype(st.mean.dtype),
-      var=new_var.astype(st.var.dtype),
-      count=jnp.asarray(new_count).astype(st.count.dtype),
-  )
-  return y, new_state
+  return _train(
+      "batch_norm_train", x, state, scale, bias, axis=axis,
+      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask,
+      running_var=running_var, debias=debias,
+      virtual_batch_size=virtual_batch_size)
+
+
+def batch_renorm_train(
+    x: ArrayLike,
+    state: BatchNormState,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    rmax: ArrayLike,
+    dmax: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: ArrayLike | None = None,
+    running_var: str = "biased",
+    debias: bool = False,
+    virtual_batch_size: int | None = None,
+) -> tuple[jax.Array, BatchNormState]:
+  """Batch Renormalization (Ioffe, 2017), training mode.
+
+  With the batch statistics :math:`\\mu_B, \\sigma_B^2` of
+  :func:`batch_norm_train` and the running ones :math:`\\mu, \\sigma^2` of
+  ``state`` (before this update),
+
+  .. math::
+     \\hat x = \\frac{x - \\mu_B}{\\sigma_B}, \\quad
+     r = \\operatorname{sg}\\Big(\\operatorname{clip}_{[1/r_{max},\\, r_{max}]}
+       \\frac{\\sigma_B}{\\sigma}\\Big), \\quad
+     d = \\operatorname{sg}\\Big(\\operatorname{clip}_{[-d_{max},\\, d_{max}]}
+       \\frac{\\mu_B - \\mu}{\\sigma}\\Big), \\quad
+     y = \\gamma\\,(\\hat x\\, r + d) + \\beta,
+
+  with :math:`\\sigma_B = \\sqrt{\\sigma_B^2 + \\epsilon}`,
+  :math:`\\sigma = \\sqrt{\\sigma^2 + \\epsilon}` and
+  :math:`\\operatorname{sg}` = stop_gradient: as in the paper, ``r`` and
+  ``d`` are treated as constants, so the gradient flows through
+  :math:`\\mu_B, \\sigma_B` in :math:`\\hat x` only (jaxnorm's hand-derived
+  backward of :math:`\\hat x`, then :math:`\\partial L/\\partial \\gamma =
+  \\sum \\partial L/\\partial y\\,(\\hat x r + d)`). Unclipped,
+  :math:`\\hat x r + d = (x - \\mu)/\\sigma` is the inference output;
+  ``rmax=1, dmax=0`` is plain BatchNorm. A feature with no valid element
+  (mask) uses :math:`r = 1, d = 0`.
+
+  The running statistics are updated exactly as by :func:`batch_norm_train`
+  (same options). The paper averages :math:`\\sigma`; jaxnorm averages
+  :math:`\\sigma^2`, as every BatchNorm state does, so the state is the
+  same ``BatchNormState`` and inference is :func:`batch_norm_infer`.
+
+  ``rmax``/``dmax`` may be traced scalars, e.g. from
+  :func:`batch_renorm_schedule` (the paper relaxes them during training).
+
+  Args:
+    x: floating array, e.g. (N, C) or (N, H, W, C).
+    state: ``BatchNormState`` of the feature shape.
+    scale: optional :math:`\\gamma` of the feature shape.
+    bias: optional :math:`\\beta` of the feature shape.
+    rmax: :math:`r_{max} \\ge 1`, a float or scalar array.
+    dmax: :math:`d_{max} \\ge 0`, a float or scalar array.
+    axis: feature axis or axes.
+    momentum: as :func:`batch_norm_train` (float or None).
+    epsilon: non-negative constant added to both variances.
+    axis_name: as :func:`batch_norm_train`.
+    axis_index_groups: as :func:`batch_norm_train`.
+    mask: as :func:`batch_norm_train`.
+    running_var: as :func:`batch_norm_train`.
+    debias: as :func:`batch_norm_train`.
+    virtual_batch_size: as :func:`batch_norm_train` (``r``, ``d`` per
+      virtual batch).
+
+  Returns:
+    ``(y, new_state)`` as :func:`batch_norm_train`.
+
+  Raises:
+    TypeError: as :func:`batch_norm_train`; ``rmax``/``dmax`` that are not
+      a real number or scalar array.
+    ValueError: as :func:`batch_norm_train`; a Python ``rmax`` < 1 or
+      ``dmax`` < 0 (traced values are not checked).
+  """
+  return _train(
+      "batch_renorm_train", x, state, scale, bias, axis=axis,
+      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask,
+      running_var=running_var, debias=debias,
+      virtual_batch_size=virtual_batch_size, renorm=(rmax, dmax))
+
+
+def batch_renorm_schedule(
+    step: ArrayLike,
+    *,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+    warmup_steps: int = 5000,
+    rmax_end_step: int = 40000,
+    dmax_end_step: int = 25000,
+) -> tuple[jax.Array, jax.Array]:
+  """The paper's relaxation schedule of ``rmax``/``dmax`` for Batch Renorm.
+
+  Ioffe (2017) trains with :math:`r_{max} = 1, d_{max} = 0` (plain
+  BatchNorm) for the first 5000 steps, then relaxes them to reach
+  :math:`r_{max} = 3` at step 40k and :math:`d_{max} = 5` at step 25k. This
+  helper ramps them linearly:
+
+  .. math::
+     r_{max}(t) = 1 + (r_{max} - 1)\\,
+       \\operatorname{clip}_{[0,1]}\\frac{t - t_0}{t_r - t_0}, \\qquad
+     d_{max}(t) = d_{max}\\,
+       \\operatorname{clip}_{[0,1]}\\frac{t - t_0}{t_d - t_0},
+
+  with :math:`t_0` = ``warmup_steps``, :math:`t_r` = ``rmax_end_step``,
+  :math:`t_d` = ``dmax_end_step``. Pass ``state.count`` (the number of
+  updates so far) as ``step``; the result can be traced.
+
+  Args:
+    step: training step, an int or integer/floating scalar array.
+    rmax: final :math:`r_{max} \\ge 1`.
+    dmax: final :math:`d_{max} \\ge 0`.
+    warmup_steps: steps of plain BatchNorm before relaxing (>= 0).
+    rmax_end_step: step at which ``rmax`` is reached (> ``warmup_steps``).
+    dmax_end_step: step at which ``dmax`` is reached (> ``warmup_steps``).
+
+  Returns:
+    ``(rmax_t, dmax_t)``, float32 scalars.
+
+  Raises:
+    ValueError: ``rmax`` < 1, ``dmax`` < 0, negative ``warmup_steps`` or an
+      end step not after ``warmup_steps``.
+  """
+  fn = "batch_renorm_schedule"
+  _check_clip(fn, "rmax", float(rmax), 1.0)
+  _check_clip(fn, "dmax", float(dmax), 0.0)
+  if not warmup_steps >= 0:
+    raise ValueError(f"{fn}: `warmup_steps` must be >= 0; got "
+                     f"{warmup_steps!r}.")
+  for name, end in (("rmax_end_step", rmax_end_step),
+                    ("dmax_end_step", dmax_end_step)):
+    if not end > warmup_steps:
+      raise ValueError(
+          f"{fn}: `{name}`={end!r} must be after warmup_steps="
+          f"{warmup_steps!r} (the ramp runs from one to the other).")
+  t = jnp.asarray(step).astype(jnp.float32)
+  ramp = lambda end: jnp.clip((t - warmup_steps) / (end - warmup_steps),
+                              0.0, 1.0)
+  return (1.0 + (rmax - 1.0) * ramp(rmax_end_step),
+          dmax * ramp(dmax_end_step))
 
 
 def batch_norm_infer(

@@ -106,10 +106,12 @@ def torch_momentum_to_jaxnorm(momentum: float) -> float:
   if momentum is None:
     raise TypeError(
         f"{fn}: PyTorch's momentum=None is the cumulative moving average "
-        f"r <- r + (s - r) / t, which no constant jaxnorm momentum "
-        f"reproduces: it is momentum_t = 1 - 1/t at update t = count + 1. "
-        f"Use jaxnorm's cumulative-average option of batch_norm_train "
-        f"(momentum=None) for it."
+        f"r <- r + (s - r) / t at update t = count + 1, which no constant "
+        f"momentum reproduces. Fix: pass it through unchanged, as "
+        f"jaxnorm.batch_norm_train(..., momentum=None) (also "
+        f"jaxnorm.linen/nnx.BatchNorm(momentum=None)), which computes "
+        f"exactly that from state.count; add running_var='unbiased' to "
+        f"store PyTorch's unbiased running variance."
     )
   return 1.0 - _check_unit_interval(fn, "momentum", momentum)
 

@@ -20,7 +20,9 @@ SIGNATURES = {
     "batch_norm_train": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("axis", -1), ("momentum", 0.99), ("epsilon", 1e-5),
-        ("axis_name", None), ("axis_index_groups", None), ("mask", None)],
+        ("axis_name", None), ("axis_index_groups", None), ("mask", None),
+        ("running_var", "biased"), ("debias", False),
+        ("virtual_batch_size", None)],
     "batch_norm_infer": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("axis", -1), ("epsilon", 1e-5)],
@@ -43,6 +45,41 @@ SIGNATURES = {
 }
 
 
+# Issue 8's Batch Renormalization, in jaxnorm.batch_norm (not yet exported
+# from the package namespace).
+RENORM_SIGNATURES = {
+    "batch_renorm_train": [
+        ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
+        ("rmax", _E), ("dmax", _E), ("axis", -1), ("momentum", 0.99),
+        ("epsilon", 1e-5), ("axis_name", None), ("axis_index_groups", None),
+        ("mask", None), ("running_var", "biased"), ("debias", False),
+        ("virtual_batch_size", None)],
+    "batch_renorm_schedule": [
+        ("step", _E), "*", ("rmax", 3.0), ("dmax", 5.0),
+        ("warmup_steps", 5000), ("rmax_end_step", 40000),
+        ("dmax_end_step", 25000)],
+}
+
+
+def _signature(fn):
+  got, kw_only_seen = [], False
+  for p in inspect.signature(fn).parameters.values():
+    if p.kind is p.KEYWORD_ONLY and not kw_only_seen:
+      got.append("*")
+      kw_only_seen = True
+    got.append((p.name, p.default))
+  return got
+
+
+@pytest.mark.parametrize("name", sorted(RENORM_SIGNATURES))
+def test_batch_renorm_signatures_and_docstrings(name):
+  fn = getattr(jaxnorm.batch_norm, name)
+  assert _signature(fn) == RENORM_SIGNATURES[name]
+  doc = inspect.getdoc(fn)
+  for section in (".. math::", "Args:", "Returns:", "Raises:"):
+    assert section in doc, f"{name} lacks {section}"
+
+
 def test_all_lists_exactly_the_public_names():
   public = {n for n, v in vars(jaxnorm).items()
             if not n.startswith("_") and not isinstance(v, types.ModuleType)}
@@ -53,14 +90,7 @@ def test_all_lists_exactly_the_public_names():
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_signature_matches_issue(name):
-  params = list(inspect.signature(getattr(jaxnorm, name)).parameters.values())
-  got, kw_only_seen = [], False
-  for p in params:
-    if p.kind is p.KEYWORD_ONLY and not kw_only_seen:
-      got.append("*")
-      kw_only_seen = True
-    got.append((p.name, p.default))
-  assert got == SIGNATURES[name]
+  assert _signature(getattr(jaxnorm, name)) == SIGNATURES[name]
 
 
 def test_batch_norm_state_fields():
