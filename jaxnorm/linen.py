@@ -23,11 +23,15 @@ the statistics in at least float32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.errors
 import flax.linen as nn
+from flax.core import unfreeze
 import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as _dtypes
@@ -35,15 +39,19 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 from jax.typing import ArrayLike
 
+from jaxnorm import interop
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_train
+from jaxnorm.batch_norm import batch_renorm_schedule
+from jaxnorm.batch_norm import batch_renorm_train
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
 from jaxnorm.variants import rms_norm
 
-__all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm",
+           "InstanceNorm", "LayerNorm", "RMSNorm", "recalibrate_batch_norm"]
 
 
 def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
@@ -91,6 +99,41 @@ def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
   return fn(x.astype(compute), *cast).astype(out)
 
 
+# Set while recalibrate_batch_norm traces the model: every jaxnorm BatchNorm
+# (linen and nnx) then computes batch statistics and stores them as they are.
+_RECALIBRATING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "jaxnorm_recalibrating", default=False)
+
+
+@contextlib.contextmanager
+def _recalibrating() -> Iterator[None]:
+  token = _RECALIBRATING.set(True)
+  try:
+    yield
+  finally:
+    _RECALIBRATING.reset(token)
+
+
+def _needs_count(mdl: Any) -> str | None:
+  """The option of ``mdl`` whose running average depends on ``count``."""
+  if mdl.momentum is None:
+    return "momentum=None"
+  if mdl.debias:
+    return "debias=True"
+  if mdl.renorm:
+    return "renorm=True"
+  return None
+
+
+def _check_count_option(mdl: Any, cls: str) -> None:
+  option = _needs_count(mdl)
+  if option is not None and not mdl.track_count:
+    raise ValueError(
+        f"{cls}: {option} needs the number of updates made so far "
+        f"(`count`), but track_count=False drops it. Fix: keep "
+        f"track_count=True (the default).")
+
+
 def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
                 params: list[jax.Array | None], *, train: bool,
                 axis_name: Any, mask: ArrayLike | None,
@@ -99,33 +142,33 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
   """One BatchNorm step for the linen and nnx modules (options on ``mdl``).
 
   Returns ``(y, new_state)`` in training mode and ``(y, None)`` in eval mode.
+  During ``recalibrate_batch_norm`` the step is plain training-mode
+  BatchNorm with ``momentum=0.0`` (the new state holds the batch
+  statistics; ``running_var`` and ``virtual_batch_size`` still apply).
   """
   axis = _as_axes(mdl.axis)
   if not train:
     return _run(x, params, mdl.dtype, lambda xc, s, b: batch_norm_infer(
         xc, state, s, b, axis=axis, epsilon=mdl.epsilon), promote_with), None
   out = {}
+  kw = dict(axis=axis, momentum=mdl.momentum, epsilon=mdl.epsilon,
+            axis_name=axis_name, axis_index_groups=mdl.axis_index_groups,
+            mask=_as_mask(mask), running_var=mdl.running_var,
+            debias=mdl.debias, virtual_batch_size=mdl.virtual_batch_size)
+  train_fn = batch_norm_train
+  if _RECALIBRATING.get():
+    kw.update(momentum=0.0, debias=False)
+  elif mdl.renorm:
+    rmax, dmax = mdl.renorm_schedule(state.count)
+    train_fn = lambda *a, **k: batch_renorm_train(*a, rmax=rmax, dmax=dmax,
+                                                  **k)
 
   def step(xc, s, b):
-    y, out["state"] = batch_norm_train(
-        xc, state, s, b, axis=axis, momentum=mdl.momentum,
-        epsilon=mdl.epsilon, axis_name=axis_name,
-        axis_index_groups=mdl.axis_index_groups, mask=_as_mask(mask))
+    y, out["state"] = train_fn(xc, state, s, b, **kw)
     return y
 
   y = _run(x, params, mdl.dtype, step, promote_with)
   return y, out["state"]
-
-
-def _no_axis_name(cls: str, axis_name: Any, api: str = "linen") -> None:
-  if axis_name is not None:
-    raise NotImplementedError(
-        f"jaxnorm.{api}.{cls}: `axis_name`={axis_name!r} is not supported yet: "
-        f"the pure function behind {cls} takes no `axis_name` (only "
-        f"batch_norm_train does). Statistics of {cls} are per example, so an "
-        f"axis name is only needed when a single example is split across "
-        f"devices; use flax.{api}.{cls} for that case for now."
-    )
 
 
 class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
@@ -155,6 +198,14 @@ class BatchNorm(nn.Module):
   ``momentum``; in eval mode the running statistics replace the batch ones.
   It calls ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
 
+  Research and convention options (issue 8), all as in
+  ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
+  PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
+  (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),
+  and ``renorm=True`` (Batch Renormalization, ``batch_renorm_train``, with
+  ``rmax, dmax = renorm_schedule(count)``). ``recalibrate_batch_norm``
+  recomputes the statistics of a trained model ("precise BN").
+
   Variables (as flax): ``params/scale`` and ``params/bias`` of the feature
   shape ``[x.shape[a] for a in axis]`` in ``param_dtype``;
   ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones) of the feature
@@ -166,8 +217,11 @@ class BatchNorm(nn.Module):
   ``mean``/``var`` only and runs unchanged, without adding anything. In
   training mode with ``mutable=['batch_stats']`` the returned ``batch_stats``
   gain ``count``, started at 0 at the first update made by jaxnorm (it counts
-  updates since the tree was loaded; the running averages do not depend on
-  it). To produce trees exactly like flax's, set ``track_count=False``.
+  updates since the tree was loaded). The plain EMA does not depend on it;
+  ``momentum=None``, ``debias=True`` and the renorm schedule do (with
+  ``count=0`` the first update replaces the loaded statistics), so set
+  ``count`` when loading a tree for them. To produce trees exactly like
+  flax's, set ``track_count=False`` (not allowed with those options).
 
   Statistics are not updated during ``init`` (``self.is_initializing()``),
   and ``axis_name`` is not used during ``init``, as in flax. If the ``init``
@@ -180,7 +234,8 @@ class BatchNorm(nn.Module):
       exactly one of the two must be set).
     axis: feature axis or axes (default -1).
     momentum: weight of the old running value, in [0, 1] (default 0.99;
-      PyTorch's momentum ``p`` is ``1 - p`` here).
+      PyTorch's momentum ``p`` is ``1 - p`` here), or None for the
+      cumulative moving average (PyTorch's ``momentum=None``).
     epsilon: added to the variance (default 1e-5).
     dtype: output dtype (default: promotion of input and parameter dtypes).
     param_dtype: dtype of ``scale``/``bias`` (default float32).
@@ -198,6 +253,16 @@ class BatchNorm(nn.Module):
     force_float32_reductions: as flax: if False the ``batch_stats`` are stored
       in ``param_dtype``. The reductions are always done in at least float32.
     track_count: keep ``batch_stats/count`` (jaxnorm only; default True).
+    running_var: ``"biased"`` (default, as flax) or ``"unbiased"`` (store
+      :math:`\\frac{n}{n-1}\\sigma^2_B`, as PyTorch); the normalization
+      always uses the biased variance.
+    debias: zero-debiased EMA (as Haiku): correct from the first update.
+    virtual_batch_size: Ghost BatchNorm: statistics per virtual batch of
+      this many examples (a divisor of the batch size); None for one batch.
+    renorm: Batch Renormalization in training mode (Ioffe, 2017).
+    renorm_schedule: ``count -> (rmax, dmax)`` used when ``renorm=True``
+      (default ``jaxnorm.batch_norm.batch_renorm_schedule``, the paper's
+      schedule; e.g. ``lambda count: (3.0, 5.0)`` for fixed clips).
 
   Raises:
     flax.errors.ScopeParamShapeError / ScopeVariableError: as flax, for
@@ -206,13 +271,14 @@ class BatchNorm(nn.Module):
       ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``
       whose message names the fix).
     ValueError: a training batch with one element per feature,
-      and the errors of ``jaxnorm.batch_norm_train`` (bad axis, momentum,
-      epsilon, mask shape, unbound ``axis_name``).
+      ``track_count=False`` with an option that needs ``count``, and the
+      errors of ``jaxnorm.batch_norm_train`` (bad axis, momentum, epsilon,
+      mask shape, running_var, virtual_batch_size, unbound ``axis_name``).
   """
 
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
-  momentum: float = 0.99
+  momentum: float | None = 0.99
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -225,6 +291,12 @@ class BatchNorm(nn.Module):
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
   track_count: bool = True
+  running_var: str = "biased"
+  debias: bool = False
+  virtual_batch_size: int | None = None
+  renorm: bool = False
+  renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
+      batch_renorm_schedule)
 
   @nn.compact
   def __call__(
@@ -270,7 +342,9 @@ class BatchNorm(nn.Module):
              else jnp.zeros((), jnp.int32))
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
-    train = not use_running_average
+    train = not use_running_average or _RECALIBRATING.get()
+    if train and not _RECALIBRATING.get():
+      _check_count_option(self, "jaxnorm.linen.BatchNorm")
     if train and self.is_initializing():
       per_feature = math.prod(
           d for i, d in enumerate(x.shape) if i not in feat)
@@ -318,8 +392,11 @@ class LayerNorm(nn.Module):
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: axes of the statistics (default -1).
     feature_axes: axes the parameters vary along (default -1).
-    axis_name: must be None (not supported by ``jaxnorm.layer_norm`` yet).
-    axis_index_groups: accepted for compatibility; unused without axis_name.
+    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
+      the *reduced* axes are split (e.g. a sharded hidden axis): the
+      statistics are merged exactly over it (``jaxnorm.layer_norm``).
+    axis_index_groups: replica groups within ``axis_name`` (ignored without
+      it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
       jaxnorm always computes the variance in two passes in at least float32,
       which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
@@ -327,7 +404,6 @@ class LayerNorm(nn.Module):
       reduces in at least float32.
 
   Raises:
-    NotImplementedError: ``axis_name`` is not None.
     ValueError / TypeError: the errors of ``jaxnorm.layer_norm``.
   """
 
@@ -358,7 +434,6 @@ class LayerNorm(nn.Module):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    _no_axis_name("LayerNorm", self.axis_name)
     x = jnp.asarray(x)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
@@ -366,7 +441,15 @@ class LayerNorm(nn.Module):
     return _run(x, params, self.dtype, lambda xc, s, b: layer_norm(
         xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask)))
+        mask=_as_mask(mask), **_named(self)))
+
+
+def _named(mdl: Any) -> dict[str, Any]:
+  """``axis_name``/``axis_index_groups`` for the variants (flax ignores the
+  groups without a name; the pure functions reject that combination)."""
+  return dict(axis_name=mdl.axis_name,
+              axis_index_groups=(None if mdl.axis_name is None
+                                 else mdl.axis_index_groups))
 
 
 def _as_axes(axes: Axes) -> int | tuple[int, ...]:
@@ -391,14 +474,16 @@ class RMSNorm(nn.Module):
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: axes of the mean square (default -1).
     feature_axes: axes ``scale`` varies along (default -1).
-    axis_name: must be None (not supported by ``jaxnorm.rms_norm`` yet).
-    axis_index_groups: accepted for compatibility; unused without axis_name.
+    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
+      the *reduced* axes are split (e.g. a sharded hidden axis): the
+      statistics are merged exactly over it (``jaxnorm.rms_norm``).
+    axis_index_groups: replica groups within ``axis_name`` (ignored without
+      it, as in flax).
     use_fast_variance: accepted for compatibility (no variance here).
     force_float32_reductions: accepted; jaxnorm always reduces in at least
       float32.
 
   Raises:
-    NotImplementedError: ``axis_name`` is not None.
     ValueError / TypeError: the errors of ``jaxnorm.rms_norm``.
   """
 
@@ -426,7 +511,6 @@ class RMSNorm(nn.Module):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    _no_axis_name("RMSNorm", self.axis_name)
     x = jnp.asarray(x)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
@@ -435,7 +519,7 @@ class RMSNorm(nn.Module):
     return _run(x, [scale], self.dtype, lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask)))
+        mask=_as_mask(mask), **_named(self)))
 
 
 class GroupNorm(nn.Module):
@@ -465,8 +549,11 @@ class GroupNorm(nn.Module):
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: axes of the statistics; must include the last axis;
       None = all axes but the first.
-    axis_name: must be None (not supported by ``jaxnorm.group_norm`` yet).
-    axis_index_groups: accepted for compatibility; unused without axis_name.
+    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
+      the *reduced* axes are split (e.g. a sharded hidden axis): the
+      statistics are merged exactly over it (``jaxnorm.group_norm``).
+    axis_index_groups: replica groups within ``axis_name`` (ignored without
+      it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
       jaxnorm always computes the variance in two passes in at least float32,
       which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
@@ -474,7 +561,6 @@ class GroupNorm(nn.Module):
       float32.
 
   Raises:
-    NotImplementedError: ``axis_name`` is not None.
     ValueError / TypeError: the errors of ``jaxnorm.group_norm`` (groups
       that do not divide the channels, both or neither of ``num_groups`` and
       ``group_size``, ``reduction_axes`` without the last axis).
@@ -507,13 +593,13 @@ class GroupNorm(nn.Module):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    _no_axis_name("GroupNorm", self.axis_name)
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
     red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
     return _run(x, params, self.dtype, lambda xc, s, b: group_norm(
         xc, s, b, num_groups=self.num_groups, group_size=self.group_size,
-        reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask)))
+        reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask),
+        **_named(self)))
 
 
 class InstanceNorm(nn.Module):
@@ -537,8 +623,11 @@ class InstanceNorm(nn.Module):
     bias_init: initializer of ``bias`` (zeros).
     scale_init: initializer of ``scale`` (ones).
     feature_axes: axes kept (default -1); axis 0 is the batch.
-    axis_name: must be None (not supported by ``jaxnorm.instance_norm`` yet).
-    axis_index_groups: accepted for compatibility; unused without axis_name.
+    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
+      the *reduced* axes are split (e.g. a sharded hidden axis): the
+      statistics are merged exactly over it (``jaxnorm.instance_norm``).
+    axis_index_groups: replica groups within ``axis_name`` (ignored without
+      it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
       jaxnorm always computes the variance in two passes in at least float32,
       which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
@@ -546,7 +635,6 @@ class InstanceNorm(nn.Module):
       float32.
 
   Raises:
-    NotImplementedError: ``axis_name`` is not None.
     ValueError / TypeError: the errors of ``jaxnorm.instance_norm``.
   """
 
@@ -575,11 +663,109 @@ class InstanceNorm(nn.Module):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    _no_axis_name("InstanceNorm", self.axis_name)
     x = jnp.asarray(x)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
     return _run(x, params, self.dtype, lambda xc, s, b: instance_norm(
         xc, s, b, feature_axes=_as_axes(self.feature_axes),
-        epsilon=self.epsilon, mask=_as_mask(mask)))
+        epsilon=self.epsilon, mask=_as_mask(mask), **_named(self)))
+
+
+_NOT_BATCH_STATS = (
+    "{fn}: the model's batch_stats after a recalibration step depend on the "
+    "running statistics passed in, so some layer did not return its batch "
+    "statistics. Every BatchNorm of the model must be a "
+    "jaxnorm.{api}.BatchNorm (flax's own BatchNorm is not switched to "
+    "momentum 0: replace it, or use jaxnorm.recalibrate_batch_norm with a "
+    "momentum=0.0 clone), and every feature needs valid elements in each "
+    "batch (masks). check=False skips this test.")
+
+
+def _recalibrate(fn: str, api: str, stats_fn, stats, batches, rest, check,
+                 jit):
+  """interop.recalibrate_batch_norm with the modules switched over."""
+  with _recalibrating():
+    try:
+      return interop.recalibrate_batch_norm(
+          stats_fn, stats, ((rest, b) for b in batches), check=check,
+          jit=jit)
+    except ValueError as e:
+      if "depends on the running statistics" in str(e):
+        raise ValueError(_NOT_BATCH_STATS.format(fn=fn, api=api)) from None
+      raise
+
+
+def recalibrate_batch_norm(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    check: bool = True,
+    jit: bool = True,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+  """Precise BN for linen models: running statistics as exact batch averages.
+
+  Every ``jaxnorm.linen.BatchNorm`` of ``model`` gets, over the :math:`K`
+  batches,
+
+  .. math::
+     \\mu = \\frac{1}{K}\\sum_{k=1}^{K} \\mu_k, \\qquad
+     \\sigma^2 = \\frac{1}{K}\\sum_{k=1}^{K} \\sigma^2_k, \\qquad
+     \\text{count} = K,
+
+  where :math:`\\mu_k, \\sigma^2_k` are the layer's batch statistics for
+  batch :math:`k` computed with the model's current weights (like PyTorch's
+  ``swa_utils.update_bn``; see ``jaxnorm.recalibrate_batch_norm``, which
+  this wraps). During the passes every jaxnorm BatchNorm layer runs in
+  training mode (batch statistics) with ``momentum=0.0`` whatever its
+  ``use_running_average``, ``momentum``, ``debias`` or ``renorm``;
+  ``running_var`` and ``virtual_batch_size`` still apply (so
+  ``"unbiased"`` averages unbiased batch variances, as PyTorch). The rest of
+  the model runs as ``apply_kwargs`` say (e.g. ``train=False`` keeps dropout
+  off). Example::
+
+    variables = jaxnorm.linen.recalibrate_batch_norm(
+        model, variables, (x for x, _ in loader), train=False)
+
+  Args:
+    model: the linen module.
+    variables: its variables, with a ``"batch_stats"`` collection (the
+      other collections are passed to ``model.apply`` unchanged).
+    batches: iterable of :math:`K \\ge 1` inputs; each is passed as the
+      first positional argument of ``model.apply`` (any pytree).
+    check: raise if a layer's statistics depend on the incoming running
+      statistics (e.g. a ``flax.linen.BatchNorm`` in the model); costs one
+      extra pass.
+    jit: compile the pass with ``jax.jit``.
+    **apply_kwargs: further keyword arguments of ``model.apply`` (e.g.
+      ``train=False``, ``method=...``); they must be hashable or arrays.
+
+  Returns:
+    A new variables dict: ``variables`` with ``"batch_stats"`` replaced by
+    the averaged statistics (same structure, shapes and dtypes).
+
+  Raises:
+    ValueError: no ``"batch_stats"`` in ``variables``, no batches, or (with
+      ``check``) a BatchNorm layer that is not jaxnorm's.
+  """
+  fn = "jaxnorm.linen.recalibrate_batch_norm"
+  if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+    raise ValueError(
+        f"{fn}: `variables` must be the model's variables with a "
+        f"'batch_stats' collection (from model.init); got "
+        f"{list(variables) if isinstance(variables, Mapping) else variables!r}."
+    )
+  rest = {k: v for k, v in variables.items() if k != "batch_stats"}
+
+  def stats_fn(stats, rest_and_batch):
+    rest, batch = rest_and_batch
+    _, upd = model.apply({**rest, "batch_stats": stats}, batch,
+                         mutable=["batch_stats"], **apply_kwargs)
+    return upd["batch_stats"]
+
+  stats = _recalibrate(fn, "linen", stats_fn,
+                       unfreeze(variables["batch_stats"]), batches, rest,
+                       check, jit)
+  return {**variables, "batch_stats": stats}

@@ -21,6 +21,7 @@ number of running-average updates); ``track_count=False`` drops it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -32,17 +33,22 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.typing import ArrayLike
 
 from jaxnorm.batch_norm import BatchNormState
+from jaxnorm.batch_norm import batch_renorm_schedule
+from jaxnorm.linen import _RECALIBRATING
 from jaxnorm.linen import _as_axes
 from jaxnorm.linen import _as_mask
 from jaxnorm.linen import _batch_norm
-from jaxnorm.linen import _no_axis_name
+from jaxnorm.linen import _check_count_option
+from jaxnorm.linen import _named
+from jaxnorm.linen import _recalibrate
 from jaxnorm.linen import _run
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
 from jaxnorm.variants import rms_norm
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+           "recalibrate_batch_norm"]
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
@@ -98,19 +104,30 @@ class BatchNorm(_Affine):
   ``momentum``; eval mode uses the running statistics. Calls
   ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
 
+  Research and convention options (issue 8), as in
+  ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
+  PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
+  (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),
+  ``renorm=True`` (Batch Renormalization with ``rmax, dmax =
+  renorm_schedule(count)``). ``jaxnorm.nnx.recalibrate_batch_norm``
+  recomputes the statistics of a trained model ("precise BN").
+
   Variables: ``scale``, ``bias`` (``nnx.Param``, shape ``(num_features,)``,
   ``param_dtype``); ``mean`` (zeros), ``var`` (ones) (``nnx.BatchStat``,
   float32); ``count`` (``nnx.BatchStat``, int32 scalar, 0) unless
   ``track_count=False``. A state saved from ``flax.nnx.BatchNorm`` (no
   ``count``) loads with ``nnx.update(model, state)``; ``count`` then keeps
-  its value (it counts jaxnorm's updates; the averages do not depend on it).
+  its value (it counts jaxnorm's updates; the plain EMA does not depend on
+  it, ``momentum=None``, ``debias=True`` and the renorm schedule do: set it
+  when loading statistics for them).
 
   Args:
     num_features: size of the feature axis (or a tuple for several axes).
     use_running_average: default mode (False = training); overridden by the
       call argument, ``model.train()``/``model.eval()`` or ``nnx.view``.
     axis: feature axis or axes (default -1).
-    momentum: weight of the old running value, in [0, 1] (default 0.99).
+    momentum: weight of the old running value, in [0, 1] (default 0.99),
+      or None for the cumulative moving average (PyTorch's momentum=None).
     epsilon: added to the variance (default 1e-5).
     dtype: output dtype (default: promotion of input, params and stats).
     param_dtype: dtype of ``scale``/``bias`` (default float32).
@@ -129,9 +146,19 @@ class BatchNorm(_Affine):
     bias_metadata: metadata of the ``bias`` Param.
     scale_metadata: metadata of the ``scale`` Param.
     track_count: keep the ``count`` BatchStat (default True).
+    running_var: ``"biased"`` (default) or ``"unbiased"`` (PyTorch's
+      :math:`\\frac{n}{n-1}\\sigma^2_B` in the running variance).
+    debias: zero-debiased EMA (as Haiku): correct from the first update.
+    virtual_batch_size: Ghost BatchNorm virtual batch size (a divisor of
+      the batch size) or None.
+    renorm: Batch Renormalization in training mode (Ioffe, 2017).
+    renorm_schedule: ``count -> (rmax, dmax)`` for ``renorm=True`` (default
+      the paper's ``jaxnorm.batch_norm.batch_renorm_schedule``).
 
   Raises:
     TypeError: ``num_features`` is not a positive int or tuple of them.
+    ValueError: ``track_count=False`` with ``momentum=None``,
+      ``debias=True`` or ``renorm=True`` (they need ``count``).
   """
 
   def __init__(
@@ -140,7 +167,7 @@ class BatchNorm(_Affine):
       *,
       use_running_average: bool | None = False,
       axis: int | tuple[int, ...] = -1,
-      momentum: float = 0.99,
+      momentum: float | None = 0.99,
       epsilon: float = 1e-5,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
@@ -156,6 +183,12 @@ class BatchNorm(_Affine):
       bias_metadata: Mapping[str, Any] = _EMPTY,
       scale_metadata: Mapping[str, Any] = _EMPTY,
       track_count: bool = True,
+      running_var: str = "biased",
+      debias: bool = False,
+      virtual_batch_size: int | None = None,
+      renorm: bool = False,
+      renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
+          batch_renorm_schedule),
   ):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -182,6 +215,12 @@ class BatchNorm(_Affine):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
     self.track_count = track_count
+    self.running_var = running_var
+    self.debias = debias
+    self.virtual_batch_size = virtual_batch_size
+    self.renorm = renorm
+    self.renorm_schedule = renorm_schedule
+    _check_count_option(self, "jaxnorm.nnx.BatchNorm")
 
   def __call__(
       self,
@@ -219,7 +258,8 @@ class BatchNorm(_Affine):
                            count=count)
     params = [_value(self.scale), _value(self.bias)]
     y, new = _batch_norm(self, x, state, params,
-                         train=not use_running_average, mask=mask,
+                         train=not use_running_average or _RECALIBRATING.get(),
+                         mask=mask,
                          axis_name=self.axis_name,
                          promote_with=(state.mean, state.var))
     if new is None:
@@ -274,8 +314,9 @@ class LayerNorm(_Affine):
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: axes of the statistics (default -1).
     feature_axes: axes the params vary along (default -1).
-    axis_name: must be None (``jaxnorm.layer_norm`` takes none yet).
-    axis_index_groups: accepted; unused without ``axis_name``.
+    axis_name: name(s) of a mapped axis over which the reduced axes are
+      split; statistics merged exactly over it (``jaxnorm.layer_norm``).
+    axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
     promote_dtype: accepted for compatibility; flax's default rule is used.
     rngs: ``nnx.Rngs`` for the initializers.
@@ -284,7 +325,6 @@ class LayerNorm(_Affine):
 
   Raises:
     TypeError: bad ``num_features``.
-    NotImplementedError: ``axis_name`` is not None.
   """
 
   def __init__(self, num_features: int | tuple[int, ...], *,
@@ -297,7 +337,6 @@ class LayerNorm(_Affine):
                promote_dtype: Any = None, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
-    _no_axis_name("LayerNorm", axis_name, "nnx")
     shape = _feature_shape("LayerNorm", num_features)
     self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
                       scale_init=scale_init, bias_init=bias_init,
@@ -326,7 +365,8 @@ class LayerNorm(_Affine):
                 lambda xc, s, b: layer_norm(
                     xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
                     feature_axes=_as_axes(self.feature_axes),
-                    epsilon=self.epsilon, mask=_as_mask(mask)))
+                    epsilon=self.epsilon, mask=_as_mask(mask),
+                    **_named(self)))
 
 
 class RMSNorm(_Affine):
@@ -348,8 +388,9 @@ class RMSNorm(_Affine):
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: axes of the mean square (default -1).
     feature_axes: axes ``scale`` varies along (default -1).
-    axis_name: must be None (``jaxnorm.rms_norm`` takes none yet).
-    axis_index_groups: accepted; unused.
+    axis_name: name(s) of a mapped axis over which the reduced axes are
+      split; statistics merged exactly over it (``jaxnorm.rms_norm``).
+    axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted; no variance is computed.
     promote_dtype: accepted for compatibility; flax's default rule is used.
     rngs: ``nnx.Rngs`` for the initializer.
@@ -357,7 +398,6 @@ class RMSNorm(_Affine):
 
   Raises:
     TypeError: bad ``num_features``.
-    NotImplementedError: ``axis_name`` is not None.
   """
 
   def __init__(self, num_features: int | tuple[int, ...], *,
@@ -368,7 +408,6 @@ class RMSNorm(_Affine):
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = None, rngs: nnx.Rngs,
                scale_metadata: Mapping[str, Any] = _EMPTY):
-    _no_axis_name("RMSNorm", axis_name, "nnx")
     shape = _feature_shape("RMSNorm", num_features)
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -396,7 +435,7 @@ class RMSNorm(_Affine):
     return _run(x, [_value(self.scale)], self.dtype, lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask)))
+        mask=_as_mask(mask), **_named(self)))
 
 
 class GroupNorm(_Affine):
@@ -422,8 +461,9 @@ class GroupNorm(_Affine):
     bias_init: initializer of ``bias`` (zeros).
     scale_init: initializer of ``scale`` (ones).
     reduction_axes: statistics axes incl. the last; None = all but axis 0.
-    axis_name: must be None (``jaxnorm.group_norm`` takes none yet).
-    axis_index_groups: accepted; unused.
+    axis_name: name(s) of a mapped axis over which the reduced axes are
+      split; statistics merged exactly over it (``jaxnorm.group_norm``).
+    axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
     promote_dtype: accepted for compatibility; flax's default rule is used.
     rngs: ``nnx.Rngs`` for the initializers.
@@ -435,7 +475,6 @@ class GroupNorm(_Affine):
       grouping that does not divide ``num_features`` (at construction, as
       flax).
     TypeError: bad ``num_features``.
-    NotImplementedError: ``axis_name`` is not None.
   """
 
   def __init__(self, num_features: int, num_groups: int | None = 32,
@@ -449,7 +488,6 @@ class GroupNorm(_Affine):
                promote_dtype: Any = None, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
-    _no_axis_name("GroupNorm", axis_name, "nnx")
     (c,) = _feature_shape("GroupNorm", num_features)
     if (num_groups is None) == (group_size is None):
       raise ValueError(
@@ -499,7 +537,7 @@ class GroupNorm(_Affine):
                 lambda xc, s, b: group_norm(
                     xc, s, b, num_groups=self.num_groups,
                     reduction_axes=red, epsilon=self.epsilon,
-                    mask=_as_mask(mask)))
+                    mask=_as_mask(mask), **_named(self)))
 
 
 class InstanceNorm(_Affine):
@@ -522,8 +560,9 @@ class InstanceNorm(_Affine):
     bias_init: initializer of ``bias`` (zeros).
     scale_init: initializer of ``scale`` (ones).
     feature_axes: feature axes (default -1); axis 0 is the batch.
-    axis_name: must be None (``jaxnorm.instance_norm`` takes none yet).
-    axis_index_groups: accepted; unused.
+    axis_name: name(s) of a mapped axis over which the reduced axes are
+      split; statistics merged exactly over it (``jaxnorm.instance_norm``).
+    axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
     promote_dtype: accepted for compatibility; flax's default rule is used.
     rngs: ``nnx.Rngs`` for the initializers.
@@ -532,7 +571,6 @@ class InstanceNorm(_Affine):
 
   Raises:
     TypeError: bad ``num_features``.
-    NotImplementedError: ``axis_name`` is not None.
   """
 
   def __init__(self, num_features: int | tuple[int, ...], *,
@@ -544,7 +582,6 @@ class InstanceNorm(_Affine):
                use_fast_variance: bool = True, promote_dtype: Any = None,
                rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
-    _no_axis_name("InstanceNorm", axis_name, "nnx")
     shape = _feature_shape("InstanceNorm", num_features)
     self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
                       scale_init=scale_init, bias_init=bias_init,
@@ -571,4 +608,67 @@ class InstanceNorm(_Affine):
     return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
                 lambda xc, s, b: instance_norm(
                     xc, s, b, feature_axes=_as_axes(self.feature_axes),
-                    epsilon=self.epsilon, mask=_as_mask(mask)))
+                    epsilon=self.epsilon, mask=_as_mask(mask),
+                    **_named(self)))
+
+
+def recalibrate_batch_norm(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    check: bool = True,
+    jit: bool = True,
+    **call_kwargs: Any,
+) -> None:
+  """Precise BN for nnx models: running statistics as exact batch averages.
+
+  Every ``jaxnorm.nnx.BatchNorm`` in ``model`` gets, over the :math:`K`
+  batches,
+
+  .. math::
+     \\mu = \\frac{1}{K}\\sum_{k=1}^{K} \\mu_k, \\qquad
+     \\sigma^2 = \\frac{1}{K}\\sum_{k=1}^{K} \\sigma^2_k, \\qquad
+     \\text{count} = K,
+
+  the batch statistics of each batch computed with the model's current
+  weights (PyTorch's ``swa_utils.update_bn``; wraps
+  ``jaxnorm.recalibrate_batch_norm``). During the passes every jaxnorm
+  BatchNorm runs in training mode with ``momentum=0.0`` whatever its mode,
+  ``momentum``, ``debias`` or ``renorm`` (``running_var`` and
+  ``virtual_batch_size`` still apply); the rest of the model runs in its
+  current mode (e.g. after ``model.eval()`` dropout stays off). Only the
+  ``nnx.BatchStat`` variables change, in place. Example::
+
+    jaxnorm.nnx.recalibrate_batch_norm(model, (x for x, _ in loader))
+
+  Args:
+    model: the nnx module (updated in place).
+    batches: iterable of :math:`K \\ge 1` inputs, each passed as
+      ``model(batch, **call_kwargs)``.
+    check: raise if a layer's statistics depend on the incoming running
+      statistics (e.g. a ``flax.nnx.BatchNorm`` in the model); costs one
+      extra pass.
+    jit: compile the pass with ``jax.jit``.
+    **call_kwargs: further keyword arguments of the model's call.
+
+  Returns:
+    None; ``model``'s BatchStats hold the averaged statistics.
+
+  Raises:
+    ValueError: no batches, or (with ``check``) a BatchNorm layer that is
+      not jaxnorm's.
+  """
+  fn = "jaxnorm.nnx.recalibrate_batch_norm"
+  graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)
+
+  def stats_fn(pure_stats, rest_and_batch):
+    rest, batch = rest_and_batch
+    state = jax.tree.map(lambda a: a, stats)  # a fresh copy to fill in
+    nnx.replace_by_pure_dict(state, pure_stats)
+    m = nnx.merge(graphdef, state, rest)
+    m(batch, **call_kwargs)
+    return nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
+
+  new = _recalibrate(fn, "nnx", stats_fn, nnx.to_pure_dict(stats), batches,
+                     rest, check, jit)
+  nnx.update(model, new)

@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxnorm
 import jaxnorm.linen as jl
+from jaxnorm.batch_norm import batch_renorm_schedule
+from jaxnorm.batch_norm import batch_renorm_train
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -512,10 +515,11 @@ def test_layernorm_shifted_data_stable_where_flax_default_is_not():
   assert errs["jaxnorm"] < 1e-3, errs
 
 
-def test_layers_reject_axis_name_and_bad_groups():
+def test_layers_reject_unbound_axis_name_and_bad_groups():
   x = jnp.asarray(np.ones((2, 4, 6), np.float32))
   for name in ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"):
-    with pytest.raises(NotImplementedError, match="axis_name"):
+    # axis_name reaches the pure function, which names the fix.
+    with pytest.raises(ValueError, match=r"'batch' that is not bound"):
       getattr(jl, name)(axis_name="batch").init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="num_groups=4 does not divide"):
     jl.GroupNorm(num_groups=4).init(jax.random.key(0), x)
@@ -524,6 +528,126 @@ def test_layers_reject_axis_name_and_bad_groups():
   with pytest.raises(ValueError, match="batch axis"):
     jl.InstanceNorm(feature_axes=0).init(jax.random.key(0), x)
 
+
+
+def test_layernorm_axis_name_merges_a_sharded_hidden_axis_under_vmap():
+  """The hidden axis split over 2 'devices' (vmap): each shard normalized
+  with the statistics of the whole row, as the unsplit LayerNorm."""
+  x = _normal(21, (3, 8), scale=2.0, shift=1.0)
+  params = {"scale": _normal(22, (8,), shift=1.0), "bias": _normal(23, (8,))}
+  y = jl.LayerNorm().apply({"params": params}, x)
+  shard = lambda a: jnp.moveaxis(a.reshape(a.shape[:-1] + (2, 4)), -2, 0)
+  layer = jl.LayerNorm(axis_name="d")
+  ys = jax.vmap(lambda p, xi: layer.apply({"params": p}, xi),
+                axis_name="d")(jax.tree.map(shard, params), shard(x))
+  _close(jnp.moveaxis(ys, 0, -2).reshape(3, 8), y)
+  # Without the name each shard would use its own statistics.
+  ys_local = jax.vmap(lambda p, xi: jl.LayerNorm().apply({"params": p}, xi))(
+      jax.tree.map(shard, params), shard(x))
+  assert float(jnp.abs(ys_local - ys).max()) > 1e-2
+
+
+# ----------------------------------------- issue 8: BatchNorm options
+
+_BN_OPTIONS = {
+    "cumulative_unbiased": dict(momentum=None, running_var="unbiased"),
+    "debiased_ema": dict(momentum=0.9, debias=True),
+    "ghost": dict(momentum=0.8, virtual_batch_size=2),
+    "renorm": dict(momentum=0.9, renorm=True,
+                   renorm_schedule=lambda count: (1.5, 0.1)),
+}
+
+
+def _functional_steps(opts, xs, scale, bias):
+  """The same training steps through the pure functions."""
+  kw, fn = dict(opts), jaxnorm.batch_norm_train
+  if kw.pop("renorm", False):  # a constant schedule in _BN_OPTIONS
+    rmax, dmax = kw.pop("renorm_schedule")(0)
+    fn = functools.partial(batch_renorm_train, rmax=rmax, dmax=dmax)
+  state, ys = jaxnorm.batch_norm_init(scale.shape[0]), []
+  for x in xs:
+    y, state = fn(x, state, scale, bias, **kw)
+    ys.append(y)
+  return ys, state
+
+
+@pytest.mark.parametrize("name", sorted(_BN_OPTIONS))
+def test_batchnorm_options_match_the_pure_functions(name):
+  opts = _BN_OPTIONS[name]
+  xs = [_normal(30 + i, (4, 3), scale=2.0, shift=1.0) for i in range(2)]
+  params = {"scale": _normal(40, (3,), shift=1.0), "bias": _normal(41, (3,))}
+  model = jl.BatchNorm(use_running_average=False, **opts)
+  stats = model.init(jax.random.key(0), xs[0])["batch_stats"]
+  apply = jax.jit(lambda st, x: model.apply(
+      {"params": params, "batch_stats": st}, x, mutable=["batch_stats"]))
+  ys = []
+  for x in xs:
+    y, upd = apply(stats, x)
+    stats = upd["batch_stats"]
+    ys.append(y)
+  ys_ref, st_ref = _functional_steps(opts, xs, params["scale"],
+                                     params["bias"])
+  _close(ys, ys_ref)
+  _close((stats["mean"], stats["var"]), (st_ref.mean, st_ref.var))
+  assert int(stats["count"]) == 2
+
+
+def test_batchnorm_renorm_uses_the_schedule_at_count():
+  x = _normal(50, (6, 2), scale=3.0, shift=2.0)
+  stats = {"mean": jnp.zeros(2), "var": jnp.ones(2),
+           "count": jnp.asarray(30000, jnp.int32)}
+  y, _ = jl.BatchNorm(use_running_average=False, renorm=True,
+                      use_scale=False, use_bias=False).apply(
+                          {"batch_stats": stats}, x, mutable=["batch_stats"])
+  rmax, dmax = batch_renorm_schedule(30000)
+  y_ref, _ = batch_renorm_train(x, jaxnorm.BatchNormState(**stats),
+                                rmax=rmax, dmax=dmax)
+  _close(y, y_ref)
+  y_bn = jaxnorm.batch_norm_train(x, jaxnorm.BatchNormState(**stats))[0]
+  assert float(jnp.abs(y - y_bn).max()) > 1e-2  # r, d are active here
+
+
+def test_batchnorm_count_options_need_track_count():
+  x = _normal(51, (4, 2))
+  for opts in (dict(momentum=None), dict(debias=True), dict(renorm=True)):
+    with pytest.raises(ValueError, match="track_count=True"):
+      jl.BatchNorm(use_running_average=False, track_count=False,
+                   **opts).init(jax.random.key(0), x)
+
+
+class _RecalNet(nn.Module):
+  bn: Any = jl.BatchNorm
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(3)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return self.bn(use_running_average=not train, momentum=None,
+                   running_var="unbiased")(x)
+
+
+def test_recalibrate_linen_model_gives_exact_average_in_eval_mode():
+  batches = [np.asarray(_normal(60 + i, (8, 4), scale=2.0, shift=1.0))
+             for i in range(3)]
+  model = _RecalNet()
+  variables = model.init(jax.random.key(1), batches[0], train=False)
+  variables["batch_stats"]["BatchNorm_0"]["count"] = jnp.asarray(
+      7, jnp.int32)
+  new = jl.recalibrate_batch_norm(model, variables, batches, train=False)
+  kern = variables["params"]["Dense_0"]
+  h = [b.astype(np.float64) @ np.asarray(kern["kernel"], np.float64)
+       + np.asarray(kern["bias"], np.float64) for b in batches]
+  bn = new["batch_stats"]["BatchNorm_0"]
+  _close(bn["mean"], np.mean([a.mean(0) for a in h], 0))
+  _close(bn["var"], np.mean([a.var(0, ddof=1) for a in h], 0))
+  assert int(bn["count"]) == 3
+  assert new["params"] is variables["params"]
+  # A flax BatchNorm in the model is not switched over: a clear error.
+  flax_model = _RecalNet(bn=lambda use_running_average, **_: nn.BatchNorm(
+      use_running_average=use_running_average, momentum=0.9))
+  flax_vars = flax_model.init(jax.random.key(1), batches[0], train=False)
+  with pytest.raises(ValueError, match="jaxnorm.linen.BatchNorm"):
+    jl.recalibrate_batch_norm(flax_model, flax_vars, batches, train=False)
 
 
 # ------------------------------------------------------------ README text

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxnorm
 import jaxnorm.nnx as jn
+from jaxnorm.batch_norm import batch_renorm_train
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -254,8 +256,10 @@ def test_errors_name_the_problem():
     jn.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_groups=None"):
     jn.GroupNorm(6, group_size=2, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="axis_name"):
-    jn.LayerNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'batch' that is not bound"):
+    jn.LayerNorm(3, axis_name="batch", rngs=nnx.Rngs(0))(x)
+  with pytest.raises(ValueError, match="track_count=True"):
+    jn.BatchNorm(3, debias=True, track_count=False, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="num_features"):
     jn.BatchNorm(3.0, rngs=nnx.Rngs(0))
 
@@ -274,6 +278,75 @@ def test_axis_name_under_vmap_equals_unmapped():
   _close(ym.reshape(12, 2), y)
   _close(_pure(nnx.state(named, nnx.BatchStat)),
          _pure(nnx.state(full, nnx.BatchStat)))
+
+
+def test_rmsnorm_axis_name_merges_a_sharded_hidden_axis_under_vmap():
+  x = _normal(8, (3, 8), scale=2.0, shift=1.0)
+  y = jn.RMSNorm(8, use_scale=False, rngs=nnx.Rngs(0))(x)
+  named = jn.RMSNorm(4, use_scale=False, axis_name="d", rngs=nnx.Rngs(0))
+  shards = jnp.moveaxis(x.reshape(3, 2, 4), 1, 0)
+  ys = jax.vmap(named, axis_name="d")(shards)
+  _close(jnp.moveaxis(ys, 0, 1).reshape(3, 8), y)
+
+
+_BN_OPTIONS = {
+    "cumulative_unbiased": dict(momentum=None, running_var="unbiased"),
+    "debiased_ema": dict(momentum=0.9, debias=True),
+    "ghost": dict(momentum=0.8, virtual_batch_size=2),
+    "renorm": dict(momentum=0.9, renorm=True,
+                   renorm_schedule=lambda count: (1.5, 0.1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BN_OPTIONS))
+def test_batchnorm_options_match_the_pure_functions(name):
+  opts = dict(_BN_OPTIONS[name])
+  xs = [_normal(30 + i, (4, 3), scale=2.0, shift=1.0) for i in range(2)]
+  bn = jn.BatchNorm(3, rngs=nnx.Rngs(0), **opts)
+  fn = jaxnorm.batch_norm_train
+  if opts.pop("renorm", False):
+    rmax, dmax = opts.pop("renorm_schedule")(0)
+    fn = functools.partial(batch_renorm_train, rmax=rmax, dmax=dmax)
+  state = jaxnorm.batch_norm_init(3)
+  step = nnx.jit(lambda m, x: m(x))
+  for x in xs:
+    y = step(bn, x)
+    y_ref, state = fn(x, state, bn.scale[...], bn.bias[...], **opts)
+    _close(y, y_ref)
+  _close((bn.mean[...], bn.var[...], bn.count[...]),
+         (state.mean, state.var, state.count))
+
+
+class _RecalNet(nnx.Module):
+  def __init__(self, bn_cls, rngs):
+    self.dense = nnx.Linear(4, 3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.bn = bn_cls(3, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.drop(self.dense(x)))
+
+
+def test_recalibrate_nnx_model_in_eval_mode_gives_exact_average():
+  batches = [_normal(60 + i, (8, 4), scale=2.0, shift=1.0) for i in range(3)]
+  model = _RecalNet(functools.partial(jn.BatchNorm, debias=True),
+                    nnx.Rngs(0))
+  model.eval()  # dropout off; the BatchNorm still computes batch stats
+  params_before = _pure(nnx.state(model, nnx.Param))
+  jn.recalibrate_batch_norm(model, batches)
+  w = np.asarray(model.dense.kernel[...], np.float64)
+  b = np.asarray(model.dense.bias[...], np.float64)
+  h = [np.asarray(x, np.float64) @ w + b for x in batches]
+  _close((model.bn.mean[...], model.bn.var[...]),
+         (np.mean([a.mean(0) for a in h], 0), np.mean([a.var(0) for a in h],
+                                                     0)))
+  assert int(model.bn.count[...]) == 3
+  assert model.bn.use_running_average  # the mode is unchanged
+  _close(_pure(nnx.state(model, nnx.Param)), params_before)
+  flax_model = _RecalNet(nnx.BatchNorm, nnx.Rngs(0))
+  flax_model.eval()
+  with pytest.raises(ValueError, match="jaxnorm.nnx.BatchNorm"):
+    jn.recalibrate_batch_norm(flax_model, batches)
 
 
 README_NNX = '''
