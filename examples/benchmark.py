@@ -189,11 +189,17 @@ def torch_call(kind: str, op: str, x: np.ndarray):
   return run_bwd
 
 
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f64": "float64",
+           "f16": "float16", "i32": "int32", "bool": "bool"}
+
+
 def residual_bytes(f: Callable, *args) -> int:
-  """Bytes ``f`` saves for its backward pass, its own inputs excluded.
+  """Bytes ``f`` saves for its backward pass, inputs included.
 
   Parsed from ``jax.ad_checkpoint.print_saved_residuals`` (the public form of
   the residual listing): one line per residual, ``f32[4,6] output of ...``.
+  A saved input (``from the argument x``) counts too: saving it keeps it
+  alive until the backward pass, like any other residual.
   """
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
@@ -201,13 +207,11 @@ def residual_bytes(f: Callable, *args) -> int:
   total = 0
   for line in buf.getvalue().splitlines():
     m = re.match(r"(\w+)\[([\d,]*)\]", line)
-    if m is None or "argument" in line:
+    if m is None or "from a constant" in line:
       continue
     shape = [int(d) for d in m.group(2).split(",") if d]
-    total += int(np.prod(shape)) * jnp.dtype(m.group(1).replace(
-        "f32", "float32").replace("bf16", "bfloat16").replace(
-            "f64", "float64").replace("f16", "float16").replace(
-                "i32", "int32")).itemsize
+    dtype = jnp.dtype(_DTYPES.get(m.group(1), m.group(1)))
+    total += int(np.prod(shape)) * dtype.itemsize
   return total
 
 

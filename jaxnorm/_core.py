@@ -34,15 +34,27 @@ A plain ``jax.custom_vjp`` would refuse forward mode (``jax.jvp``,
 tangent map is *defined as the exact transpose of the hand-written VJP*
 (``jax.linear_transpose(_vjp)``). Reverse mode transposes that tangent map
 back, which reproduces the operations of ``_vjp`` one for one (transposition
-is an involution on linear ops): ``jax.grad`` runs the hand-derived backward,
-its residuals are :math:`\\hat x` and the per-group statistics
-(:math:`r` and :math:`w/n`; :math:`w/n` has the broadcast shape of the mask
-and the statistics, so only an elementwise mask makes it activation-sized),
+is an involution on linear ops): ``jax.grad`` runs the hand-derived backward
 and forward mode, ``jax.hessian`` and grad-of-grad work because everything
 is plain jnp. ``tests/test_transforms.py`` checks each of these claims:
 the saved residuals, that altering ``_vjp`` alters ``jax.grad`` and
 ``jax.jvp``, and that the same rules as a plain ``jax.custom_vjp`` refuse
 ``jax.jvp``.
+
+Performance
+-----------
+Normalization is memory-bound: its cost is its passes over the
+activations. ``_vjp`` is written in per-group-coefficient form (see its
+docstring) on the centred input ``x - hi`` instead of :math:`\\hat x`, so
+the residuals are ``x - hi`` (``x`` itself without centring: nothing new)
+and per-group statistics (:math:`\\mu` as ``hi + lo``, :math:`r`,
+:math:`w/n`; :math:`w/n` has the broadcast shape of the mask and the
+statistics, so only an elementwise mask makes it activation-sized), and
+no activation-sized product other than ``x - hi`` is ever built: in a
+jitted batch-norm forward+backward ``x - hi`` is written once (by the
+kernel of the first statistics pass) and every other full-size
+intermediate is fused into the reductions and the final ``dx`` pass
+(``tests/test_perf_structure.py``; ``examples/benchmark.py`` measures).
 """
 
 from __future__ import annotations
@@ -74,8 +86,27 @@ def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
 
+def _per_group(shape: tuple[int, ...] | None, axes: tuple[int, ...]) -> bool:
+  """Whether a parameter of ``shape`` is constant over the reduced ``axes``.
+
+  True for BatchNorm/InstanceNorm parameters (one per feature, the features
+  are not reduced), False for LayerNorm/RMSNorm/GroupNorm ones (they vary
+  inside each normalized group). Per-group parameters let every per-element
+  coefficient be folded into a per-group one.
+  """
+  return shape is None or all(shape[a] == 1 for a in axes)
+
+
 def _forward(cfg: _Config, x, scale, bias, mask):
-  """Primal computation; returns outputs and the residuals of ``_vjp``."""
+  """Primal computation; returns outputs and the residuals of ``_vjp``.
+
+  ``y = ((x - hi) - lo) * (r * scale) + bias``: ``x - hi`` is exact for
+  values near the mean (see ``_stats.moments``), and with per-feature
+  parameters ``r * scale`` is a per-feature coefficient, so ``y`` is one
+  elementwise pass over ``x``. Nothing activation-sized is built here for
+  the backward pass: it saves ``x`` itself (alive anyway as this op's
+  input) and recomputes ``x - hi`` where it needs it.
+  """
   count, hi, lo, var = _stats.moments(
       x,
       cfg.axes,
@@ -88,11 +119,14 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
   xf = x.astype(dt)
   # Centred as (x - hi) - lo: exact for shifted data (see _stats.moments).
-  xhat = ((xf - hi) - lo) * rstd if cfg.center else xf * rstd
+  d = (xf - hi) - lo if cfg.center else xf
   mean = hi + lo
-  y = xhat
-  if scale is not None:
-    y = y * scale.astype(dt)
+  if scale is None:
+    y = d * rstd
+  elif _per_group(scale.shape, cfg.axes):
+    y = d * (rstd * scale.astype(dt))  # a per-group coefficient
+  else:
+    y = (d * rstd) * scale.astype(dt)
   if bias is not None:
     y = y + bias.astype(dt)
   # Per-element weight of the statistics: w / n, with w the mask. It has the
@@ -103,7 +137,7 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   w_over_n = 1.0 / jnp.maximum(count, 1.0)
   if mask is not None:
     w_over_n = w_over_n * mask.astype(dt)
-  res = (xhat, rstd, w_over_n, scale)
+  res = (x, hi, lo, rstd, w_over_n, scale)
   return (y.astype(x.dtype), mean, var, count), res
 
 
@@ -126,33 +160,80 @@ def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
 
 
 def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
-  """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``."""
+  """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``.
+
+  In coefficient form, with ``d1 = x - hi`` (so ``xhat = (d1 - lo) r``),
+  ``g = dy``, ``s`` the scale, ``S_1 = \\sum_A g s`` and
+  ``S_2 = \\sum_A g s \\hat x`` (psum-ed over ``axis_name``):
+
+  ``dx = r s g - d1 k_2 - (k_1 - lo k_2)``, with ``k_1 = r (w/n) S_1`` and
+  ``k_2 = r^2 (w/n) S_2``,
+
+  which is the formula of the module docstring rearranged so that only
+  per-group coefficients multiply the two activation-sized inputs ``x`` and
+  ``dy``: one reduction pass (``\\sum g``, ``\\sum g d1``) and one
+  elementwise pass, reading ``x`` and ``dy``, and no ``xhat`` is ever
+  stored. ``\\sum g \\hat x = r (\\sum g d1 - lo \\sum g)`` keeps the
+  reductions independent of ``lo`` (XLA may fuse them with the statistics).
+  """
   x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
-  xhat, rstd, w_over_n, scale = res
+  x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
   g = dy.astype(dt)
-  dbias = None
-  if bias_aval is not None:
-    dbias = _like_primal(
-        _sum_to(g, bias_aval.shape).astype(bias_aval.dtype), bias_vma)
-  dscale = None
-  if scale_aval is not None:
-    dscale = _like_primal(
-        _sum_to(g * xhat, scale_aval.shape).astype(scale_aval.dtype),
-        scale_vma)
-    g = g * scale.astype(dt)
+  d1 = x.astype(dt) - hi if cfg.center else x.astype(dt)
   keep = dict(axis=cfg.axes, keepdims=True)
-  sum_gx = jnp.sum(g * xhat, **keep)
-  sums = (jnp.sum(g, **keep), sum_gx) if cfg.center else (sum_gx,)
+  s = None if scale is None else scale.astype(dt)
+  s_shape = None if scale_aval is None else scale_aval.shape
+  b_shape = None if bias_aval is None else bias_aval.shape
+
+  def gxhat_sum(gg, gg_sum):  # sum_A gg * xhat, via d1
+    sgd = jnp.sum(gg * d1, **keep)
+    return (sgd - lo * gg_sum if cfg.center else sgd) * rstd
+
+  if _per_group(s_shape, cfg.axes):
+    # s is constant over each group: reduce g and g * d1 once and reuse
+    # them for dbias, dscale and the two sums of dx.
+    sg = jnp.sum(g, **keep)
+    sgx = gxhat_sum(g, sg)  # sum_A g xhat
+    dbias = None
+    if bias_aval is not None:
+      dbias = (_sum_to(sg, b_shape) if _per_group(b_shape, cfg.axes) else
+               _sum_to(g, b_shape))
+    dscale = None if s is None else _sum_to(sgx, s_shape)
+    sums = (sg, sgx) if s is None else (sg * s, sgx * s)
+    a = rstd if s is None else rstd * s  # per group
+    g_r = g * a
+    dc, shift = d1, lo  # xhat = (dc - shift) * rstd
+  else:  # s varies inside each group (LayerNorm, RMSNorm, GroupNorm)
+    dc, shift = d1, (lo if cfg.center else None)
+    dbias = None if bias_aval is None else _sum_to(g, b_shape)
+    # g * xhat, ordered so that only d1 is activation-sized and known in
+    # the forward pass (partial evaluation would save any other such
+    # product as a second residual).
+    g_r = g * rstd
+    dscale = _sum_to(g_r * d1 - g_r * lo if cfg.center else g_r * d1,
+                     s_shape)
+    gs = g * s
+    sg = jnp.sum(gs, **keep)
+    sums = (sg, gxhat_sum(gs, sg))
+    g_r = g_r * s
+  if not cfg.center:
+    sums = sums[1:]
   if cfg.axis_name is not None:
     # One all-reduce carries both per-group sums.
     sums = jax.lax.psum(
         sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
-  corr = (sums[0] + xhat * sums[1]) if cfg.center else xhat * sums[0]
-  corr = corr * w_over_n
-  dx = (rstd * (g - corr)).astype(x_dtype)
-  return dx, dscale, dbias
+  k2 = (rstd * rstd) * (w_over_n * sums[-1])
+  dx = g_r - dc * k2
+  if cfg.center:
+    k1 = rstd * (w_over_n * sums[0])
+    dx = dx - (k1 - shift * k2)
+  if dbias is not None:
+    dbias = _like_primal(dbias.astype(bias_aval.dtype), bias_vma)
+  if dscale is not None:
+    dscale = _like_primal(dscale.astype(scale_aval.dtype), scale_vma)
+  return dx.astype(x_dtype), dscale, dbias
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -3,7 +3,8 @@
 The statistics of every normalizer are the triple ``(count, mean, M2)`` per
 normalized group, where ``M2 = sum(w * (x - mean) ** 2)`` and ``w`` is the
 mask. Locally they come from two passes over the data (mean first, then the
-centred second moment), so shifted data loses no precision. Across a named
+first and second moments of the data centred on it, together), so shifted
+data loses no precision. Across a named
 axis (``vmap``/``pmap``/``shard_map``) the per-device triples travel in one
 collective (a ``psum`` of per-device slots, see :func:`_gather`) and are
 merged with Chan et al.'s pairwise formula
@@ -94,7 +95,11 @@ def moments(
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
   The mean is computed in two passes and kept as an unevaluated sum: ``hi``
-  is the rounded first-pass mean and ``lo = mean(x - hi)`` its correction.
+  is the rounded first-pass mean and ``lo = mean(x - hi)`` its correction,
+  computed in the second pass together with ``sum((x - hi)^2)``, from which
+  ``M2 = sum((x - hi)^2) - n lo^2``: ``|lo|`` is a few rounding errors of
+  ``hi``, far below the spread of any data float32 resolves, so the
+  subtraction cancels nothing.
   ``x - hi`` is exact for values near the mean (Sterbenz), so centring as
   ``(x - hi) - lo`` loses nothing even when ``|mean| >> std`` (float32 data
   with mean 1e4 and std 1 would otherwise carry the rounding error of a
@@ -129,14 +134,18 @@ def moments(
     safe = jnp.maximum(count, 1.0)
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
-    hi = jnp.sum(valid(xf), **keep) / safe
+    # Summing x / n (not dividing the sum) lets XLA fuse the subtraction of
+    # hi below into this reduction's kernel: one read of x, one write of d.
+    inv = (1.0 / n) if mask is None else 1.0 / safe  # a constant if it can
+    hi = jnp.sum(valid(xf) * inv, **keep)
     d = xf - hi
-    lo = jnp.sum(valid(d), **keep) / safe
-    d = d - lo
+    # Both sums of the (almost exactly) centred d in one pass (see above).
+    s1 = jnp.sum(valid(d), **keep)
+    lo = s1 / safe
+    m2 = jnp.maximum(jnp.sum(valid(jnp.square(d)), **keep) - s1 * lo, 0.0)
   else:
     hi = lo = jnp.zeros_like(count)
-    d = xf
-  m2 = jnp.sum(valid(jnp.square(d)), **keep)
+    m2 = jnp.sum(valid(jnp.square(xf)), **keep)
   if axis_name is not None:
     count, hi, lo, m2 = _merge_across(
         count, hi, lo, m2, axis_name, axis_index_groups, center

@@ -6,7 +6,8 @@ comparison is tight), with a loss that is not a plain sum (the x-gradient of
 ``sum(normalize(x))`` is zero and would hide bugs).
 
 The design tests prove that ``jax.grad`` runs the hand-written ``_core._vjp``:
-the saved residuals are xhat plus per-group statistics, altering ``_vjp``
+the saved residuals are the centred input ``x - hi`` (or ``x`` itself
+without centring, never xhat) plus per-group statistics, altering ``_vjp``
 alters ``jax.grad`` and ``jax.jvp``, and the same rules packaged as a plain
 ``jax.custom_vjp`` refuse forward mode while ours do not.
 """
@@ -328,32 +329,44 @@ CORE_CASES = [c for c in ALL if c.name != "batch_norm_infer"]  # no core op
 
 
 @pytest.mark.parametrize("case", CORE_CASES, ids=_ids)
-def test_saved_residuals_are_xhat_and_group_stats(case):
+def test_saved_residuals_are_centred_x_and_group_stats(case):
   x, *p = _args(case)
   w = jnp.asarray(np.cos(np.arange(x.size)).reshape(x.shape), jnp.float32)
   # A loss linear in y saves nothing of its own.
   res = saved_residuals(lambda x, *p: jnp.sum(_fn(case)(x, *p) * w), x, *p)
-  res = [(a, src) for a, src in res if "/jaxnorm/" in src]  # not the loss's
+  res = [(a, src) for a, src in res if "/jaxnorm/" in src or
+         "from the argument x" in src]  # not the loss's
   big = [(a, src) for a, src in res if a.size >= x.size]
-  # xhat, and with a mask its weight w/n, which has the broadcast shape of
-  # the mask and the statistics: all of x here (see the test below).
+  # One activation-sized array: x - hi, the only part of _vjp that does not
+  # depend on dy (x itself without centring), and with a mask its weight
+  # w/n, which has the broadcast shape of the mask and the statistics: all
+  # of x here (see the test below). xhat, y - bias or r * scale * x would
+  # each be a second array.
   assert len(big) == 1 + (case.mask is not None), res
-  assert all("_core.py" in src and "_forward" in src for _, src in big), res
+  center = "rms" not in case.name
+  act = [(a, src) for a, src in big if (
+      "output of sub" in src and "_core.py" in src and "(_vjp)" in src
+      if center else "from the argument x" in src)]
+  assert len(act) == 1, res
+  weights = [src for _, src in big if "_core.py" in src and "(_forward)" in
+             src]
+  assert len(weights) == (case.mask is not None), res
   assert all(a.dtype == jnp.float32 for a, _ in big)
   # Everything else is per group (statistics) or per feature (scale).
   small = [a for a, _ in res if a.size < x.size]
   assert len(small) == len(res) - len(big)
-  assert not any("from the argument x" in src for _, src in res)
 
 
-def test_per_example_mask_saves_only_xhat():
+def test_per_example_mask_saves_only_centred_x():
   x = jnp.asarray(np.random.RandomState(0).randn(4, 2, 2, 3), jnp.float32)
   mask = np.array([True, False, True, True])[:, None, None, None]
   bn = lambda x: jaxnorm.batch_norm_train(
       x, jaxnorm.batch_norm_init(3), mask=mask)[0]
-  res = saved_residuals(lambda x: jnp.sum(bn(x) * x), x)
+  w = jnp.asarray(np.cos(np.arange(x.size)).reshape(x.shape), jnp.float32)
+  # A loss linear in y (a loss such as sum(y * x) would save y of its own).
+  res = saved_residuals(lambda x: jnp.sum(bn(x) * w), x)
   big = [a for a, src in res if a.size >= x.size and "/jaxnorm/" in src]
-  assert len(big) == 1, res  # xhat; w/n is (4, 1, 1, 3)
+  assert len(big) == 1, res  # x - hi; w/n is (4, 1, 1, 3)
 
 
 def test_grad_and_jvp_come_from_hand_vjp(monkeypatch):
