@@ -12,10 +12,22 @@ downloaded):
     python examples/train_cnn.py --dataset fashion-mnist --epochs 3
     python examples/train_cnn.py --out runs/a --epochs 2            # then:
     python examples/train_cnn.py --out runs/a --epochs 4 --resume   # 2 more
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+        python examples/train_cnn.py --devices 4       # data-parallel, sync BN
 
 Writes to ``--out`` (default ``runs/<timestamp>``): ``metrics.json``,
 ``learning_curves.png`` and orbax checkpoints (params, batch_stats, optimizer
 state, epoch) in ``checkpoints/`` after every epoch.
+
+``--devices N`` trains data-parallel over the first N devices: a
+``jax.shard_map`` over a one-axis ``Mesh`` splits every global batch into N
+equal shards, params and optimizer state are replicated, the loss is the
+``pmean`` over devices of the shard losses (so its gradient is the global
+batch's), and every BatchNorm computes its statistics over the global batch
+(``axis_name="batch"``, merged exactly across devices). One step therefore
+equals the single-device step on the same global batch up to float rounding.
+On CPU the N devices must be requested before Python starts (``XLA_FLAGS``
+above); on a host with N GPUs or TPUs the same command runs without it.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as data_lib  # noqa: E402  (examples/data.py, beside this file)
@@ -45,6 +58,9 @@ RESUME_KEYS = (
     "dataset", "limit", "batch_size", "optimizer", "lr", "seed",
     "bn", "bn_momentum", "augment",
 )
+# The mesh axis the global batch is split over with --devices N; BatchNorm
+# computes its statistics over it.
+BATCH_AXIS = "batch"
 
 
 class CNN(nn.Module):
@@ -60,11 +76,16 @@ class CNN(nn.Module):
       new batch).
     init_scale: multiplies the standard deviation of every kernel's LeCun
       normal initialization (1.0 = flax's default), to study bad inits.
+    axis_name: mesh axis the batch is split over in data-parallel training
+      (``BATCH_AXIS``), or None on one device. In training mode every
+      BatchNorm then normalizes with the statistics of the global batch; the
+      variables are the same either way.
   """
 
   use_bn: bool = True
   bn_momentum: float = 0.9
   init_scale: float = 1.0
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -75,7 +96,7 @@ class CNN(nn.Module):
       if not self.use_bn:
         return h
       return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=1e-5)(h)
+                       epsilon=1e-5, axis_name=self.axis_name)(h)
 
     x = nn.Conv(32, (3, 3), padding=1, kernel_init=kernel_init)(x)
     x = nn.max_pool(nn.relu(norm(x)), (2, 2), strides=(2, 2))
@@ -142,25 +163,62 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
   return {"params": params}
 
 
+def make_mesh(devices: int) -> Mesh:
+  """A one-axis mesh (``BATCH_AXIS``) over the first ``devices`` devices.
+
+  Raises:
+    ValueError: if fewer than ``devices`` devices exist, with the way to get
+      them (nothing is changed behind the user's back).
+  """
+  available = jax.device_count()
+  if devices > available:
+    raise ValueError(
+        f"--devices {devices} needs {devices} devices, but jax sees "
+        f"{available} ({jax.default_backend()}). On CPU, start Python with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} set "
+        f"(e.g. `XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+        f"python examples/train_cnn.py --devices {devices}`); it must be set "
+        f"before jax is imported. Otherwise run on a host with {devices} "
+        f"GPUs/TPUs, or lower --devices.")
+  return Mesh(np.array(jax.devices()[:devices]), (BATCH_AXIS,))
+
+
 @functools.cache
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation
+    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh | None = None
 ) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
   """A jitted step ``(state, x, y) -> (new_state, loss, accuracy)``.
 
   BatchNorm normalizes with the batch's statistics and the returned state
   carries the updated running averages (``batch_stats``). Cached per
-  ``(model, tx)``: equal modules and the same optimizer share one compiled step.
-  """
+  ``(model, tx, mesh)``: equal modules and the same optimizer share one
+  compiled step.
 
-  @jax.jit
+  With a ``mesh`` (data parallel; ``model.axis_name`` must be its axis), the
+  step is a ``jax.shard_map``: ``x`` and ``y`` are split over the devices
+  along their first axis, ``state`` is replicated. Each device computes the
+  loss of its shard; the loss that is differentiated is their ``pmean``, the
+  global batch's mean loss, so the gradients (and the optimizer update that
+  runs on every device) are those of the global batch. BatchNorm statistics
+  are merged over the mesh axis, so the new ``batch_stats`` are the global
+  batch's too and stay replicated (``check_vma`` would reject them
+  otherwise).
+  """
+  if mesh is not None and model.axis_name not in mesh.axis_names:
+    raise ValueError(
+        f"make_train_step: the model's axis_name={model.axis_name!r} must be "
+        f"the mesh axis {mesh.axis_names} (BatchNorm would otherwise use "
+        f"per-device statistics).")
+  global_mean = (lambda v: v) if mesh is None else (
+      lambda v: jax.lax.pmean(v, BATCH_AXIS))
+
   def train_step(state, x, y):
     def loss_fn(params):
       logits, updates = model.apply(
           _variables(params, state["batch_stats"]), x, train=True,
           mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, (logits, updates)
+      return global_mean(loss), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state["params"])
@@ -170,10 +228,14 @@ def make_train_step(
         "batch_stats": dict(updates.get("batch_stats", {})),
         "opt_state": opt_state,
     }
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+    accuracy = global_mean(jnp.mean(jnp.argmax(logits, -1) == y))
     return new_state, loss, accuracy
 
-  return train_step
+  if mesh is None:
+    return jax.jit(train_step)
+  return jax.jit(jax.shard_map(
+      train_step, mesh=mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
+      out_specs=(P(), P(), P())))
 
 
 @functools.cache
@@ -195,10 +257,18 @@ def make_eval_step(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array
 
 
 def evaluate(eval_step: Callable[..., Any], state: dict[str, PyTree],
-             x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> tuple[float, float]:
-  """Mean loss and accuracy over ``(x, y)`` in fixed-size padded batches."""
+             x: np.ndarray, y: np.ndarray, batch_size: int = 500,
+             sharding: NamedSharding | None = None) -> tuple[float, float]:
+  """Mean loss and accuracy over ``(x, y)`` in fixed-size padded batches.
+
+  With ``sharding`` (data parallel) each batch is split over its devices;
+  the batch size is rounded up to a multiple of their number.
+  """
   n = x.shape[0]
   batch_size = min(batch_size, n)
+  if sharding is not None:
+    d = sharding.mesh.size
+    batch_size = -(-batch_size // d) * d
   loss_sum, correct_sum = 0.0, 0.0
   for start in range(0, n, batch_size):
     xb, yb = x[start:start + batch_size], y[start:start + batch_size]
@@ -209,6 +279,8 @@ def evaluate(eval_step: Callable[..., Any], state: dict[str, PyTree],
       xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
       yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
       mask[m:] = 0.0
+    if sharding is not None:
+      xb, yb, mask = jax.device_put((xb, yb, mask), sharding)
     ls, cs = eval_step(state["params"], state["batch_stats"], xb, yb, mask)
     loss_sum += float(ls)
     correct_sum += float(cs)
@@ -274,10 +346,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--out", default=None, help="output dir (default runs/<timestamp>)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out")
+  p.add_argument("--devices", type=int, default=1, metavar="N",
+                 help="data-parallel training over N devices with BatchNorm "
+                 "statistics synchronized across them (on CPU set XLA_FLAGS="
+                 "--xla_force_host_platform_device_count=N before starting)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
     p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+  if args.devices < 1 or args.batch_size % args.devices:
+    p.error(f"--devices must be >= 1 and divide --batch-size (the global "
+            f"batch is split evenly); got --devices {args.devices}, "
+            f"--batch-size {args.batch_size}")
   if args.resume and args.out is None:
     p.error("--resume needs --out DIR, the directory of the run to continue")
   if args.out is None:
@@ -393,13 +473,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"--batch-size {args.batch_size} exceeds the {ds.x_train.shape[0]} "
         "training images; lower --batch-size or raise --limit.")
   config = {k: getattr(args, k) for k in RESUME_KEYS}
+  # Not a resume key: the same global batches give the same training on any
+  # number of devices (up to float rounding).
+  config["devices"] = args.devices
   config["epochs"] = args.epochs
 
-  model = CNN(use_bn=args.bn, bn_momentum=args.bn_momentum)
+  mesh = make_mesh(args.devices) if args.devices > 1 else None
+  model = CNN(use_bn=args.bn, bn_momentum=args.bn_momentum,
+              axis_name=None if mesh is None else BATCH_AXIS)
   tx = make_optimizer(args.optimizer)
   state = init_state(model, tx, jax.random.key(args.seed), ds.x_train[:2], args.lr)
-  train_step = make_train_step(model, tx)
+  train_step = make_train_step(model, tx, mesh)
   eval_step = make_eval_step(model)
+  shard = put = None
+  if mesh is not None:  # params replicated, batches split over the devices
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    shard = NamedSharding(mesh, P(BATCH_AXIS))
+    put = functools.partial(jax.device_put, device=shard)
 
   os.makedirs(args.out, exist_ok=True)
   ckpt = Checkpoints(os.path.join(args.out, "checkpoints"))
@@ -438,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                desc=f"epoch {epoch}/{args.epochs}", disable=args.quiet,
                leave=False, unit="batch")
     for i, (xb, yb) in enumerate(bar, 1):
+      if put is not None:
+        xb, yb = put((xb, yb))
       state, loss, acc = train_step(state, xb, yb)
       loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
       if i % 10 == 0 or i == steps_per_epoch:
@@ -448,7 +540,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not np.isfinite(train_loss):
       print(f"epoch {epoch}: training loss is {train_loss}; the run diverged "
             "(try a lower --lr).", flush=True)
-    test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test)
+    test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test,
+                                   sharding=shard)
     seconds = time.perf_counter() - t0
     for k, v in (("epoch", epoch), ("train_loss", train_loss),
                  ("train_accuracy", train_acc), ("test_loss", test_loss),
