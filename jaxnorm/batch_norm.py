@@ -188,7 +188,7 @@ def _check_virtual_batch_size(fn: str, vbs: Any, shape: tuple[int, ...],
   return shape[0] // vbs
 
 
-def _check_clip(fn: str, name: str, v: Any, lower: float) -> jax.Array:
+def _check_clip(fn: str, name: str, v: Any, lower: float) -> Any:
   """``rmax`` (>= 1) or ``dmax`` (>= 0): a number or a scalar array."""
   if isinstance(v, bool) or v is None:
     raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "

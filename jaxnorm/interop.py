@@ -7,7 +7,10 @@ function is asked to return ``torch.Tensor``s (``as_torch=True``), and
 Conventions bridged (PyTorch -> jaxnorm / flax):
 
 * ``momentum`` m (weight on the new batch, default 0.1) -> ``momentum``
-  ``1 - m`` (weight on the old value; 0.9, not flax's default 0.99).
+  ``1 - m`` (weight on the old value; 0.9, not flax's default 0.99);
+  ``momentum=None`` (cumulative average) -> ``momentum=None`` of
+  ``batch_norm_train``, and PyTorch's unbiased running variance ->
+  ``running_var="unbiased"``, for training on with PyTorch's conventions.
 * BatchNorm ``weight`` -> ``scale``, ``bias`` -> ``bias``,
   ``running_mean`` -> ``BatchNormState.mean``,
   ``num_batches_tracked`` (int64) -> ``BatchNormState.count`` (int32).
@@ -1269,7 +1272,9 @@ def recalibrate_batch_norm(
   (``jaxnorm.linen`` ``batch_stats``) becomes :math:`K`, as PyTorch's
   ``num_batches_tracked``; other integer leaves are taken from the last
   call. So flax module wrappers can pass e.g. ``model.apply`` with
-  ``mutable=["batch_stats"]`` of a clone with ``momentum=0.0``.
+  ``mutable=["batch_stats"]`` of a clone with ``momentum=0.0``; for models
+  built from jaxnorm's modules, ``jaxnorm.linen.recalibrate_batch_norm``
+  and ``jaxnorm.nnx.recalibrate_batch_norm`` do this for you.
 
   Args:
     stats_fn: ``(state, batch) -> state`` as described; it must return a

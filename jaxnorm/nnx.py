@@ -637,7 +637,9 @@ def recalibrate_batch_norm(
   ``momentum``, ``debias`` or ``renorm`` (``running_var`` and
   ``virtual_batch_size`` still apply); the rest of the model runs in its
   current mode (e.g. after ``model.eval()`` dropout stays off). Only the
-  ``nnx.BatchStat`` variables change, in place. Example::
+  ``nnx.BatchStat`` variables change, in place (the model's RNG streams are
+  not advanced: with dropout active, every batch sees the same keys).
+  Example::
 
     jaxnorm.nnx.recalibrate_batch_norm(model, (x for x, _ in loader))
 

@@ -24,6 +24,16 @@ bn_train = jax.jit(jaxnorm.batch_norm_train, static_argnames=_OPTS)
 renorm_train = jax.jit(batch_renorm_train, static_argnames=_OPTS)
 f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
 
+# One BatchNorm option set per feature, as module attributes; the linen and
+# nnx tests check that their BatchNorm equals the pure functions with these.
+MODULE_OPTIONS = {
+    "cumulative_unbiased": dict(momentum=None, running_var="unbiased"),
+    "debiased_ema": dict(momentum=0.9, debias=True),
+    "ghost": dict(momentum=0.8, virtual_batch_size=2),
+    "renorm": dict(momentum=0.9, renorm=True,
+                   renorm_schedule=lambda count: (1.5, 0.1)),
+}
+
 
 def _batches(k, shape=(6, 3), seed=0, loc=2.0, scale=1.5):
   rng = np.random.default_rng(seed)

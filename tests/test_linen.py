@@ -16,6 +16,7 @@ import jaxnorm
 import jaxnorm.linen as jl
 from jaxnorm.batch_norm import batch_renorm_schedule
 from jaxnorm.batch_norm import batch_renorm_train
+from test_batch_norm_options import MODULE_OPTIONS
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -549,19 +550,11 @@ def test_layernorm_axis_name_merges_a_sharded_hidden_axis_under_vmap():
 
 # ----------------------------------------- issue 8: BatchNorm options
 
-_BN_OPTIONS = {
-    "cumulative_unbiased": dict(momentum=None, running_var="unbiased"),
-    "debiased_ema": dict(momentum=0.9, debias=True),
-    "ghost": dict(momentum=0.8, virtual_batch_size=2),
-    "renorm": dict(momentum=0.9, renorm=True,
-                   renorm_schedule=lambda count: (1.5, 0.1)),
-}
-
 
 def _functional_steps(opts, xs, scale, bias):
   """The same training steps through the pure functions."""
   kw, fn = dict(opts), jaxnorm.batch_norm_train
-  if kw.pop("renorm", False):  # a constant schedule in _BN_OPTIONS
+  if kw.pop("renorm", False):  # a constant schedule in MODULE_OPTIONS
     rmax, dmax = kw.pop("renorm_schedule")(0)
     fn = functools.partial(batch_renorm_train, rmax=rmax, dmax=dmax)
   state, ys = jaxnorm.batch_norm_init(scale.shape[0]), []
@@ -571,9 +564,9 @@ def _functional_steps(opts, xs, scale, bias):
   return ys, state
 
 
-@pytest.mark.parametrize("name", sorted(_BN_OPTIONS))
+@pytest.mark.parametrize("name", sorted(MODULE_OPTIONS))
 def test_batchnorm_options_match_the_pure_functions(name):
-  opts = _BN_OPTIONS[name]
+  opts = MODULE_OPTIONS[name]
   xs = [_normal(30 + i, (4, 3), scale=2.0, shift=1.0) for i in range(2)]
   params = {"scale": _normal(40, (3,), shift=1.0), "bias": _normal(41, (3,))}
   model = jl.BatchNorm(use_running_average=False, **opts)

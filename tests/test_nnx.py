@@ -14,6 +14,7 @@ from flax import nnx
 import jaxnorm
 import jaxnorm.nnx as jn
 from jaxnorm.batch_norm import batch_renorm_train
+from test_batch_norm_options import MODULE_OPTIONS
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -289,18 +290,9 @@ def test_rmsnorm_axis_name_merges_a_sharded_hidden_axis_under_vmap():
   _close(jnp.moveaxis(ys, 0, 1).reshape(3, 8), y)
 
 
-_BN_OPTIONS = {
-    "cumulative_unbiased": dict(momentum=None, running_var="unbiased"),
-    "debiased_ema": dict(momentum=0.9, debias=True),
-    "ghost": dict(momentum=0.8, virtual_batch_size=2),
-    "renorm": dict(momentum=0.9, renorm=True,
-                   renorm_schedule=lambda count: (1.5, 0.1)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(_BN_OPTIONS))
+@pytest.mark.parametrize("name", sorted(MODULE_OPTIONS))
 def test_batchnorm_options_match_the_pure_functions(name):
-  opts = dict(_BN_OPTIONS[name])
+  opts = dict(MODULE_OPTIONS[name])
   xs = [_normal(30 + i, (4, 3), scale=2.0, shift=1.0) for i in range(2)]
   bn = jn.BatchNorm(3, rngs=nnx.Rngs(0), **opts)
   fn = jaxnorm.batch_norm_train
