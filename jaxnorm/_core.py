@@ -166,57 +166,63 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   ``g = dy``, ``s`` the scale, ``S_1 = \\sum_A g s`` and
   ``S_2 = \\sum_A g s \\hat x`` (psum-ed over ``axis_name``):
 
-  ``dx = r s g - d1 k_2 - (k_1 - lo k_2)``, with ``k_1 = r (w/n) S_1`` and
+  ``dx = g s r - d1 k_2 - (k_1 - lo k_2)``, with ``k_1 = r (w/n) S_1`` and
   ``k_2 = r^2 (w/n) S_2``,
 
   which is the formula of the module docstring rearranged so that only
-  per-group coefficients multiply the two activation-sized inputs ``x`` and
-  ``dy``: one reduction pass (``\\sum g``, ``\\sum g d1``) and one
-  elementwise pass, reading ``x`` and ``dy``, and no ``xhat`` is ever
-  stored. ``\\sum g \\hat x = r (\\sum g d1 - lo \\sum g)`` keeps the
-  reductions independent of ``lo`` (XLA may fuse them with the statistics).
+  per-group coefficients multiply the activation-sized ``d1`` and ``dy``,
+  and no ``xhat`` is built. ``\\sum g \\hat x = r (\\sum g d1 - lo
+  \\sum g)`` keeps the reductions independent of ``lo``. Where ``s`` is
+  constant along some reduced axes (all of them for BatchNorm, the spatial
+  ones for GroupNorm), ``\\sum g`` and ``\\sum g d1`` are reduced over
+  those first: the only two reductions that read activation-sized data,
+  shared by ``dscale``, ``dbias``, ``S_1`` and ``S_2``.
+  Every activation-sized product here involves ``g``: ``d1`` is the only
+  one known in the forward pass, hence the only such residual (partial
+  evaluation saves every such known value).
   """
   x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
   x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
   g = dy.astype(dt)
   d1 = x.astype(dt) - hi if cfg.center else x.astype(dt)
-  keep = dict(axis=cfg.axes, keepdims=True)
   s = None if scale is None else scale.astype(dt)
   s_shape = None if scale_aval is None else scale_aval.shape
   b_shape = None if bias_aval is None else bias_aval.shape
 
-  def gxhat_sum(gg, gg_sum):  # sum_A gg * xhat, via d1
-    sgd = jnp.sum(gg * d1, **keep)
-    return (sgd - lo * gg_sum if cfg.center else sgd) * rstd
-
-  if _per_group(s_shape, cfg.axes):
-    # s is constant over each group: reduce g and g * d1 once and reuse
-    # them for dbias, dscale and the two sums of dx.
-    sg = jnp.sum(g, **keep)
-    sgx = gxhat_sum(g, sg)  # sum_A g xhat
-    dbias = None
-    if bias_aval is not None:
-      dbias = (_sum_to(sg, b_shape) if _per_group(b_shape, cfg.axes) else
-               _sum_to(g, b_shape))
+  # The reduced axes along which the parameters are constant.
+  inner = tuple(a for a in cfg.axes if _per_group(s_shape, (a,)) and
+                _per_group(b_shape, (a,)))
+  if inner:
+    sg = jnp.sum(g, axis=inner, keepdims=True)
+    sgx = jnp.sum(g * d1, axis=inner, keepdims=True)
+    sgx = ((sgx - lo * sg) if cfg.center else sgx) * rstd  # sum g * xhat
+    dbias = None if bias_aval is None else _sum_to(sg, b_shape)
     dscale = None if s is None else _sum_to(sgx, s_shape)
-    sums = (sg, sgx) if s is None else (sg * s, sgx * s)
-    a = rstd if s is None else rstd * s  # per group
-    g_r = g * a
-    dc, shift = d1, lo  # xhat = (dc - shift) * rstd
-  else:  # s varies inside each group (LayerNorm, RMSNorm, GroupNorm)
-    dc, shift = d1, (lo if cfg.center else None)
+    if s is not None:
+      sg, sgx = sg * s, sgx * s
+    outer = tuple(a for a in cfg.axes if a not in inner)
+    if outer:
+      sg = jnp.sum(sg, axis=outer, keepdims=True)
+      sgx = jnp.sum(sgx, axis=outer, keepdims=True)
+  else:  # a parameter varies along every reduced axis (LayerNorm)
     dbias = None if bias_aval is None else _sum_to(g, b_shape)
-    # g * xhat, ordered so that only d1 is activation-sized and known in
-    # the forward pass (partial evaluation would save any other such
-    # product as a second residual).
+    dscale = None
+    if s is not None:
+      g_r = g * rstd
+      dscale = _sum_to(g_r * d1 - g_r * lo if cfg.center else g_r * d1,
+                       s_shape)
+    gs = g if s is None else g * s
+    sg = jnp.sum(gs, axis=cfg.axes, keepdims=True)
+    sgx = jnp.sum(gs * d1, axis=cfg.axes, keepdims=True)
+    sgx = ((sgx - lo * sg) if cfg.center else sgx) * rstd
+  sums = (sg, sgx)
+  if s is None:
     g_r = g * rstd
-    dscale = _sum_to(g_r * d1 - g_r * lo if cfg.center else g_r * d1,
-                     s_shape)
-    gs = g * s
-    sg = jnp.sum(gs, **keep)
-    sums = (sg, gxhat_sum(gs, sg))
-    g_r = g_r * s
+  elif _per_group(s_shape, cfg.axes):
+    g_r = g * (rstd * s)  # a per-group coefficient
+  else:
+    g_r = (g * s) * rstd  # never the full-size product rstd * s
   if not cfg.center:
     sums = sums[1:]
   if cfg.axis_name is not None:
@@ -225,10 +231,10 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
         sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
   k2 = (rstd * rstd) * (w_over_n * sums[-1])
-  dx = g_r - dc * k2
+  dx = g_r - d1 * k2
   if cfg.center:
     k1 = rstd * (w_over_n * sums[0])
-    dx = dx - (k1 - shift * k2)
+    dx = dx - (k1 - lo * k2)
   if dbias is not None:
     dbias = _like_primal(dbias.astype(bias_aval.dtype), bias_vma)
   if dscale is not None:
