@@ -13,7 +13,7 @@ import jaxnorm
 pytestmark = pytest.mark.strict_promotion
 
 _E = inspect.Parameter.empty
-# name -> [(argument, default or _E)], exactly as in issues 2 and 3; "*"
+# name -> [(argument, default or _E)], exactly as in issues 2, 3, 7 and 8; "*"
 # marks the start of the keyword-only arguments.
 SIGNATURES = {
     "batch_norm_init": [("num_features", _E), "*", ("dtype", jnp.float32)],
@@ -42,12 +42,6 @@ SIGNATURES = {
         ("x", _E), ("scale", None), ("bias", None), "*", ("feature_axes", -1),
         ("epsilon", 1e-6), ("mask", None), ("axis_name", None),
         ("axis_index_groups", None)],
-}
-
-
-# Issue 8's Batch Renormalization, in jaxnorm.batch_norm (not yet exported
-# from the package namespace).
-RENORM_SIGNATURES = {
     "batch_renorm_train": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("rmax", _E), ("dmax", _E), ("axis", -1), ("momentum", 0.99),
@@ -69,15 +63,6 @@ def _signature(fn):
       kw_only_seen = True
     got.append((p.name, p.default))
   return got
-
-
-@pytest.mark.parametrize("name", sorted(RENORM_SIGNATURES))
-def test_batch_renorm_signatures_and_docstrings(name):
-  fn = getattr(jaxnorm.batch_norm, name)
-  assert _signature(fn) == RENORM_SIGNATURES[name]
-  doc = inspect.getdoc(fn)
-  for section in (".. math::", "Args:", "Returns:", "Raises:"):
-    assert section in doc, f"{name} lacks {section}"
 
 
 def test_all_lists_exactly_the_public_names():
