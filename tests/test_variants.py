@@ -30,7 +30,7 @@ def _p(shape, seed=1, positive=False):
 
 
 def _gn_numpy(x, scale, bias, groups, eps=1e-6):
-  n, c = x.shape[0], x.shape[-1]
+  c = x.shape[-1]
   xg = np.asarray(x, np.float64).reshape(*x.shape[:-1], groups, c // groups)
   red = tuple(range(1, x.ndim - 1)) + (x.ndim,)
   y = normalize_numpy(xg, axes=red, epsilon=eps).reshape(x.shape)
