@@ -307,13 +307,13 @@ def bench_train_step(name: str, make: Callable[[Any], nn.Module],
 
   x = jax.random.normal(jax.random.key(0), x_shape)
   labels = jnp.arange(x_shape[0]) % 10
-  steps, compile_s = {}, {}
-  for label, bn in (("jaxnorm", jnl.BatchNorm), ("flax(fast var)",
-                                                 nn.BatchNorm)):
-    model = make(bn)
-    variables = model.init(jax.random.key(1), x, train=False)
+  bns = {"jaxnorm": jnl.BatchNorm, "flax(fast var)": nn.BatchNorm}
+  models = {k: make(bn) for k, bn in bns.items()}
+  variables = {k: m.init(jax.random.key(1), x, train=False)
+               for k, m in models.items()}
 
-    def step(variables, x, labels, model=model):
+  def make_step(model):  # a fresh function each call: no tracing cache hit
+    def step(variables, x, labels):
       def loss_fn(params):
         logits, upd = model.apply(
             {"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -325,11 +325,21 @@ def bench_train_step(name: str, make: Callable[[Any], nn.Module],
       params = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g,
                                       variables["params"], g)
       return {"params": params, "batch_stats": upd["batch_stats"]}, loss
+    return step
 
+  # Trace + lower + compile, twice each in the order A B B A (the first
+  # compile of a process pays one-time costs), keeping each one's best.
+  compile_s: dict[str, float] = {}
+  compiled = {}
+  for label in (*bns, *reversed(bns)):
     t0 = time.perf_counter()
-    compiled = jax.jit(step).lower(variables, x, labels).compile()
-    compile_s[label] = time.perf_counter() - t0
-    steps[label] = (lambda c, v: lambda: c(v, x, labels))(compiled, variables)
+    compiled[label] = jax.jit(make_step(models[label])).lower(
+        variables[label], x, labels).compile()
+    dt = time.perf_counter() - t0
+    compile_s[label] = min(compile_s.get(label, dt), dt)
+  steps = {k: (lambda c, v: lambda: c(v, x, labels))(compiled[k],
+                                                     variables[k])
+           for k in bns}
   times = time_interleaved(steps, repeats)
   return [{"op": f"train step: {name}", "shape": "x".join(map(str, x_shape)),
            "dtype": "float32", "contender": k, "ms": t * 1e3,
