@@ -9,9 +9,14 @@ program needs. These tests pin both for every public normalizer:
 - a jitted forward+backward of batch norm needs no activation-sized
   scratch buffer (an earlier core materialized ``xhat``: one full float32
   temporary), i.e. every full-size intermediate is fused away.
+
+A smoke run of ``examples/benchmark.py --quick`` checks that the benchmark
+the README quotes runs and reports every contender.
 """
 
 from __future__ import annotations
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +95,29 @@ def test_batch_norm_fwd_bwd_has_no_activation_sized_temporary():
   def plain_fwd_bwd(x, s, b, dy):
     return jax.grad(lambda *a: jnp.sum(plain(*a) * dy), (0, 1, 2))(x, s, b)
   assert _temp_bytes(plain_fwd_bwd, x, s, b, dy) >= x.nbytes
+
+
+def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
+                                                     monkeypatch):
+  # The README's benchmark, on small shapes: one row per contender with a
+  # time, the ratios, and jaxnorm saving less than flax.
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "examples" / "benchmark.py"
+  spec = importlib.util.spec_from_file_location("_jaxnorm_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, bench)  # for its dataclasses
+  spec.loader.exec_module(bench)
+  out = tmp_path / "rows.json"
+  bench.main(["--quick", "--repeats", "1", "--only", "batch_norm fwd+bwd",
+              "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  names = {r["contender"] for r in rows}
+  assert {"jaxnorm", "flax(fast var)", "flax(two-pass)", "jnp+autodiff",
+          "speed of light"} <= names
+  assert all(r["ms"] > 0 and r["vs_flax"] > 0 for r in rows)
+  saved = {r["contender"]: r["residual_MB"] for r in rows
+           if r["residual_MB"] is not None and r["shape"] == "8x8x8x64"}
+  assert saved["jaxnorm"] < saved["flax(fast var)"]
+  assert "| batch_norm fwd+bwd |" in capsys.readouterr().out
