@@ -37,6 +37,9 @@ import numpy as np
 import jaxnorm
 from jaxnorm.reference import normalize_reference
 
+# PyTorch's OpenMP threads otherwise spin after each call, taking a core
+# from whichever contender runs next (on 2 cores that skews every ratio).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:  # PyTorch is optional.
   import torch
 except ImportError:  # pragma: no cover - depends on the environment
@@ -55,15 +58,22 @@ def _block(out: Any) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
                      warmup: int = 2) -> dict[str, float]:
-  """Median seconds per call of each zero-argument callable, interleaved."""
+  """Median seconds per call of each zero-argument callable, interleaved.
+
+  Each round calls every contender once, starting at a different one each
+  round (so use a multiple of the number of contenders for equal shares).
+  """
   for f in fns.values():
     for _ in range(warmup):
       _block(f())
   samples: dict[str, list[float]] = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
+  names = list(fns)
+  for r in range(repeats):
+    # Rotate the order every round: a call runs faster right after one that
+    # left the same inputs in cache, so a fixed order would favour some.
+    for k in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
-      _block(f())
+      _block(fns[k]())
       samples[k].append(time.perf_counter() - t0)
   return {k: statistics.median(v) for k, v in samples.items()}
 
