@@ -16,20 +16,9 @@ import jaxnorm
 import jaxnorm.linen as jl
 from jaxnorm.batch_norm import batch_renorm_schedule
 from jaxnorm.batch_norm import batch_renorm_train
+from _helpers import _close, _normal
 from test_batch_norm_options import MODULE_OPTIONS
 
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _normal(seed, shape, scale=1.0, shift=0.0):
-  """Test data from NumPy (eager jax.random ops each cost a compilation)."""
-  x = np.random.default_rng(seed).standard_normal(shape) * scale + shift
-  return jnp.asarray(x.astype(np.float32))
-
-
-def _close(a, b, **tol):
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(
-      np.asarray(u), np.asarray(v), **(tol or TOL)), a, b)
 
 
 def _structure(tree):
