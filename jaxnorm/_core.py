@@ -97,15 +97,40 @@ def _per_group(shape: tuple[int, ...] | None, axes: tuple[int, ...]) -> bool:
   return shape is None or all(shape[a] == 1 for a in axes)
 
 
+def _shifts(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The mean as ``m + delta``: ``m = fl(hi + lo)``, ``delta`` its residue.
+
+  ``x - m`` is exact for values near the mean, and ``delta`` (a few rounding
+  errors of ``m``) keeps the centring exact: ``x - mean = (x - m) - delta``.
+  """
+  m = hi + lo
+  return m, (hi - m) + lo
+
+
+def _scaled(a: jax.Array, rstd: jax.Array, s: jax.Array | None,
+            axes: tuple[int, ...]) -> jax.Array:
+  """``a * rstd * s`` for ``y`` and ``dx``, with one full-size product.
+
+  A per-group scale folds into the per-group coefficient ``rstd * s``.
+  Otherwise (LayerNorm) the product is spelled ``(a * (rstd / 2)) * (2 s)``
+  (exact: scaling by 2 is), so that neither broadcast is shared with a
+  reduction of the backward pass (see the module docstring).
+  """
+  if s is None:
+    return a * rstd
+  if _per_group(s.shape, axes):
+    return a * (rstd * s)
+  return (a * (0.5 * rstd)) * (2.0 * s)
+
+
 def _forward(cfg: _Config, x, scale, bias, mask):
   """Primal computation; returns outputs and the residuals of ``_vjp``.
 
-  ``y = ((x - hi) - lo) * (r * scale) + bias``: ``x - hi`` is exact for
-  values near the mean (see ``_stats.moments``), and with per-feature
-  parameters ``r * scale`` is a per-feature coefficient, so ``y`` is one
-  elementwise pass over ``x``. Nothing activation-sized is built here for
-  the backward pass: it saves ``x`` itself (alive anyway as this op's
-  input) and recomputes ``x - hi`` where it needs it.
+  ``y = ((x - m) - delta) * (r * scale) + bias`` (see :func:`_shifts`);
+  with per-feature parameters ``r * scale`` is a per-feature coefficient,
+  so ``y`` is one elementwise pass over ``x``. Nothing activation-sized is
+  built here for the backward pass: it saves ``x`` itself (alive anyway as
+  this op's input, and in its own dtype) and per-group statistics.
   """
   count, hi, lo, var = _stats.moments(
       x,
@@ -118,15 +143,10 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
   xf = x.astype(dt)
-  # Centred as (x - hi) - lo: exact for shifted data (see _stats.moments).
-  d = (xf - hi) - lo if cfg.center else xf
+  m, delta = _shifts(hi, lo)
+  d = (xf - m) - delta if cfg.center else xf
   mean = hi + lo
-  if scale is None:
-    y = d * rstd
-  elif _per_group(scale.shape, cfg.axes):
-    y = d * (rstd * scale.astype(dt))  # a per-group coefficient
-  else:
-    y = (d * rstd) * scale.astype(dt)
+  y = _scaled(d, rstd, None if scale is None else scale.astype(dt), cfg.axes)
   if bias is not None:
     y = y + bias.astype(dt)
   # Per-element weight of the statistics: w / n, with w the mask. It has the
@@ -162,30 +182,40 @@ def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
 def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``.
 
-  In coefficient form, with ``d1 = x - hi`` (so ``xhat = (d1 - lo) r``),
-  ``g = dy``, ``s`` the scale, ``S_1 = \\sum_A g s`` and
-  ``S_2 = \\sum_A g s \\hat x`` (psum-ed over ``axis_name``):
+  In coefficient form, with the mean split as ``m + delta`` (see
+  :func:`_shifts`), ``d = x - m`` (so ``xhat = (d - delta) r``), ``g = dy``,
+  ``s`` the scale, ``S_1 = \\sum_A g s`` and ``S_2 = \\sum_A g s \\hat x``
+  (psum-ed over ``axis_name``):
 
-  ``dx = g s r - d1 k_2 - (k_1 - lo k_2)``, with ``k_1 = r (w/n) S_1`` and
+  ``dx = g s r - d k_2 - (k_1 - delta k_2)``, with ``k_1 = r (w/n) S_1`` and
   ``k_2 = r^2 (w/n) S_2``,
 
   which is the formula of the module docstring rearranged so that only
-  per-group coefficients multiply the activation-sized ``d1`` and ``dy``,
-  and no ``xhat`` is built. ``\\sum g \\hat x = r (\\sum g d1 - lo
-  \\sum g)`` keeps the reductions independent of ``lo``. Where ``s`` is
+  per-group coefficients multiply the activation-sized ``d`` and ``dy``,
+  and no ``xhat`` is built. ``\\sum g \\hat x = r (\\sum g d - delta
+  \\sum g)`` keeps the reductions independent of ``delta``. Where ``s`` is
   constant along some reduced axes (all of them for BatchNorm, the spatial
-  ones for GroupNorm), ``\\sum g`` and ``\\sum g d1`` are reduced over
+  ones for GroupNorm), ``\\sum g`` and ``\\sum g d`` are reduced over
   those first: the only two reductions that read activation-sized data,
   shared by ``dscale``, ``dbias``, ``S_1`` and ``S_2``.
-  Every activation-sized product here involves ``g``: ``d1`` is the only
-  one known in the forward pass, hence the only such residual (partial
-  evaluation saves every such known value).
+
+  Each consumer of the centred input gets its own, bitwise equal, spelling
+  of it (``x + (-m)`` in the per-group sums, ``x - c`` with another split
+  ``c + delta_c`` of the mean in LayerNorm's per-feature ``dscale`` sum,
+  ``x - m`` in ``dx``): XLA then fuses each into its consumer, where one
+  shared ``x - m`` would be written to memory once and read back. The
+  jvp rule runs this function under ``jax.checkpoint``, so nothing of it is
+  computed ahead: the backward pass keeps only ``x`` and per-group
+  statistics.
   """
   x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
   x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
   g = dy.astype(dt)
-  d1 = x.astype(dt) - hi if cfg.center else x.astype(dt)
+  xf = x.astype(dt)
+  m, delta = _shifts(hi, lo)
+  # The centred input as the per-group sums read it (see above).
+  d_sum = xf + (-m) if cfg.center else xf
   s = None if scale is None else scale.astype(dt)
   s_shape = None if scale_aval is None else scale_aval.shape
   b_shape = None if bias_aval is None else bias_aval.shape
@@ -195,8 +225,8 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
                 _per_group(b_shape, (a,)))
   if inner:
     sg = jnp.sum(g, axis=inner, keepdims=True)
-    sgx = jnp.sum(g * d1, axis=inner, keepdims=True)
-    sgx = ((sgx - lo * sg) if cfg.center else sgx) * rstd  # sum g * xhat
+    sgx = jnp.sum(g * d_sum, axis=inner, keepdims=True)
+    sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd  # sum g xhat
     dbias = None if bias_aval is None else _sum_to(sg, b_shape)
     dscale = None if s is None else _sum_to(sgx, s_shape)
     if s is not None:
@@ -206,23 +236,26 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
       sg = jnp.sum(sg, axis=outer, keepdims=True)
       sgx = jnp.sum(sgx, axis=outer, keepdims=True)
   else:  # a parameter varies along every reduced axis (LayerNorm)
+    # Spellings (see the module docstring): -s, -r, 2s and r/2 are exact
+    # and give every reduction its own broadcast operand.
     dbias = None if bias_aval is None else _sum_to(g, b_shape)
     dscale = None
     if s is not None:
-      g_r = g * rstd
-      dscale = _sum_to(g_r * d1 - g_r * lo if cfg.center else g_r * d1,
-                       s_shape)
-    gs = g if s is None else g * s
-    sg = jnp.sum(gs, axis=cfg.axes, keepdims=True)
-    sgx = jnp.sum(gs * d1, axis=cfg.axes, keepdims=True)
-    sgx = ((sgx - lo * sg) if cfg.center else sgx) * rstd
+      if cfg.center:  # xhat = ((x - c) - delta_c) r, another split
+        c = hi - lo
+        xhat_neg = ((xf - c) - ((hi - c) + lo)) * (-rstd)
+      else:
+        xhat_neg = xf * (-rstd)
+      dscale = -_sum_to(g * xhat_neg, s_shape)
+    if s is None:
+      sg = jnp.sum(g, axis=cfg.axes, keepdims=True)
+      sgx = jnp.sum(g * d_sum, axis=cfg.axes, keepdims=True)
+    else:
+      sg = jnp.sum(g * s, axis=cfg.axes, keepdims=True)
+      sgx = -jnp.sum((g * d_sum) * (-s), axis=cfg.axes, keepdims=True)
+    sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd
   sums = (sg, sgx)
-  if s is None:
-    g_r = g * rstd
-  elif _per_group(s_shape, cfg.axes):
-    g_r = g * (rstd * s)  # a per-group coefficient
-  else:
-    g_r = (g * s) * rstd  # never the full-size product rstd * s
+  g_r = _scaled(g, rstd, s, cfg.axes)
   if not cfg.center:
     sums = sums[1:]
   if cfg.axis_name is not None:
@@ -231,10 +264,11 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
         sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
   k2 = (rstd * rstd) * (w_over_n * sums[-1])
-  dx = g_r - d1 * k2
   if cfg.center:
     k1 = rstd * (w_over_n * sums[0])
-    dx = dx - (k1 - lo * k2)
+    dx = g_r - (xf - m) * k2 - (k1 - delta * k2)
+  else:
+    dx = g_r - xf * k2
   if dbias is not None:
     dbias = _like_primal(dbias.astype(bias_aval.dtype), bias_vma)
   if dscale is not None:
@@ -260,9 +294,12 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   # transposes it back into exactly the operations of `_vjp`.
   # `y` only gives dy's type: shape, dtype and, under
   # shard_map(check_vma=True), the mesh axes it varies over.
-  tangent_map = jax.linear_transpose(
-      functools.partial(_vjp, cfg, shapes, res), y)
-  (dy,) = tangent_map((dx, dscale, dbias))
+  # Under jax.checkpoint nothing of the tangent map is computed ahead and
+  # saved: reverse mode keeps just `res` (x and per-group statistics).
+  def tangent_map(res, tangents):
+    return jax.linear_transpose(
+        functools.partial(_vjp, cfg, shapes, res), y)(tangents)
+  (dy,) = jax.checkpoint(tangent_map)(res, (dx, dscale, dbias))
   # The statistics leave the op only for running averages; they carry no
   # derivative (public functions also wrap them in stop_gradient).
   zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))

@@ -2,9 +2,10 @@
 
 The statistics of every normalizer are the triple ``(count, mean, M2)`` per
 normalized group, where ``M2 = sum(w * (x - mean) ** 2)`` and ``w`` is the
-mask. Locally they come from two passes over the data (mean first, then the
-first and second moments of the data centred on it, together), so shifted
-data loses no precision. Across a named
+mask. Locally they come from shifted sums around a pilot mean (one pass
+over the data, checked and repeated around the first pass's mean only when
+the pilot was far off, see :func:`moments`), so shifted data loses no
+precision. Across a named
 axis (``vmap``/``pmap``/``shard_map``) the per-device triples travel in one
 collective (a ``psum`` of per-device slots, see :func:`_gather`) and are
 merged with Chan et al.'s pairwise formula
@@ -83,6 +84,48 @@ def _merge_across(
   return total, g_hi, g_lo, g_m2
 
 
+# Shifted sums are trusted while the pilot is within sqrt(_PILOT_TRUST)
+# standard deviations of the mean (then the variance has a relative error of
+# at most about (1 + _PILOT_TRUST) float rounding errors); beyond that a
+# second pass re-centres on the first pass's mean.
+_PILOT_TRUST = 16.0
+# A pilot averages at least this many elements per group (a prefix along the
+# first reduced axis: x[0] for BatchNorm, 16 features for LayerNorm).
+_PILOT_SIZE = 16
+
+
+def _pilot(xf: jax.Array, axes: tuple[int, ...],
+           w: jax.Array | None) -> jax.Array:
+  """A cheap estimate of the mean of every group: the mean of a prefix.
+
+  The prefix runs along ``axes[0]``, long enough that it holds at least
+  ``_PILOT_SIZE`` elements of each group (``x[0]`` of a (N, H, W, C) batch
+  norm: 1/N of the data; the first 16 features of a layer norm row). Its
+  only job is to be near the mean; :func:`moments` checks that it is.
+  """
+  others = math.prod(xf.shape[a] for a in axes[1:])
+  length = min(xf.shape[axes[0]], max(1, -(-_PILOT_SIZE // others)))
+  head = jax.lax.slice_in_dim(xf, 0, length, axis=axes[0])
+  keep = dict(axis=axes, keepdims=True)
+  if w is None:
+    return jnp.mean(head, **keep)
+  wh = jax.lax.slice_in_dim(w, 0, length, axis=axes[0])
+  n = jnp.sum(wh, dtype=xf.dtype, **keep)
+  return jnp.sum(jnp.where(wh, head, 0.0), **keep) / jnp.maximum(n, 1.0)
+
+
+def _shifted_sums(xf, k, keep, valid):
+  """``sum(x - k)`` and ``sum((x - k)^2)``: two reductions, one read each.
+
+  The two centred copies are written differently (``x - k`` and
+  ``x + (-k)``, equal in every bit) so that XLA fuses each into its own
+  reduction instead of materializing one shared activation-sized array.
+  """
+  s1 = jnp.sum(valid(xf - k), **keep)
+  s2 = jnp.sum(valid(jnp.square(xf + (-k))), **keep)
+  return s1, s2
+
+
 def moments(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -94,20 +137,27 @@ def moments(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
-  The mean is computed in two passes and kept as an unevaluated sum: ``hi``
-  is the rounded first-pass mean and ``lo = mean(x - hi)`` its correction,
-  computed in the second pass together with ``sum((x - hi)^2)``, from which
-  ``M2 = sum((x - hi)^2) - n lo^2``: ``|lo|`` is a few rounding errors of
-  ``hi``, far below the spread of any data float32 resolves, so the
-  subtraction cancels nothing.
-  ``x - hi`` is exact for values near the mean (Sterbenz), so centring as
-  ``(x - hi) - lo`` loses nothing even when ``|mean| >> std`` (float32 data
-  with mean 1e4 and std 1 would otherwise carry the rounding error of a
-  mean near 1e4, about 1e-3, into every output).
+  Shifted sums around a pilot ``hi`` (the mean of a small prefix of each
+  group, see :func:`_pilot`): ``lo = mean(x - hi)`` and
+  ``M2 = sum((x - hi)^2) - n lo^2``, one pass over the data for both.
+  The subtraction loses about ``1 + lo^2 / var`` rounding errors of the
+  variance, so the result is accepted only while ``lo^2 <= 16 var`` in
+  every group (the pilot is within 4 standard deviations of the mean, which
+  a prefix of 16 or more elements is unless the data are ordered or
+  adversarial); otherwise a second pass (a ``lax.cond``, so it costs nothing
+  when not taken) repeats the sums around ``hi + lo``, which is then within
+  a few rounding errors of the mean. Either way the variance is within a
+  few tens of rounding errors of the exact one, and ``x - hi`` is exact for
+  values near the mean (Sterbenz), so centring as ``(x - hi) - lo`` loses
+  nothing even when ``|mean| >> std`` (float32 data with mean 1e4 and std 1
+  would otherwise carry the rounding error of a mean near 1e4, about 1e-3,
+  into every output). The statistics of the merge across devices are each
+  device's own ``(hi, lo, M2)``; the check is local too, so no collective
+  runs inside the ``cond``.
 
   Args:
     x: floating array of any shape.
-    axes: canonical (non-negative, sorted) reduction axes.
+    axes: canonical (non-negative, sorted, non-empty) reduction axes.
     mask: optional boolean array of ``x``'s rank, broadcastable to ``x``;
       False entries are left out of the statistics.
     center: if False the mean is fixed at 0 and the "variance" is the mean
@@ -123,10 +173,12 @@ def moments(
   dt = stat_dtype(x.dtype)
   xf = x.astype(dt)
   keep = dict(axis=axes, keepdims=True)
+  stat_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
   if mask is None:
     n = math.prod(x.shape[a] for a in axes)
-    count = jnp.full(jnp.sum(xf, **keep).shape, float(n), dt)
+    count = jnp.full(stat_shape, float(n), dt)
     safe = count
+    w = None
     valid = lambda v: v
   else:
     w = jnp.broadcast_to(mask, x.shape)
@@ -134,15 +186,21 @@ def moments(
     safe = jnp.maximum(count, 1.0)
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
-    # Summing x / n (not dividing the sum) lets XLA fuse the subtraction of
-    # hi below into this reduction's kernel: one read of x, one write of d.
-    inv = (1.0 / n) if mask is None else 1.0 / safe  # a constant if it can
-    hi = jnp.sum(valid(xf) * inv, **keep)
-    d = xf - hi
-    # Both sums of the (almost exactly) centred d in one pass (see above).
-    s1 = jnp.sum(valid(d), **keep)
-    lo = s1 / safe
-    m2 = jnp.maximum(jnp.sum(valid(jnp.square(d)), **keep) - s1 * lo, 0.0)
+    hi = _pilot(xf, axes, w)
+
+    def around(k):
+      s1, s2 = _shifted_sums(xf, k, keep, valid)
+      lo = s1 / safe
+      return lo, jnp.maximum(s2 - s1 * lo, 0.0)
+
+    lo, m2 = around(hi)
+    doubtful = jnp.any(lo * lo * safe > _PILOT_TRUST * m2)
+
+    def recentre(hi, lo, m2):
+      hi2 = hi + lo
+      return (hi2, *around(hi2))
+
+    hi, lo, m2 = jax.lax.cond(doubtful, recentre, lambda *a: a, hi, lo, m2)
   else:
     hi = lo = jnp.zeros_like(count)
     m2 = jnp.sum(valid(jnp.square(xf)), **keep)
