@@ -76,6 +76,7 @@ class _Config:
   center: bool
   axis_name: tuple[Any, ...] | None
   axis_index_groups: tuple[tuple[int, ...], ...] | None
+  groups: int | None = None  # channel groups of the last axis (GroupNorm)
 
 
 def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -139,6 +140,7 @@ def _forward(cfg: _Config, x, scale, bias, mask):
       center=cfg.center,
       axis_name=cfg.axis_name,
       axis_index_groups=cfg.axis_index_groups,
+      groups=cfg.groups,
   )
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
@@ -235,6 +237,8 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
     if outer:
       sg = jnp.sum(sg, axis=outer, keepdims=True)
       sgx = jnp.sum(sgx, axis=outer, keepdims=True)
+    sg, sgx = (_stats.group_sum(v, cfg.groups, xf.shape[-1])
+               for v in (sg, sgx))
   else:  # a parameter varies along every reduced axis (LayerNorm)
     # Spellings (see the module docstring): -s, -r, 2s and r/2 are exact
     # and give every reduction its own broadcast operand.
@@ -253,6 +257,8 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
     else:
       sg = jnp.sum(g * s, axis=cfg.axes, keepdims=True)
       sgx = -jnp.sum((g * d_sum) * (-s), axis=cfg.axes, keepdims=True)
+    sg, sgx = (_stats.group_sum(v, cfg.groups, xf.shape[-1])
+               for v in (sg, sgx))
     sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd
   sums = (sg, sgx)
   g_r = _scaled(g, rstd, s, cfg.axes)
@@ -317,6 +323,7 @@ def normalize(
     center: bool = True,
     axis_name: tuple[Any, ...] | None = None,
     axis_index_groups: Any = None,
+    groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Normalizes ``x`` over ``axes``; inputs are assumed validated.
 
@@ -329,15 +336,19 @@ def normalize(
     center: subtract the mean (False: RMS normalization).
     axis_name: tuple of bound axis names or None.
     axis_index_groups: optional groups for the collectives.
+    groups: ``None``, or the number of runs of consecutive channels (last
+      axis, not in ``axes``) that also share statistics (GroupNorm); the
+      statistics are then per channel, each holding its group's value.
 
   Returns:
     ``(y, mean, var, count)``: ``y`` in ``x.dtype``; the statistics in at
     least float32 with size-1 reduced axes, wrapped in ``stop_gradient``.
   """
-  groups = None
+  index_groups = None
   if axis_index_groups is not None:
-    groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-  cfg = _Config(tuple(axes), float(epsilon), bool(center), axis_name, groups)
+    index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  cfg = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
+                index_groups, None if groups is None else int(groups))
   y, mean, var, count = _normalize(cfg, x, scale, bias, mask)
   stop = jax.lax.stop_gradient
   return y, stop(mean), stop(var), stop(count)

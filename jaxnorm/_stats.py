@@ -37,6 +37,25 @@ def stat_dtype(dtype: Any) -> Any:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def group_sum(a: jax.Array, groups: int | None,
+              channels: int) -> jax.Array:
+  """Sums ``a`` within each of ``groups`` runs of consecutive channels.
+
+  GroupNorm keeps its statistics per channel, each channel holding its
+  group's value: its reductions run over the major axes first, in ``x``'s
+  own layout (a (N, H, W, G, C/G) view with a tiny minor axis is several
+  times slower to reduce on CPU), and then over the channels of a group
+  here, on per-channel arrays. ``a``'s last axis has size ``channels`` or
+  1; the result has size ``channels``. ``groups=None``: ``a`` unchanged.
+  """
+  if groups is None:
+    return a
+  a = jnp.broadcast_to(a, (*a.shape[:-1], channels))
+  split = a.reshape(*a.shape[:-1], groups, channels // groups)
+  total = jnp.sum(split, axis=-1, keepdims=True)
+  return jnp.broadcast_to(total, split.shape).reshape(a.shape)
+
+
 def _gather(stacked: jax.Array, axis_name: Any,
             axis_index_groups: Any) -> jax.Array:
   """Every device's ``stacked`` along a new leading axis, in one ``psum``.
@@ -94,35 +113,44 @@ _PILOT_TRUST = 16.0
 _PILOT_SIZE = 16
 
 
-def _pilot(xf: jax.Array, axes: tuple[int, ...],
-           w: jax.Array | None) -> jax.Array:
+def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
+           groups: int | None) -> jax.Array:
   """A cheap estimate of the mean of every group: the mean of a prefix.
 
   The prefix runs along ``axes[0]``, long enough that it holds at least
   ``_PILOT_SIZE`` elements of each group (``x[0]`` of a (N, H, W, C) batch
   norm: 1/N of the data; the first 16 features of a layer norm row). Its
   only job is to be near the mean; :func:`moments` checks that it is.
+  With ``groups`` the per-channel prefix means are averaged over each group.
   """
-  others = math.prod(xf.shape[a] for a in axes[1:])
-  length = min(xf.shape[axes[0]], max(1, -(-_PILOT_SIZE // others)))
-  head = jax.lax.slice_in_dim(xf, 0, length, axis=axes[0])
   keep = dict(axis=axes, keepdims=True)
-  if w is None:
-    return jnp.mean(head, **keep)
-  wh = jax.lax.slice_in_dim(w, 0, length, axis=axes[0])
-  n = jnp.sum(wh, dtype=xf.dtype, **keep)
-  return jnp.sum(jnp.where(wh, head, 0.0), **keep) / jnp.maximum(n, 1.0)
+  head, wh = xf, w
+  if axes:
+    others = math.prod(xf.shape[a] for a in axes[1:])
+    length = min(xf.shape[axes[0]], max(1, -(-_PILOT_SIZE // others)))
+    head = jax.lax.slice_in_dim(xf, 0, length, axis=axes[0])
+    if w is not None:
+      wh = jax.lax.slice_in_dim(w, 0, length, axis=axes[0])
+  c = xf.shape[-1]
+  if wh is None:
+    n = math.prod(head.shape[a] for a in axes) * (
+        1 if groups is None else c // groups)
+    return group_sum(jnp.sum(head, **keep), groups, c) / n
+  n = group_sum(jnp.sum(wh, dtype=xf.dtype, **keep), groups, c)
+  total = group_sum(jnp.sum(jnp.where(wh, head, 0.0), **keep), groups, c)
+  return total / jnp.maximum(n, 1.0)
 
 
-def _shifted_sums(xf, k, keep, valid):
+def _shifted_sums(xf, k, keep, valid, groups):
   """``sum(x - k)`` and ``sum((x - k)^2)``: two reductions, one read each.
 
   The two centred copies are written differently (``x - k`` and
   ``x + (-k)``, equal in every bit) so that XLA fuses each into its own
   reduction instead of materializing one shared activation-sized array.
   """
-  s1 = jnp.sum(valid(xf - k), **keep)
-  s2 = jnp.sum(valid(jnp.square(xf + (-k))), **keep)
+  c = xf.shape[-1]
+  s1 = group_sum(jnp.sum(valid(xf - k), **keep), groups, c)
+  s2 = group_sum(jnp.sum(valid(jnp.square(xf + (-k))), **keep), groups, c)
   return s1, s2
 
 
@@ -134,6 +162,7 @@ def moments(
     center: bool = True,
     axis_name: tuple[Any, ...] | None = None,
     axis_index_groups: Any = None,
+    groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
@@ -164,6 +193,9 @@ def moments(
       square (RMS normalization).
     axis_name: optional tuple of bound axis names to merge statistics over.
     axis_index_groups: passed to the collective.
+    groups: if set, the statistics also run over each of ``groups`` runs of
+      consecutive channels (last axis) and are returned per channel, every
+      channel holding its group's (see :func:`group_sum`).
 
   Returns:
     ``(count, hi, lo, var)`` in ``stat_dtype(x.dtype)``, each with ``x``'s
@@ -174,22 +206,24 @@ def moments(
   xf = x.astype(dt)
   keep = dict(axis=axes, keepdims=True)
   stat_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+  c = x.shape[-1]
   if mask is None:
     n = math.prod(x.shape[a] for a in axes)
+    n *= 1 if groups is None else c // groups
     count = jnp.full(stat_shape, float(n), dt)
     safe = count
     w = None
     valid = lambda v: v
   else:
     w = jnp.broadcast_to(mask, x.shape)
-    count = jnp.sum(w, dtype=dt, **keep)
+    count = group_sum(jnp.sum(w, dtype=dt, **keep), groups, c)
     safe = jnp.maximum(count, 1.0)
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
-    hi = _pilot(xf, axes, w)
+    hi = _pilot(xf, axes, w, groups)
 
     def around(k):
-      s1, s2 = _shifted_sums(xf, k, keep, valid)
+      s1, s2 = _shifted_sums(xf, k, keep, valid, groups)
       lo = s1 / safe
       return lo, jnp.maximum(s2 - s1 * lo, 0.0)
 
@@ -203,7 +237,7 @@ def moments(
     hi, lo, m2 = jax.lax.cond(doubtful, recentre, lambda *a: a, hi, lo, m2)
   else:
     hi = lo = jnp.zeros_like(count)
-    m2 = jnp.sum(valid(jnp.square(xf)), **keep)
+    m2 = group_sum(jnp.sum(valid(jnp.square(xf)), **keep), groups, c)
   if axis_name is not None:
     count, hi, lo, m2 = _merge_across(
         count, hi, lo, m2, axis_name, axis_index_groups, center

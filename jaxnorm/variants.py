@@ -282,21 +282,12 @@ def group_norm(
           f"channel axis -1 (the groups are reduced over their channels)."
       )
   scale, bias = _params(fn, x, scale, bias, (x.ndim - 1,))
-  g = num_groups
-  gshape = (*x.shape[:-1], g, c // g)
-  xg = x.reshape(gshape)
-  rs = lambda p: None if p is None else p.reshape((*p.shape[:-1], g, c // g))
-  mg = None
-  if mask is not None:  # same rank as x (check_mask); keep size-1 axes small
-    if mask.shape[-1] == 1:
-      mg = mask.reshape((*mask.shape[:-1], 1, 1))
-    else:
-      mg = mask.reshape((*mask.shape[:-1], g, c // g))
-  axes = tuple(a for a in red if a != x.ndim - 1) + (x.ndim,)
-  y = _core.normalize(xg, rs(scale), rs(bias), mg, axes=axes,
-                      epsilon=epsilon, axis_name=names,
-                      axis_index_groups=axis_index_groups)[0]
-  return y.reshape(x.shape)
+  # Statistics per channel, each channel holding its group's (reduced in
+  # x's own layout; see jaxnorm._stats.group_sum).
+  axes = tuple(a for a in red if a != x.ndim - 1)
+  return _core.normalize(x, scale, bias, mask, axes=axes, epsilon=epsilon,
+                         axis_name=names, axis_index_groups=axis_index_groups,
+                         groups=num_groups)[0]
 
 
 def instance_norm(
