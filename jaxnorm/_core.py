@@ -305,11 +305,22 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   def tangent_map(res, tangents):
     return jax.linear_transpose(
         functools.partial(_vjp, cfg, shapes, res), y)(tangents)
-  (dy,) = jax.checkpoint(tangent_map)(res, (dx, dscale, dbias))
+  # (prevent_cse=False: the recomputed centred inputs are meant to fuse
+  # into the backward's kernels; XLA merging one with the forward's is
+  # harmless, and the barriers would only cost compile time.)
+  (dy,) = jax.checkpoint(tangent_map, prevent_cse=False)(
+      res, (dx, dscale, dbias))
   # The statistics leave the op only for running averages; they carry no
   # derivative (public functions also wrap them in stop_gradient).
   zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
   return (y, mean, var, count), (dy, *zeros)
+
+
+# Jitted so that layers of the same shapes and settings are traced (and
+# differentiated, partially evaluated, transposed) once per program: JAX
+# caches each of these steps per jaxpr. XLA inlines the call: the compiled
+# program is the same.
+_normalize_jit = jax.jit(_normalize, static_argnums=0)
 
 
 def normalize(
@@ -349,6 +360,6 @@ def normalize(
     index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
   cfg = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
                 index_groups, None if groups is None else int(groups))
-  y, mean, var, count = _normalize(cfg, x, scale, bias, mask)
+  y, mean, var, count = _normalize_jit(cfg, x, scale, bias, mask)
   stop = jax.lax.stop_gradient
   return y, stop(mean), stop(var), stop(count)

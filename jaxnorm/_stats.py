@@ -109,7 +109,7 @@ def _merge_across(
 # second pass re-centres on the first pass's mean.
 _PILOT_TRUST = 16.0
 # A pilot averages at least this many elements per group (a prefix along the
-# first reduced axis: x[0] for BatchNorm, 16 features for LayerNorm).
+# last reduced axis; see _pilot).
 _PILOT_SIZE = 16
 
 
@@ -117,20 +117,26 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
            groups: int | None) -> jax.Array:
   """A cheap estimate of the mean of every group: the mean of a prefix.
 
-  The prefix runs along ``axes[0]``, long enough that it holds at least
-  ``_PILOT_SIZE`` elements of each group (``x[0]`` of a (N, H, W, C) batch
-  norm: 1/N of the data; the first 16 features of a layer norm row). Its
-  only job is to be near the mean; :func:`moments` checks that it is.
-  With ``groups`` the per-channel prefix means are averaged over each group.
+  The prefix runs along the last reduced axis, long enough that it holds at
+  least ``_PILOT_SIZE`` elements of each group: the first column of every
+  image row of a (N, H, W, C) batch norm (1/W of the data, spread over
+  every example), the first 16 features of a layer norm row. When only the
+  batch axis 0 is reduced (BatchNorm on (N, C)), the prefix is the first
+  example alone: the batch axis is the one data parallelism shards, and a
+  longer prefix would gather rows from several devices. The pilot's only
+  job is to be near the mean; :func:`moments` checks that it is. With
+  ``groups`` the per-channel prefix means are averaged over each group.
   """
   keep = dict(axis=axes, keepdims=True)
   head, wh = xf, w
   if axes:
-    others = math.prod(xf.shape[a] for a in axes[1:])
-    length = min(xf.shape[axes[0]], max(1, -(-_PILOT_SIZE // others)))
-    head = jax.lax.slice_in_dim(xf, 0, length, axis=axes[0])
+    last = axes[-1]
+    others = math.prod(xf.shape[a] for a in axes[:-1])
+    length = 1 if last == 0 else min(xf.shape[last],
+                                     max(1, -(-_PILOT_SIZE // others)))
+    head = jax.lax.slice_in_dim(xf, 0, length, axis=last)
     if w is not None:
-      wh = jax.lax.slice_in_dim(w, 0, length, axis=axes[0])
+      wh = jax.lax.slice_in_dim(w, 0, length, axis=last)
   c = xf.shape[-1]
   if wh is None:
     n = math.prod(head.shape[a] for a in axes) * (
