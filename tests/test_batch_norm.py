@@ -384,6 +384,59 @@ def test_shifted_float32_input_is_stable():
   np.testing.assert_allclose(new.mean, mean, rtol=1e-7)
 
 
+@pytest.mark.parametrize("outlier", [0.0, 300.0], ids=["benign", "far"])
+def test_statistics_recentre_when_the_pilot_is_far(outlier):
+  # One pass of shifted sums around a pilot (for BatchNorm on (N, C): the
+  # first example). A pilot far from the mean (here an outlier example
+  # 300 std away, so lo^2 / var ~ N) triggers the second pass around the
+  # first pass's mean; a benign one does not. Either way the statistics
+  # match float64.
+  from jaxnorm import _stats
+  x = (np.random.RandomState(21).randn(256, 4) + 1e4).astype(np.float32)
+  x[0] += outlier
+  count, hi, lo, var = jax.jit(
+      lambda x: _stats.moments(x, (0,)))(jnp.asarray(x))
+  mean, want_var = _np_stats(x, (0,))
+  std = np.sqrt(want_var)
+  if outlier:  # re-centred: hi is (within rounding) the mean, not x[0]
+    assert np.all(np.abs(np.asarray(hi)[0] - mean) < 1e-3 * std)
+  else:  # the pilot itself: no second pass
+    np.testing.assert_array_equal(np.asarray(hi)[0], x[0])
+  got = np.asarray(hi, np.float64)[0] + np.asarray(lo, np.float64)[0]
+  assert np.all(np.abs(got - mean) < 1e-6 * std), (got, mean)
+  np.testing.assert_allclose(np.asarray(var)[0], want_var, rtol=2e-6)
+  y, _ = bn_train(jnp.asarray(x), jaxnorm.batch_norm_init(4), momentum=0.0)
+  want = normalize_numpy(x, axes=(0,), epsilon=1e-5)
+  assert np.abs(np.asarray(y, np.float64) - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "layer_norm", "group_norm"])
+def test_atypical_pilot_prefix_stays_accurate(fn):
+  # The pilot reads a prefix of each group (first image column, first 16
+  # features, ...); make exactly that prefix atypical. Shifted data too.
+  r = np.random.RandomState(22)
+  if fn == "layer_norm":
+    x = r.randn(8, 256) + 1e3
+    x[:, :16] += 40.0
+    f = lambda x: jaxnorm.layer_norm(x)
+  else:
+    x = r.randn(8, 6, 6, 8) + 1e3
+    x[:, :, 0, :] += 40.0
+    f = (lambda x: jaxnorm.group_norm(x, num_groups=2)) if fn == "group_norm" \
+        else (lambda x: jaxnorm.batch_norm_train(
+            x, jaxnorm.batch_norm_init(8))[0])
+  x = x.astype(np.float32)
+  y = jax.jit(f)(jnp.asarray(x))
+  if fn == "layer_norm":
+    want = normalize_numpy(x, axes=(1,), epsilon=1e-6)
+  elif fn == "batch_norm":
+    want = normalize_numpy(x, axes=(0, 1, 2), epsilon=1e-5)
+  else:
+    want = normalize_numpy(x.reshape(8, 6, 6, 2, 4), axes=(1, 2, 4),
+                           epsilon=1e-6).reshape(x.shape)
+  assert np.abs(np.asarray(y, np.float64) - want).max() < 2e-5
+
+
 def test_shifted_input_across_devices_is_stable():
   # The merged mean keeps its hi + lo split, so devices lose nothing either.
   x = (np.random.RandomState(15).randn(4, 16, 2) + 1e4).astype(np.float32)

@@ -6,9 +6,13 @@ program needs. These tests pin both for every public normalizer:
 
 - the backward pass saves at most one activation-sized float32 array
   (``x - hi``, or ``x`` itself for RMS) plus per-group statistics;
-- a jitted forward+backward of batch norm needs no activation-sized
-  scratch buffer (an earlier core materialized ``xhat``: one full float32
-  temporary), i.e. every full-size intermediate is fused away.
+- a jitted forward+backward of every normalizer needs no activation-sized
+  scratch buffer (an earlier core materialized ``xhat``, a later one
+  ``x - hi``: one full float32 temporary each), i.e. every full-size
+  intermediate is fused away, also in a training-style graph that uses
+  ``y`` and with the statistics of GroupNorm reduced in ``x``'s layout;
+- same-shape layers share one traced core op (the trace-time half of
+  compile time).
 
 A smoke run of ``examples/benchmark.py --quick`` checks that the benchmark
 the README quotes runs and reports every contender.
@@ -95,6 +99,54 @@ def test_batch_norm_fwd_bwd_has_no_activation_sized_temporary():
   def plain_fwd_bwd(x, s, b, dy):
     return jax.grad(lambda *a: jnp.sum(plain(*a) * dy), (0, 1, 2))(x, s, b)
   assert _temp_bytes(plain_fwd_bwd, x, s, b, dy) >= x.nbytes
+
+
+_TEMP_SHAPES = {"batch_norm": (16, 8, 8, 32), "layer_norm": (8, 32, 128),
+                "rms_norm": (8, 32, 128), "group_norm": (16, 8, 8, 32),
+                "instance_norm": (16, 8, 8, 32)}
+
+
+@pytest.mark.parametrize("uses_y", [False, True], ids=["grads", "train"])
+@pytest.mark.parametrize("name", list(_ops()))
+def test_fwd_bwd_has_no_activation_sized_temporary(name, uses_y):
+  # Each reduction reads its own spelling of the centred input; one shared
+  # x - m (or a shared broadcast, or scale * dy) would be written to a
+  # full-size temporary and read back by each of them.
+  shape = _TEMP_SHAPES[name]
+  r = np.random.RandomState(3)
+  x = jnp.asarray(r.randn(*shape) * 2 + 3, jnp.float32)
+  dy = jnp.asarray(r.randn(*shape), jnp.float32)
+  c = shape[-1]
+  s = jnp.asarray(r.rand(c) + 0.5, jnp.float32)
+  b = jnp.asarray(r.randn(c), jnp.float32)
+  st = jaxnorm.batch_norm_init(c)
+  f = {
+      "batch_norm": lambda x, s, b: jaxnorm.batch_norm_train(x, st, s, b)[0],
+      "layer_norm": lambda x, s, b: jaxnorm.layer_norm(x, s, b),
+      "rms_norm": lambda x, s, b: jaxnorm.rms_norm(x, s),
+      "group_norm": lambda x, s, b: jaxnorm.group_norm(x, s, b, num_groups=8),
+      "instance_norm": lambda x, s, b: jaxnorm.instance_norm(x, s, b),
+  }[name]
+
+  def step(x, s, b, dy):
+    y, vjp = jax.vjp(f, x, s, b)
+    grads = vjp(dy)
+    return (jax.nn.relu(y), grads) if uses_y else grads
+  assert _temp_bytes(step, x, s, b, dy) < x.nbytes // 2
+
+
+def test_same_shape_layers_share_one_trace():
+  x, s, b = _args()
+  st = jaxnorm.batch_norm_init(_SHAPE[-1])
+
+  def two_layers(x):
+    h = jaxnorm.batch_norm_train(x, st, s, b)[0]
+    return jaxnorm.batch_norm_train(jax.nn.relu(h), st, s, b)[0]
+  eqns = jax.make_jaxpr(two_layers)(x).jaxpr.eqns
+  calls = [e for e in eqns if e.primitive.name == "jit" and
+           e.params["name"] == "_normalize"]
+  assert len(calls) == 2
+  assert calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
 
 
 def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
