@@ -43,18 +43,34 @@ the saved residuals, that altering ``_vjp`` alters ``jax.grad`` and
 
 Performance
 -----------
-Normalization is memory-bound: its cost is its passes over the
-activations. ``_vjp`` is written in per-group-coefficient form (see its
-docstring) on the centred input ``x - hi`` instead of :math:`\\hat x`, so
-the residuals are ``x - hi`` (``x`` itself without centring: nothing new)
-and per-group statistics (:math:`\\mu` as ``hi + lo``, :math:`r`,
-:math:`w/n`; :math:`w/n` has the broadcast shape of the mask and the
-statistics, so only an elementwise mask makes it activation-sized), and
-no activation-sized product other than ``x - hi`` is ever built: in a
-jitted batch-norm forward+backward ``x - hi`` is written once (by the
-kernel of the first statistics pass) and every other full-size
-intermediate is fused into the reductions and the final ``dx`` pass
-(``tests/test_perf_structure.py``; ``examples/benchmark.py`` measures).
+Normalization is memory-bound: its cost is its passes over the activations,
+and on CPU above all the activation-sized arrays it writes (XLA's CPU
+reductions each make their own pass, and a shared full-size intermediate
+is written to memory once and read back by every consumer). So:
+
+- The statistics are one pass of shifted sums around a pilot mean (see
+  ``_stats.moments``), not a mean pass followed by a variance pass.
+- ``_vjp`` is written in per-group-coefficient form (see its docstring):
+  only per-group (or per-feature) coefficients multiply ``x`` and ``dy``.
+- Each reduction gets its own, bitwise equal, *spelling* of what it reads:
+  ``x - k`` and ``x + (-k)``, another split of the mean, ``-s`` or ``2 s``
+  with the sign or factor taken out after the sum. XLA's CSE would merge
+  identical expressions into one full-size array feeding several fused
+  reductions; distinct ones are each fused into their own kernel.
+- The tangent map runs under ``jax.checkpoint``: nothing of ``_vjp`` is
+  computed in the forward pass and saved, so the residuals are ``x`` (in
+  its own dtype, alive anyway as this op's input) and per-group statistics
+  (:math:`\\mu` as ``hi + lo``, :math:`r`, :math:`w/n`; :math:`w/n` has the
+  broadcast shape of the mask and the statistics, so only an elementwise
+  mask makes it activation-sized).
+- GroupNorm's statistics are reduced in ``x``'s own layout and then within
+  each group of channels (``groups``), never in a (N, ..., G, C/G) view
+  whose tiny minor axis makes CPU reductions several times slower.
+- The op is ``jax.jit``-ed, so same-shape layers share one trace.
+
+A jitted forward+backward of every normalizer has no activation-sized
+temporary (``tests/test_perf_structure.py``); ``examples/benchmark.py``
+measures the time.
 """
 
 from __future__ import annotations
