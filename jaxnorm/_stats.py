@@ -2,10 +2,9 @@
 
 The statistics of every normalizer are the triple ``(count, mean, M2)`` per
 normalized group, where ``M2 = sum(w * (x - mean) ** 2)`` and ``w`` is the
-mask. Locally they come from shifted sums around a pilot mean (one pass
-over the data, checked and repeated around the first pass's mean only when
-the pilot was far off, see :func:`moments`), so shifted data loses no
-precision. Across a named
+mask. Locally they come from shifted sums around a pilot mean that is
+provably near the mean (one pass over the data, see :func:`moments`), so
+shifted data loses no precision. Across a named
 axis (``vmap``/``pmap``/``shard_map``) the per-device triples travel in one
 collective (a ``psum`` of per-device slots, see :func:`_gather`) and are
 merged with Chan et al.'s pairwise formula
@@ -103,47 +102,40 @@ def _merge_across(
   return total, g_hi, g_lo, g_m2
 
 
-# Shifted sums are trusted while the pilot is within sqrt(_PILOT_TRUST)
-# standard deviations of the mean (then the variance has a relative error of
-# at most about (1 + _PILOT_TRUST) float rounding errors); beyond that a
-# second pass re-centres on the first pass's mean.
-_PILOT_TRUST = 16.0
-# A pilot averages at least this many elements per group (a prefix along the
-# last reduced axis; see _pilot).
-_PILOT_SIZE = 16
+# The pilot mean averages at least 1/_PILOT_SHARE of each group, so it is
+# within sqrt(_PILOT_SHARE) standard deviations of the mean (see _pilot).
+_PILOT_SHARE = 16
 
 
 def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
            groups: int | None) -> jax.Array:
-  """A cheap estimate of the mean of every group: the mean of a prefix.
+  """An estimate of the mean of every group, provably near it.
 
-  The prefix runs along the last reduced axis, long enough that it holds at
-  least ``_PILOT_SIZE`` elements of each group: the first column of every
-  image row of a (N, H, W, C) batch norm (1/W of the data, spread over
-  every example), the first 16 features of a layer norm row. When only the
-  batch axis 0 is reduced (BatchNorm on (N, C)), the prefix is the first
-  example alone: the batch axis is the one data parallelism shards, and a
-  longer prefix would gather rows from several devices. The pilot's only
-  job is to be near the mean; :func:`moments` checks that it is. With
-  ``groups`` the per-channel prefix means are averaged over each group.
+  The mean of a prefix along the last reduced axis holding at least
+  ``1/_PILOT_SHARE`` of each group: the first ``ceil(W/16)`` columns of
+  every image row of a (N, H, W, C) batch norm (spread over every
+  example), the first ``ceil(F/16)`` features of a layer norm row. A subset
+  holding ``k`` of a group's ``n`` values has ``k (K - mean)^2 <= n var``,
+  so this pilot ``K`` is within 4 standard deviations of the mean whatever
+  the data. When the last reduced axis is the batch axis 0 (BatchNorm on
+  (N, C)), or with a mask (a prefix could be all padding), the pilot is the
+  exact mean instead: a second pass, over data that is small (N, C) or
+  padded, and no prefix of a batch axis that data parallelism shards. With
+  ``groups`` the per-channel sums are summed over each group.
   """
   keep = dict(axis=axes, keepdims=True)
-  head, wh = xf, w
-  if axes:
+  head = xf
+  if axes and axes[-1] != 0 and w is None:
     last = axes[-1]
-    others = math.prod(xf.shape[a] for a in axes[:-1])
-    length = 1 if last == 0 else min(xf.shape[last],
-                                     max(1, -(-_PILOT_SIZE // others)))
+    length = -(-xf.shape[last] // _PILOT_SHARE)
     head = jax.lax.slice_in_dim(xf, 0, length, axis=last)
-    if w is not None:
-      wh = jax.lax.slice_in_dim(w, 0, length, axis=last)
   c = xf.shape[-1]
-  if wh is None:
+  if w is None:
     n = math.prod(head.shape[a] for a in axes) * (
         1 if groups is None else c // groups)
-    return group_sum(jnp.sum(head, **keep), groups, c) / n
-  n = group_sum(jnp.sum(wh, dtype=xf.dtype, **keep), groups, c)
-  total = group_sum(jnp.sum(jnp.where(wh, head, 0.0), **keep), groups, c)
+    return group_sum(jnp.sum(head * (1.0 / n), **keep), groups, c)
+  n = group_sum(jnp.sum(w, dtype=xf.dtype, **keep), groups, c)
+  total = group_sum(jnp.sum(jnp.where(w, xf, 0.0), **keep), groups, c)
   return total / jnp.maximum(n, 1.0)
 
 
@@ -172,23 +164,18 @@ def moments(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
-  Shifted sums around a pilot ``hi`` (the mean of a small prefix of each
-  group, see :func:`_pilot`): ``lo = mean(x - hi)`` and
-  ``M2 = sum((x - hi)^2) - n lo^2``, one pass over the data for both.
-  The subtraction loses about ``1 + lo^2 / var`` rounding errors of the
-  variance, so the result is accepted only while ``lo^2 <= 16 var`` in
-  every group (the pilot is within 4 standard deviations of the mean, which
-  a prefix of 16 or more elements is unless the data are ordered or
-  adversarial); otherwise a second pass (a ``lax.cond``, so it costs nothing
-  when not taken) repeats the sums around ``hi + lo``, which is then within
-  a few rounding errors of the mean. Either way the variance is within a
-  few tens of rounding errors of the exact one, and ``x - hi`` is exact for
-  values near the mean (Sterbenz), so centring as ``(x - hi) - lo`` loses
-  nothing even when ``|mean| >> std`` (float32 data with mean 1e4 and std 1
-  would otherwise carry the rounding error of a mean near 1e4, about 1e-3,
-  into every output). The statistics of the merge across devices are each
-  device's own ``(hi, lo, M2)``; the check is local too, so no collective
-  runs inside the ``cond``.
+  Shifted sums around a pilot ``hi`` (see :func:`_pilot`; within 4 standard
+  deviations of the mean by construction): ``lo = mean(x - hi)`` and
+  ``M2 = sum((x - hi)^2) - n lo^2``, one pass over the data for both. The
+  subtraction costs a factor ``1 + lo^2 / var <= 17`` in the variance's
+  accuracy against the two-pass formula, whatever the data (no branch, no
+  second look; typically ``lo^2 / var`` is ~1/k for a pilot of k values,
+  so nothing), and ``x - hi``
+  is exact for values near the mean (Sterbenz), so centring as
+  ``(x - hi) - lo`` loses nothing even when ``|mean| >> std`` (float32 data
+  with mean 1e4 and std 1 would otherwise carry the rounding error of a mean
+  near 1e4, about 1e-3, into every output). Across devices each device's
+  own ``(hi, lo, M2)`` enters the merge.
 
   Args:
     x: floating array of any shape.
@@ -227,20 +214,9 @@ def moments(
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
     hi = _pilot(xf, axes, w, groups)
-
-    def around(k):
-      s1, s2 = _shifted_sums(xf, k, keep, valid, groups)
-      lo = s1 / safe
-      return lo, jnp.maximum(s2 - s1 * lo, 0.0)
-
-    lo, m2 = around(hi)
-    doubtful = jnp.any(lo * lo * safe > _PILOT_TRUST * m2)
-
-    def recentre(hi, lo, m2):
-      hi2 = hi + lo
-      return (hi2, *around(hi2))
-
-    hi, lo, m2 = jax.lax.cond(doubtful, recentre, lambda *a: a, hi, lo, m2)
+    s1, s2 = _shifted_sums(xf, hi, keep, valid, groups)
+    lo = s1 / safe
+    m2 = jnp.maximum(s2 - s1 * lo, 0.0)
   else:
     hi = lo = jnp.zeros_like(count)
     m2 = group_sum(jnp.sum(valid(jnp.square(xf)), **keep), groups, c)
