@@ -123,7 +123,7 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   padded, and no prefix of a batch axis that data parallelism shards. With
   ``groups`` the per-channel sums are summed over each group.
   """
-  keep = dict(axis=axes, keepdims=True)
+  keep = {"axis": axes, "keepdims": True}
   head = xf
   if axes and axes[-1] != 0 and w is None:
     last = axes[-1]

@@ -379,8 +379,9 @@ def batch_norm_train(
      \\sigma^2 = \\frac{1}{n}\\sum_{i \\in \\mathcal{B}} (x_i - \\mu)^2, \\quad
      y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta.
 
-  The normalization always uses the biased :math:`\\sigma^2`, computed in
-  two passes in at least float32 (stable for shifted data). The backward
+  The normalization always uses the biased :math:`\\sigma^2`, computed
+  centred (shifted sums around a pilot mean within 4 standard deviations of
+  the mean) in at least float32: stable for shifted data. The backward
   pass is hand-derived (see ``jaxnorm._core``); no gradient flows into the
   state. The running statistics then move towards the batch values
   :math:`s \\in \\{\\mu, v\\}`, with :math:`v = \\sigma^2` (``running_var=

@@ -6,7 +6,7 @@ meanings and defaults, the same variable collections, names, shapes and
 dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``) and the same output dtype rule, so a flax variable tree
 loads into these modules and back. What changes is the arithmetic: the
-variance is always computed in two passes in at least float32 (stable on
+variance is always computed centred, in at least float32 (stable on
 shifted data), the backward pass is jaxnorm's hand-derived one, masked
 cross-device statistics are count-weighted, and a training batch with a
 single element per feature raises instead of silently returning zeros.
@@ -248,8 +248,9 @@ class BatchNorm(nn.Module):
       are merged exactly (count-weighted, also with masks).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance in two passes in at least float32,
-      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+      jaxnorm always computes the variance centred (around a pilot mean
+      within 4 std of the mean) in at least float32, which is stable on
+      shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: as flax: if False the ``batch_stats`` are stored
       in ``param_dtype``. The reductions are always done in at least float32.
     track_count: keep ``batch_stats/count`` (jaxnorm only; default True).
@@ -377,7 +378,7 @@ class LayerNorm(nn.Module):
   .. math::
      y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
 
-  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (two-pass, at least
+  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
   float32); calls ``jaxnorm.layer_norm``. Variables: ``params/scale`` and
   ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]`` in
   ``param_dtype``.
@@ -398,8 +399,9 @@ class LayerNorm(nn.Module):
     axis_index_groups: replica groups within ``axis_name`` (ignored without
       it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance in two passes in at least float32,
-      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+      jaxnorm always computes the variance centred (around a pilot mean
+      within 4 std of the mean) in at least float32, which is stable on
+      shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: accepted for compatibility; jaxnorm always
       reduces in at least float32.
 
@@ -555,8 +557,9 @@ class GroupNorm(nn.Module):
     axis_index_groups: replica groups within ``axis_name`` (ignored without
       it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance in two passes in at least float32,
-      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+      jaxnorm always computes the variance centred (around a pilot mean
+      within 4 std of the mean) in at least float32, which is stable on
+      shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: accepted; jaxnorm always reduces in at least
       float32.
 
@@ -629,8 +632,9 @@ class InstanceNorm(nn.Module):
     axis_index_groups: replica groups within ``axis_name`` (ignored without
       it, as in flax).
     use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance in two passes in at least float32,
-      which is stable on shifted data (flax's default E[x^2]-E[x]^2 is not).
+      jaxnorm always computes the variance centred (around a pilot mean
+      within 4 std of the mean) in at least float32, which is stable on
+      shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: accepted; jaxnorm always reduces in at least
       float32.
 

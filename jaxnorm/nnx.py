@@ -10,7 +10,7 @@ output dtype (``dtype`` if given, else the promotion of the input, parameter
 and, for ``BatchNorm``, running-statistic dtypes). They work inside
 ``nnx.jit``, ``nnx.value_and_grad`` and ``nnx.split``/``nnx.merge``.
 
-The arithmetic is jaxnorm's: two-pass variance in at least float32 (stable
+The arithmetic is jaxnorm's: centred variance in at least float32 (stable
 on shifted data) whatever ``use_fast_variance`` says, hand-derived
 backward passes, exact count-weighted statistics across ``axis_name``, and
 an error instead of silent zeros for a training batch of one.
@@ -139,7 +139,7 @@ class BatchNorm(_Affine):
       (count-weighted exact merge).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted for compatibility and ignored: jaxnorm always
-      uses the stable two-pass variance in at least float32.
+      uses the stable centred variance in at least float32.
     promote_dtype: accepted for compatibility; jaxnorm applies flax's
       default promotion rule (see module docstring) and ignores a custom one.
     rngs: ``nnx.Rngs`` for the parameter initializers.
@@ -299,7 +299,7 @@ class LayerNorm(_Affine):
   .. math::
      y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
 
-  over ``reduction_axes`` (two-pass, at least float32); calls
+  over ``reduction_axes`` (centred, at least float32); calls
   ``jaxnorm.layer_norm``. Params ``scale``/``bias`` of shape
   ``(num_features,)`` (or the tuple given).
 
