@@ -111,24 +111,25 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
            groups: int | None) -> jax.Array:
   """An estimate of the mean of every group, provably near it.
 
-  The mean of a prefix along the last reduced axis holding at least
-  ``1/_PILOT_SHARE`` of each group: the first ``ceil(W/16)`` columns of
-  every image row of a (N, H, W, C) batch norm (spread over every
-  example), the first ``ceil(F/16)`` features of a layer norm row. A subset
-  holding ``k`` of a group's ``n`` values has ``k (K - mean)^2 <= n var``,
-  so this pilot ``K`` is within 4 standard deviations of the mean whatever
-  the data. When the last reduced axis is the batch axis 0 (BatchNorm on
-  (N, C)), or with a mask (a prefix could be all padding), the pilot is the
-  exact mean instead: a second pass, over data that is small (N, C) or
-  padded, and no prefix of a batch axis that data parallelism shards. With
-  ``groups`` the per-channel sums are summed over each group.
+  The mean of a prefix holding at least ``1/_PILOT_SHARE`` of each group,
+  along the first reduced axis other than the batch axis 0: the first
+  ``ceil(H/16)`` image rows of every example for a (N, H, W, C) batch norm
+  (a contiguous block per example), the first ``ceil(F/16)`` features of a
+  layer norm row. A subset holding ``k`` of a group's ``n`` values has
+  ``k (K - mean)^2 <= n var``, so this pilot ``K`` is within 4 standard
+  deviations of the mean whatever the data. When only the batch axis is
+  reduced (BatchNorm on (N, C)), or with a mask (a prefix could be all
+  padding), the pilot is the exact mean instead: a second pass, over data
+  that is small (N, C) or padded, and never a prefix of the batch axis,
+  which data parallelism shards. With ``groups`` the per-channel sums are
+  summed over each group.
   """
   keep = {"axis": axes, "keepdims": True}
   head = xf
-  if axes and axes[-1] != 0 and w is None:
-    last = axes[-1]
-    length = -(-xf.shape[last] // _PILOT_SHARE)
-    head = jax.lax.slice_in_dim(xf, 0, length, axis=last)
+  along = [a for a in axes if a != 0]
+  if along and w is None:
+    length = -(-xf.shape[along[0]] // _PILOT_SHARE)
+    head = jax.lax.slice_in_dim(xf, 0, length, axis=along[0])
   c = xf.shape[-1]
   if w is None:
     n = math.prod(head.shape[a] for a in axes) * (

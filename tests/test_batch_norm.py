@@ -395,9 +395,9 @@ def test_pilot_is_within_four_std_whatever_the_data(layout):
   if layout == "dense":  # (N, C): the first example an outlier
     x, axes = r.randn(256, 4) + 1e4, (0,)
     x[0] += 300.0
-  elif layout == "conv":  # (N, H, W, C): the first 2 of 32 columns
-    x, axes = r.randn(4, 4, 32, 3) + 1e4, (0, 1, 2)
-    x[:, :, :2] += 50.0
+  elif layout == "conv":  # (N, H, W, C): the first 2 of 32 image rows
+    x, axes = r.randn(4, 32, 4, 3) + 1e4, (0, 1, 2)
+    x[:, :2] += 50.0
   else:  # layer norm rows: the first 16 of 256 features
     x, axes = r.randn(6, 256) + 1e4, (1,)
     x[:, :16] += 50.0
@@ -419,7 +419,7 @@ def test_pilot_is_within_four_std_whatever_the_data(layout):
 
 @pytest.mark.parametrize("fn", ["batch_norm", "layer_norm", "group_norm"])
 def test_atypical_pilot_prefix_stays_accurate(fn):
-  # The pilot reads a prefix of each group (first image column, first 16
+  # The pilot reads a prefix of each group (first image rows, first 16
   # features, ...); make exactly that prefix atypical. Shifted data too.
   r = np.random.RandomState(22)
   if fn == "layer_norm":
@@ -428,7 +428,7 @@ def test_atypical_pilot_prefix_stays_accurate(fn):
     f = lambda x: jaxnorm.layer_norm(x)
   else:
     x = r.randn(8, 6, 6, 8) + 1e3
-    x[:, :, 0, :] += 40.0
+    x[:, 0] += 40.0  # the first image row: the pilot's prefix
     f = (lambda x: jaxnorm.group_norm(x, num_groups=2)) if fn == "group_norm" \
         else (lambda x: jaxnorm.batch_norm_train(
             x, jaxnorm.batch_norm_init(8))[0])
