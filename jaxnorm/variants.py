@@ -1,7 +1,7 @@
 """Layer, RMS, group and instance normalization: thin layers over one core.
 
-Each function only chooses the reduction axes (and, for group norm, a
-reshape) and the parameter layout; statistics, normalization and the
+Each function only chooses the reduction axes (and, for group norm, the
+number of channel groups) and the parameter layout; statistics, normalization and the
 hand-derived derivatives all live in ``jaxnorm._core``. Names, axis meanings
 and defaults follow the ``flax.linen`` layers of the same name (channels
 last; for group and instance norm axis 0 is the batch).
