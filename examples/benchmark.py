@@ -337,11 +337,12 @@ def bench_train_step(name: str, make: Callable[[Any], nn.Module],
       return {"params": params, "batch_stats": upd["batch_stats"]}, loss
     return step
 
-  # Trace + lower + compile, twice each in the order A B B A (the first
-  # compile of a process pays one-time costs), keeping each one's best.
+  # Trace + lower + compile, three times each in the order A B B A A B (the
+  # first compile of a process pays one-time costs, and a single compile
+  # varies by 10-20% here), keeping each one's best.
   compile_s: dict[str, float] = {}
   compiled = {}
-  for label in (*bns, *reversed(bns)):
+  for label in (*bns, *reversed(bns), *bns):
     t0 = time.perf_counter()
     compiled[label] = jax.jit(make_step(models[label])).lower(
         variables[label], x, labels).compile()
