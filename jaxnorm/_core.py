@@ -253,8 +253,6 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
     if outer:
       sg = jnp.sum(sg, axis=outer, keepdims=True)
       sgx = jnp.sum(sgx, axis=outer, keepdims=True)
-    sg, sgx = (_stats.group_sum(v, cfg.groups, xf.shape[-1])
-               for v in (sg, sgx))
   else:  # a parameter varies along every reduced axis (LayerNorm)
     # Spellings (see the module docstring): -s, -r, 2s and r/2 are exact
     # and give every reduction its own broadcast operand.
@@ -273,10 +271,11 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
     else:
       sg = jnp.sum(g * s, axis=cfg.axes, keepdims=True)
       sgx = -jnp.sum((g * d_sum) * (-s), axis=cfg.axes, keepdims=True)
-    sg, sgx = (_stats.group_sum(v, cfg.groups, xf.shape[-1])
-               for v in (sg, sgx))
     sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd
-  sums = (sg, sgx)
+  # GroupNorm: then within each group of channels (delta and rstd are
+  # constant there, so this commutes with the corrections above).
+  sums = tuple(_stats.group_sum(v, cfg.groups, xf.shape[-1])
+               for v in (sg, sgx))
   g_r = _scaled(g, rstd, s, cfg.axes)
   if not cfg.center:
     sums = sums[1:]
