@@ -7,6 +7,7 @@ what came, and how to fix it.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -18,24 +19,97 @@ import numpy as np
 AxisName = Any  # a hashable name or a tuple of names
 
 
-def as_float_array(fn: str, name: str, x: Any) -> jax.Array:
-  """Returns ``x`` as a jax array, raising ``TypeError`` unless it is floating."""
-  if x is None:
-    raise TypeError(f"{fn}: `{name}` must be a floating-point array; got None.")
-  try:
-    dtype = jnp.result_type(x)
-  except TypeError as e:
+def _kind_ok(dtype: Any, kind: str) -> bool:
+  if kind == "floating":
+    return jnp.issubdtype(dtype, jnp.floating)
+  return jnp.issubdtype(dtype, jnp.integer)  # "integer"
+
+
+_KIND_TEXT = {
+    "floating": ("a floating-point array", "floating-point dtype (float32, "
+                 "bfloat16, float16 or float64)", "jnp.float32"),
+    "integer": ("an integer array", "integer dtype (e.g. int32)",
+                "jnp.int32"),
+}
+
+
+def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
+             min_ndim: int = 0, shape: tuple[int, ...] | None = None,
+             ) -> jax.Array:
+  """Converts an array-like to a jax array and validates it: the one place.
+
+  Python scalars, lists/tuples of numbers and NumPy arrays are converted
+  (``jnp.asarray``); ``None``, strings, ragged or non-numeric sequences and
+  other objects are refused. Every refusal names ``fn``, the argument
+  ``name``, what was expected, what came and a fix.
+
+  Args:
+    fn: the public function or module the message names.
+    name: the argument as the caller spells it, e.g. ``"x"`` or
+      ``"state.count"``.
+    x: the value received.
+    kind: ``"floating"`` or ``"integer"``: the dtype kind required.
+    min_ndim: the least number of dimensions (1 for ``x`` of a normalizer).
+    shape: if given, the exact shape required.
+
+  Returns:
+    ``x`` as a ``jax.Array`` (tracers pass through unchanged).
+
+  Raises:
+    TypeError: ``None``, a string, an object that is not array-like, or the
+      wrong dtype kind.
+    ValueError: fewer than ``min_ndim`` dimensions, or another shape than
+      ``shape``.
+  """
+  what, dtypes, cast = _KIND_TEXT[kind]
+  if x is None or isinstance(x, (str, bytes)):
+    got = "None" if x is None else f"the {type(x).__name__} {x!r:.40}"
     raise TypeError(
-        f"{fn}: `{name}` must be a floating-point array; got an object of type "
-        f"{type(x).__name__} ({e})."
-    ) from None
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(
-        f"{fn}: `{name}` must have a floating-point dtype (float32, bfloat16, "
-        f"float16 or float64); got dtype {dtype}. Fix: cast it first, e.g. "
-        f"`{name}.astype(jnp.float32)`."
+        f"{fn}: `{name}` must be {what}; got {got}. Fix: pass an array, "
+        f"e.g. `jnp.asarray(values, {cast})`."
     )
-  return jnp.asarray(x)
+  try:
+    a = jnp.asarray(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"{fn}: `{name}` must be {what} (or a nested list of numbers); got "
+        f"an object of type {type(x).__name__} that is not array-like "
+        f"({str(e)[:80]}). Fix: pass `jnp.asarray(values, {cast})`."
+    ) from None
+  if not _kind_ok(a.dtype, kind):
+    raise TypeError(
+        f"{fn}: `{name}` must have a {dtypes}; got dtype {a.dtype}. Fix: "
+        f"cast it first, e.g. `{name}.astype({cast})`."
+    )
+  if a.ndim < min_ndim:
+    raise ValueError(
+        f"{fn}: `{name}` must have at least {min_ndim} dimension(s); got "
+        f"a 0-d array (a scalar). Fix: give it its batch or feature axes, "
+        f"e.g. `jnp.reshape({name}, (1, -1))` for one example of features."
+    )
+  if shape is not None and tuple(a.shape) != tuple(shape):
+    raise ValueError(
+        f"{fn}: `{name}` must have shape {tuple(shape)}; got shape "
+        f"{tuple(a.shape)}."
+    )
+  return a
+
+
+def as_float_array(fn: str, name: str, x: Any, min_ndim: int = 0
+                   ) -> jax.Array:
+  """``as_array`` for a floating array (``x``, parameters, statistics)."""
+  return as_array(fn, name, x, kind="floating", min_ndim=min_ndim)
+
+
+def concrete_value(a: Any) -> float | None:
+  """The value of a concrete real scalar, None for a tracer (not checkable).
+
+  Checks on values (``rmax >= 1``) apply to what is known at trace time: a
+  Python number or a concrete array; a traced value is left alone.
+  """
+  if isinstance(a, jax.core.Tracer):
+    return None
+  return float(np.asarray(a))
 
 
 def canonicalize_axes(
@@ -190,3 +264,66 @@ def param_shape_hint(fn: str, x_shape, axes) -> str:
   return (
       f"x.shape={tuple(x_shape)} at the feature axes {tuple(axes)} of {fn}"
   )
+
+
+def check_axis_index_groups(fn: str, groups: Any,
+                            names: tuple[Any, ...] | None) -> Any:
+  """Validates ``axis_index_groups`` as ``jax.lax.psum`` needs them.
+
+  Returns a tuple of tuples of ints (or None). The groups must be lists of
+  distinct integer indices of the named axis, of equal size, together
+  covering every index once.
+  """
+  if groups is None:
+    return None
+  if names is None:
+    raise ValueError(
+        f"{fn}: `axis_index_groups`={groups!r} was given without "
+        f"`axis_name`; the groups select devices along a named axis. Fix: "
+        f"pass axis_name too, or drop axis_index_groups."
+    )
+  size = 1
+  for n in names:
+    size *= jax.lax.axis_size(n)
+  example = [list(range(size))[: max(size // 2, 1)],
+             list(range(size))[max(size // 2, 1):]]
+  fix = (f"Fix: pass lists of distinct device indices in [0, {size}) of "
+         f"equal size that together cover every index once, e.g. "
+         f"{example if size > 1 else [[0]]}.")
+  ok_types = isinstance(groups, Sequence) and not isinstance(groups, str)
+  out = []
+  if ok_types:
+    for g in groups:
+      if (not isinstance(g, Sequence) or isinstance(g, str) or not all(
+          isinstance(i, (numbers.Integral, np.integer))
+          and not isinstance(i, bool) for i in g)):
+        ok_types = False
+        break
+      out.append(tuple(int(i) for i in g))
+  if not ok_types:
+    raise TypeError(
+        f"{fn}: `axis_index_groups` must be a list of lists of ints "
+        f"(device indices along {names}); got {groups!r}. {fix}"
+    )
+  flat = [i for g in out for i in g]
+  if (not out or len({len(g) for g in out}) != 1
+      or sorted(flat) != list(range(size))):
+    raise ValueError(
+        f"{fn}: `axis_index_groups`={groups!r} does not partition the "
+        f"{size} indices of axis {names} into groups of equal size. {fix}"
+    )
+  return tuple(out)
+
+
+def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
+               why: str = "") -> float:
+  """A finite Python real (not bool), optionally ``>= lower``."""
+  if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    raise TypeError(
+        f"{fn}: `{name}` must be a Python float; got {v!r} of type "
+        f"{type(v).__name__}. Fix: pass float(value)."
+    )
+  if not math.isfinite(v) or (lower is not None and not v >= lower):
+    bound = "finite" if lower is None else f"finite and >= {lower}"
+    raise ValueError(f"{fn}: `{name}` must be {bound}{why}; got {v!r}.")
+  return float(v)

@@ -134,7 +134,8 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   if w is None:
     n = math.prod(head.shape[a] for a in axes) * (
         1 if groups is None else c // groups)
-    return group_sum(jnp.sum(head * (1.0 / n), **keep), groups, c)
+    # max: an empty group (a reduced axis of size 0) has pilot 0.
+    return group_sum(jnp.sum(head * (1.0 / max(n, 1)), **keep), groups, c)
   n = group_sum(jnp.sum(w, dtype=xf.dtype, **keep), groups, c)
   total = group_sum(jnp.sum(jnp.where(w, xf, 0.0), **keep), groups, c)
   return total / jnp.maximum(n, 1.0)
@@ -205,7 +206,7 @@ def moments(
     n = math.prod(x.shape[a] for a in axes)
     n *= 1 if groups is None else c // groups
     count = jnp.full(stat_shape, float(n), dt)
-    safe = count
+    safe = count if n else jnp.ones_like(count)  # empty groups: mean 0
     w = None
     valid = lambda v: v
   else:

@@ -40,8 +40,10 @@ def batch_norm_init(
   Args:
     num_features: the feature shape, ``C`` or a tuple such as ``(H, C)`` when
       ``axis`` names several feature axes.
-    dtype: floating dtype of ``mean`` and ``var`` (float32 by default; the
-      statistics are never kept below float32 precision when updated).
+    dtype: floating dtype of ``mean`` and ``var``: float32 (default) or
+      float64. bfloat16 and float16 are refused: a running average kept in
+      them cannot move (see :func:`batch_norm_train`, "Low-precision
+      state").
 
   Returns:
     ``BatchNormState(mean=zeros(shape), var=ones(shape), count=0)``.
@@ -49,7 +51,8 @@ def batch_norm_init(
   Raises:
     TypeError: if ``num_features`` is not an int or tuple of ints, or
       ``dtype`` is not floating.
-    ValueError: if a feature size is not positive.
+    ValueError: if a feature size is not positive, or ``dtype`` is bfloat16
+      or float16.
   """
   fn = "batch_norm_init"
   if isinstance(num_features, bool):
@@ -69,6 +72,7 @@ def batch_norm_init(
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: `dtype` must be floating; got {dtype}.")
+  _check_state_precision(fn, "dtype", jnp.dtype(dtype))
   return BatchNormState(
       mean=jnp.zeros(shape, dtype),
       var=jnp.ones(shape, dtype),
@@ -86,7 +90,31 @@ def _feature_layout(fn: str, x: jax.Array, axis) -> tuple[tuple[int, ...],
   return feat, red, bshape
 
 
-def _check_state(fn: str, state: Any, fshape: tuple[int, ...]) -> None:
+_LOW_PRECISION_WHY = (
+    "a running average kept in it cannot move: with momentum 0.99 an update "
+    "smaller than 50 units in its last place rounds back to the old value "
+    "(bfloat16: after 1,000 steps the running mean is 0.1 std and the "
+    "variance 3% off), and jaxnorm does not change the state's dtype behind "
+    "your back"
+)
+
+
+def _check_state_precision(fn: str, name: str, dtype: Any) -> None:
+  """Refuses running statistics below float32 (see batch_norm_train)."""
+  if dtype.itemsize < 4:
+    raise ValueError(
+        f"{fn}: `{name}` is {dtype}; running statistics must be float32 or "
+        f"float64: {_LOW_PRECISION_WHY}. Fix: keep the state in float32, "
+        f"e.g. `jaxnorm.batch_norm_init(C)` (default dtype) or "
+        f"`jax.tree.map(lambda a: a.astype(jnp.float32), state)` for the "
+        f"mean and var; with jaxnorm.linen.BatchNorm keep "
+        f"force_float32_reductions=True. The input x may stay {dtype}."
+    )
+
+
+def _check_state(fn: str, state: Any, fshape: tuple[int, ...]
+                 ) -> BatchNormState:
+  """Validates ``state``, converting array-like fields (lists, ints)."""
   if not isinstance(state, BatchNormState):
     raise TypeError(
         f"{fn}: `state` must be a jaxnorm.BatchNormState; got "
@@ -94,36 +122,37 @@ def _check_state(fn: str, state: Any, fshape: tuple[int, ...]) -> None:
         f"`jaxnorm.batch_norm_init({fshape if len(fshape) > 1 else fshape[0]})`"
         f" and thread the state returned by batch_norm_train."
     )
+  fields = {}
   for name in ("mean", "var"):
-    v = getattr(state, name)
-    shp = getattr(v, "shape", None)
-    if shp is None or tuple(shp) != fshape:
+    v = _checks.as_float_array(fn, f"state.{name}", getattr(state, name))
+    if tuple(v.shape) != fshape:
       raise ValueError(
           f"{fn}: `state.{name}` must have the feature shape {fshape}; got "
-          f"{None if shp is None else tuple(shp)}. The state was made for "
-          f"other features: re-create it with batch_norm_init({fshape}) or "
-          f"check `axis`."
+          f"{tuple(v.shape)}. The state was made for other features: "
+          f"re-create it with batch_norm_init({fshape}) or check `axis`."
       )
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-      raise TypeError(
-          f"{fn}: `state.{name}` must be floating; got dtype {v.dtype}."
-      )
-  if tuple(getattr(state.count, "shape", (None,))) != ():
+    fields[name] = v
+  count = _checks.as_array(fn, "state.count", state.count, kind="integer")
+  if count.shape != ():
     raise ValueError(
-        f"{fn}: `state.count` must be a scalar; got shape "
-        f"{getattr(state.count, 'shape', None)}."
+        f"{fn}: `state.count` must be a scalar (the number of updates); got "
+        f"shape {tuple(count.shape)}. Fix: thread the count returned by "
+        f"batch_norm_train, or start from `jnp.zeros((), jnp.int32)`."
     )
+  if not isinstance(state.count, jax.Array):  # a Python int: as the default
+    count = count.astype(jnp.int32)
+  return BatchNormState(count=count, **fields)
 
 
 def _prepare(fn, x, state, scale, bias, axis):
-  x = _checks.as_float_array(fn, "x", x)
+  x = _checks.as_float_array(fn, "x", x, min_ndim=1)
   feat, red, bshape = _feature_layout(fn, x, axis)
   fshape = tuple(x.shape[i] for i in feat)
-  _check_state(fn, state, fshape)
+  state = _check_state(fn, state, fshape)
   hint = _checks.param_shape_hint(fn, x.shape, feat)
   scale = _checks.check_param(fn, "scale", scale, fshape, hint)
   bias = _checks.check_param(fn, "bias", bias, fshape, hint)
-  return x, feat, red, bshape, fshape, scale, bias
+  return x, state, feat, red, bshape, fshape, scale, bias
 
 
 def _check_momentum(fn: str, momentum: Any, debias: Any) -> float | None:
@@ -212,6 +241,9 @@ def _check_clip(fn: str, name: str, v: Any, lower: float) -> Any:
         f"{fn}: `{name}` must be a float or a scalar real array (e.g. from "
         f"batch_renorm_schedule); got shape {a.shape}, dtype {a.dtype}."
     )
+  value = _checks.concrete_value(a)  # None when traced: not checkable
+  if value is not None:
+    _check_clip(fn, name, value, lower)
   return a
 
 
@@ -239,14 +271,17 @@ def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
 
 def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
                count: jax.Array, *, momentum: float | None, debias: bool,
-               running_var: str) -> BatchNormState:
+               running_var: str, skip_nonfinite: bool = False
+               ) -> tuple[BatchNormState, jax.Array]:
   """Running-statistics update from per-virtual-batch ``(G, *F)`` stats.
 
   The batch value is the count-weighted average over the ``G`` virtual
   batches (the plain average when they have equal counts); features with no
   valid element keep their running values (with ``"unbiased"``, fewer than
   two elements keep the running variance). ``count`` moves only if some
-  feature had data.
+  feature had data. With ``skip_nonfinite`` a feature whose batch mean or
+  variance is not finite counts as one without data (it keeps both running
+  values); the second result flags those features (all False otherwise).
   """
   dt = mean.dtype
   n_var = count
@@ -261,6 +296,11 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
     batch_mean = (count * mean).sum(0) / jnp.maximum(tot, 1.0)
     batch_var = (n_var * var).sum(0) / jnp.maximum(tot_var, 1.0)
     has_mean, has_var = tot > 0, tot_var > 0
+  skipped = jnp.zeros(has_mean.shape, bool)
+  if skip_nonfinite:
+    finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
+    skipped = has_mean & ~finite
+    has_mean, has_var = has_mean & finite, has_var & finite
   keep, w = _update_weights(momentum, debias, state.count, dt)
   old_mean, old_var = state.mean.astype(dt), state.var.astype(dt)
   # In the statistics' dtype (>= float32, float64 for float64 x), then cast
@@ -272,23 +312,35 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
       mean=new_mean.astype(state.mean.dtype),
       var=new_var.astype(state.var.dtype),
       count=jnp.asarray(new_count).astype(state.count.dtype),
-  )
+  ), skipped
 
 
 def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
            axis_index_groups, mask, running_var, debias, virtual_batch_size,
-           renorm=None):
+           skip_nonfinite, renorm=None):
   """Shared body of batch_norm_train and batch_renorm_train."""
-  x, feat, red, bshape, fshape, scale, bias = _prepare(
+  x, state, feat, red, bshape, fshape, scale, bias = _prepare(
       fn, x, state, scale, bias, axis)
+  for name in ("mean", "var"):
+    _check_state_precision(fn, f"state.{name}",
+                           getattr(state, name).dtype)
+  if not isinstance(skip_nonfinite, bool):
+    raise TypeError(f"{fn}: `skip_nonfinite` must be True or False; got "
+                    f"{skip_nonfinite!r}.")
   momentum = _check_momentum(fn, momentum, debias)
   running_var = _check_running_var(fn, running_var)
   epsilon = _checks.check_epsilon(fn, epsilon)
   mask = _checks.check_mask(fn, mask, x.shape)
   names = _checks.check_axis_name(fn, axis_name)
+  axis_index_groups = _checks.check_axis_index_groups(
+      fn, axis_index_groups, names)
   if renorm is not None:
     renorm = (_check_clip(fn, "rmax", renorm[0], 1.0),
               _check_clip(fn, "dmax", renorm[1], 0.0))
+  if x.size == 0:  # an empty batch: as a fully masked one
+    _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
+    out = (jnp.zeros_like(x), state)
+    return out + (jnp.zeros(fshape, bool),) if skip_nonfinite else out
   groups = _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
   per_group = math.prod(x.shape[i] for i in red) // groups
   if names is None and per_group <= 1:
@@ -323,9 +375,11 @@ def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
     y = _renorm_affine(xhat, mean, var, count, state, reshape(scale),
                        reshape(bias), pshape, epsilon, *renorm)
   stat = lambda a: a.reshape((groups,) + fshape)
-  new_state = _new_state(state, stat(mean), stat(var), stat(count),
-                         momentum=momentum, debias=debias,
-                         running_var=running_var)
+  new_state, skipped = _new_state(
+      state, stat(mean), stat(var), stat(count), momentum=momentum,
+      debias=debias, running_var=running_var, skip_nonfinite=skip_nonfinite)
+  if skip_nonfinite:
+    return y.reshape(x.shape), new_state, skipped
   return y.reshape(x.shape), new_state
 
 
@@ -368,7 +422,9 @@ def batch_norm_train(
     running_var: str = "biased",
     debias: bool = False,
     virtual_batch_size: int | None = None,
-) -> tuple[jax.Array, BatchNormState]:
+    skip_nonfinite: bool = False,
+) -> (tuple[jax.Array, BatchNormState]
+      | tuple[jax.Array, BatchNormState, jax.Array]):
   """Training-mode batch normalization with a running-average update.
 
   Over the valid elements :math:`\\mathcal{B}` of each feature (all axes but
@@ -473,7 +529,7 @@ def batch_norm_train(
       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
       axis_index_groups=axis_index_groups, mask=mask,
       running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size)
+      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite)
 
 
 def batch_renorm_train(
@@ -493,7 +549,9 @@ def batch_renorm_train(
     running_var: str = "biased",
     debias: bool = False,
     virtual_batch_size: int | None = None,
-) -> tuple[jax.Array, BatchNormState]:
+    skip_nonfinite: bool = False,
+) -> (tuple[jax.Array, BatchNormState]
+      | tuple[jax.Array, BatchNormState, jax.Array]):
   """Batch Renormalization (Ioffe, 2017), training mode.
 
   With the batch statistics :math:`\\mu_B, \\sigma_B^2` of
@@ -559,7 +617,8 @@ def batch_renorm_train(
       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
       axis_index_groups=axis_index_groups, mask=mask,
       running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, renorm=(rmax, dmax))
+      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite,
+      renorm=(rmax, dmax))
 
 
 def batch_renorm_schedule(
@@ -657,16 +716,20 @@ def batch_norm_infer(
     ValueError: bad ``axis``, shape mismatches, negative ``epsilon``.
   """
   fn = "batch_norm_infer"
-  x, feat, red, bshape, fshape, scale, bias = _prepare(
+  x, state, feat, red, bshape, fshape, scale, bias = _prepare(
       fn, x, state, scale, bias, axis)
   epsilon = _checks.check_epsilon(fn, epsilon)
-  dt = _stats.stat_dtype(x.dtype)
+  # At least float32, and at least the state's precision (float64 state).
+  dt = max(_stats.stat_dtype(x.dtype), _stats.stat_dtype(state.mean.dtype),
+           key=lambda d: d.itemsize)
   mean = jax.lax.stop_gradient(state.mean).astype(dt).reshape(bshape)
   var = jax.lax.stop_gradient(state.var).astype(dt).reshape(bshape)
   mul = jax.lax.rsqrt(var + jnp.asarray(epsilon, dt))
   if scale is not None:
     mul = mul * scale.astype(dt).reshape(bshape)
-  add = -mean * mul
+  # Centre first, as training does: x - mean is exact for x near the mean
+  # (Sterbenz), where x * mul - mean * mul cancels two large terms.
+  y = (x.astype(dt) - mean) * mul
   if bias is not None:
-    add = add + bias.astype(dt).reshape(bshape)
-  return (x.astype(dt) * mul + add).astype(x.dtype)
+    y = y + bias.astype(dt).reshape(bshape)
+  return y.astype(x.dtype)

@@ -39,19 +39,11 @@ def _params(fn, x, scale, bias, feat):
 
 
 def _common(fn, x, epsilon, mask, axis_name, axis_index_groups):
-  x = _checks.as_float_array(fn, "x", x)
-  if x.ndim == 0:
-    raise ValueError(f"{fn}: `x` must have at least one dimension; got a "
-                     f"scalar.")
+  x = _checks.as_float_array(fn, "x", x, min_ndim=1)
   epsilon = _checks.check_epsilon(fn, epsilon)
   mask = _checks.check_mask(fn, mask, x.shape)
   names = _checks.check_axis_name(fn, axis_name)
-  if names is None and axis_index_groups is not None:
-    raise ValueError(
-        f"{fn}: `axis_index_groups`={axis_index_groups!r} was given without "
-        f"`axis_name`; the groups select devices along a named axis. Fix: "
-        f"pass axis_name too, or drop axis_index_groups."
-    )
+  _checks.check_axis_index_groups(fn, axis_index_groups, names)
   return x, epsilon, mask, names
 
 
@@ -164,16 +156,16 @@ def rms_norm(
     TypeError: non-floating ``x``/``scale``, non-boolean ``mask``,
       non-numeric ``scale_offset``.
     ValueError: bad or repeated axes, shape mismatch, negative ``epsilon``,
+      a NaN or infinite ``scale_offset``,
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
   fn = "rms_norm"
   x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
                                    axis_index_groups)
-  if isinstance(scale_offset, bool) or not isinstance(
-      scale_offset, (int, float)):
-    raise TypeError(f"{fn}: `scale_offset` must be a Python float; got "
-                    f"{scale_offset!r}.")
+  scale_offset = _checks.check_real(
+      fn, "scale_offset", scale_offset,
+      why=" (it is added to `scale`; 1.0 gives Gemma's (1 + scale))")
   red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   scale, _ = _params(fn, x, scale, None, feat)
