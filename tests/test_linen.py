@@ -252,9 +252,11 @@ def test_batchnorm_mask_matches_flax():
 
 def test_batchnorm_dtypes_follow_flax():
   x = _normal(7, (6, 4))
+  # (force_float32_reductions=False with bfloat16 statistics is refused:
+  # see test_batchnorm_low_precision_statistics_refused.)
   for kw, xdt in (({}, jnp.bfloat16), ({"dtype": jnp.bfloat16}, jnp.float32),
                   ({"force_float32_reductions": False,
-                    "param_dtype": jnp.bfloat16}, jnp.bfloat16)):
+                    "param_dtype": jnp.float32}, jnp.bfloat16)):
     xs = x.astype(xdt)
     fb = nn.BatchNorm(use_running_average=False, **kw)
     jb = jl.BatchNorm(use_running_average=False, track_count=False, **kw)
@@ -267,6 +269,17 @@ def test_batchnorm_dtypes_follow_flax():
     assert _structure(ju) == _structure(fu), kw
     np.testing.assert_allclose(np.asarray(jy, np.float32),
                                np.asarray(fy, np.float32), atol=2e-2)
+
+
+def test_batchnorm_low_precision_statistics_refused():
+  # A bfloat16 running average cannot move (jaxnorm.batch_norm_train,
+  # "Low-precision state"); flax promotes it to float32 behind the user's
+  # back. jaxnorm refuses it and names the module's fix.
+  x = _normal(7, (6, 4)).astype(jnp.bfloat16)
+  jb = jl.BatchNorm(use_running_average=False, force_float32_reductions=False,
+                    param_dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="force_float32_reductions=True"):
+    jb.init(jax.random.key(0), x)
 
 
 def _shifted(shape, key=8):
