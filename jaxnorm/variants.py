@@ -13,6 +13,13 @@ are merged exactly over that axis in one collective, so each device gets
 the statistics of the whole unsplit row, and the backward pass sums its
 per-row reductions over the axis too. The non-reduced axes must be the same
 positions on every device (they are matched element by element).
+
+Edge cases, the same for every function: an input with a size-0 axis (e.g.
+layer norm of shape (4, 0), a size-0 spatial axis) gives the empty output,
+as flax does, and differentiates to empty gradients. Statistics are float32
+for float32 input: a group whose values lie more than about 1.8e19 from its
+mean has an infinite variance, and its outputs are 0 (finite, with finite
+gradients). A NaN or inf propagates to its group's outputs only.
 """
 
 from __future__ import annotations

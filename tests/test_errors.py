@@ -19,6 +19,7 @@ pytestmark = pytest.mark.strict_promotion
 X = jnp.ones((4, 3))
 X4 = jnp.ones((2, 3, 4, 6))
 ST = jaxnorm.batch_norm_init(3)
+HALF = jnp.float32(0.5)
 BN, BI = jaxnorm.batch_norm_train, jaxnorm.batch_norm_infer
 LN, RMS = jaxnorm.layer_norm, jaxnorm.rms_norm
 GN, IN = jaxnorm.group_norm, jaxnorm.instance_norm
@@ -78,6 +79,42 @@ CASES = [
      ValueError, ["batch_norm_train", "`axis_name`", "'batch'", "vmap"]),
     ("bn_axis_name_empty", lambda: BN(X, ST, axis_name=()), ValueError,
      ["batch_norm_train", "`axis_name`", "()"]),
+    # The issue's misleading messages (issue 13, point 6), now clear:
+    ("bn_x_0d", lambda: BN(jnp.float32(1.0), ST), ValueError,
+     ["batch_norm_train", "`x`", "at least 1 dimension", "0-d", "Fix"]),
+    ("bn_x_str", lambda: BN("abc", ST), TypeError,
+     ["batch_norm_train", "`x`", "the str 'abc'", "jnp.asarray"]),
+    ("bn_state_count_vector_list", lambda: BN(X, ST._replace(count=[0, 1])),
+     ValueError, ["batch_norm_train", "`state.count`", "scalar", "(2,)",
+                  "Fix"]),
+    ("bn_state_mean_short_list",
+     lambda: BN(X, ST._replace(mean=[0.0, 0.0])), ValueError,
+     ["batch_norm_train", "`state.mean`", "(3,)", "got (2,)"]),
+    ("bn_state_mean_ragged",
+     lambda: BN(X, ST._replace(mean=[[0.0], [0.0, 1.0]])), TypeError,
+     ["batch_norm_train", "`state.mean`", "list", "not array-like",
+      "jnp.asarray"]),
+    ("bn_state_bf16", lambda: BN(X, jaxnorm.BatchNormState(
+        ST.mean.astype(jnp.bfloat16), ST.var, ST.count)), ValueError,
+     ["batch_norm_train", "`state.mean`", "bfloat16", "float32", "Fix"]),
+    ("bn_axis_index_groups_str", lambda: jax.vmap(
+        lambda x: BN(x, ST, axis_name="b", axis_index_groups=[["a", "b"]]),
+        axis_name="b")(jnp.stack([X, X])), TypeError,
+     ["batch_norm_train", "`axis_index_groups`", "[['a', 'b']]",
+      "list of lists of ints", "Fix"]),
+    ("bn_axis_index_groups_no_name",
+     lambda: BN(X, ST, axis_index_groups=[[0]]), ValueError,
+     ["batch_norm_train", "`axis_index_groups`", "axis_name"]),
+    ("bn_skip_nonfinite_type", lambda: BN(X, ST, skip_nonfinite=1),
+     TypeError, ["batch_norm_train", "`skip_nonfinite`", "1"]),
+    # (a concrete array, made outside any trace; traced values are not
+    # checkable and pass)
+    ("renorm_rmax_array_below_one", lambda: jaxnorm.batch_renorm_train(
+        X, ST, rmax=HALF, dmax=0.0), ValueError,
+     ["batch_renorm_train", "`rmax`", ">= 1.0", "0.5"]),
+    ("init_dtype_bf16",
+     lambda: jaxnorm.batch_norm_init(3, dtype=jnp.bfloat16), ValueError,
+     ["batch_norm_init", "`dtype`", "bfloat16", "float32", "Fix"]),
     # --- batch_norm_infer
     ("bi_axis_range", lambda: BI(X, ST, axis=-3), ValueError,
      ["batch_norm_infer", "`axis`", "-3"]),
@@ -139,6 +176,13 @@ CASES = [
      ["rms_norm", "`epsilon`"]),
     ("rms_scale_offset", lambda: RMS(X, scale_offset="1"), TypeError,
      ["rms_norm", "`scale_offset`", "'1'"]),
+    ("rms_scale_offset_nan", lambda: RMS(X, jnp.ones(3),
+                                         scale_offset=float("nan")),
+     ValueError, ["rms_norm", "`scale_offset`", "finite", "nan"]),
+    ("ln_x_string", lambda: LN("x"), TypeError,
+     ["layer_norm", "`x`", "the str 'x'", "Fix"]),
+    ("gn_x_0d", lambda: GN(jnp.float32(1.0)), ValueError,
+     ["group_norm", "`x`", "0-d"]),
     ("rms_mask_shape", lambda: RMS(X, mask=jnp.ones((4, 2), bool)),
      ValueError, ["rms_norm", "`mask`", "(4, 2)"]),
     # --- group_norm
