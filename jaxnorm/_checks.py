@@ -34,8 +34,7 @@ _KIND_TEXT = {
 
 
 def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
-             min_ndim: int = 0, shape: tuple[int, ...] | None = None,
-             ) -> jax.Array:
+             min_ndim: int = 0) -> jax.Array:
   """Converts an array-like to a jax array and validates it: the one place.
 
   Python scalars, lists/tuples of numbers and NumPy arrays are converted
@@ -50,7 +49,6 @@ def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
     x: the value received.
     kind: ``"floating"`` or ``"integer"``: the dtype kind required.
     min_ndim: the least number of dimensions (1 for ``x`` of a normalizer).
-    shape: if given, the exact shape required.
 
   Returns:
     ``x`` as a ``jax.Array`` (tracers pass through unchanged).
@@ -58,8 +56,7 @@ def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
   Raises:
     TypeError: ``None``, a string, an object that is not array-like, or the
       wrong dtype kind.
-    ValueError: fewer than ``min_ndim`` dimensions, or another shape than
-      ``shape``.
+    ValueError: fewer than ``min_ndim`` dimensions.
   """
   what, dtypes, cast = _KIND_TEXT[kind]
   if x is None or isinstance(x, (str, bytes)):
@@ -70,7 +67,7 @@ def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
     )
   try:
     a = jnp.asarray(x)
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, OverflowError) as e:
     raise TypeError(
         f"{fn}: `{name}` must be {what} (or a nested list of numbers); got "
         f"an object of type {type(x).__name__} that is not array-like "
@@ -84,13 +81,8 @@ def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
   if a.ndim < min_ndim:
     raise ValueError(
         f"{fn}: `{name}` must have at least {min_ndim} dimension(s); got "
-        f"a 0-d array (a scalar). Fix: give it its batch or feature axes, "
+        f"a {a.ndim}-d array{' (a scalar)' if a.ndim == 0 else ''}. Fix: give it its batch or feature axes, "
         f"e.g. `jnp.reshape({name}, (1, -1))` for one example of features."
-    )
-  if shape is not None and tuple(a.shape) != tuple(shape):
-    raise ValueError(
-        f"{fn}: `{name}` must have shape {tuple(shape)}; got shape "
-        f"{tuple(a.shape)}."
     )
   return a
 
