@@ -1,0 +1,173 @@
+"""Sphinx configuration of jaxnorm's documentation site.
+
+Build with ``python docs/build.py`` (it fetches MathJax from the npm registry
+once, then runs ``sphinx-build -W --keep-going -n``). The API reference is
+generated from the docstrings: every public module that declares ``__all__``
+gets a page, and every name in its ``__all__`` gets an entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pathlib
+import pkgutil
+import sys
+
+import jax.typing
+from sphinx.util import logging
+from sphinx.util.typing import stringify_annotation
+
+DOCS = pathlib.Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))
+
+import jaxnorm  # noqa: E402  (after the path insert, so the checkout is documented)
+
+project = "jaxnorm"
+author = "jaxnorm developers"
+copyright = "jaxnorm developers"  # noqa: A001  (Sphinx's name)
+release = version = jaxnorm.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "myst_parser",
+]
+
+# Guides are Markdown (MyST) with $...$ and $$...$$ math; the API pages are
+# generated reStructuredText.
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+root_doc = "index"
+exclude_patterns = ["_build", "node_modules", "README.md"]
+templates_path = ["_templates"]
+
+# API reference: docstrings are Google style with RST math.
+autosummary_generate = True
+autosummary_ignore_module_all = False  # a module's __all__ is its public API
+autodoc_typehints = "signature"
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+add_module_names = True
+python_use_unqualified_type_names = False
+
+# Offline math: MathJax 3 from the npm registry, copied into _static by
+# build.py (never a CDN). MATHJAX_DIR is the npm package's es5 folder.
+_mathjax_dir = os.environ.get("JAXNORM_DOCS_MATHJAX")
+html_static_path = []
+if _mathjax_dir:
+  html_static_path.append(_mathjax_dir)  # its contents land in _static/
+mathjax_path = "mathjax/tex-chtml.js"
+mathjax3_config = {"chtml": {"matchFontHeight": False}}
+
+html_theme = "furo"
+html_title = f"jaxnorm {release}"
+html_show_sourcelink = False
+html_copy_source = False
+html_last_updated_fmt = None
+
+# Warnings are errors (-W -n). External projects' names in signatures (jax,
+# flax, numpy, torch, the standard library) cannot be resolved offline (no
+# intersphinx), so only they are exempt; jaxnorm's own references must
+# resolve.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(jax|jaxlib|flax|nnx|nn|numpy|np|optax|torch|chex)(\..*)?"),
+    (r"py:.*", r"(typing|collections|types|builtins|enum|dataclasses)\..*"),
+    (r"py:.*", r"(Array|ArrayLike|Any|Callable|Sequence|Mapping|Iterable|"
+               r"DTypeLike|Dtype|PRNGKey|Shape|Axes|Initializer|"
+               r"PromoteDtypeFn|NoneType|Ellipsis|optional)"),
+]
+
+
+def api_modules() -> list[str]:
+  """``jaxnorm`` and its public submodules that declare ``__all__``.
+
+  Implementation modules (``batch_norm``, ``variants``, ...) declare no
+  ``__all__``: their public names are re-exported by ``jaxnorm`` and
+  documented there.
+  """
+  names = ["jaxnorm"]
+  for info in sorted(pkgutil.walk_packages(jaxnorm.__path__, "jaxnorm."),
+                     key=lambda i: i.name):
+    if any(part.startswith("_") for part in info.name.split(".")):
+      continue
+    if hasattr(importlib.import_module(info.name), "__all__"):
+      names.append(info.name)
+  return names
+
+
+def public_names() -> dict[str, list[str]]:
+  """Every documented module's ``__all__``."""
+  return {m: list(importlib.import_module(m).__all__) for m in api_modules()}
+
+
+def _write_api_index() -> None:
+  """Writes api/index.rst (generated, git-ignored) from ``api_modules()``.
+
+  autosummary then writes one page per module and one per public name.
+  """
+  api = DOCS / "api"
+  api.mkdir(exist_ok=True)
+  modules = "\n".join(f"   {m}" for m in api_modules())
+  text = (
+      "API reference\n=============\n\n"
+      "Generated from the docstrings: one page per public module, one entry"
+      " per name in its ``__all__``.\n\n"
+      ".. autosummary::\n   :toctree: generated\n"
+      "   :template: jaxnorm-module.rst\n\n" + modules + "\n")
+  index = api / "index.rst"
+  if not index.exists() or index.read_text() != text:
+    index.write_text(text)
+
+
+_write_api_index()
+
+
+def _check_docstrings(app) -> None:
+  """A public name without a docstring is a build warning (so an error)."""
+  log = logging.getLogger("jaxnorm.docs")
+  for module, names in public_names().items():
+    mod = importlib.import_module(module)
+    for name in names:
+      obj = getattr(mod, name)
+      doc = inspect.getdoc(obj) if not isinstance(obj, (dict, tuple, str)) \
+          else None
+      own = getattr(obj, "__doc__", None)
+      if isinstance(obj, (dict, tuple, list, str, int, float)):
+        # A constant: documented by a ``#:`` comment or the module docstring.
+        continue
+      if not doc or not own:
+        log.warning("%s.%s has no docstring: every public name needs one",
+                    module, name, type="jaxnorm", subtype="docstring")
+
+
+def _short_aliases(app, what, name, obj, options, signature, return_annotation):
+  """Shows ``jax.typing.ArrayLike`` instead of its eight-member union.
+
+  (``autodoc_type_aliases`` cannot do it: the annotations are strings and
+  ``ArrayLike | None`` then renders as a ``TypeAliasForwardRef``.)
+  """
+  del app, what, name, obj, options
+  if signature is None:
+    return None
+  for mode in ("smart", "fully-qualified"):
+    union = stringify_annotation(jax.typing.ArrayLike, mode)
+    signature = signature.replace(union, "~jax.typing.ArrayLike")
+    if return_annotation:
+      return_annotation = return_annotation.replace(union,
+                                                    "~jax.typing.ArrayLike")
+  return signature, return_annotation
+
+
+def setup(app):
+  app.connect("builder-inited", _check_docstrings)
+  app.connect("autodoc-process-signature", _short_aliases)
