@@ -8,11 +8,8 @@ gets a page, and every name in its ``__all__`` gets an entry.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import pathlib
-import pkgutil
 import sys
 
 import jax.typing
@@ -22,8 +19,10 @@ from sphinx.util.typing import stringify_annotation
 DOCS = pathlib.Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))
 
-import jaxnorm  # noqa: E402  (after the path insert, so the checkout is documented)
+import jaxnorm  # noqa: E402  (after the path insert: the checkout is documented)
+from api_names import api_modules, missing_docstrings  # noqa: E402
 
 project = "jaxnorm"
 author = "jaxnorm developers"
@@ -88,28 +87,6 @@ nitpick_ignore_regex = [
 ]
 
 
-def api_modules() -> list[str]:
-  """``jaxnorm`` and its public submodules that declare ``__all__``.
-
-  Implementation modules (``batch_norm``, ``variants``, ...) declare no
-  ``__all__``: their public names are re-exported by ``jaxnorm`` and
-  documented there.
-  """
-  names = ["jaxnorm"]
-  for info in sorted(pkgutil.walk_packages(jaxnorm.__path__, "jaxnorm."),
-                     key=lambda i: i.name):
-    if any(part.startswith("_") for part in info.name.split(".")):
-      continue
-    if hasattr(importlib.import_module(info.name), "__all__"):
-      names.append(info.name)
-  return names
-
-
-def public_names() -> dict[str, list[str]]:
-  """Every documented module's ``__all__``."""
-  return {m: list(importlib.import_module(m).__all__) for m in api_modules()}
-
-
 def _write_api_index() -> None:
   """Writes api/index.rst (generated, git-ignored) from ``api_modules()``.
 
@@ -134,20 +111,11 @@ _write_api_index()
 
 def _check_docstrings(app) -> None:
   """A public name without a docstring is a build warning (so an error)."""
+  del app
   log = logging.getLogger("jaxnorm.docs")
-  for module, names in public_names().items():
-    mod = importlib.import_module(module)
-    for name in names:
-      obj = getattr(mod, name)
-      doc = inspect.getdoc(obj) if not isinstance(obj, (dict, tuple, str)) \
-          else None
-      own = getattr(obj, "__doc__", None)
-      if isinstance(obj, (dict, tuple, list, str, int, float)):
-        # A constant: documented by a ``#:`` comment or the module docstring.
-        continue
-      if not doc or not own:
-        log.warning("%s.%s has no docstring: every public name needs one",
-                    module, name, type="jaxnorm", subtype="docstring")
+  for name in missing_docstrings():
+    log.warning("%s has no docstring: every public name needs one", name,
+                type="jaxnorm", subtype="docstring")
 
 
 def _short_aliases(app, what, name, obj, options, signature, return_annotation):
