@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 import jax.typing
@@ -118,11 +119,24 @@ def _check_docstrings(app) -> None:
                 type="jaxnorm", subtype="docstring")
 
 
-def _short_aliases(app, what, name, obj, options, signature, return_annotation):
-  """Shows ``jax.typing.ArrayLike`` instead of its eight-member union.
+# Reprs of default values that make a signature unparsable (it would then
+# be shown as raw text, ``~`` prefixes included): flax modules' dataclass
+# defaults such as ``<class 'jax.numpy.float32'>`` or ``<function zeros>``.
+_REPRS = [
+    (re.compile(r"<class '([\w.]+)'>"), r"\1"),
+    (re.compile(r"<function ([\w.]+)(?: at 0x[0-9a-f]+)?>"), r"\1"),
+    (re.compile(r"<([\w.]+) object(?: at 0x[0-9a-f]+)?>"), r"\1()"),
+]
 
+
+def _tidy_signature(app, what, name, obj, options, signature,
+                    return_annotation):
+  """Shorter, parsable signatures.
+
+  ``jax.typing.ArrayLike`` is shown instead of its eight-member union
   (``autodoc_type_aliases`` cannot do it: the annotations are strings and
-  ``ArrayLike | None`` then renders as a ``TypeAliasForwardRef``.)
+  ``ArrayLike | None`` then renders as a ``TypeAliasForwardRef``), and
+  default-value reprs are replaced by the names they show.
   """
   del app, what, name, obj, options
   if signature is None:
@@ -133,9 +147,11 @@ def _short_aliases(app, what, name, obj, options, signature, return_annotation):
     if return_annotation:
       return_annotation = return_annotation.replace(union,
                                                     "~jax.typing.ArrayLike")
+  for pattern, repl in _REPRS:
+    signature = pattern.sub(repl, signature)
   return signature, return_annotation
 
 
 def setup(app):
   app.connect("builder-inited", _check_docstrings)
-  app.connect("autodoc-process-signature", _short_aliases)
+  app.connect("autodoc-process-signature", _tidy_signature)
