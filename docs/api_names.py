@@ -11,6 +11,7 @@ the docs.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 
@@ -35,9 +36,10 @@ def public_names() -> dict[str, list[str]]:
 def missing_docstrings() -> list[str]:
   """Public names (not constants) whose object has no docstring of its own.
 
-  A function or class without one would show an empty reference entry (or
-  inherit ``object``'s docstring), so the build and the tests refuse it.
-  Constants (dicts, tuples, numbers, strings) are described by the module
+  A function or class without one would show an empty reference entry, so
+  the build and the tests refuse it; so is a public method (or
+  ``__call__``) defined in a public class. Constants (dicts, tuples,
+  numbers, strings) are described by a ``#:`` comment or the module
   docstring instead.
   """
   missing = []
@@ -51,4 +53,10 @@ def missing_docstrings() -> list[str]:
           getattr(obj, "__doc__", None)
       if not (doc or "").strip():
         missing.append(f"{module}.{name}")
+      if isinstance(obj, type):
+        missing += [f"{module}.{name}.{attr}" for attr, value in
+                    vars(obj).items()
+                    if inspect.isfunction(value)
+                    and (not attr.startswith("_") or attr == "__call__")
+                    and not (value.__doc__ or "").strip()]
   return missing
