@@ -3,7 +3,7 @@
     python docs/build.py [--out DIR]
 
 Needs the ``docs`` extra (``pip install -e '.[docs]'``) and ``npm``: MathJax
-is installed once from the npm registry into docs/_build/node_modules and
+is installed once from the npm registry into docs/_build/npm/node_modules and
 served from the site's ``_static/mathjax``, so formulas render offline.
 The build treats every warning as an error (``-W --keep-going -n``): broken
 cross-references, RST errors in docstrings, public names without docstrings.
@@ -12,12 +12,10 @@ cross-references, RST errors in docstrings, public names without docstrings.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 
 DOCS = pathlib.Path(__file__).resolve().parent
 MATHJAX_VERSION = "3.2.2"
@@ -41,16 +39,28 @@ def mathjax_dir(prefix: pathlib.Path = NODE_PREFIX) -> pathlib.Path:
   return package / "es5"
 
 
+def staged_mathjax() -> pathlib.Path:
+  """A folder holding ``mathjax`` -> the es5 folder, for html_static_path.
+
+  Sphinx copies a static folder's contents into the site's ``_static``, so
+  the site gets ``_static/mathjax/tex-chtml.js`` and its fonts.
+  """
+  es5 = mathjax_dir()
+  staged = DOCS / "_build" / "static"
+  link = staged / "mathjax"
+  if not (link.is_symlink() and link.resolve() == es5.resolve()):
+    staged.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+      link.unlink()
+    link.symlink_to(es5, target_is_directory=True)
+  return staged
+
+
 def build(out: pathlib.Path, extra_args: tuple[str, ...] = ()) -> None:
   """Runs sphinx-build with warnings as errors into ``out``."""
-  es5 = mathjax_dir()
-  with tempfile.TemporaryDirectory() as static:
-    # html_static_path copies a folder's contents: stage es5 as mathjax/.
-    os.symlink(es5, pathlib.Path(static) / "mathjax")
-    env = dict(os.environ, JAXNORM_DOCS_MATHJAX=static)
-    cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going",
-           "-n", "-q", "-E", str(DOCS), str(out), *extra_args]
-    subprocess.run(cmd, check=True, env=env)
+  cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going",
+         "-n", "-q", "-E", str(DOCS), str(out), *extra_args]
+  subprocess.run(cmd, check=True)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ gets a page, and every name in its ``__all__`` gets an entry.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import sys
@@ -24,6 +23,7 @@ sys.path.insert(0, str(DOCS))
 
 import jaxnorm  # noqa: E402  (after the path insert: the checkout is documented)
 from api_names import api_modules, missing_docstrings  # noqa: E402
+from build import staged_mathjax  # noqa: E402
 
 project = "jaxnorm"
 author = "jaxnorm developers"
@@ -59,12 +59,10 @@ napoleon_use_rtype = False
 add_module_names = True
 python_use_unqualified_type_names = False
 
-# Offline math: MathJax 3 from the npm registry, copied into _static by
-# build.py (never a CDN). MATHJAX_DIR is the npm package's es5 folder.
-_mathjax_dir = os.environ.get("JAXNORM_DOCS_MATHJAX")
-html_static_path = []
-if _mathjax_dir:
-  html_static_path.append(_mathjax_dir)  # its contents land in _static/
+# Offline math: MathJax 3 from the npm registry (installed on first use by
+# build.py's staged_mathjax, also when sphinx-build is run directly), copied
+# into the site's _static/mathjax: never a CDN.
+html_static_path = [str(staged_mathjax())]  # holds mathjax/ -> the es5 folder
 mathjax_path = "mathjax/tex-chtml.js"
 mathjax3_config = {"chtml": {"matchFontHeight": False}}
 
