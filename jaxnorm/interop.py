@@ -1,7 +1,7 @@
 """PyTorch conventions and weights, BatchNorm folding, statistics recalibration.
 
 Everything here works on NumPy arrays; PyTorch is never imported unless a
-function is asked to return ``torch.Tensor``s (``as_torch=True``), and
+function is asked to return ``torch.Tensor`` objects (``as_torch=True``), and
 ``torch.Tensor`` inputs are read through ``.detach().cpu().numpy()``.
 
 Conventions bridged (PyTorch -> jaxnorm / flax):
@@ -17,7 +17,7 @@ Conventions bridged (PyTorch -> jaxnorm / flax):
 * ``running_var`` (a running average of *unbiased* batch variances) ->
   ``BatchNormState.var`` (jaxnorm averages *biased* ones): copied as is
   (eval outputs identical) or converted exactly (``running_var="convert"``).
-* Conv ``weight`` (O, I/groups, *k) -> flax ``kernel`` (*k, I/groups, O)
+* Conv ``weight`` ``(O, I/groups, *k)`` -> flax ``kernel`` ``(*k, I/groups, O)``
   (OIHW -> HWIO).
 * Linear ``weight`` (out, in) -> flax ``kernel`` (in, out), with the rows
   reordered from PyTorch's NCHW flatten order to the NHWC one when the
@@ -252,7 +252,7 @@ def unbiased_running_var_to_torch(
     var: jaxnorm's ``BatchNormState.var``, shape (C,).
     elements_per_batch: :math:`n` >= 2, values per feature per batch.
     count: :math:`t`, ``BatchNormState.count``.
-    torch_momentum: PyTorch's ``momentum`` (``1 - `` jaxnorm's), or None.
+    torch_momentum: PyTorch's ``momentum`` (one minus jaxnorm's), or None.
 
   Returns:
     float64 NumPy array of ``var``'s shape.
@@ -392,7 +392,7 @@ def batch_norm_from_torch(
     normalize with the unbiased average.
 
   Args:
-    state_dict: mapping of names to ``torch.Tensor``s or arrays, e.g.
+    state_dict: mapping of names to ``torch.Tensor`` objects or arrays, e.g.
       ``model.state_dict()``.
     prefix: key prefix of the layer, e.g. ``"bn1."``.
     running_var: ``"copy"`` or ``"convert"`` (see above).
@@ -506,7 +506,7 @@ def batch_norm_to_torch(
     running_var: ``"copy"`` or ``"convert"``.
     elements_per_batch: values per feature per batch; for ``"convert"``.
     torch_momentum: PyTorch momentum to write for (``"convert"`` only).
-    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
 
   Returns:
     ``{prefix + "weight": (C,), prefix + "bias": (C,), prefix +
@@ -591,7 +591,7 @@ def norm_from_torch(
   ``normalized_shape`` of (C, H, W) becomes ``scale.transpose(1, 2, 0)``).
 
   Args:
-    state_dict: mapping of names to ``torch.Tensor``s or arrays.
+    state_dict: mapping of names to ``torch.Tensor`` objects or arrays.
     kind: ``"layer_norm"``, ``"group_norm"``, ``"instance_norm"`` or
       ``"rms_norm"``.
     prefix: key prefix of the layer, e.g. ``"ln."``.
@@ -648,7 +648,7 @@ def norm_to_torch(
     params: ``{"scale": ..., "bias": ...}``, either optional.
     kind: as in :func:`norm_from_torch`.
     prefix: key prefix, e.g. ``"ln."``.
-    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
 
   Returns:
     ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
@@ -738,7 +738,7 @@ def conv_to_torch(
   Args:
     params: ``{"kernel": ..., "bias": (O,)}`` (bias optional).
     prefix: key prefix, e.g. ``"conv1."``.
-    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
 
   Returns:
     ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
@@ -809,7 +809,7 @@ def linear_from_torch(
   Args:
     state_dict: mapping with ``prefix + "weight"`` (and ``"bias"``).
     prefix: key prefix, e.g. ``"fc1."``.
-    flatten_chw: optional (C, *spatial) of the flattened input.
+    flatten_chw: optional ``(C, *spatial)`` of the flattened input.
     dtype: dtype of the returned arrays (None keeps the source's).
 
   Returns:
@@ -851,8 +851,8 @@ def linear_to_torch(
   Args:
     params: ``{"kernel": (in, out), "bias": (out,)}`` (bias optional).
     prefix: key prefix, e.g. ``"fc1."``.
-    flatten_chw: optional (C, *spatial) of the input PyTorch flattens.
-    as_torch: return ``torch.Tensor``s (imports torch) instead of NumPy.
+    flatten_chw: optional ``(C, *spatial)`` of the input PyTorch flattens.
+    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
 
   Returns:
     ``{prefix + "weight": (out, in), prefix + "bias": (out,)}``, NumPy
@@ -900,7 +900,7 @@ class TorchLayer:
       (-> ``flax.linen.Dense``), ``"batch_norm"`` (BatchNorm1d/2d/3d, and
       InstanceNorm with running statistics), ``"layer_norm"``,
       ``"group_norm"``, ``"instance_norm"`` or ``"rms_norm"``.
-    flatten_chw: for ``"linear"`` only: the per-example (C, *spatial) shape
+    flatten_chw: for ``"linear"`` only: the per-example ``(C, *spatial)`` shape
       PyTorch flattened into the layer (see :func:`linear_from_torch`).
   """
 
@@ -1071,7 +1071,7 @@ def to_torch(
 
   Args:
     variables: ``{"params": {name: ...}, "batch_stats": {name: ...}}``;
-      ``batch_stats`` entries may be ``BatchNormState``s or
+      ``batch_stats`` entries may be ``BatchNormState`` tuples or
       ``{"mean", "var"[, "count"]}`` dicts (``num_batches_tracked`` is 0
       without a count).
     layers: module name -> ``TorchLayer`` or kind string.
@@ -1079,7 +1079,7 @@ def to_torch(
       :func:`batch_norm_to_torch`).
     elements_per_batch: for ``"convert"``: int or mapping name -> int.
     torch_momentum: PyTorch momentum (or None), for all or per layer.
-    as_torch: return ``torch.Tensor``s, ready for
+    as_torch: return ``torch.Tensor`` objects, ready for
       ``module.load_state_dict``, instead of NumPy arrays.
 
   Returns:

@@ -406,7 +406,8 @@ class LayerNorm(nn.Module):
       reduces in at least float32.
 
   Raises:
-    ValueError / TypeError: the errors of ``jaxnorm.layer_norm``.
+    TypeError: the type errors of ``jaxnorm.layer_norm``.
+    ValueError: the value errors of ``jaxnorm.layer_norm``.
   """
 
   epsilon: float = 1e-6
@@ -486,7 +487,8 @@ class RMSNorm(nn.Module):
       float32.
 
   Raises:
-    ValueError / TypeError: the errors of ``jaxnorm.rms_norm``.
+    TypeError: the type errors of ``jaxnorm.rms_norm``.
+    ValueError: the value errors of ``jaxnorm.rms_norm``.
   """
 
   epsilon: float = 1e-6
@@ -564,7 +566,8 @@ class GroupNorm(nn.Module):
       float32.
 
   Raises:
-    ValueError / TypeError: the errors of ``jaxnorm.group_norm`` (groups
+    TypeError: the type errors of ``jaxnorm.group_norm``.
+    ValueError: the value errors of ``jaxnorm.group_norm`` (groups
       that do not divide the channels, both or neither of ``num_groups`` and
       ``group_size``, ``reduction_axes`` without the last axis).
   """
@@ -639,7 +642,8 @@ class InstanceNorm(nn.Module):
       float32.
 
   Raises:
-    ValueError / TypeError: the errors of ``jaxnorm.instance_norm``.
+    TypeError: the type errors of ``jaxnorm.instance_norm``.
+    ValueError: the value errors of ``jaxnorm.instance_norm``.
   """
 
   epsilon: float = 1e-6

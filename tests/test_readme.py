@@ -6,7 +6,6 @@ import importlib.util
 import pathlib
 import re
 
-import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -17,45 +16,15 @@ def _blocks(lang: str) -> list[str]:
   return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
 
 
-def _check_linen(ns):
-  assert ns["logits"].shape == (8, 10)
-  assert int(ns["batch_stats"]["BatchNorm_0"]["count"]) == 2
-  assert np.isfinite(float(ns["loss"]))
-
-
-def _check_nnx(ns):
-  assert ns["logits"].shape == (8, 10)
-  assert int(ns["model"].bn.count[...]) == 2
-  assert np.isfinite(float(ns["loss"]))
-
-
-def _check_debias(ns):
-  np.testing.assert_allclose(ns["deb"].var, 0.25, rtol=0.1)
-  assert (np.asarray(ns["ema"].var) > 0.98).all()
-
-
-# What each README block must leave behind, keyed by a line of the block.
-CHECKS = {
-    "import jaxnorm.linen as jnn  # drop-in": _check_linen,
-    "import jaxnorm.nnx as jnnx  # drop-in": _check_nnx,
-    "# Debiased EMA": _check_debias,
-}
-
-
 def test_readme_python_blocks_run(capsys):
+  """The quick start runs (the guides' code: tests/test_docs.py)."""
   blocks = _blocks("python")
-  assert len(blocks) >= 5
+  assert blocks
   namespace: dict = {"__name__": "readme"}
-  checked = set()
   for i, code in enumerate(blocks):
     if "torch" in code and importlib.util.find_spec("torch") is None:
       pytest.skip(f"README block {i} and later need torch (extra 'torch')")
     exec(compile(code, f"README.md python block {i}", "exec"), namespace)  # pylint: disable=exec-used
-    for marker, check in CHECKS.items():
-      if marker in code:
-        check(namespace)
-        checked.add(marker)
-  assert checked == set(CHECKS)
   out = capsys.readouterr().out
   assert "(4, 32, 8, 8, 16) (4, 16)" in out  # the quick start's printed shapes
 
