@@ -5,15 +5,17 @@ Drop-in replacements for ``flax.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
 meanings and defaults, the same variable collections, names, shapes and
 dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``) and the same output dtype rule, so a flax variable tree
-loads into these modules and back. What changes is the arithmetic: the
-variance is always computed centred, in at least float32 (stable on
-shifted data), the backward pass is jaxnorm's hand-derived one, masked
-cross-device statistics are count-weighted, and a training batch with a
-single element per feature raises instead of silently returning zeros.
+loads into these modules and back (also with a strict checkpoint target).
+What changes is the arithmetic: the variance is always computed centred, in
+at least float32 (stable on shifted data), the backward pass is jaxnorm's
+hand-derived one, and masked cross-device statistics are count-weighted.
+Degenerate inputs give flax's results: a training batch with a single
+element per feature outputs ``bias`` (the pure functions' ``allow_single``
+switch), and so does an ``InstanceNorm`` with no axis to reduce.
 
-The one addition is ``batch_stats/count`` (int32 scalar) in ``BatchNorm``,
-the number of running-average updates; see ``BatchNorm`` for how a flax tree
-without it loads.
+``BatchNorm`` has a ``batch_stats/count`` (int32 scalar, the number of
+running-average updates) only when an option needs it (``momentum=None``,
+``debias=True``, ``renorm=True``) or ``track_count=True`` asks for it.
 
 Output dtype: ``dtype`` if given, else the promotion of the input and
 parameter dtypes (``flax.linen.dtypes.canonicalize_dtype``). The computation
@@ -125,13 +127,9 @@ def _needs_count(mdl: Any) -> str | None:
   return None
 
 
-def _check_count_option(mdl: Any, cls: str) -> None:
-  option = _needs_count(mdl)
-  if option is not None and not mdl.track_count:
-    raise ValueError(
-        f"{cls}: {option} needs the number of updates made so far "
-        f"(`count`), but track_count=False drops it. Fix: keep "
-        f"track_count=True (the default).")
+def _keeps_count(mdl: Any) -> bool:
+  """Whether the layer has a ``count`` variable (flax's tree has none)."""
+  return bool(mdl.track_count) or _needs_count(mdl) is not None
 
 
 def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
@@ -154,7 +152,8 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
   kw = dict(axis=axis, momentum=mdl.momentum, epsilon=mdl.epsilon,
             axis_name=axis_name, axis_index_groups=mdl.axis_index_groups,
             mask=_as_mask(mask), running_var=mdl.running_var,
-            debias=mdl.debias, virtual_batch_size=mdl.virtual_batch_size)
+            debias=mdl.debias, virtual_batch_size=mdl.virtual_batch_size,
+            allow_single=True)
   train_fn = batch_norm_train
   if _RECALIBRATING.get():
     kw.update(momentum=0.0, debias=False)
@@ -210,23 +209,28 @@ class BatchNorm(nn.Module):
   shape ``[x.shape[a] for a in axis]`` in ``param_dtype``;
   ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones) of the feature
   shape in float32 (``param_dtype`` if ``force_float32_reductions=False``).
-  In addition, when ``track_count=True`` (default), ``batch_stats/count``
-  (int32 scalar, starts at 0) counts the running-average updates.
+  By default that is the whole tree, exactly flax's. With
+  ``track_count=True``, or an option whose running average depends on the
+  number of updates (``momentum=None``, ``debias=True``, ``renorm=True``),
+  there is also ``batch_stats/count`` (int32 scalar, starts at 0).
 
-  Loading a flax variable tree (no ``count``): in eval mode the module reads
-  ``mean``/``var`` only and runs unchanged, without adding anything. In
-  training mode with ``mutable=['batch_stats']`` the returned ``batch_stats``
-  gain ``count``, started at 0 at the first update made by jaxnorm (it counts
-  updates since the tree was loaded). The plain EMA does not depend on it;
-  ``momentum=None``, ``debias=True`` and the renorm schedule do (with
-  ``count=0`` the first update replaces the loaded statistics), so set
-  ``count`` when loading a tree for them. To produce trees exactly like
-  flax's, set ``track_count=False`` (not allowed with those options).
+  Loading a flax variable tree into a layer with ``count``: in eval mode
+  the module reads ``mean``/``var`` only and adds nothing (eval never adds
+  variables). In training mode with ``mutable=['batch_stats']`` the
+  returned ``batch_stats`` gain ``count``, started at 0 at the first update
+  made by jaxnorm; ``momentum=None``, ``debias=True`` and the renorm
+  schedule depend on it (with ``count=0`` the first update replaces the
+  loaded statistics), so set ``count`` when loading a tree for them.
+
+  A training batch with a single element per feature (e.g. a batch of one,
+  as ``nnx.tabulate`` or a dummy ``init`` batch sends) gives flax's result:
+  the batch mean is the input and the variance 0, so the output is ``bias``
+  and the running statistics move towards ``(x, 0)``. Complex input (e.g.
+  ``dtype=jnp.complex64``) is normalized as flax does (see
+  ``jaxnorm.batch_norm_train``); the running mean then becomes complex.
 
   Statistics are not updated during ``init`` (``self.is_initializing()``),
-  and ``axis_name`` is not used during ``init``, as in flax. If the ``init``
-  batch has a single element per feature, ``init`` computes its output with
-  the (fresh) running statistics instead of raising.
+  and ``axis_name`` is not used during ``init``, as in flax.
 
   Attributes:
     use_running_average: if True, use the stored ``batch_stats`` instead of
@@ -253,7 +257,8 @@ class BatchNorm(nn.Module):
       shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: as flax: if False the ``batch_stats`` are stored
       in ``param_dtype``. The reductions are always done in at least float32.
-    track_count: keep ``batch_stats/count`` (jaxnorm only; default True).
+    track_count: keep ``batch_stats/count`` even when no option needs it
+      (jaxnorm only; default False: flax's tree).
     running_var: ``"biased"`` (default, as flax) or ``"unbiased"`` (store
       :math:`\\frac{n}{n-1}\\sigma^2_B`, as PyTorch); the normalization
       always uses the biased variance.
@@ -271,10 +276,9 @@ class BatchNorm(nn.Module):
     ImmutableBatchStatsError: training mode without ``batch_stats`` in
       ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``
       whose message names the fix).
-    ValueError: a training batch with one element per feature,
-      ``track_count=False`` with an option that needs ``count``, and the
-      errors of ``jaxnorm.batch_norm_train`` (bad axis, momentum, epsilon,
-      mask shape, running_var, virtual_batch_size, unbound ``axis_name``).
+    ValueError: the errors of ``jaxnorm.batch_norm_train`` (bad axis,
+      momentum, epsilon, mask shape, running_var, virtual_batch_size,
+      unbound ``axis_name``), phrased for the module.
   """
 
   use_running_average: bool | None = None
@@ -291,7 +295,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
-  track_count: bool = True
+  track_count: bool = False
   running_var: str = "biased"
   debias: bool = False
   virtual_batch_size: int | None = None
@@ -333,26 +337,19 @@ class BatchNorm(nn.Module):
                             lambda s: jnp.zeros(s, stat_dtype), fshape)
     ra_var = self.variable("batch_stats", "var",
                            lambda s: jnp.ones(s, stat_dtype), fshape)
+    train = not use_running_average or _RECALIBRATING.get()
     ra_count = None
-    if self.track_count and (
-        self.has_variable("batch_stats", "count")
-        or self.is_mutable_collection("batch_stats")):
+    if _keeps_count(self) and (
+        self.has_variable("batch_stats", "count") or self.is_initializing()
+        or (train and self.is_mutable_collection("batch_stats"))):
       ra_count = self.variable("batch_stats", "count",
                                lambda: jnp.zeros((), jnp.int32))
     count = (ra_count.value if ra_count is not None
              else jnp.zeros((), jnp.int32))
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
-    train = not use_running_average or _RECALIBRATING.get()
-    if train and not _RECALIBRATING.get():
-      _check_count_option(self, "jaxnorm.linen.BatchNorm")
-    if train and self.is_initializing():
-      per_feature = math.prod(
-          d for i, d in enumerate(x.shape) if i not in feat)
-      # Statistics are not updated during init; a batch of one (allowed by
-      # flax at init) is normalized with the fresh running statistics.
-      train = per_feature > 1
-    elif train and not self.is_mutable_collection("batch_stats"):
+    if (train and not self.is_initializing()
+        and not self.is_mutable_collection("batch_stats")):
       raise ImmutableBatchStatsError(
           f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
           f"training mode (use_running_average=False) updates the running "
@@ -444,6 +441,16 @@ class LayerNorm(nn.Module):
         xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
+
+
+def _check_instance_axes(cls: str, ndim: int, feature_axes: Axes) -> None:
+  """InstanceNorm's batch axis 0 cannot be a feature axis (flax's words)."""
+  if 0 in _axes_tuple(ndim, feature_axes):
+    raise ValueError(
+        f"{cls}: The channel axes cannot include the leading dimension as "
+        f"this is assumed to be the batch axis; got feature_axes="
+        f"{feature_axes!r} for input of rank {ndim}. Fix: set feature_axes "
+        f"to the channel axes, e.g. -1 for (N, ..., C) input.")
 
 
 def _named(mdl: Any) -> dict[str, Any]:
@@ -668,12 +675,15 @@ class InstanceNorm(nn.Module):
       Array of ``x``'s shape in the output dtype.
     """
     x = jnp.asarray(x)
+    _check_instance_axes("jaxnorm.linen.InstanceNorm", x.ndim,
+                         self.feature_axes)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
     return _run(x, params, self.dtype, lambda xc, s, b: instance_norm(
         xc, s, b, feature_axes=_as_axes(self.feature_axes),
-        epsilon=self.epsilon, mask=_as_mask(mask), **_named(self)))
+        epsilon=self.epsilon, mask=_as_mask(mask), allow_single=True,
+        **_named(self)))
 
 
 _NOT_BATCH_STATS = (
