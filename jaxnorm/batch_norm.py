@@ -402,7 +402,9 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
   names = _checks.check_axis_name(fn, axis_name)
   _check_single(fn, x, feat, red, 1, names, axis_index_groups, allow_single,
                 None, axis_name)
-  cdt = jnp.promote_types(x.dtype, jnp.complex64)
+  wide = lambda dt: jnp.dtype(dt).itemsize >= (16 if jnp.issubdtype(
+      dt, jnp.complexfloating) else 8)
+  cdt = jnp.dtype(jnp.complex128 if wide(x.dtype) else jnp.complex64)
   rdt = jnp.finfo(cdt).dtype
   xc = x.astype(cdt)
   w = (jnp.ones(x.shape, jnp.bool_) if mask is None
@@ -411,11 +413,13 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
       jax.lax.psum, axis_name=names, axis_index_groups=axis_index_groups))
   n = psum(jnp.sum(w, red, keepdims=True, dtype=rdt))
   n_safe = jnp.maximum(n, 1.0)
-  mean = psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True)) / n_safe
+  mean = (psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True))
+          / n_safe.astype(cdt))
   d = jnp.where(w, xc - mean, 0.0)
   var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red,
                      keepdims=True)) / n_safe
-  y = (xc - mean) * jax.lax.rsqrt(var + jnp.asarray(epsilon, rdt))
+  y = (xc - mean) * jax.lax.rsqrt(var + jnp.asarray(epsilon, rdt)).astype(
+      cdt)
   if scale is not None:
     y = y * jnp.asarray(scale).astype(cdt).reshape(bshape)
   if bias is not None:
@@ -431,7 +435,8 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
       running_var=running_var)
   re = part(jnp.real(old), jnp.real(mean))
   im = part(jnp.imag(old), jnp.imag(mean))
-  mdt = jnp.promote_types(state.mean.dtype, jnp.complex64)
+  mdt = jnp.dtype(jnp.complex128 if wide(state.mean.dtype)
+                  else jnp.complex64)
   new_mean = re.mean.astype(mdt) + 1j * im.mean.astype(mdt)
   return y.astype(x.dtype), re._replace(mean=new_mean.astype(mdt))
 

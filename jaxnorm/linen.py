@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -87,18 +88,37 @@ def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
   return [scale, bias]
 
 
-def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
-         fn, promote_with: tuple[jax.Array, ...] = ()) -> jax.Array:
+def _who(mdl: Any) -> str:
+  """How error messages name a module: class, and path or num_features."""
+  cls = type(mdl).__name__
+  if isinstance(mdl, nn.Module):
+    path = mdl.scope.path_text if mdl.scope is not None else ""
+    return f"jaxnorm.linen.{cls}" + (
+        f" at {path!r}" if path and path != "/" else "")
+  return f"jaxnorm.nnx.{cls}(num_features={mdl.num_features!r})"
+
+
+def _run(mdl: Any, x: ArrayLike, params: list[jax.Array | None], fn,
+         promote_with: tuple[jax.Array, ...] = ()) -> jax.Array:
   """Casts x and params to the compute dtype, calls fn, casts the output.
 
   ``promote_with`` are further arrays whose dtypes take part in the output
-  dtype (flax.nnx.BatchNorm promotes with its running statistics).
+  dtype (flax.nnx.BatchNorm promotes with its running statistics). An
+  error of the pure function is raised again phrased for the module
+  (``_who(mdl)`` in place of the function's name).
   """
   x = jnp.asarray(x)
   present = [p for p in params if p is not None]
-  compute, out = _dtypes_for([x, *present, *promote_with], dtype)
+  compute, out = _dtypes_for([x, *present, *promote_with], mdl.dtype)
   cast = [None if p is None else p.astype(compute) for p in params]
-  return fn(x.astype(compute), *cast).astype(out)
+  try:
+    return fn(x.astype(compute), *cast).astype(out)
+  except (ValueError, TypeError) as e:
+    msg = str(e)
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[a-z_]+", head):
+      raise type(e)(f"{_who(mdl)}: {rest}") from e
+    raise
 
 
 # Set while recalibrate_batch_norm traces the model: every jaxnorm BatchNorm
@@ -132,6 +152,31 @@ def _keeps_count(mdl: Any) -> bool:
   return bool(mdl.track_count) or _needs_count(mdl) is not None
 
 
+def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
+           bias: jax.Array | None, *, axis: Any, epsilon: float) -> jax.Array:
+  """``batch_norm_infer``, also for complex ``x`` (as flax accepts it).
+
+  ``x -> (x - mean) / sqrt(var + eps)`` is real-linear, so a complex ``x``
+  is the real and imaginary parts normalized by ``batch_norm_infer`` (with
+  the parts of a complex running mean), then the complex affine map.
+  """
+  if not jnp.iscomplexobj(x):
+    return batch_norm_infer(x, state, scale, bias, axis=axis,
+                            epsilon=epsilon)
+  mean = jnp.asarray(state.mean)
+  part = lambda f: batch_norm_infer(
+      f(x), state._replace(mean=f(mean)), axis=axis,
+      epsilon=epsilon).astype(x.dtype)
+  y = part(jnp.real) + 1j * part(jnp.imag)
+  feat = _axes_tuple(x.ndim, axis)
+  bshape = tuple(d if i in feat else 1 for i, d in enumerate(x.shape))
+  if scale is not None:
+    y = y * scale.astype(x.dtype).reshape(bshape)
+  if bias is not None:
+    y = y + bias.astype(x.dtype).reshape(bshape)
+  return y
+
+
 def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
                 params: list[jax.Array | None], *, train: bool,
                 axis_name: Any, mask: ArrayLike | None,
@@ -146,7 +191,7 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
   """
   axis = _as_axes(mdl.axis)
   if not train:
-    return _run(x, params, mdl.dtype, lambda xc, s, b: batch_norm_infer(
+    return _run(mdl, x, params, lambda xc, s, b: _infer(
         xc, state, s, b, axis=axis, epsilon=mdl.epsilon), promote_with), None
   out = {}
   kw = dict(axis=axis, momentum=mdl.momentum, epsilon=mdl.epsilon,
@@ -166,7 +211,7 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
     y, out["state"] = train_fn(xc, state, s, b, **kw)
     return y
 
-  y = _run(x, params, mdl.dtype, step, promote_with)
+  y = _run(mdl, x, params, step, promote_with)
   return y, out["state"]
 
 
@@ -346,6 +391,14 @@ class BatchNorm(nn.Module):
                                lambda: jnp.zeros((), jnp.int32))
     count = (ra_count.value if ra_count is not None
              else jnp.zeros((), jnp.int32))
+    for name, v in (("mean", ra_mean.value), ("var", ra_var.value)):
+      if tuple(v.shape) != fshape:
+        raise ValueError(
+            f"{_who(self)}: the variable batch_stats/{name} has shape "
+            f"{tuple(v.shape)}, but x of shape {tuple(x.shape)} has the "
+            f"features {fshape} at axis={self.axis!r}. Fix: use variables "
+            f"initialised for this input (model.init with x's shape), or "
+            f"set `axis` to the feature axis.")
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
     if (train and not self.is_initializing()
@@ -437,7 +490,7 @@ class LayerNorm(nn.Module):
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(x, params, self.dtype, lambda xc, s, b: layer_norm(
+    return _run(self, x, params, lambda xc, s, b: layer_norm(
         xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
@@ -525,7 +578,7 @@ class RMSNorm(nn.Module):
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     scale = (self.param("scale", self.scale_init, shape, self.param_dtype)
              if self.use_scale else None)
-    return _run(x, [scale], self.dtype, lambda xc, s: rms_norm(
+    return _run(self, x, [scale], lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
@@ -606,7 +659,7 @@ class GroupNorm(nn.Module):
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
     red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
-    return _run(x, params, self.dtype, lambda xc, s, b: group_norm(
+    return _run(self, x, params, lambda xc, s, b: group_norm(
         xc, s, b, num_groups=self.num_groups, group_size=self.group_size,
         reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask),
         **_named(self)))
@@ -680,7 +733,7 @@ class InstanceNorm(nn.Module):
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(x, params, self.dtype, lambda xc, s, b: instance_norm(
+    return _run(self, x, params, lambda xc, s, b: instance_norm(
         xc, s, b, feature_axes=_as_axes(self.feature_axes),
         epsilon=self.epsilon, mask=_as_mask(mask), allow_single=True,
         **_named(self)))

@@ -41,6 +41,8 @@ from jaxnorm.batch_norm import batch_renorm_schedule
 from jaxnorm.linen import _RECALIBRATING
 from jaxnorm.linen import _as_axes
 from jaxnorm.linen import _as_mask
+from jaxnorm.linen import _axes_tuple
+from jaxnorm.linen import _who
 from jaxnorm.linen import _batch_norm
 from jaxnorm.linen import _check_instance_axes
 from jaxnorm.linen import _keeps_count
@@ -73,6 +75,26 @@ def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
 
 def _value(v: Any) -> jax.Array | None:
   return None if v is None else v[...]
+
+
+def _check_features(mdl: Any, x: jax.Array, axes: Any,
+                    attr: str | None) -> None:
+  """x's features at ``axes`` (the attribute ``attr``) are the layer's
+  ``num_features``."""
+  feat = _axes_tuple(x.ndim, axes)
+  if not all(0 <= a < x.ndim for a in feat):
+    return  # the pure function names the bad axis
+  got = tuple(x.shape[a] for a in feat)
+  want = _feature_shape(type(mdl).__name__, mdl.num_features)
+  if got != want:
+    where = "the last axis" if attr is None else f"{attr}={axes!r}"
+    other = "" if attr is None else f", or set {attr} to the feature axis"
+    raise ValueError(
+        f"{_who(mdl)}: x of shape {tuple(x.shape)} has {got} features at "
+        f"{where}, but the layer was built for num_features="
+        f"{mdl.num_features!r} (its variables have shape {want}). Fix: "
+        f"build it with num_features={got[0] if len(got) == 1 else got}"
+        f"{other}.")
 
 
 def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
@@ -273,15 +295,18 @@ class BatchNorm(_Affine):
              else jnp.zeros((), jnp.int32))
     state = BatchNormState(mean=self.mean[...], var=self.var[...],
                            count=count)
+    x = jnp.asarray(x)
+    _check_features(self, x, self.axis, "axis")
     x, mean, var, scale, bias = _promote(
-        self, jnp.asarray(x), state.mean, state.var, _value(self.scale),
+        self, x, state.mean, state.var, _value(self.scale),
         _value(self.bias))
     train = not use_running_average or _RECALIBRATING.get()
     if not train:
       state = state._replace(mean=mean, var=var)
     y, new = _batch_norm(self, x, state, [scale, bias], train=train,
                          mask=mask, axis_name=self.axis_name,
-                         promote_with=(mean, var))
+                         promote_with=((mean, var) if self.promote_dtype is None
+                                       else ()))
     if new is None:
       return y
     self.mean[...] = new.mean
@@ -382,9 +407,11 @@ class LayerNorm(_Affine):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    x, scale, bias = _promote(self, jnp.asarray(x), _value(self.scale),
+    x = jnp.asarray(x)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale, bias = _promote(self, x, _value(self.scale),
                               _value(self.bias))
-    return _run(x, [scale, bias], self.dtype,
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: layer_norm(
                     xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
                     feature_axes=_as_axes(self.feature_axes),
@@ -456,8 +483,10 @@ class RMSNorm(_Affine):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    x, scale = _promote(self, jnp.asarray(x), _value(self.scale))
-    return _run(x, [scale], self.dtype, lambda xc, s: rms_norm(
+    x = jnp.asarray(x)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale = _promote(self, x, _value(self.scale))
+    return _run(self, x, [scale], lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
@@ -559,9 +588,11 @@ class GroupNorm(_Affine):
     """
     red = (None if self.reduction_axes is None
            else _as_axes(self.reduction_axes))
-    x, scale, bias = _promote(self, jnp.asarray(x), _value(self.scale),
+    x = jnp.asarray(x)
+    _check_features(self, x, -1, None)
+    x, scale, bias = _promote(self, x, _value(self.scale),
                               _value(self.bias))
-    return _run(x, [scale, bias], self.dtype,
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: group_norm(
                     xc, s, b, num_groups=self.num_groups,
                     reduction_axes=red, epsilon=self.epsilon,
@@ -638,9 +669,10 @@ class InstanceNorm(_Affine):
     _check_instance_axes(
         f"jaxnorm.nnx.InstanceNorm(num_features={self.num_features!r})",
         x.ndim, self.feature_axes)
-    x, scale, bias = _promote(self, jnp.asarray(x), _value(self.scale),
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale, bias = _promote(self, x, _value(self.scale),
                               _value(self.bias))
-    return _run(x, [scale, bias], self.dtype,
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: instance_norm(
                     xc, s, b, feature_axes=_as_axes(self.feature_axes),
                     epsilon=self.epsilon, mask=_as_mask(mask),

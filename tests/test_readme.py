@@ -19,13 +19,15 @@ def _blocks(lang: str) -> list[str]:
 
 def _check_linen(ns):
   assert ns["logits"].shape == (8, 10)
-  assert int(ns["batch_stats"]["BatchNorm_0"]["count"]) == 2
+  assert set(ns["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}  # flax's
+  assert np.abs(np.asarray(ns["batch_stats"]["BatchNorm_0"]["mean"])).max() > 0
   assert np.isfinite(float(ns["loss"]))
 
 
 def _check_nnx(ns):
   assert ns["logits"].shape == (8, 10)
-  assert int(ns["model"].bn.count[...]) == 2
+  assert ns["model"].bn.count is None  # flax's state
+  assert np.abs(np.asarray(ns["model"].bn.mean[...])).max() > 0
   assert np.isfinite(float(ns["loss"]))
 
 
