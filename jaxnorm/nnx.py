@@ -38,17 +38,17 @@ from jax.typing import ArrayLike
 
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_renorm_schedule
-from jaxnorm.linen import _RECALIBRATING
-from jaxnorm.linen import _as_axes
-from jaxnorm.linen import _as_mask
-from jaxnorm.linen import _axes_tuple
-from jaxnorm.linen import _who
-from jaxnorm.linen import _batch_norm
-from jaxnorm.linen import _check_instance_axes
-from jaxnorm.linen import _keeps_count
-from jaxnorm.linen import _named
+from jaxnorm._modules import _RECALIBRATING
+from jaxnorm._modules import _as_axes
+from jaxnorm._modules import _as_mask
+from jaxnorm._modules import _axes_tuple
+from jaxnorm._modules import _batch_norm
+from jaxnorm._modules import _check_instance_axes
+from jaxnorm._modules import _keeps_count
+from jaxnorm._modules import _named
+from jaxnorm._modules import _run
+from jaxnorm._modules import _who
 from jaxnorm.linen import _recalibrate
-from jaxnorm.linen import _run
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
