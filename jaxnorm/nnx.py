@@ -281,9 +281,10 @@ class BatchNorm(_Affine):
 
     Raises:
       ValueError: neither the call nor the module sets
-        ``use_running_average``; the errors of ``batch_norm_train``/
-        ``batch_norm_infer`` (e.g. a training batch with one element per
-        feature, an unbound ``axis_name``).
+        ``use_running_average``; ``x`` whose features at ``axis`` are not
+        ``num_features``; the errors of ``batch_norm_train``/
+        ``batch_norm_infer`` phrased for the module (e.g. an unbound
+        ``axis_name``).
     """
     use_running_average = first_from(
         use_running_average, self.use_running_average,
