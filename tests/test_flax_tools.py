@@ -3,9 +3,9 @@
 Each test is a real-world use that broke while jaxnorm's BatchNorm kept an
 extra ``count`` variable or raised on a batch of one: strict orbax restore
 of flax-saved checkpoints, ``nnx.tabulate`` with a batch of one,
-``nnx.StateAxes``/``nnx.scan`` over a stack of blocks, and a data-parallel
-train step that averages ``batch_stats`` with ``lax.pmean`` as flax's
-imagenet example does.
+``nnx.StateAxes``/``nnx.scan`` over a stack of blocks, tree-mode
+``nnx.grad``, and a data-parallel train step that averages ``batch_stats``
+with ``lax.pmean`` as flax's imagenet example does.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 
 import jaxnorm.linen as jl
@@ -216,3 +217,22 @@ def test_pmapped_train_step_pmean_of_batch_stats_keeps_dtypes():
   assert jx["spec"] == jx["spec0"] == fl["spec"]
   np.testing.assert_allclose(jx["loss"], fl["loss"], rtol=1e-5)
   _close(jx["stats"], fl["stats"], rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_grad_in_tree_mode_over_a_default_model():
+  """graph=False differentiates every leaf of the model: flax's state has
+  no integer leaf, and neither has jaxnorm's by default (with
+  track_count=True the int32 count needs allow_int, as in jax.grad)."""
+  x = _normal(3, (8, 4))
+  loss = lambda m: jnp.sum(m(x) ** 2)
+  grads = []
+  for lib in (nnx, jn):
+    g = nnx.grad(loss, graph=False)(_NnxNet(lib, nnx.Rngs(0)))
+    grads.append(nnx.to_pure_dict(nnx.state(g)))
+  assert _tree_spec(grads[1]) == _tree_spec(grads[0])
+  _close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+  counted = _NnxNet(jn, nnx.Rngs(0))
+  counted.bn = jn.BatchNorm(6, momentum=0.9, track_count=True,
+                            rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="int32"):
+    nnx.grad(loss, graph=False)(counted)
