@@ -533,6 +533,12 @@ def batch_norm_train(
   thread it, and start from ``count=0`` only with a fresh state. A feature
   fully masked in some batches is still weighted by the layer's ``count``.
 
+  Complex ``x`` (as flax accepts it): :math:`\\mu` is complex and
+  :math:`\\sigma^2 = \\frac{1}{n}\\sum |x_i - \\mu|^2` real; it runs a
+  plain-jnp reference path differentiated by JAX (the hand-derived backward
+  pass is real-only), without ``virtual_batch_size`` or renorm. The new
+  running mean is complex (flax keeps it so), the running variance real.
+
   Ghost BatchNorm (``virtual_batch_size=v``): the leading axis is split into
   :math:`G = N / v` virtual batches of :math:`v` consecutive examples; each is
   normalized with its own statistics (gradients flow through each virtual
@@ -542,7 +548,8 @@ def batch_norm_train(
   batch :math:`g` spans the :math:`g`-th slice of every device.
 
   Args:
-    x: floating array of any rank >= 1, e.g. (N, C) or (N, H, W, C).
+    x: floating (or complex) array of any rank >= 1, e.g. (N, C) or
+      (N, H, W, C).
     state: ``BatchNormState`` whose ``mean``/``var`` have the feature shape
       ``tuple(x.shape[a] for a in axis)``.
     scale: optional :math:`\\gamma` of the feature shape; None for none.
@@ -577,8 +584,8 @@ def batch_norm_train(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, a ``state`` that is not
       a ``BatchNormState``, a non-boolean ``mask``, a ``momentum`` that is
-      neither a float nor None, a non-bool ``debias``, a non-int
-      ``virtual_batch_size``.
+      neither a float nor None, a non-bool ``debias`` or ``allow_single``,
+      a non-int ``virtual_batch_size``.
     ValueError: bad ``axis`` (out of range, duplicated), shape mismatches of
       ``scale``/``bias``/``state``/``mask``, ``momentum`` outside [0, 1],
       ``debias=True`` with ``momentum=1``, negative ``epsilon``, an unknown
