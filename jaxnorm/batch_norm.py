@@ -315,10 +315,62 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
   ), skipped
 
 
+def _replicas(names: tuple[Any, ...] | None, axis_index_groups: Any) -> int:
+  """Number of devices whose batches are merged (1 without ``axis_name``).
+
+  Known at trace time: the product of the bound axis sizes, or the size of
+  a replica group.
+  """
+  if names is None:
+    return 1
+  if axis_index_groups is not None:
+    return len(axis_index_groups[0])
+  return math.prod(jax.lax.axis_size(n) for n in names)
+
+
+def _check_single(fn, x, feat, red, groups, names, axis_index_groups,
+                  allow_single, virtual_batch_size, axis_name) -> None:
+  """The one check of a single element per feature (``allow_single``).
+
+  Counts the elements of each feature's statistics across ``axis_name``
+  (the global batch, known at trace time), per virtual batch.
+  """
+  if not isinstance(allow_single, bool):
+    raise TypeError(f"{fn}: `allow_single` must be True or False; got "
+                    f"{allow_single!r}.")
+  per_group = (math.prod(x.shape[i] for i in red) // groups
+               * _replicas(names, axis_index_groups))
+  if per_group <= 1 and not allow_single:
+    where = ("" if groups == 1 else
+             f" per virtual batch of {virtual_batch_size}")
+    across = "" if names is None else f" across axis_name={axis_name!r}"
+    raise ValueError(
+        f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
+        f"{per_group} element(s) per feature{where}{across} to compute batch "
+        f"statistics from; every output would be 0 (torch raises here too). "
+        f"Fix: use a batch of at least 2, use batch_norm_infer for single "
+        f"examples, use layer_norm/group_norm, which do not depend on the "
+        f"batch, or pass allow_single=True for flax's result (the output "
+        f"is `bias`)."
+    )
+
+
 def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
            axis_index_groups, mask, running_var, debias, virtual_batch_size,
-           skip_nonfinite, renorm=None):
+           skip_nonfinite, allow_single, renorm=None):
   """Shared body of batch_norm_train and batch_renorm_train."""
+  if jnp.iscomplexobj(x) and skip_nonfinite:
+    raise ValueError(
+        f"{fn}: skip_nonfinite=True is not supported for complex x "
+        f"(got dtype {x.dtype}). Fix: pass skip_nonfinite=False.")
+  if jnp.iscomplexobj(x):
+    return _train_complex(
+        fn, x, state, scale, bias, axis=axis, momentum=momentum,
+        epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask,
+        running_var=running_var, debias=debias,
+        virtual_batch_size=virtual_batch_size, allow_single=allow_single,
+        renorm=renorm)
   x, state, feat, red, bshape, fshape, scale, bias = _prepare(
       fn, x, state, scale, bias, axis)
   for name in ("mean", "var"):
@@ -342,18 +394,8 @@ def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
     out = (jnp.zeros_like(x), state)
     return out + (jnp.zeros(fshape, bool),) if skip_nonfinite else out
   groups = _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
-  per_group = math.prod(x.shape[i] for i in red) // groups
-  if names is None and per_group <= 1:
-    where = ("" if groups == 1 else
-             f" per virtual batch of {virtual_batch_size}")
-    raise ValueError(
-        f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
-        f"{per_group} element(s) per feature{where} to compute batch "
-        f"statistics from; every output would be 0 (torch raises here too). "
-        f"Fix: use a batch of at least 2, use batch_norm_infer for single "
-        f"examples, or use layer_norm/group_norm, which do not depend on "
-        f"the batch."
-    )
+  _check_single(fn, x, feat, red, groups, names, axis_index_groups,
+                allow_single, virtual_batch_size, axis_name)
   if groups > 1:  # Ghost BatchNorm: (N, ...) -> (G, N / G, ...)
     xs = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
     if mask is not None:
@@ -381,6 +423,80 @@ def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
   if skip_nonfinite:
     return y.reshape(x.shape), new_state, skipped
   return y.reshape(x.shape), new_state
+
+
+def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
+                   axis_name, axis_index_groups, mask, running_var, debias,
+                   virtual_batch_size, allow_single, renorm):
+  """Complex ``x``: the plain-jnp reference path (flax's statistics).
+
+  ``mean = E[x]`` (complex), ``var = E[|x - mean|^2]`` (real), computed
+  two-pass in at least complex64 and differentiated by JAX itself (the
+  hand-derived backward pass is real-only). The running mean takes the
+  complex dtype of ``state.mean`` (as in flax, where it becomes complex
+  after the first update); the running variance stays real.
+  """
+  if renorm is not None or virtual_batch_size is not None:
+    raise ValueError(
+        f"{fn}: complex x is supported by plain BatchNorm only; got "
+        f"{'renorm' if renorm is not None else 'virtual_batch_size'}. Fix: "
+        f"drop that option for complex input.")
+  x = jnp.asarray(x)
+  feat, red, bshape = _feature_layout(fn, x, axis)
+  fshape = tuple(x.shape[i] for i in feat)
+  if not isinstance(state, BatchNormState):
+    _check_state(fn, state, fshape)  # raises the TypeError
+  for name, v in (("state.mean", state.mean), ("state.var", state.var),
+                  ("scale", scale), ("bias", bias)):
+    if v is not None and tuple(jnp.shape(v)) != fshape:
+      raise ValueError(
+          f"{fn}: `{name}` must have the feature shape {fshape} of x "
+          f"(shape {tuple(x.shape)}, axis {feat}); got "
+          f"{tuple(jnp.shape(v))}.")
+  momentum = _check_momentum(fn, momentum, debias)
+  running_var = _check_running_var(fn, running_var)
+  epsilon = _checks.check_epsilon(fn, epsilon)
+  mask = _checks.check_mask(fn, mask, x.shape)
+  names = _checks.check_axis_name(fn, axis_name)
+  _check_single(fn, x, feat, red, 1, names, axis_index_groups, allow_single,
+                None, axis_name)
+  wide = lambda dt: jnp.dtype(dt).itemsize >= (16 if jnp.issubdtype(
+      dt, jnp.complexfloating) else 8)
+  cdt = jnp.dtype(jnp.complex128 if wide(x.dtype) else jnp.complex64)
+  rdt = jnp.finfo(cdt).dtype
+  xc = x.astype(cdt)
+  w = (jnp.ones(x.shape, jnp.bool_) if mask is None
+       else jnp.broadcast_to(mask, x.shape))
+  psum = ((lambda a: a) if names is None else functools.partial(
+      jax.lax.psum, axis_name=names, axis_index_groups=axis_index_groups))
+  n = psum(jnp.sum(w, red, keepdims=True, dtype=rdt))
+  n_safe = jnp.maximum(n, 1.0)
+  mean = (psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True))
+          / n_safe.astype(cdt))
+  d = jnp.where(w, xc - mean, 0.0)
+  var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red,
+                     keepdims=True)) / n_safe
+  y = (xc - mean) * jax.lax.rsqrt(var + jnp.asarray(epsilon, rdt)).astype(
+      cdt)
+  if scale is not None:
+    y = y * jnp.asarray(scale).astype(cdt).reshape(bshape)
+  if bias is not None:
+    y = y + jnp.asarray(bias).astype(cdt).reshape(bshape)
+  # One update rule for both parts: the EMA is linear, so updating the real
+  # and imaginary parts of the mean separately is the complex update.
+  stop = jax.lax.stop_gradient
+  stat = lambda a: stop(a).reshape((1,) + fshape)
+  old = stop(jnp.asarray(state.mean))
+  part = lambda old_part, batch_part: _new_state(
+      BatchNormState(old_part, state.var, state.count), stat(batch_part),
+      stat(var), stat(n), momentum=momentum, debias=debias,
+      running_var=running_var)[0]
+  re = part(jnp.real(old), jnp.real(mean))
+  im = part(jnp.imag(old), jnp.imag(mean))
+  mdt = jnp.dtype(jnp.complex128 if wide(state.mean.dtype)
+                  else jnp.complex64)
+  new_mean = re.mean.astype(mdt) + 1j * im.mean.astype(mdt)
+  return y.astype(x.dtype), re._replace(mean=new_mean.astype(mdt))
 
 
 def _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
@@ -423,6 +539,7 @@ def batch_norm_train(
     debias: bool = False,
     virtual_batch_size: int | None = None,
     skip_nonfinite: bool = False,
+    allow_single: bool = False,
 ) -> (tuple[jax.Array, BatchNormState]
       | tuple[jax.Array, BatchNormState, jax.Array]):
   """Training-mode batch normalization with a running-average update.
@@ -476,6 +593,12 @@ def batch_norm_train(
   thread it, and start from ``count=0`` only with a fresh state. A feature
   fully masked in some batches is still weighted by the layer's ``count``.
 
+  Complex ``x`` (as flax accepts it): :math:`\\mu` is complex and
+  :math:`\\sigma^2 = \\frac{1}{n}\\sum |x_i - \\mu|^2` real; it runs a
+  plain-jnp reference path differentiated by JAX (the hand-derived backward
+  pass is real-only), without ``virtual_batch_size`` or renorm. The new
+  running mean is complex (flax keeps it so), the running variance real.
+
   Ghost BatchNorm (``virtual_batch_size=v``): the leading axis is split into
   :math:`G = N / v` virtual batches of :math:`v` consecutive examples; each is
   normalized with its own statistics (gradients flow through each virtual
@@ -518,7 +641,8 @@ def batch_norm_train(
   the state unchanged, as a fully masked batch does.
 
   Args:
-    x: floating array of any rank >= 1, e.g. (N, C) or (N, H, W, C).
+    x: floating (or complex) array of any rank >= 1, e.g. (N, C) or
+      (N, H, W, C).
     state: ``BatchNormState`` whose ``mean``/``var`` have the feature shape
       ``tuple(x.shape[a] for a in axis)``.
     scale: optional :math:`\\gamma` of the feature shape; None for none.
@@ -541,6 +665,12 @@ def batch_norm_train(
       batch.
     skip_nonfinite: keep the running statistics of features whose batch
       statistics are not finite, and return which (see above).
+    allow_single: what a single element per feature (per virtual batch,
+      counted across ``axis_name``) does: False (default, as PyTorch) raises
+      the ``ValueError`` below; True computes as flax does, :math:`\\mu = x`,
+      :math:`\\sigma^2 = 0`, so the output is ``bias`` (0 without it), the
+      input gradient is 0 and the running statistics move towards
+      :math:`(x, 0)`. jaxnorm's modules pass True (flax's behaviour).
 
   Returns:
     ``(y, new_state)``: ``y`` has ``x``'s shape and dtype; ``new_state`` is a
@@ -553,7 +683,7 @@ def batch_norm_train(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, a ``state`` that is not
       a ``BatchNormState``, a non-boolean ``mask``, a ``momentum`` that is
-      neither a float nor None, a non-bool ``debias``, a non-int
+      neither a float nor None, a non-bool ``debias`` or ``allow_single``, a non-int
       ``virtual_batch_size``, a non-bool ``skip_nonfinite``, ``x`` or a
       state field that is not array-like (None, a string, a ragged list),
       a non-integer ``state.count``, ``axis_index_groups`` that are not
@@ -565,15 +695,17 @@ def batch_norm_train(
       ``debias=True`` with ``momentum=1``, negative ``epsilon``, an unknown
       ``running_var``, a ``virtual_batch_size`` that does not divide the
       batch (or with axis 0 as a feature axis), an unbound ``axis_name``, or
-      a single element per feature (per virtual batch): a batch of one with
-      no other reduced axis normalizes every value to 0.
+      a single element per feature (per virtual batch, across
+      ``axis_name``) without ``allow_single``: a batch of one with no other
+      reduced axis normalizes every value to 0.
   """
   return _train(
       "batch_norm_train", x, state, scale, bias, axis=axis,
       momentum=momentum, epsilon=epsilon, axis_name=axis_name,
       axis_index_groups=axis_index_groups, mask=mask,
       running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite)
+      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite,
+      allow_single=allow_single)
 
 
 def batch_renorm_train(
@@ -594,6 +726,7 @@ def batch_renorm_train(
     debias: bool = False,
     virtual_batch_size: int | None = None,
     skip_nonfinite: bool = False,
+    allow_single: bool = False,
 ) -> (tuple[jax.Array, BatchNormState]
       | tuple[jax.Array, BatchNormState, jax.Array]):
   """Batch Renormalization (Ioffe, 2017), training mode.
@@ -647,6 +780,7 @@ def batch_renorm_train(
     virtual_batch_size: as :func:`batch_norm_train` (``r``, ``d`` per
       virtual batch).
     skip_nonfinite: as :func:`batch_norm_train`.
+    allow_single: as :func:`batch_norm_train`.
 
   Returns:
     ``(y, new_state)`` (or ``(y, new_state, skipped)``) as
@@ -666,6 +800,7 @@ def batch_renorm_train(
       axis_index_groups=axis_index_groups, mask=mask,
       running_var=running_var, debias=debias,
       virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite,
+      allow_single=allow_single,
       renorm=(rmax, dmax))
 
 

@@ -5,15 +5,17 @@ Drop-in replacements for ``flax.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
 meanings and defaults, the same variable collections, names, shapes and
 dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``) and the same output dtype rule, so a flax variable tree
-loads into these modules and back. What changes is the arithmetic: the
-variance is always computed centred, in at least float32 (stable on
-shifted data), the backward pass is jaxnorm's hand-derived one, masked
-cross-device statistics are count-weighted, and a training batch with a
-single element per feature raises instead of silently returning zeros.
+loads into these modules and back (also with a strict checkpoint target).
+What changes is the arithmetic: the variance is always computed centred, in
+at least float32 (stable on shifted data), the backward pass is jaxnorm's
+hand-derived one, and masked cross-device statistics are count-weighted.
+Degenerate inputs give flax's results: a training batch with a single
+element per feature outputs ``bias`` (the pure functions' ``allow_single``
+switch), and so does an ``InstanceNorm`` with no axis to reduce.
 
-The one addition is ``batch_stats/count`` (int32 scalar) in ``BatchNorm``,
-the number of running-average updates; see ``BatchNorm`` for how a flax tree
-without it loads.
+``BatchNorm`` has a ``batch_stats/count`` (int32 scalar, the number of
+running-average updates) only when an option needs it (``momentum=None``,
+``debias=True``, ``renorm=True``) or ``track_count=True`` asks for it.
 
 Output dtype: ``dtype`` if given, else the promotion of the input and
 parameter dtypes (``flax.linen.dtypes.canonicalize_dtype``). The computation
@@ -23,10 +25,7 @@ the statistics in at least float32.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.errors
@@ -34,17 +33,24 @@ import flax.linen as nn
 from flax.core import unfreeze
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes as _dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 from jax.typing import ArrayLike
 
 from jaxnorm import interop
+from jaxnorm._modules import _RECALIBRATING
+from jaxnorm._modules import _as_axes
+from jaxnorm._modules import _as_mask
+from jaxnorm._modules import _axes_tuple
+from jaxnorm._modules import _batch_norm
+from jaxnorm._modules import _check_instance_axes
+from jaxnorm._modules import _keeps_count
+from jaxnorm._modules import _named
+from jaxnorm._modules import _recalibrating
+from jaxnorm._modules import _run
+from jaxnorm._modules import _who
 from jaxnorm.batch_norm import BatchNormState
-from jaxnorm.batch_norm import batch_norm_infer
-from jaxnorm.batch_norm import batch_norm_train
 from jaxnorm.batch_norm import batch_renorm_schedule
-from jaxnorm.batch_norm import batch_renorm_train
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
@@ -52,27 +58,6 @@ from jaxnorm.variants import rms_norm
 
 __all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm",
            "InstanceNorm", "LayerNorm", "RMSNorm", "recalibrate_batch_norm"]
-
-
-def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
-  """Sorted non-negative axes (flax accepts an int or any iterable)."""
-  if isinstance(axes, int):
-    axes = (axes,)
-  return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
-
-
-def _dtypes_for(arrays: list[jax.Array], dtype: Dtype | None):
-  """Returns (compute dtype, output dtype) following flax's dtype rule."""
-  out = _dtypes.canonicalize_dtype(*arrays, dtype=dtype)
-  natural = _dtypes.canonicalize_dtype(*arrays)
-  return jnp.promote_types(natural, out), out
-
-
-def _as_mask(mask: ArrayLike | None) -> jax.Array | None:
-  """flax takes a 'binary array' mask and casts it to bool; so do we."""
-  if mask is None:
-    return None
-  return jnp.asarray(mask).astype(jnp.bool_)
 
 
 def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
@@ -83,92 +68,6 @@ def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
   bias = (mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
           if use_bias else None)
   return [scale, bias]
-
-
-def _run(x: ArrayLike, params: list[jax.Array | None], dtype: Dtype | None,
-         fn, promote_with: tuple[jax.Array, ...] = ()) -> jax.Array:
-  """Casts x and params to the compute dtype, calls fn, casts the output.
-
-  ``promote_with`` are further arrays whose dtypes take part in the output
-  dtype (flax.nnx.BatchNorm promotes with its running statistics).
-  """
-  x = jnp.asarray(x)
-  present = [p for p in params if p is not None]
-  compute, out = _dtypes_for([x, *present, *promote_with], dtype)
-  cast = [None if p is None else p.astype(compute) for p in params]
-  return fn(x.astype(compute), *cast).astype(out)
-
-
-# Set while recalibrate_batch_norm traces the model: every jaxnorm BatchNorm
-# (linen and nnx) then computes batch statistics and stores them as they are.
-_RECALIBRATING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "jaxnorm_recalibrating", default=False)
-
-
-@contextlib.contextmanager
-def _recalibrating() -> Iterator[None]:
-  token = _RECALIBRATING.set(True)
-  try:
-    yield
-  finally:
-    _RECALIBRATING.reset(token)
-
-
-def _needs_count(mdl: Any) -> str | None:
-  """The option of ``mdl`` whose running average depends on ``count``."""
-  if mdl.momentum is None:
-    return "momentum=None"
-  if mdl.debias:
-    return "debias=True"
-  if mdl.renorm:
-    return "renorm=True"
-  return None
-
-
-def _check_count_option(mdl: Any, cls: str) -> None:
-  option = _needs_count(mdl)
-  if option is not None and not mdl.track_count:
-    raise ValueError(
-        f"{cls}: {option} needs the number of updates made so far "
-        f"(`count`), but track_count=False drops it. Fix: keep "
-        f"track_count=True (the default).")
-
-
-def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
-                params: list[jax.Array | None], *, train: bool,
-                axis_name: Any, mask: ArrayLike | None,
-                promote_with: tuple[jax.Array, ...] = ()
-                ) -> tuple[jax.Array, BatchNormState | None]:
-  """One BatchNorm step for the linen and nnx modules (options on ``mdl``).
-
-  Returns ``(y, new_state)`` in training mode and ``(y, None)`` in eval mode.
-  During ``recalibrate_batch_norm`` the step is plain training-mode
-  BatchNorm with ``momentum=0.0`` (the new state holds the batch
-  statistics; ``running_var`` and ``virtual_batch_size`` still apply).
-  """
-  axis = _as_axes(mdl.axis)
-  if not train:
-    return _run(x, params, mdl.dtype, lambda xc, s, b: batch_norm_infer(
-        xc, state, s, b, axis=axis, epsilon=mdl.epsilon), promote_with), None
-  out = {}
-  kw = dict(axis=axis, momentum=mdl.momentum, epsilon=mdl.epsilon,
-            axis_name=axis_name, axis_index_groups=mdl.axis_index_groups,
-            mask=_as_mask(mask), running_var=mdl.running_var,
-            debias=mdl.debias, virtual_batch_size=mdl.virtual_batch_size)
-  train_fn = batch_norm_train
-  if _RECALIBRATING.get():
-    kw.update(momentum=0.0, debias=False)
-  elif mdl.renorm:
-    rmax, dmax = mdl.renorm_schedule(state.count)
-    train_fn = lambda *a, **k: batch_renorm_train(*a, rmax=rmax, dmax=dmax,
-                                                  **k)
-
-  def step(xc, s, b):
-    y, out["state"] = train_fn(xc, state, s, b, **kw)
-    return y
-
-  y = _run(x, params, mdl.dtype, step, promote_with)
-  return y, out["state"]
 
 
 class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
@@ -210,23 +109,28 @@ class BatchNorm(nn.Module):
   shape ``[x.shape[a] for a in axis]`` in ``param_dtype``;
   ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones) of the feature
   shape in float32 (``param_dtype`` if ``force_float32_reductions=False``).
-  In addition, when ``track_count=True`` (default), ``batch_stats/count``
-  (int32 scalar, starts at 0) counts the running-average updates.
+  By default that is the whole tree, exactly flax's. With
+  ``track_count=True``, or an option whose running average depends on the
+  number of updates (``momentum=None``, ``debias=True``, ``renorm=True``),
+  there is also ``batch_stats/count`` (int32 scalar, starts at 0).
 
-  Loading a flax variable tree (no ``count``): in eval mode the module reads
-  ``mean``/``var`` only and runs unchanged, without adding anything. In
-  training mode with ``mutable=['batch_stats']`` the returned ``batch_stats``
-  gain ``count``, started at 0 at the first update made by jaxnorm (it counts
-  updates since the tree was loaded). The plain EMA does not depend on it;
-  ``momentum=None``, ``debias=True`` and the renorm schedule do (with
-  ``count=0`` the first update replaces the loaded statistics), so set
-  ``count`` when loading a tree for them. To produce trees exactly like
-  flax's, set ``track_count=False`` (not allowed with those options).
+  Loading a flax variable tree into a layer with ``count``: in eval mode
+  the module reads ``mean``/``var`` only and adds nothing (eval never adds
+  variables). In training mode with ``mutable=['batch_stats']`` the
+  returned ``batch_stats`` gain ``count``, started at 0 at the first update
+  made by jaxnorm; ``momentum=None``, ``debias=True`` and the renorm
+  schedule depend on it (with ``count=0`` the first update replaces the
+  loaded statistics), so set ``count`` when loading a tree for them.
+
+  A training batch with a single element per feature (e.g. a batch of one,
+  as ``nnx.tabulate`` or a dummy ``init`` batch sends) gives flax's result:
+  the batch mean is the input and the variance 0, so the output is ``bias``
+  and the running statistics move towards ``(x, 0)``. Complex input (e.g.
+  ``dtype=jnp.complex64``) is normalized as flax does (see
+  ``jaxnorm.batch_norm_train``); the running mean then becomes complex.
 
   Statistics are not updated during ``init`` (``self.is_initializing()``),
-  and ``axis_name`` is not used during ``init``, as in flax. If the ``init``
-  batch has a single element per feature, ``init`` computes its output with
-  the (fresh) running statistics instead of raising.
+  and ``axis_name`` is not used during ``init``, as in flax.
 
   Attributes:
     use_running_average: if True, use the stored ``batch_stats`` instead of
@@ -253,7 +157,8 @@ class BatchNorm(nn.Module):
       shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: as flax: if False the ``batch_stats`` are stored
       in ``param_dtype``. The reductions are always done in at least float32.
-    track_count: keep ``batch_stats/count`` (jaxnorm only; default True).
+    track_count: keep ``batch_stats/count`` even when no option needs it
+      (jaxnorm only; default False: flax's tree).
     running_var: ``"biased"`` (default, as flax) or ``"unbiased"`` (store
       :math:`\\frac{n}{n-1}\\sigma^2_B`, as PyTorch); the normalization
       always uses the biased variance.
@@ -271,10 +176,9 @@ class BatchNorm(nn.Module):
     ImmutableBatchStatsError: training mode without ``batch_stats`` in
       ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``
       whose message names the fix).
-    ValueError: a training batch with one element per feature,
-      ``track_count=False`` with an option that needs ``count``, and the
-      errors of ``jaxnorm.batch_norm_train`` (bad axis, momentum, epsilon,
-      mask shape, running_var, virtual_batch_size, unbound ``axis_name``).
+    ValueError: the errors of ``jaxnorm.batch_norm_train`` (bad axis,
+      momentum, epsilon, mask shape, running_var, virtual_batch_size,
+      unbound ``axis_name``), phrased for the module.
   """
 
   use_running_average: bool | None = None
@@ -291,7 +195,7 @@ class BatchNorm(nn.Module):
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
-  track_count: bool = True
+  track_count: bool = False
   running_var: str = "biased"
   debias: bool = False
   virtual_batch_size: int | None = None
@@ -333,26 +237,27 @@ class BatchNorm(nn.Module):
                             lambda s: jnp.zeros(s, stat_dtype), fshape)
     ra_var = self.variable("batch_stats", "var",
                            lambda s: jnp.ones(s, stat_dtype), fshape)
+    train = not use_running_average or _RECALIBRATING.get()
     ra_count = None
-    if self.track_count and (
-        self.has_variable("batch_stats", "count")
-        or self.is_mutable_collection("batch_stats")):
+    if _keeps_count(self) and (
+        self.has_variable("batch_stats", "count") or self.is_initializing()
+        or (train and self.is_mutable_collection("batch_stats"))):
       ra_count = self.variable("batch_stats", "count",
                                lambda: jnp.zeros((), jnp.int32))
     count = (ra_count.value if ra_count is not None
              else jnp.zeros((), jnp.int32))
+    for name, v in (("mean", ra_mean.value), ("var", ra_var.value)):
+      if tuple(v.shape) != fshape:
+        raise ValueError(
+            f"{_who(self)}: the variable batch_stats/{name} has shape "
+            f"{tuple(v.shape)}, but x of shape {tuple(x.shape)} has the "
+            f"features {fshape} at axis={self.axis!r}. Fix: use variables "
+            f"initialised for this input (model.init with x's shape), or "
+            f"set `axis` to the feature axis.")
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
-    train = not use_running_average or _RECALIBRATING.get()
-    if train and not _RECALIBRATING.get():
-      _check_count_option(self, "jaxnorm.linen.BatchNorm")
-    if train and self.is_initializing():
-      per_feature = math.prod(
-          d for i, d in enumerate(x.shape) if i not in feat)
-      # Statistics are not updated during init; a batch of one (allowed by
-      # flax at init) is normalized with the fresh running statistics.
-      train = per_feature > 1
-    elif train and not self.is_mutable_collection("batch_stats"):
+    if (train and not self.is_initializing()
+        and not self.is_mutable_collection("batch_stats")):
       raise ImmutableBatchStatsError(
           f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
           f"training mode (use_running_average=False) updates the running "
@@ -441,22 +346,10 @@ class LayerNorm(nn.Module):
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(x, params, self.dtype, lambda xc, s, b: layer_norm(
+    return _run(self, x, params, lambda xc, s, b: layer_norm(
         xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
-
-
-def _named(mdl: Any) -> dict[str, Any]:
-  """``axis_name``/``axis_index_groups`` for the variants (flax ignores the
-  groups without a name; the pure functions reject that combination)."""
-  return dict(axis_name=mdl.axis_name,
-              axis_index_groups=(None if mdl.axis_name is None
-                                 else mdl.axis_index_groups))
-
-
-def _as_axes(axes: Axes) -> int | tuple[int, ...]:
-  return axes if isinstance(axes, int) else tuple(axes)
 
 
 class RMSNorm(nn.Module):
@@ -520,7 +413,7 @@ class RMSNorm(nn.Module):
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     scale = (self.param("scale", self.scale_init, shape, self.param_dtype)
              if self.use_scale else None)
-    return _run(x, [scale], self.dtype, lambda xc, s: rms_norm(
+    return _run(self, x, [scale], lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
@@ -602,7 +495,7 @@ class GroupNorm(nn.Module):
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
     red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
-    return _run(x, params, self.dtype, lambda xc, s, b: group_norm(
+    return _run(self, x, params, lambda xc, s, b: group_norm(
         xc, s, b, num_groups=self.num_groups, group_size=self.group_size,
         reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask),
         **_named(self)))
@@ -672,12 +565,15 @@ class InstanceNorm(nn.Module):
       Array of ``x``'s shape in the output dtype.
     """
     x = jnp.asarray(x)
+    _check_instance_axes("jaxnorm.linen.InstanceNorm", x.ndim,
+                         self.feature_axes)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
     params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(x, params, self.dtype, lambda xc, s, b: instance_norm(
+    return _run(self, x, params, lambda xc, s, b: instance_norm(
         xc, s, b, feature_axes=_as_axes(self.feature_axes),
-        epsilon=self.epsilon, mask=_as_mask(mask), **_named(self)))
+        epsilon=self.epsilon, mask=_as_mask(mask), allow_single=True,
+        **_named(self)))
 
 
 _NOT_BATCH_STATS = (

@@ -12,11 +12,15 @@ and, for ``BatchNorm``, running-statistic dtypes). They work inside
 
 The arithmetic is jaxnorm's: centred variance in at least float32 (stable
 on shifted data) whatever ``use_fast_variance`` says, hand-derived
-backward passes, exact count-weighted statistics across ``axis_name``, and
-an error instead of silent zeros for a training batch of one.
+backward passes, exact count-weighted statistics across ``axis_name``.
+Degenerate inputs give flax's results (a training batch of one outputs
+``bias``, as does an ``InstanceNorm`` with no axis to reduce), so
+``nnx.tabulate`` and other shape probes work.
 
-``BatchNorm`` keeps one more ``nnx.BatchStat``, ``count`` (int32 scalar, the
-number of running-average updates); ``track_count=False`` drops it.
+``BatchNorm`` has one more ``nnx.BatchStat``, ``count`` (int32 scalar, the
+number of running-average updates), only when an option needs it
+(``momentum=None``, ``debias=True``, ``renorm=True``) or
+``track_count=True``; by default its state is exactly flax's.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ from jax.typing import ArrayLike
 
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_renorm_schedule
-from jaxnorm.linen import _RECALIBRATING
-from jaxnorm.linen import _as_axes
-from jaxnorm.linen import _as_mask
-from jaxnorm.linen import _batch_norm
-from jaxnorm.linen import _check_count_option
-from jaxnorm.linen import _named
+from jaxnorm._modules import _RECALIBRATING
+from jaxnorm._modules import _as_axes
+from jaxnorm._modules import _as_mask
+from jaxnorm._modules import _axes_tuple
+from jaxnorm._modules import _batch_norm
+from jaxnorm._modules import _check_instance_axes
+from jaxnorm._modules import _keeps_count
+from jaxnorm._modules import _named
+from jaxnorm._modules import _run
+from jaxnorm._modules import _who
 from jaxnorm.linen import _recalibrate
-from jaxnorm.linen import _run
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
@@ -68,6 +75,37 @@ def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
 
 def _value(v: Any) -> jax.Array | None:
   return None if v is None else v[...]
+
+
+def _check_features(mdl: Any, x: jax.Array, axes: Any,
+                    attr: str | None) -> None:
+  """x's features at ``axes`` (the attribute ``attr``) are the layer's
+  ``num_features``."""
+  feat = _axes_tuple(x.ndim, axes)
+  if not all(0 <= a < x.ndim for a in feat):
+    return  # the pure function names the bad axis
+  got = tuple(x.shape[a] for a in feat)
+  want = _feature_shape(type(mdl).__name__, mdl.num_features)
+  if got != want:
+    where = "the last axis" if attr is None else f"{attr}={axes!r}"
+    other = "" if attr is None else f", or set {attr} to the feature axis"
+    raise ValueError(
+        f"{_who(mdl)}: x of shape {tuple(x.shape)} has {got} features at "
+        f"{where}, but the layer was built for num_features="
+        f"{mdl.num_features!r} (its variables have shape {want}). Fix: "
+        f"build it with num_features={got[0] if len(got) == 1 else got}"
+        f"{other}.")
+
+
+def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
+  """``mdl.promote_dtype(arrays, dtype=mdl.dtype)`` as flax calls it.
+
+  None (the default) is flax's ``dtypes.promote_dtype`` rule, which the
+  modules' output dtype rule already applies.
+  """
+  if mdl.promote_dtype is None:
+    return arrays
+  return tuple(mdl.promote_dtype(arrays, dtype=mdl.dtype))
 
 
 class _Affine(nnx.Module):
@@ -114,12 +152,13 @@ class BatchNorm(_Affine):
 
   Variables: ``scale``, ``bias`` (``nnx.Param``, shape ``(num_features,)``,
   ``param_dtype``); ``mean`` (zeros), ``var`` (ones) (``nnx.BatchStat``,
-  float32); ``count`` (``nnx.BatchStat``, int32 scalar, 0) unless
-  ``track_count=False``. A state saved from ``flax.nnx.BatchNorm`` (no
-  ``count``) loads with ``nnx.update(model, state)``; ``count`` then keeps
-  its value (it counts jaxnorm's updates; the plain EMA does not depend on
-  it, ``momentum=None``, ``debias=True`` and the renorm schedule do: set it
-  when loading statistics for them).
+  float32): exactly flax's state. ``count`` (``nnx.BatchStat``, int32
+  scalar, 0) is added with ``track_count=True`` or an option that needs it
+  (``momentum=None``, ``debias=True``, ``renorm=True``); loading a
+  ``flax.nnx.BatchNorm`` state into such a layer with ``nnx.update`` keeps
+  ``count``'s value: set it when loading statistics for those options. A
+  training batch of one outputs ``bias`` (flax's result); complex input is
+  normalized as flax does.
 
   Args:
     num_features: size of the feature axis (or a tuple for several axes).
@@ -140,12 +179,15 @@ class BatchNorm(_Affine):
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted for compatibility and ignored: jaxnorm always
       uses the stable centred variance in at least float32.
-    promote_dtype: accepted for compatibility; jaxnorm applies flax's
-      default promotion rule (see module docstring) and ignores a custom one.
+    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
+      to ``(x, mean, var, scale, bias)`` before normalizing (None: flax's
+      default promotion); the running statistics are updated in their own
+      dtype.
     rngs: ``nnx.Rngs`` for the parameter initializers.
     bias_metadata: metadata of the ``bias`` Param.
     scale_metadata: metadata of the ``scale`` Param.
-    track_count: keep the ``count`` BatchStat (default True).
+    track_count: keep a ``count`` BatchStat even when no option needs it
+      (default False: flax's state).
     running_var: ``"biased"`` (default) or ``"unbiased"`` (PyTorch's
       :math:`\\frac{n}{n-1}\\sigma^2_B` in the running variance).
     debias: zero-debiased EMA (as Haiku): correct from the first update.
@@ -157,8 +199,6 @@ class BatchNorm(_Affine):
 
   Raises:
     TypeError: ``num_features`` is not a positive int or tuple of them.
-    ValueError: ``track_count=False`` with ``momentum=None``,
-      ``debias=True`` or ``renorm=True`` (they need ``count``).
   """
 
   def __init__(
@@ -182,7 +222,7 @@ class BatchNorm(_Affine):
       rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _EMPTY,
       scale_metadata: Mapping[str, Any] = _EMPTY,
-      track_count: bool = True,
+      track_count: bool = False,
       running_var: str = "biased",
       debias: bool = False,
       virtual_batch_size: int | None = None,
@@ -193,9 +233,6 @@ class BatchNorm(_Affine):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.count: nnx.BatchStat[jax.Array] | None
-    self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32)) if track_count
-                  else nnx.data(None))
     self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
                       scale_init=scale_init, bias_init=bias_init,
                       param_dtype=param_dtype, rngs=rngs,
@@ -220,7 +257,9 @@ class BatchNorm(_Affine):
     self.virtual_batch_size = virtual_batch_size
     self.renorm = renorm
     self.renorm_schedule = renorm_schedule
-    _check_count_option(self, "jaxnorm.nnx.BatchNorm")
+    self.count: nnx.BatchStat[jax.Array] | None
+    self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32))
+                  if _keeps_count(self) else nnx.data(None))
 
   def __call__(
       self,
@@ -242,9 +281,10 @@ class BatchNorm(_Affine):
 
     Raises:
       ValueError: neither the call nor the module sets
-        ``use_running_average``; the errors of ``batch_norm_train``/
-        ``batch_norm_infer`` (e.g. a training batch with one element per
-        feature, an unbound ``axis_name``).
+        ``use_running_average``; ``x`` whose features at ``axis`` are not
+        ``num_features``; the errors of ``batch_norm_train``/
+        ``batch_norm_infer`` phrased for the module (e.g. an unbound
+        ``axis_name``).
     """
     use_running_average = first_from(
         use_running_average, self.use_running_average,
@@ -256,12 +296,18 @@ class BatchNorm(_Affine):
              else jnp.zeros((), jnp.int32))
     state = BatchNormState(mean=self.mean[...], var=self.var[...],
                            count=count)
-    params = [_value(self.scale), _value(self.bias)]
-    y, new = _batch_norm(self, x, state, params,
-                         train=not use_running_average or _RECALIBRATING.get(),
-                         mask=mask,
-                         axis_name=self.axis_name,
-                         promote_with=(state.mean, state.var))
+    x = jnp.asarray(x)
+    _check_features(self, x, self.axis, "axis")
+    x, mean, var, scale, bias = _promote(
+        self, x, state.mean, state.var, _value(self.scale),
+        _value(self.bias))
+    train = not use_running_average or _RECALIBRATING.get()
+    if not train:
+      state = state._replace(mean=mean, var=var)
+    y, new = _batch_norm(self, x, state, [scale, bias], train=train,
+                         mask=mask, axis_name=self.axis_name,
+                         promote_with=((mean, var) if self.promote_dtype is None
+                                       else ()))
     if new is None:
       return y
     self.mean[...] = new.mean
@@ -318,7 +364,8 @@ class LayerNorm(_Affine):
       split; statistics merged exactly over it (``jaxnorm.layer_norm``).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: accepted for compatibility; flax's default rule is used.
+    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
+      to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializers.
     bias_metadata: metadata of the ``bias`` Param.
     scale_metadata: metadata of the ``scale`` Param.
@@ -361,7 +408,11 @@ class LayerNorm(_Affine):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+    x = jnp.asarray(x)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale, bias = _promote(self, x, _value(self.scale),
+                              _value(self.bias))
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: layer_norm(
                     xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
                     feature_axes=_as_axes(self.feature_axes),
@@ -392,7 +443,8 @@ class RMSNorm(_Affine):
       split; statistics merged exactly over it (``jaxnorm.rms_norm``).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted; no variance is computed.
-    promote_dtype: accepted for compatibility; flax's default rule is used.
+    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
+      to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializer.
     scale_metadata: metadata of the ``scale`` Param.
 
@@ -432,7 +484,10 @@ class RMSNorm(_Affine):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    return _run(x, [_value(self.scale)], self.dtype, lambda xc, s: rms_norm(
+    x = jnp.asarray(x)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale = _promote(self, x, _value(self.scale))
+    return _run(self, x, [scale], lambda xc, s: rms_norm(
         xc, s, reduction_axes=_as_axes(self.reduction_axes),
         feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
         mask=_as_mask(mask), **_named(self)))
@@ -465,7 +520,8 @@ class GroupNorm(_Affine):
       split; statistics merged exactly over it (``jaxnorm.group_norm``).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: accepted for compatibility; flax's default rule is used.
+    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
+      to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializers.
     bias_metadata: metadata of the ``bias`` Param.
     scale_metadata: metadata of the ``scale`` Param.
@@ -533,7 +589,11 @@ class GroupNorm(_Affine):
     """
     red = (None if self.reduction_axes is None
            else _as_axes(self.reduction_axes))
-    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+    x = jnp.asarray(x)
+    _check_features(self, x, -1, None)
+    x, scale, bias = _promote(self, x, _value(self.scale),
+                              _value(self.bias))
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: group_norm(
                     xc, s, b, num_groups=self.num_groups,
                     reduction_axes=red, epsilon=self.epsilon,
@@ -564,7 +624,8 @@ class InstanceNorm(_Affine):
       split; statistics merged exactly over it (``jaxnorm.instance_norm``).
     axis_index_groups: replica groups within ``axis_name``.
     use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: accepted for compatibility; flax's default rule is used.
+    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
+      to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializers.
     bias_metadata: metadata of the ``bias`` Param.
     scale_metadata: metadata of the ``scale`` Param.
@@ -605,11 +666,18 @@ class InstanceNorm(_Affine):
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
-    return _run(x, [_value(self.scale), _value(self.bias)], self.dtype,
+    x = jnp.asarray(x)
+    _check_instance_axes(
+        f"jaxnorm.nnx.InstanceNorm(num_features={self.num_features!r})",
+        x.ndim, self.feature_axes)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale, bias = _promote(self, x, _value(self.scale),
+                              _value(self.bias))
+    return _run(self, x, [scale, bias],
                 lambda xc, s, b: instance_norm(
                     xc, s, b, feature_axes=_as_axes(self.feature_axes),
                     epsilon=self.epsilon, mask=_as_mask(mask),
-                    **_named(self)))
+                    allow_single=True, **_named(self)))
 
 
 def recalibrate_batch_norm(

@@ -299,6 +299,7 @@ def instance_norm(
     mask: ArrayLike | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    allow_single: bool = False,
 ) -> jax.Array:
   """Instance normalization (Ulyanov et al., 2016).
 
@@ -324,6 +325,11 @@ def instance_norm(
       merged over it, as for the unsplit image.
     axis_index_groups: optional replica groups within which statistics are
       merged, as in ``jax.lax.psum``; needs ``axis_name``.
+    allow_single: what no axis to reduce (e.g. (N, C) input) does: False
+      (default) raises; True computes as flax does, :math:`\\mu = x`,
+      :math:`\\sigma^2 = 0`, so the output is ``bias`` (0 without it) and
+      the input gradient 0 (the switch of ``jaxnorm.batch_norm_train``;
+      jaxnorm's modules pass True).
 
   Returns:
     Array of ``x``'s shape and dtype.
@@ -331,7 +337,7 @@ def instance_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
     ValueError: bad axes (including axis 0 as a feature axis), no axis left
-      to reduce, shape mismatch, negative ``epsilon``, an unbound
+      to reduce without ``allow_single``, shape mismatch, negative ``epsilon``, an unbound
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
   fn = "instance_norm"
@@ -342,11 +348,12 @@ def instance_norm(
     raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a "
                      f"feature axis; got feature_axes={feature_axes!r}.")
   red = tuple(i for i in range(1, x.ndim) if i not in feat)
-  if not red:
+  if not red and not allow_single:
     raise ValueError(
         f"{fn}: x of shape {tuple(x.shape)} has no axis to reduce besides the "
         f"batch axis 0 and feature_axes={feat}; instance norm needs spatial "
-        f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm."
+        f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm, or pass "
+        f"allow_single=True for flax's result (the output is `bias`)."
     )
   scale, bias = _params(fn, x, scale, bias, feat)
   return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,

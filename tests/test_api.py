@@ -22,7 +22,8 @@ SIGNATURES = {
         ("axis", -1), ("momentum", 0.99), ("epsilon", 1e-5),
         ("axis_name", None), ("axis_index_groups", None), ("mask", None),
         ("running_var", "biased"), ("debias", False),
-        ("virtual_batch_size", None), ("skip_nonfinite", False)],
+        ("virtual_batch_size", None), ("skip_nonfinite", False),
+        ("allow_single", False)],
     "batch_norm_infer": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("axis", -1), ("epsilon", 1e-5)],
@@ -41,13 +42,14 @@ SIGNATURES = {
     "instance_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*", ("feature_axes", -1),
         ("epsilon", 1e-6), ("mask", None), ("axis_name", None),
-        ("axis_index_groups", None)],
+        ("axis_index_groups", None), ("allow_single", False)],
     "batch_renorm_train": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("rmax", _E), ("dmax", _E), ("axis", -1), ("momentum", 0.99),
         ("epsilon", 1e-5), ("axis_name", None), ("axis_index_groups", None),
         ("mask", None), ("running_var", "biased"), ("debias", False),
-        ("virtual_batch_size", None), ("skip_nonfinite", False)],
+        ("virtual_batch_size", None), ("skip_nonfinite", False),
+        ("allow_single", False)],
     "batch_renorm_schedule": [
         ("step", _E), "*", ("rmax", 3.0), ("dmax", 5.0),
         ("warmup_steps", 5000), ("rmax_end_step", 40000),

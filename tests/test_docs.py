@@ -59,13 +59,13 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
 # What a page's blocks must leave behind, keyed by a line of the block.
 def _check_linen(ns):
   assert ns["logits"].shape == (8, 10)
-  assert int(ns["batch_stats"]["BatchNorm_0"]["count"]) == 2
+  assert set(ns["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}  # flax's
   assert np.isfinite(float(ns["loss"]))
 
 
 def _check_nnx(ns):
   assert ns["logits"].shape == (8, 10)
-  assert int(ns["model"].bn.count[...]) == 2
+  assert ns["model"].bn.count is None  # flax's state
   assert np.isfinite(float(ns["loss"]))
 
 

@@ -7,6 +7,8 @@ run without torch.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -486,7 +488,9 @@ def test_torch_seed_cnn_loads_into_linen_modules(fmt):
       as_torch=True))
   variables = interop.from_torch(model.state_dict(), interop.SEED_CNN_LAYERS,
                                  batch_stats_format=fmt)
-  bn_cls = jaxnorm_linen.BatchNorm if fmt == "linen" else nn.BatchNorm
+  # from_torch's "linen" format keeps num_batches_tracked as `count`.
+  bn_cls = (functools.partial(jaxnorm_linen.BatchNorm, track_count=True)
+            if fmt == "linen" else nn.BatchNorm)
   net = seed.LinenSeedCNN(bn_cls)
   init = jax.eval_shape(net.init, jax.random.key(0),
                         jnp.zeros((1, 28, 28, 1)))
@@ -661,8 +665,8 @@ def test_recalibrate_linen_batch_stats(mlp_setup, bn_module):
   """The same API serves linen models (a momentum=0.0 clone), with flax's
   BatchNorm and with jaxnorm.linen's (whose count becomes K)."""
   _, batches = mlp_setup
-  bn_cls = (nn.BatchNorm if bn_module == "flax" else
-            pytest.importorskip("jaxnorm.linen").BatchNorm)
+  bn_cls = (nn.BatchNorm if bn_module == "flax" else functools.partial(
+      pytest.importorskip("jaxnorm.linen").BatchNorm, track_count=True))
 
   class Net(nn.Module):
     momentum: float = 0.99

@@ -115,7 +115,9 @@ def _bn_case():
   fv = _random_variables(_abstract_init(ConvBN(FLAX_BN), x, train=True))
   out = {}
   for name, bn, v in (("flax", FLAX_BN, fv),
-                      ("jaxnorm", jl.BatchNorm, _with_counts(fv))):
+                      ("jaxnorm", functools.partial(jl.BatchNorm,
+                                                    track_count=True),
+                       _with_counts(fv))):
     model = ConvBN(bn)
 
     def loss(params, stats, xb, model=model):
@@ -134,16 +136,17 @@ def _bn_case():
 
 def test_batchnorm_init_tree_matches_flax():
   x = jnp.asarray(np.ones((4, 6, 6, 2), np.float32))
+  # The default tree is exactly flax's.
   make = lambda lib: ConvBN(FLAX_BN if lib == "flax" else jl.BatchNorm)
+  fl, jn = _init_structures(make, x, train=True)
+  assert jn == fl
+  # track_count=True adds an int32 scalar `count`.
+  make = lambda lib: ConvBN(FLAX_BN if lib == "flax" else functools.partial(
+      jl.BatchNorm, track_count=True))
   fl, jn = _init_structures(make, x, train=True)
   assert _drop_count(jn) == fl
   assert [s["count"] for s in jn["batch_stats"].values()] == [
       ((), jnp.int32)] * 2
-  # track_count=False gives exactly flax's tree.
-  make = lambda lib: ConvBN(FLAX_BN if lib == "flax" else functools.partial(
-      jl.BatchNorm, track_count=False))
-  fl, jn = _init_structures(make, x, train=True)
-  assert jn == fl
 
 
 def test_batchnorm_train_eval_stats_grads_match_flax():
@@ -160,17 +163,24 @@ def test_batchnorm_init_does_not_update_stats():
   x = _normal(3, (16, 3), scale=4.0, shift=7.0)
   v = jl.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
   fv = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
-  _close(_drop_count(v), fv, rtol=0, atol=0)  # values too, not just shapes
+  _close(v, fv, rtol=0, atol=0)  # values too, not just shapes
   np.testing.assert_array_equal(v["batch_stats"]["mean"], np.zeros(3))
   np.testing.assert_array_equal(v["batch_stats"]["var"], np.ones(3))
-  assert int(v["batch_stats"]["count"]) == 0
-  # A batch of one is fine at init (flax allows it too) ...
+  vc = jl.BatchNorm(use_running_average=False, track_count=True).init(
+      jax.random.key(0), x)
+  assert int(vc["batch_stats"]["count"]) == 0
+  # A batch of one gives flax's result at init and in a training step:
+  # output `bias`, statistics towards (x, 0).
   v1 = jl.BatchNorm(use_running_average=False).init(jax.random.key(0), x[:1])
   assert _structure(v1) == _structure(v)
-  # ... but not for a training step, which would output all zeros.
-  with pytest.raises(ValueError, match="element"):
-    jl.BatchNorm(use_running_average=False).apply(
+  for mdl in (jl.BatchNorm, nn.BatchNorm):
+    y, upd = mdl(use_running_average=False).apply(
         v, x[:1], mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, np.zeros((1, 3)))
+    np.testing.assert_allclose(upd["batch_stats"]["mean"],
+                               0.01 * np.asarray(x[0]), rtol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"],
+                               0.99 * np.ones(3), rtol=1e-6)
 
 
 def test_batchnorm_momentum_update_exact():
@@ -195,8 +205,12 @@ def test_flax_tree_loads_into_jaxnorm_and_back():
   # Eval: runs on the flax tree as is, and returns flax's output.
   y = jl.BatchNorm(use_running_average=True).apply(fv, x)
   _close(y, nn.BatchNorm(use_running_average=True).apply(fv, x))
-  # Training: batch_stats gain `count`, which starts at 0 when loaded.
-  y, upd = jl.BatchNorm(use_running_average=False).apply(
+  # Eval with mutable batch_stats adds nothing, even with track_count.
+  _, same = jl.BatchNorm(use_running_average=True, track_count=True).apply(
+      fv, x, mutable=["batch_stats"])
+  assert _structure(same) == _structure({"batch_stats": fv["batch_stats"]})
+  # Training (track_count=True): batch_stats gain `count`, from 0.
+  y, upd = jl.BatchNorm(use_running_average=False, track_count=True).apply(
       fv, x, mutable=["batch_stats"])
   yf, fupd2 = nn.BatchNorm(use_fast_variance=False).apply(
       fv, x, use_running_average=False, mutable=["batch_stats"])
@@ -347,7 +361,7 @@ def test_nn_vmap_axis_name_equals_unmapped_batch():
                                        mutable=["batch_stats"]))(v, x)
   _close(ym, y)
   _close(updm, upd)
-  assert int(updm["batch_stats"]["BatchNorm_0"]["count"]) == 1
+  assert "count" not in updm["batch_stats"]["BatchNorm_0"]  # flax's tree
 
 
 def test_jax_vmap_axis_name_equals_unmapped_batch():
@@ -584,7 +598,11 @@ def test_batchnorm_options_match_the_pure_functions(name):
                                      params["bias"])
   _close(ys, ys_ref)
   _close((stats["mean"], stats["var"]), (st_ref.mean, st_ref.var))
-  assert int(stats["count"]) == 2
+  needs = ("momentum" in opts and opts["momentum"] is None
+           or bool(opts.get("debias")) or bool(opts.get("renorm")))
+  assert ("count" in stats) == needs
+  if needs:
+    assert int(stats["count"]) == 2
 
 
 def test_batchnorm_renorm_uses_the_schedule_at_count():
@@ -602,12 +620,14 @@ def test_batchnorm_renorm_uses_the_schedule_at_count():
   assert float(jnp.abs(y - y_bn).max()) > 1e-2  # r, d are active here
 
 
-def test_batchnorm_count_options_need_track_count():
+def test_batchnorm_count_only_where_an_option_needs_it():
   x = _normal(51, (4, 2))
   for opts in (dict(momentum=None), dict(debias=True), dict(renorm=True)):
-    with pytest.raises(ValueError, match="track_count=True"):
-      jl.BatchNorm(use_running_average=False, track_count=False,
-                   **opts).init(jax.random.key(0), x)
+    v = jl.BatchNorm(use_running_average=False, **opts).init(
+        jax.random.key(0), x)
+    assert int(v["batch_stats"]["count"]) == 0
+  v = jl.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+  assert set(v["batch_stats"]) == {"mean", "var"}
 
 
 class _RecalNet(nn.Module):
