@@ -359,11 +359,13 @@ def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
            axis_index_groups, mask, running_var, debias, virtual_batch_size,
            skip_nonfinite, allow_single, renorm=None):
   """Shared body of batch_norm_train and batch_renorm_train."""
-  if jnp.iscomplexobj(x) and skip_nonfinite:
+  complex_x = jnp.issubdtype(getattr(x, "dtype", jnp.float32),
+                             jnp.complexfloating)
+  if complex_x and skip_nonfinite:
     raise ValueError(
         f"{fn}: skip_nonfinite=True is not supported for complex x "
         f"(got dtype {x.dtype}). Fix: pass skip_nonfinite=False.")
-  if jnp.iscomplexobj(x):
+  if complex_x:
     return _train_complex(
         fn, x, state, scale, bias, axis=axis, momentum=momentum,
         epsilon=epsilon, axis_name=axis_name,
@@ -438,9 +440,11 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
   """
   if renorm is not None or virtual_batch_size is not None:
     raise ValueError(
-        f"{fn}: complex x is supported by plain BatchNorm only; got "
-        f"{'renorm' if renorm is not None else 'virtual_batch_size'}. Fix: "
-        f"drop that option for complex input.")
+        f"{fn}: `x` is complex ({x.dtype}); complex x is supported by "
+        f"plain BatchNorm only, but "
+        f"{'renorm' if renorm is not None else 'virtual_batch_size'} was "
+        f"asked for. Fix: drop that option for complex input, or pass the "
+        f"real and imaginary parts as separate features.")
   x = jnp.asarray(x)
   feat, red, bshape = _feature_layout(fn, x, axis)
   fshape = tuple(x.shape[i] for i in feat)
