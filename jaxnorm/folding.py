@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
@@ -27,6 +28,36 @@ def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
       f"mapping with 'mean' and 'var'; got {type(state).__name__}."
   )
 
+
+
+def _concrete(a: jax.Array) -> np.ndarray | None:
+  """``a``'s values, or None if it is traced (values unknown until run)."""
+  try:
+    return np.asarray(a)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _check_concrete_statistics(fn: str, mean: jax.Array,
+                               var: jax.Array) -> None:
+  """Raises if concrete statistics are non-finite or the variance negative
+  (the folded kernel would be NaN)."""
+  for what, a, want in (("state.mean", _concrete(mean), "finite"),
+                        ("state.var", _concrete(var), "finite and >= 0")):
+    if a is None:
+      continue
+    a = a.astype(np.float64)
+    bad = ~np.isfinite(a) if what == "state.mean" else ~(np.isfinite(a) &
+                                                         (a >= 0))
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise ValueError(
+          f"{fn}: `{what}` must be {want}; got {float(a[i])} at output feature "
+          f"{i} ({int(bad.sum())} bad of {a.size}). Fix: the BatchNorm's "
+          f"running statistics are corrupted (e.g. by a NaN/inf training "
+          f"batch); recompute them with jaxnorm.recalibrate_batch_norm "
+          f"before folding.")
 
 
 def fold_batch_norm(
@@ -73,7 +104,10 @@ def fold_batch_norm(
   Raises:
     TypeError: non-floating arrays, a ``state`` of the wrong type.
     ValueError: a kernel of rank < 2, a parameter or statistic whose shape
-      is not (O,), negative ``epsilon``.
+      is not (O,), negative ``epsilon``, a non-finite ``state.mean`` or a
+      negative or non-finite ``state.var`` (checked when the statistics are
+      concrete: eagerly, or closed over under ``jit``; traced statistics
+      cannot be checked, and a negative variance then gives NaN).
   """
   fn = "fold_batch_norm"
   kernel = _checks.as_float_array(fn, "kernel", kernel)
@@ -91,6 +125,7 @@ def fold_batch_norm(
   scale = _checks.check_param(fn, "scale", scale, fshape, hint)
   bias = _checks.check_param(fn, "bias", bias, fshape, hint)
   epsilon = _checks.check_epsilon(fn, epsilon)
+  _check_concrete_statistics(fn, mean, var)
   dt = _stats.stat_dtype(kernel.dtype)  # >= float32, promotion-free
   mul = jax.lax.rsqrt(var.astype(dt) + jnp.asarray(epsilon, dt))
   if scale is not None:

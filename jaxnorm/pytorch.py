@@ -349,7 +349,7 @@ def _check_statistics(fn: str, what_mean: str | None, mean: np.ndarray | None,
       i = int(np.flatnonzero(bad.reshape(-1))[0])
       raise ValueError(
           f"{fn}: {what} must be {want}; got {int(bad.sum())} bad value(s) "
-          f"of {a.size}, the first {a.reshape(-1)[i]!r} at feature {i}. "
+          f"of {a.size}, the first {a.reshape(-1)[i].item()!r} at feature {i}. "
           f"{_RESET_STATS_FIX}")
 
 
@@ -364,7 +364,8 @@ def _check_count(fn: str, what: str, a: np.ndarray, *,
                     f"got dtype {v.dtype}.")
   if not np.isfinite(v) or v != np.floor(v) or v < 0:
     raise ValueError(
-        f"{fn}: {what} must be a whole number of updates >= 0; got {v!r}. "
+        f"{fn}: {what} must be a whole number of updates >= 0; got "
+        f"{v.item()!r}. "
         f"Fix: set it to the number of training batches the statistics "
         f"saw (0 if unknown, then keep running_var='copy').")
   count = int(v)

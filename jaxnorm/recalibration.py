@@ -1,4 +1,4 @@
-"""BatchNorm running statistics recomputed as an exact average ("precise BN")."""
+"""BatchNorm running statistics recomputed as an exact average (precise BN)."""
 
 from __future__ import annotations
 
