@@ -6,6 +6,9 @@ each concern: :mod:`jaxnorm.pytorch` (PyTorch state dicts and conventions),
 :mod:`jaxnorm.recalibration` (running statistics as an exact average).
 """
 
+from jaxnorm import folding as _folding
+from jaxnorm import pytorch as _pytorch
+from jaxnorm import recalibration as _recalibration
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm.pytorch import SEED_CNN_LAYERS as SEED_CNN_LAYERS
 from jaxnorm.pytorch import TorchLayer as TorchLayer
@@ -25,23 +28,5 @@ from jaxnorm.pytorch import torch_momentum_to_jaxnorm as torch_momentum_to_jaxno
 from jaxnorm.pytorch import unbiased_running_var_to_torch as unbiased_running_var_to_torch
 from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
 
-__all__ = [
-    "SEED_CNN_LAYERS",
-    "TorchLayer",
-    "batch_norm_from_torch",
-    "batch_norm_to_torch",
-    "biased_running_var_from_torch",
-    "conv_from_torch",
-    "conv_to_torch",
-    "fold_batch_norm",
-    "from_torch",
-    "jaxnorm_momentum_to_torch",
-    "linear_from_torch",
-    "linear_to_torch",
-    "norm_from_torch",
-    "norm_to_torch",
-    "recalibrate_batch_norm",
-    "to_torch",
-    "torch_momentum_to_jaxnorm",
-    "unbiased_running_var_to_torch",
-]
+__all__ = sorted([*_folding.__all__, *_pytorch.__all__,
+                  *_recalibration.__all__])
