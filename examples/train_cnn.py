@@ -451,12 +451,18 @@ def learning_curves_figure(per_epoch: dict[str, list[float]], title: str):
   ax1.plot(ep, per_epoch["test_loss"], "s-", label="test")
   ax1.set_xlabel("epoch")
   ax1.set_ylabel("cross-entropy")
-  ax1.set_yscale("log")
-  # Labels only at 1, 2 and 5 times powers of ten, plainly written: the
-  # default labels every minor tick of a short span, one over another.
-  ax1.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-  ax1.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-  ax1.yaxis.set_minor_formatter(ticker.NullFormatter())
+  losses = [v for k in ("train_loss", "test_loss") for v in per_epoch[k]
+            if np.isfinite(v) and v > 0]
+  if losses and max(losses) >= 10 * min(losses):
+    ax1.set_yscale("log")
+    # Labels only at 1, 2 and 5 times powers of ten, plainly written: the
+    # default labels every minor tick of a short span, one over another.
+    ax1.yaxis.set_major_locator(
+        ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.yaxis.set_minor_formatter(ticker.NullFormatter())
+  else:  # less than a decade (a short run): a linear axis, a few labels
+    ax1.yaxis.set_major_locator(ticker.MaxNLocator(5))
   ax1.legend()
   ax2.plot(ep, per_epoch["train_accuracy"], "o-", label="train")
   ax2.plot(ep, per_epoch["test_accuracy"], "s-", label="test")

@@ -383,12 +383,15 @@ def test_train_cnn_help_shows_what_each_flag_does(capsys):
     assert after.lstrip().startswith(words), (flag, after[:80])
 
 
-def test_learning_curves_short_run_has_whole_epochs_and_few_log_labels():
+@pytest.mark.parametrize("train_loss", [[0.41, 0.23], [2.3, 0.004]],
+                         ids=["within_a_decade", "three_decades"])
+def test_learning_curves_have_whole_epochs_and_loss_labels_apart(
+    train_loss):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  per_epoch = {"epoch": [1, 2], "train_loss": [0.41, 0.23],
+  per_epoch = {"epoch": [1, 2], "train_loss": train_loss,
                "test_loss": [0.37, 0.31], "train_accuracy": [0.88, 0.93],
                "test_accuracy": [0.89, 0.9]}
   fig = train_cnn.learning_curves_figure(per_epoch, "short run")
@@ -398,11 +401,17 @@ def test_learning_curves_short_run_has_whole_epochs_and_few_log_labels():
       lo, hi = ax.get_xlim()
       ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
       assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # The loss axis: labelled, and no two labels overlap.
     loss_ax = fig.axes[0]
     lo, hi = loss_ax.get_ylim()
-    labels = [t.get_text() for t in loss_ax.get_yticklabels(minor=False)
+    labels = [t for t in loss_ax.get_yticklabels(minor=False)
               + loss_ax.get_yticklabels(minor=True)
               if t.get_text() and lo <= t.get_position()[1] <= hi]
-    assert 1 <= len(labels) <= 6, labels
+    assert 2 <= len(labels) <= 10, [t.get_text() for t in labels]
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in labels),
+                   key=lambda b: b.y0)
+    for below, above in zip(boxes, boxes[1:]):
+      assert below.y1 <= above.y0, [t.get_text() for t in labels]
   finally:
     plt.close(fig)
