@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,10 @@ PERCENTILES = (15, 50, 85)
 
 # ----------------------------------------------------------------------------
 # Experiments 1 and 2: the seed's CNN.
+
+
+def _silent(_: str) -> None:
+  """A ``log`` that drops the message."""
 
 
 class CNNRunner:
@@ -71,8 +75,10 @@ class CNNRunner:
                        for bn, m in self.models.items()}
 
   def run(self, *, bn: bool, lr: float, init_scale: float, steps: int,
-          eval_every: int) -> dict[str, Any]:
-    """Train ``steps`` steps; test accuracy every ``eval_every`` steps."""
+          eval_every: int, log: Callable[[str], None] = _silent
+          ) -> dict[str, Any]:
+    """Train ``steps`` steps; test accuracy every ``eval_every`` steps,
+    each evaluation reported through ``log``."""
     init_model = train_cnn.CNN(use_bn=bn, init_scale=init_scale)
     state = train_cnn.init_state(init_model, self.tx, jax.random.key(self.seed),
                                  self.ds.x_train[:2], lr)
@@ -85,6 +91,9 @@ class CNNRunner:
       curve["step"].append(step)
       curve["train_loss"].append(loss)
       curve["test_accuracy"].append(acc)
+      if step:
+        log(f"step {step:4d}/{steps}  train loss {loss:.4f}  test acc "
+            f"{acc:.4f}  ({time.perf_counter() - t0:.0f}s)")
       return bool(losses) and not math.isfinite(loss)
 
     t0 = time.perf_counter()
@@ -155,8 +164,10 @@ class SigmoidMLP(nn.Module):
 
 
 def run_mlp(ds: data_lib.Dataset, *, bn: bool, lr: float, steps: int,
-            batch_size: int, eval_every: int, seed: int) -> dict[str, Any]:
-  """Plain SGD; ``eval_every`` steps run inside one ``lax.scan``."""
+            batch_size: int, eval_every: int, seed: int,
+            log: Callable[[str], None] = _silent) -> dict[str, Any]:
+  """Plain SGD; ``eval_every`` steps run inside one ``lax.scan``; about
+  every tenth of the run is reported through ``log``."""
   model = SigmoidMLP(use_bn=bn)
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
   state = train_cnn.init_state(model, tx, jax.random.key(seed), ds.x_train[:2], lr)
@@ -197,13 +208,17 @@ def run_mlp(ds: data_lib.Dataset, *, bn: bool, lr: float, steps: int,
   curve["train_loss"].append(math.nan)
   curve["test_accuracy"].append(float(acc))
   pct.append(np.asarray(p))
-  for start in range(0, steps, eval_every):
+  n_chunks = math.ceil(steps / eval_every)
+  for i, start in enumerate(range(0, steps, eval_every), 1):
     state, loss = chunk(state, order[start:start + eval_every])
     acc, p = probe(state)
     curve["step"].append(min(start + eval_every, steps))
     curve["train_loss"].append(float(loss))
     curve["test_accuracy"].append(float(acc))
     pct.append(np.asarray(p))
+    if i == n_chunks or i % max(1, n_chunks // 10) == 0:
+      log(f"step {curve['step'][-1]:5d}/{steps}  train loss {float(loss):.4f}"
+          f"  test acc {float(acc):.4f}  ({time.perf_counter() - t0:.0f}s)")
   pct_arr = np.stack(pct)  # (evals, 3, units)
   unit = 0
   for j, q in enumerate(PERCENTILES):
@@ -337,12 +352,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       description="Measure BatchNorm's claims (learning rate, initialization, "
       "covariate shift) with and without BN.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--dataset", choices=data_lib.DATASETS, default="mnist5k")
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--limit", type=int, default=None,
-                 help="use only the first N train and N test images")
-  p.add_argument("--seed", type=int, default=0)
+      formatter_class=train_cnn._HelpFormatter)  # pylint: disable=protected-access
+  p.add_argument("--dataset", choices=data_lib.DATASETS, default="mnist5k",
+                 help="as in train_cnn.py")
+  p.add_argument("--data-dir", default=None, metavar="DIR",
+                 help="directory of the Fashion-MNIST idx .gz files (default: "
+                 f"{data_lib.FASHION_MNIST_DEBIAN_DIR})")
+  p.add_argument("--limit", type=int, default=None, metavar="N",
+                 help="use only the first N train and N test images "
+                 "(default: all)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the initialization and data order")
   p.add_argument("--lr", type=float, default=1e-3, help="the seed's Adam lr")
   p.add_argument("--lr-multipliers", type=float, nargs="+", default=[1, 10, 30])
   p.add_argument("--init-scales", type=float, nargs="+", default=[0.1, 1, 10])
@@ -357,7 +377,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  choices=[1, 2, 3])
   p.add_argument("--smoke", action="store_true",
                  help="tiny run for tests: 256 images, batch 32 (as the tests of train_cnn, sharing their compiled steps), few steps, lr x1/x30, init x1/x10")
-  p.add_argument("--out", default=None, help="default runs/claims-<timestamp>")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="where the PNGs, summary.json and summary.md go "
+                 "(default: runs/claims-<YYYYmmdd-HHMMSS>)")
+  p.add_argument("--quiet", action="store_true",
+                 help="print only a line per run, no progress within runs")
   args = p.parse_args(argv)
   if args.smoke:
     args.limit = args.limit or 256
@@ -376,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   load_start = os.getloadavg()[0]
   ds = data_lib.load(args.dataset, args.data_dir, args.limit)
   os.makedirs(args.out, exist_ok=True)
+  print(f"batchnorm_claims: experiments {args.experiments} on {args.dataset}, "
+        f"writing to {args.out}/", flush=True)
   summary: dict[str, Any] = {"dataset": args.dataset, "config": vars(args).copy()}
   md = [f"Dataset {args.dataset}: {ds.x_train.shape[0]} train / "
         f"{ds.x_test.shape[0]} test images, seed {args.seed}.\n"]
@@ -383,11 +409,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   runner = CNNRunner(ds, args.batch_size, args.seed) if {1, 2} & set(args.experiments) else None
   cache: dict[tuple[bool, float, float], dict[str, Any]] = {}
 
+  log = _silent if args.quiet else (
+      lambda msg: print(f"      {msg}", flush=True))
+
   def cnn(bn: bool, lr: float, init_scale: float) -> dict[str, Any]:
     key = (bn, lr, init_scale)
     if key not in cache:
+      if not args.quiet:
+        print(f"  CNN bn={bn!s:5} lr={lr:<8g} init x{init_scale:<5g} "
+              f"{args.cnn_steps} steps ...", flush=True)
       cache[key] = runner.run(bn=bn, lr=lr, init_scale=init_scale,
-                              steps=args.cnn_steps, eval_every=args.eval_every)
+                              steps=args.cnn_steps, eval_every=args.eval_every,
+                              log=log)
       r = cache[key]
       print(f"  CNN bn={bn!s:5} lr={lr:<8g} init x{init_scale:<5g} final test "
             f"acc {r['final_test_accuracy']:.4f}  ({r['seconds']:.1f}s)", flush=True)
@@ -416,9 +449,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("claim 3: internal covariate shift", flush=True)
     runs = []
     for bn in (True, False):
+      if not args.quiet:
+        print(f"  MLP bn={bn!s:5} {args.mlp_steps} steps ...", flush=True)
       r = run_mlp(ds, bn=bn, lr=args.mlp_lr, steps=args.mlp_steps,
                   batch_size=args.mlp_batch_size, eval_every=args.mlp_eval_every,
-                  seed=args.seed)
+                  seed=args.seed, log=log)
       print(f"  MLP bn={bn!s:5} final test acc {r['final_test_accuracy']:.4f}  "
             f"median drift 2nd half {r['median_drift_second_half']:.3f}  "
             f"({r['seconds']:.1f}s)", flush=True)
@@ -446,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write("\n".join(md))
   print("\n".join(md))
-  print(f"wrote {args.out}", flush=True)
+  print(f"wrote {args.out}/: claim*.png (one figure per experiment), "
+        f"summary.json (every number plotted), summary.md (the tables above)",
+        flush=True)
   return summary
 
 

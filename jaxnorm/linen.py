@@ -37,7 +37,7 @@ from flax.typing import Axes, Dtype, Initializer
 from jax.nn import initializers
 from jax.typing import ArrayLike
 
-from jaxnorm import interop
+from jaxnorm import recalibration
 from jaxnorm._modules import _RECALIBRATING
 from jaxnorm._modules import _as_axes
 from jaxnorm._modules import _as_mask
@@ -588,10 +588,10 @@ _NOT_BATCH_STATS = (
 
 def _recalibrate(fn: str, api: str, stats_fn, stats, batches, rest, check,
                  jit):
-  """interop.recalibrate_batch_norm with the modules switched over."""
+  """recalibration.recalibrate_batch_norm with the modules switched over."""
   with _recalibrating():
     try:
-      return interop.recalibrate_batch_norm(
+      return recalibration.recalibrate_batch_norm(
           stats_fn, stats, ((rest, b) for b in batches), check=check,
           jit=jit)
     except ValueError as e:

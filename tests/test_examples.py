@@ -78,9 +78,16 @@ def test_random_shift_translates_within_bounds():
     assert any(np.array_equal(out, w) for w in windows)
 
 
-def test_train_cnn_smoke_metrics_plot_and_exact_resume(tmp_path):
+def test_train_cnn_smoke_metrics_plot_and_exact_resume(tmp_path, capsys):
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
   metrics = train_cnn.main(SMOKE + ["--epochs", "2", "--out", straight])
+  # The run's last lines name the run folder and everything in it.
+  last = capsys.readouterr().out.strip().splitlines()[-4:]
+  assert f"Wrote {straight}/:" in last[0]
+  for line, name in zip(last[1:], ("metrics.json", "learning_curves.png",
+                                   "checkpoints/")):
+    assert line.split()[0] == name
+    assert os.path.exists(os.path.join(straight, name))
 
   with open(os.path.join(straight, "metrics.json")) as f:
     on_disk = json.load(f)
@@ -126,9 +133,14 @@ def test_train_cnn_smoke_metrics_plot_and_exact_resume(tmp_path):
                             fresh["params"]["Dense_1"]["kernel"])
 
 
-def test_train_cnn_without_bn_checkpoints_empty_batch_stats(tmp_path):
+def test_train_cnn_without_bn_checkpoints_empty_batch_stats(tmp_path, capsys):
   out = str(tmp_path / "nobn")
-  metrics = train_cnn.main(SMOKE + ["--epochs", "1", "--no-bn", "--out", out])
+  # Without --quiet, but stderr is not a terminal here: plain lines, no bars.
+  no_quiet = [a for a in SMOKE if a != "--quiet"]
+  metrics = train_cnn.main(no_quiet + ["--epochs", "1", "--no-bn", "--out", out])
+  captured = capsys.readouterr()
+  assert "\r" not in captured.err + captured.out
+  assert "epoch   1/1" in captured.out
   assert metrics["config"]["bn"] is False
   assert 0.0 <= metrics["test_accuracy"] <= 1.0
   state, _ = train_cnn.restore_run(out)
@@ -136,9 +148,14 @@ def test_train_cnn_without_bn_checkpoints_empty_batch_stats(tmp_path):
   assert "BatchNorm_0" not in state["params"]
 
 
-def test_batchnorm_claims_smoke(tmp_path):
+def test_batchnorm_claims_smoke(tmp_path, capsys):
   out = str(tmp_path / "claims")
   summary = batchnorm_claims.main(["--smoke", "--out", out])
+  printed = capsys.readouterr().out
+  # Progress within runs: each CNN run reports its evaluations (steps 3, 6
+  # of 6), each MLP run its chunks.
+  assert printed.count("step    3/6") == 6 and printed.count("step    6/6") == 6
+  assert printed.count("step    40/40") == 2
   for name in ("claim1_learning_rate.png", "claim2_initialization.png",
                "claim3_covariate_shift.png"):
     _check_png(os.path.join(out, name))
@@ -284,3 +301,117 @@ def test_train_cnn_more_devices_than_available_says_how_to_get_them(tmp_path):
   assert not (tmp_path / "x").exists()  # failed before writing anything
   with pytest.raises(SystemExit):  # argparse: 32 rows do not split in 3
     train_cnn.main(SMOKE + ["--devices", "3", "--out", str(tmp_path / "y")])
+
+
+# --------------------------------------------------------------------------
+# The command line: every bad flag is named before anything runs.
+
+
+@pytest.mark.parametrize("argv, parts", [
+    (["--augment", "-1"], ["--augment", ">= 0", "got -1"]),
+    (["--epochs", "0"], ["--epochs", ">= 1", "got 0"]),
+    (["--batch-size", "0"], ["--batch-size", ">= 1", "got 0"]),
+    (["--lr", "0"], ["--lr", "> 0", "got 0.0"]),
+    (["--lr", "nan"], ["--lr", "> 0", "got nan"]),
+    (["--bn-momentum", "1.5"], ["--bn-momentum", "[0, 1]", "got 1.5"]),
+    (["--limit", "0"], ["--limit", ">= 1", "got 0"]),
+    (["--devices", "3"], ["--devices", "divide --batch-size", "64"]),
+    (["--resume"], ["--resume needs --out"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_train_cnn_bad_flag_is_named(argv, parts, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train_cnn.parse_args(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  for part in parts:
+    assert part in err, err
+
+
+@pytest.mark.parametrize("sub", ["", "run"], ids=["file", "below_a_file"])
+def test_train_cnn_out_on_a_file_is_refused(tmp_path, capsys, sub):
+  f = tmp_path / "taken"
+  f.write_text("not a directory")
+  with pytest.raises(SystemExit):
+    train_cnn.parse_args(["--out", str(f / sub) if sub else str(f)])
+  err = capsys.readouterr().err
+  assert "--out must be a directory" in err and f"{f} is a file" in err
+
+
+def test_train_cnn_resume_without_a_run_creates_nothing(tmp_path, capsys):
+  out = tmp_path / "nothing_here"
+  with pytest.raises(SystemExit):
+    train_cnn.parse_args(["--resume", "--out", str(out)])
+  assert "no checkpoints/ folder" in capsys.readouterr().err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("pre_existing", [False, True],
+                         ids=["new_out", "existing_out"])
+def test_train_cnn_failed_run_leaves_no_empty_folders(tmp_path, monkeypatch,
+                                                     pre_existing):
+  out = tmp_path / "runs" / "failed"
+  if pre_existing:
+    out.mkdir(parents=True)
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("interrupted before the first checkpoint")
+
+  monkeypatch.setattr(train_cnn, "batches", fail)
+  with pytest.raises(RuntimeError, match="first checkpoint"):
+    train_cnn.main(["--limit", "64", "--quiet", "--out", str(out)])
+  assert not (out / "checkpoints").exists()
+  assert out.exists() == pre_existing  # a folder the user made is kept
+  assert (tmp_path / "runs").exists() == pre_existing
+
+
+def test_train_cnn_help_shows_what_each_flag_does(capsys):
+  with pytest.raises(SystemExit):
+    train_cnn.parse_args(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "(default: True)" not in text and "(default: False)" not in text
+  assert "(default: None)" not in text
+  no_bn = text[text.rindex("--no-bn "):text.rindex("--bn-momentum BN")]
+  assert "without BatchNorm" in no_bn and "default" in no_bn
+  data_dir = text[text.rindex("--data-dir DIR "):text.rindex("--epochs EPOCHS ")]
+  assert data_dir.count("default") == 1
+  for flag, words in (("--batch-size BATCH_SIZE", "images per training step"),
+                      ("--optimizer {adam,adamw,sgd}", "optax optimizer"),
+                      ("--lr LR", "learning rate"),
+                      ("--seed SEED", "seed of the initialization"),
+                      ("--out DIR", "run directory for checkpoints/")):
+    after = text[text.rindex(flag) + len(flag):]
+    assert after.lstrip().startswith(words), (flag, after[:80])
+
+
+@pytest.mark.parametrize("train_loss", [[0.41, 0.23], [2.3, 0.004]],
+                         ids=["within_a_decade", "three_decades"])
+def test_learning_curves_have_whole_epochs_and_loss_labels_apart(
+    train_loss):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  per_epoch = {"epoch": [1, 2], "train_loss": train_loss,
+               "test_loss": [0.37, 0.31], "train_accuracy": [0.88, 0.93],
+               "test_accuracy": [0.89, 0.9]}
+  fig = train_cnn.learning_curves_figure(per_epoch, "short run")
+  try:
+    fig.canvas.draw()
+    for ax in fig.axes:
+      lo, hi = ax.get_xlim()
+      ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+      assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # The loss axis: labelled, and no two labels overlap.
+    loss_ax = fig.axes[0]
+    lo, hi = loss_ax.get_ylim()
+    labels = [t for t in loss_ax.get_yticklabels(minor=False)
+              + loss_ax.get_yticklabels(minor=True)
+              if t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert 2 <= len(labels) <= 10, [t.get_text() for t in labels]
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((t.get_window_extent(renderer) for t in labels),
+                   key=lambda b: b.y0)
+    for below, above in zip(boxes, boxes[1:]):
+      assert below.y1 <= above.y0, [t.get_text() for t in labels]
+  finally:
+    plt.close(fig)

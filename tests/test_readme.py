@@ -34,5 +34,8 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
   main_job, tests = bash[0].strip(), bash[1].strip()
   assert "examples/train_cnn.py" in main_job and "pip install" in main_job
   assert "pytest" in tests and "pip install" in tests
-  ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-  assert ci[-1].strip() == tests
+  ci = [line.strip() for line in
+        (ROOT / ".ci" / "run").read_text().strip().splitlines()]
+  # The main job is the README's command, then the newest-versions suite.
+  assert tests in ci and ci[ci.index(tests) + 1:] == ["", "bash .ci/newest"]
+  assert "-c .ci/oldest.txt" in tests

@@ -1,0 +1,81 @@
+"""The package's layers, and the interop names where users import them.
+
+Each module of ``jaxnorm`` imports only modules of lower layers: (1) checks
+and statistics, (2) the core op, (3) the pure functions, (4) the Flax
+modules and the interop modules, (5) the package face. Layer 4 is ordered
+within: folding and recalibration work on the pure functions' state only;
+``linen`` (recalibration for its modules) and ``pytorch`` (reading a state
+as folding does) build on them; ``nnx`` reuses ``linen``'s helpers;
+``interop`` re-exports the three interop modules. The Flax modules never
+import the PyTorch converter.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+import jaxnorm
+from jaxnorm import folding
+from jaxnorm import interop
+from jaxnorm import pytorch
+from jaxnorm import recalibration
+
+PACKAGE = pathlib.Path(jaxnorm.__file__).parent
+LAYERS = {
+    "_checks": 1, "_stats": 1, "reference": 1,
+    "_core": 2,
+    "batch_norm": 3, "variants": 3,
+    "folding": 4.0, "recalibration": 4.0,
+    "linen": 4.1, "pytorch": 4.1,
+    "nnx": 4.2, "interop": 4.2,
+    "__init__": 5,
+}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """The jaxnorm modules ``path`` imports (by module name)."""
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == "jaxnorm":
+        out.update(a.name for a in node.names)
+      elif node.module.startswith("jaxnorm."):
+        out.add(node.module.split(".")[1])
+    elif isinstance(node, ast.Import):
+      out.update(a.name.split(".")[1] for a in node.names
+                 if a.name.startswith("jaxnorm."))
+  return out
+
+
+def test_every_module_has_a_layer():
+  modules = {p.stem for p in PACKAGE.glob("*.py")}
+  assert modules == set(LAYERS), (
+      "give each jaxnorm module a layer in LAYERS: "
+      f"{sorted(modules ^ set(LAYERS))}")
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_imports_go_down_the_layers(module):
+  for dep in _imports(PACKAGE / f"{module}.py"):
+    assert dep in LAYERS, f"{module} imports unknown jaxnorm.{dep}"
+    assert LAYERS[dep] < LAYERS[module], (f"jaxnorm.{module} (layer {LAYERS[module]}) imports "
+                f"jaxnorm.{dep} (layer {LAYERS[dep]})")
+
+
+@pytest.mark.parametrize("module", ["linen", "nnx"])
+def test_flax_modules_do_not_depend_on_the_pytorch_converter(module):
+  assert not {"pytorch", "interop"} & _imports(PACKAGE / f"{module}.py")
+
+
+def test_interop_reexports_every_name_of_the_three_modules():
+  for mod in (pytorch, folding, recalibration):
+    for name in mod.__all__:
+      assert getattr(interop, name) is getattr(mod, name), name
+  assert set(interop.__all__) == (set(pytorch.__all__) | set(folding.__all__)
+                                  | set(recalibration.__all__))
+  for name in ("fold_batch_norm", "recalibrate_batch_norm",
+               "torch_momentum_to_jaxnorm", "jaxnorm_momentum_to_torch"):
+    assert getattr(jaxnorm, name) is getattr(interop, name), name
