@@ -773,3 +773,221 @@ def recalibrate_batch_norm(
                        unfreeze(variables["batch_stats"]), batches, rest,
                        check, jit)
   return {**variables, "batch_stats": stats}
+
+
+# ============================================================================
+# Weight normalization wrappers (issue 15): SpectralNorm and WeightNorm.
+# This block is self-contained (its own imports and helpers) so that it
+# merges cleanly with changes to the rest of the file.
+# ============================================================================
+
+import dataclasses as _dataclasses  # noqa: E402
+import functools as _functools  # noqa: E402
+import math as _math  # noqa: E402
+from collections.abc import Iterable as _Iterable  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+import flax.linen as _nn  # noqa: E402
+from flax.linen import dtypes as _flax_dtypes  # noqa: E402
+from flax.typing import Axes as _Axes  # noqa: E402
+from flax.typing import Dtype as _Dtype  # noqa: E402
+from flax.typing import Initializer as _Initializer  # noqa: E402
+
+from jaxnorm.weight_norm import SpectralNormState as _SpectralNormState  # noqa: E402,E501
+from jaxnorm.weight_norm import spectral_norm as _spectral_norm  # noqa: E402
+from jaxnorm.weight_norm import weight_norm as _weight_norm  # noqa: E402
+
+__all__ += ["SpectralNorm", "WeightNorm"]
+
+
+def _wrapped_path(layer: _nn.Module, path: tuple[_Any, ...]) -> str:
+  """flax's variable-name prefix: ``<layer name>/<path below the collection>``."""
+  return layer.name + "/" + jax.tree_util.keystr(path[1:], simple=True,
+                                                 separator="/")
+
+
+class SpectralNorm(_nn.Module):
+  """Spectral normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.linen.SpectralNorm`` (0.12.8) over :func:`jaxnorm.spectral_norm`:
+  each weight of rank >= 2 of ``layer_instance`` (every collection the layer
+  reads, in practice its ``params``) is replaced, for the call, by
+
+  .. math::
+     \\bar W = W / \\sigma, \\qquad \\sigma = v W u^\\top,
+
+  with ``n_steps`` power iterations from the stored ``u`` (leading axes of
+  higher-rank kernels flattened; scalars and vectors unchanged; nothing is
+  done when ``n_steps < 1``). The state lives where flax keeps it:
+  ``<collection_name>/<layer name>/<path>/u`` (1, out) and ``.../sigma`` (),
+  in ``param_dtype``, with ``u`` drawn from ``make_rng('params')`` as
+  ``jax.random.normal``; so variables that flax created load unchanged and
+  give the same outputs. Call it with ``update_stats=True`` and
+  ``mutable=[collection_name]`` to store the new ``u`` and ``sigma``.
+  ``u`` and ``v`` carry no derivative (flax's convention; the formula is in
+  :func:`jaxnorm.spectral_norm`).
+
+  Attributes:
+    layer_instance: the wrapped module (Dense, Conv, DenseGeneral, Embed, a
+      nested module, ...).
+    n_steps: power iterations per call.
+    epsilon: added to the squared norms in the power iteration.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and the state dtypes).
+    param_dtype: dtype of ``u`` and ``sigma``.
+    error_on_non_matrix: raise for weights of rank > 2 instead of
+      flattening their leading axes.
+    collection_name: the collection holding ``u`` and ``sigma``.
+  """
+
+  layer_instance: _nn.Module
+  n_steps: int = 1
+  epsilon: float = 1e-12
+  dtype: _Dtype | None = None
+  param_dtype: _Dtype = jnp.float32
+  error_on_non_matrix: bool = False
+  collection_name: str = "batch_stats"
+
+  @_nn.compact
+  def __call__(self, *args: _Any, update_stats: bool, **kwargs: _Any) -> _Any:
+    """Calls ``layer_instance(*args, **kwargs)`` with normalized weights.
+
+    Args:
+      *args: positional arguments of the wrapped layer's call.
+      update_stats: store the iterated ``u`` and ``sigma`` (needs
+        ``mutable=[collection_name]``); False for evaluation.
+      **kwargs: keyword arguments of the wrapped layer's call.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    def layer_forward(layer_instance):
+      return layer_instance(*args, **kwargs)
+
+    return _nn.map_variables(
+        layer_forward,
+        trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(
+            _functools.partial(self._normalize, update_stats=update_stats),
+            vs),
+        init=self.is_initializing(),
+        mutable=True,
+    )(self.layer_instance)
+
+  def _normalize(self, path, vs, update_stats):
+    value = jnp.asarray(vs)
+    if value.ndim <= 1 or self.n_steps < 1:
+      return value
+    name = _wrapped_path(self.layer_instance, path)
+    if value.ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(
+          f"jaxnorm.linen.SpectralNorm: the weight {name!r} has shape "
+          f"{tuple(value.shape)} ({value.ndim}D) but error_on_non_matrix="
+          f"True allows only matrices. Fix: set error_on_non_matrix=False "
+          f"to normalize it as a "
+          f"({_math.prod(value.shape[:-1])}, {value.shape[-1]}) matrix.")
+    u_name, sigma_name = name + "/u", name + "/sigma"
+    u_var = self.variable(
+        self.collection_name, u_name, jax.random.normal,
+        self.make_rng("params")
+        if not self.has_variable(self.collection_name, u_name) else None,
+        (1, value.shape[-1]), self.param_dtype)
+    sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
+                              self.param_dtype)
+    state = _SpectralNormState(u_var.value, sigma_var.value)
+    w_bar, new = _spectral_norm(value, state, n_steps=self.n_steps,
+                                epsilon=self.epsilon,
+                                update_stats=update_stats)
+    if update_stats:
+      u_var.value, sigma_var.value = new.u, new.sigma
+    dtype = _flax_dtypes.canonicalize_dtype(vs, state.u, state.sigma,
+                                       dtype=self.dtype)
+    return jnp.asarray(w_bar, dtype)
+
+
+class WeightNorm(_nn.Module):
+  """Weight normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.linen.WeightNorm`` (0.12.8) over :func:`jaxnorm.weight_norm`: each
+  variable of ``layer_instance`` whose path ``<layer name>/<path>`` contains
+  one of ``variable_filter``'s strings (all of them when it is empty or
+  None) is replaced, for the call, by
+
+  .. math::
+     w = g \\frac{v}{\\sqrt{\\sum_R v^2 + \\epsilon}}
+
+  with :math:`R` the axes not in ``feature_axes`` and :math:`g` the learned
+  ``params/<layer name>/<path>/scale`` of shape ``v.shape[feature_axes]``
+  (flax's name, shape and initializer; absent when ``use_scale=False``).
+  Variables that flax created load unchanged and give the same outputs; the
+  derivative is jaxnorm's hand-derived one.
+
+  Attributes:
+    layer_instance: the wrapped module.
+    epsilon: added to the squared norm.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and ``scale`` dtypes).
+    param_dtype: dtype of ``scale``.
+    use_scale: learn the per-feature ``scale`` :math:`g`.
+    scale_init: initializer of ``scale``.
+    feature_axes: axes kept by the norm (default -1, the output features);
+      None for one norm over the whole variable.
+    variable_filter: substrings selecting the variables to normalize
+      (default ``{'kernel'}``); None or empty for all.
+  """
+
+  layer_instance: _nn.Module
+  epsilon: float = 1e-12
+  dtype: _Dtype | None = None
+  param_dtype: _Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: _Initializer = _nn.initializers.ones
+  feature_axes: _Axes | None = -1
+  variable_filter: _Iterable | None = _dataclasses.field(
+      default_factory=lambda: {"kernel"})
+
+  @_nn.compact
+  def __call__(self, *args: _Any, **kwargs: _Any) -> _Any:
+    """Calls ``layer_instance(*args, **kwargs)`` with normalized weights.
+
+    Args:
+      *args: positional arguments of the wrapped layer's call.
+      **kwargs: keyword arguments of the wrapped layer's call.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    def layer_forward(layer_instance):
+      return layer_instance(*args, **kwargs)
+
+    return _nn.map_variables(
+        layer_forward,
+        trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(
+            self._normalize, vs),
+        init=self.is_initializing(),
+    )(self.layer_instance)
+
+  def _normalize(self, path, vs):
+    value = jnp.asarray(vs)
+    name = _wrapped_path(self.layer_instance, path)
+    if self.variable_filter and not any(f in name
+                                        for f in self.variable_filter):
+      return value
+    axes = self.feature_axes
+    axes = () if axes is None else (
+        tuple(axes) if isinstance(axes, _Iterable) else (axes,))
+    feat = tuple(sorted({a + value.ndim if a < 0 else a for a in axes}))
+    for a in feat:
+      if not 0 <= a < value.ndim:
+        raise ValueError(
+            f"jaxnorm.linen.WeightNorm: feature_axes={self.feature_axes!r} "
+            f"is out of range for the variable {name!r} of shape "
+            f"{tuple(value.shape)}. Fix: pass axes of that variable, or "
+            f"narrow variable_filter to the variables they fit.")
+    scale = None
+    if self.use_scale:
+      scale = self.param(name + "/scale", self.scale_init,
+                         [value.shape[a] for a in feat], self.param_dtype)
+    w = _weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
+    dtype = _flax_dtypes.canonicalize_dtype(
+        vs, *(() if scale is None else (scale,)), dtype=self.dtype)
+    return jnp.asarray(w, dtype)
