@@ -674,3 +674,253 @@ def recalibrate_batch_norm(
   new = _recalibrate(fn, "nnx", stats_fn, nnx.to_pure_dict(stats), batches,
                      rest, check, jit)
   nnx.update(model, new)
+
+
+# ============================================================================
+# Weight normalization wrappers (issue 15): SpectralNorm and WeightNorm.
+# This block is self-contained (its own imports and helpers) so that it
+# merges cleanly with changes to the rest of the file.
+# ============================================================================
+
+import typing as _tp  # noqa: E402
+
+from flax import nnx as _nnx  # noqa: E402
+from flax.nnx.module import first_from as _first_from  # noqa: E402
+from flax.nnx.nn import dtypes as _nnx_dtypes  # noqa: E402
+from flax.typing import Axes as _Axes  # noqa: E402
+from flax.typing import Dtype as _Dtype  # noqa: E402
+from flax.typing import Initializer as _Initializer  # noqa: E402
+
+from jaxnorm.weight_norm import SpectralNormState as _SpectralNormState  # noqa: E402,E501
+from jaxnorm.weight_norm import spectral_norm as _spectral_norm  # noqa: E402
+from jaxnorm.weight_norm import weight_norm as _weight_norm  # noqa: E402
+
+__all__ += ["SpectralNorm", "WeightNorm"]
+
+
+def _non_matrix_error(path: tuple[_tp.Any, ...], shape) -> ValueError:
+  return ValueError(
+      f"jaxnorm.nnx.SpectralNorm: the parameter {'/'.join(map(str, path))} "
+      f"has shape {tuple(shape)} ({len(shape)}D) but error_on_non_matrix="
+      f"True allows only matrices. Fix: pass error_on_non_matrix=False to "
+      f"normalize it with its leading axes flattened.")
+
+
+class SpectralNorm(_nnx.Module):
+  """Spectral normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.nnx.SpectralNorm`` (0.12.8) over :func:`jaxnorm.spectral_norm`:
+  the same constructor, the same ``batch_stats`` dict of ``nnx.BatchStat``
+  keyed by ``<param path> + ('u',)`` (1, out) and ``+ ('sigma',)`` (),
+  with ``u`` drawn as ``nnx.initializers.normal()`` (stddev 0.01) from
+  ``rngs.params()``, and the same ``update_stats`` handling (constructor
+  default, call-time override, ``model.train()``/``model.eval()``). Each
+  call writes, as flax's does, the normalized weight
+
+  .. math::
+     \\bar W = W / \\sigma, \\qquad \\sigma = v W u^\\top
+
+  (``n_steps`` power iterations from the stored ``u``; leading axes of
+  higher-rank kernels flattened; scalars and vectors unchanged) into the
+  wrapped layer's ``nnx.Param`` before calling it. ``u`` and ``v`` carry no
+  derivative (the formula is in :func:`jaxnorm.spectral_norm`).
+
+  Args:
+    layer_instance: the wrapped module.
+    n_steps: power iterations per call.
+    epsilon: added to the squared norms in the power iteration.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and state dtypes).
+    param_dtype: dtype of ``u`` and ``sigma``.
+    error_on_non_matrix: raise for weights of rank > 2.
+    update_stats: default of the call's ``update_stats``.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(
+      self,
+      layer_instance: _nnx.Module,
+      *,
+      n_steps: int = 1,
+      epsilon: float = 1e-12,
+      dtype: _Dtype | None = None,
+      param_dtype: _Dtype = jnp.float32,
+      error_on_non_matrix: bool = False,
+      update_stats: bool = True,
+      rngs: _nnx.Rngs,
+  ):
+    self.layer_instance = layer_instance
+    self.n_steps = n_steps
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.error_on_non_matrix = error_on_non_matrix
+    # flax's name, so that .train()/.eval() flip it.
+    self.use_running_average = not update_stats
+    normal = _nnx.initializers.normal()
+    stats: dict[tuple[_tp.Any, ...], _nnx.BatchStat] = {}
+    state = _nnx.state(self.layer_instance, _nnx.Param)
+    for path, param in _nnx.to_flat_state(state):
+      if param.ndim <= 1 or n_steps < 1:
+        continue
+      if param.ndim > 2 and error_on_non_matrix:
+        raise _non_matrix_error(path, param.shape)
+      key = rngs.params()
+      stats[path + ("u",)] = _nnx.BatchStat(
+          normal(key, (1, param.shape[-1]), param_dtype))
+      stats[path + ("sigma",)] = _nnx.BatchStat(jnp.ones((), param_dtype))
+    self.batch_stats = _nnx.data(stats)
+
+  def __call__(self, x: _tp.Any, update_stats: bool | None = None) -> _tp.Any:
+    """Normalizes the wrapped layer's weights in place, then calls it.
+
+    Args:
+      x: the wrapped layer's input.
+      update_stats: store the iterated ``u`` and ``sigma``; None takes the
+        constructor's value (``not self.use_running_average``).
+
+    Returns:
+      The wrapped layer's output.
+    """
+    update_stats = _first_from(
+        update_stats, not self.use_running_average,
+        error_msg="jaxnorm.nnx.SpectralNorm: no `update_stats` was given "
+        "to the constructor or the call.")
+    state = _nnx.state(self.layer_instance, _nnx.Param)
+    for path, param in _nnx.to_flat_state(state):
+      self._normalize_inplace(path, param, bool(update_stats))
+    return self.layer_instance(x)
+
+  def _normalize_inplace(self, path, param, update_stats):
+    if param.ndim <= 1 or self.n_steps < 1:
+      return
+    if param.ndim > 2 and self.error_on_non_matrix:
+      raise _non_matrix_error(path, param.shape)
+    u_var = self.batch_stats.get(path + ("u",))
+    sigma_var = self.batch_stats.get(path + ("sigma",))
+    if u_var is None or sigma_var is None:
+      raise RuntimeError(
+          f"jaxnorm.nnx.SpectralNorm: no u/sigma batch statistics for the "
+          f"parameter {'/'.join(map(str, path))}: the wrapped layer's "
+          f"parameters changed after SpectralNorm was built. Fix: build "
+          f"SpectralNorm around the finished layer.")
+    st = _SpectralNormState(u_var[...], sigma_var[...])
+    w_bar, new = _spectral_norm(param[...], st, n_steps=self.n_steps,
+                                epsilon=self.epsilon,
+                                update_stats=update_stats)
+    if update_stats:
+      u_var[...] = new.u
+      sigma_var[...] = new.sigma
+    dtype = _nnx_dtypes.canonicalize_dtype(param[...], st.u, st.sigma,
+                                           dtype=self.dtype)
+    param[...] = jnp.asarray(w_bar, dtype)
+
+
+class WeightNorm(_nnx.Module):
+  """Weight normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.nnx.WeightNorm`` (0.12.8) over :func:`jaxnorm.weight_norm`: the
+  same constructor, the same ``scales`` dict keyed by parameter path (one
+  array of shape ``param.shape[feature_axes]`` per variable selected by
+  ``variable_filter``, made by ``scale_init(rngs['params'], shape)`` as
+  flax does), and, as flax's, each call writes
+
+  .. math::
+     w = g \\frac{v}{\\sqrt{\\sum_R v^2 + \\epsilon}}
+
+  (:math:`R` the axes not in ``feature_axes``) into the selected variables
+  of the wrapped layer before calling it.
+
+  Args:
+    layer_instance: the wrapped module.
+    feature_axes: axes kept by the norm (default -1); None for one norm.
+    use_scale: multiply by the per-feature ``scales``.
+    scale_init: initializer of the scales.
+    epsilon: added to the squared norm.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and scale dtypes).
+    param_dtype: kept for flax's signature (flax does not pass it to
+      ``scale_init`` either).
+    variable_filter: an ``nnx`` filter of the variables to normalize
+      (default ``nnx.PathContains('kernel')``).
+    promote_dtype: flax's dtype-promotion hook, stored as flax does.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(
+      self,
+      layer_instance: _nnx.Module,
+      *,
+      feature_axes: _Axes | None = -1,
+      use_scale: bool = True,
+      scale_init: _Initializer = _nnx.initializers.ones,
+      epsilon: float = 1e-12,
+      dtype: _Dtype | None = None,
+      param_dtype: _Dtype = jnp.float32,
+      variable_filter: _tp.Any = _nnx.PathContains("kernel"),
+      promote_dtype: _tp.Any = _nnx_dtypes.promote_dtype,
+      rngs: _nnx.Rngs,
+  ):
+    self.layer_instance = layer_instance
+    self.feature_axes = () if feature_axes is None else feature_axes
+    self.use_scale = use_scale
+    self.scale_init = scale_init
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.variable_filter = _nnx.filterlib.to_predicate(variable_filter)
+    self.promote_dtype = promote_dtype
+    self.scales: dict | None = None
+    if use_scale:
+      state = _nnx.state(self.layer_instance, _nnx.Param)
+      self.scales = _nnx.data({
+          path: scale_init(rngs["params"], tuple(
+              param.shape[a] for a in self._axes(path, param.ndim)))
+          for path, param in _nnx.to_flat_state(state)
+          if self.variable_filter(path, param)})
+
+  def _axes(self, path, ndim: int) -> tuple[int, ...]:
+    axes = self.feature_axes
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    feat = tuple(sorted({a + ndim if a < 0 else a for a in axes}))
+    if any(not 0 <= a < ndim for a in feat):
+      raise ValueError(
+          f"jaxnorm.nnx.WeightNorm: feature_axes={self.feature_axes!r} is "
+          f"out of range for the parameter {'/'.join(map(str, path))} with "
+          f"{ndim} dimensions. Fix: pass axes of that parameter, or narrow "
+          f"variable_filter.")
+    return feat
+
+  def __call__(self, x: _tp.Any, *args: _tp.Any, **kwargs: _tp.Any) -> _tp.Any:
+    """Normalizes the selected weights in place, then calls the layer.
+
+    Args:
+      x: the wrapped layer's input.
+      *args: further positional arguments of the wrapped layer.
+      **kwargs: keyword arguments of the wrapped layer.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    state = _nnx.state(self.layer_instance)
+    for path, param in _nnx.to_flat_state(state):
+      if self.variable_filter(path, param):
+        self._normalize_inplace(path, param)
+    return self.layer_instance(x, *args, **kwargs)
+
+  def _normalize_inplace(self, path, param):
+    feat = self._axes(path, param.ndim)
+    scale = None
+    if self.use_scale:
+      if path not in self.scales:
+        raise RuntimeError(
+            f"jaxnorm.nnx.WeightNorm: no scale for the parameter "
+            f"{'/'.join(map(str, path))}: the wrapped layer's parameters "
+            f"changed after WeightNorm was built. Fix: build WeightNorm "
+            f"around the finished layer.")
+      scale = self.scales[path]
+    value = param[...]
+    w = _weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
+    dtype = _nnx_dtypes.canonicalize_dtype(
+        value, *(() if scale is None else (scale,)), dtype=self.dtype)
+    param.set_value(jnp.asarray(w, dtype))
