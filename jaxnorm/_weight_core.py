@@ -37,12 +37,24 @@ import jax
 import jax.numpy as jnp
 
 
+def promote(*dtypes) -> jnp.dtype:
+  """The widest of the floating ``dtypes`` (bfloat16 with float16: float32).
+
+  Written without type promotion so that it also holds under
+  ``jax_numpy_dtype_promotion="strict"``.
+  """
+  ds = {jnp.dtype(d) for d in dtypes}
+  if len(ds) == 1:
+    return ds.pop()
+  widest = max(ds, key=lambda d: d.itemsize)
+  if sum(d.itemsize == widest.itemsize for d in ds) > 1:
+    return jnp.dtype(jnp.float32)  # bfloat16 and float16
+  return widest
+
+
 def compute_dtype(*dtypes) -> jnp.dtype:
-  """The promotion of ``dtypes`` with float32: arithmetic in >= float32."""
-  out = jnp.dtype(jnp.float32)
-  for d in dtypes:
-    out = jnp.promote_types(out, d)
-  return out
+  """The dtype of the arithmetic: ``promote(*dtypes)``, at least float32."""
+  return promote(jnp.float32, *dtypes)
 
 
 def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -72,8 +84,7 @@ def _wn_forward(axes, eps, v, scale):
   vf = v.astype(dt)
   r = jax.lax.rsqrt(jnp.sum(vf * vf, axis=axes, keepdims=True) + eps)
   w_hat = vf * r
-  out_dtype = v.dtype if scale is None else jnp.promote_types(v.dtype,
-                                                              scale.dtype)
+  out_dtype = v.dtype if scale is None else promote(v.dtype, scale.dtype)
   y = w_hat if scale is None else w_hat * scale.astype(dt)
   return y.astype(out_dtype), (v, r, scale)
 
