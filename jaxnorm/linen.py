@@ -880,9 +880,10 @@ class SpectralNorm(_nn.Module):
     name = _wrapped_path(self.layer_instance, path)
     if value.ndim > 2 and self.error_on_non_matrix:
       raise ValueError(
-          f"jaxnorm.linen.SpectralNorm: the weight {name!r} has shape "
-          f"{tuple(value.shape)} ({value.ndim}D) but error_on_non_matrix="
-          f"True allows only matrices. Fix: set error_on_non_matrix=False "
+          f"jaxnorm.linen.SpectralNorm: Input is {value.ndim}D but "
+          f"error_on_non_matrix is True: the weight {name!r} has shape "
+          f"{tuple(value.shape)} and only matrices are allowed. Fix: set "
+          f"error_on_non_matrix=False "
           f"to normalize it as a "
           f"({_math.prod(value.shape[:-1])}, {value.shape[-1]}) matrix.")
     u_name, sigma_name = name + "/u", name + "/sigma"

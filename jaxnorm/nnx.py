@@ -700,9 +700,10 @@ __all__ += ["SpectralNorm", "WeightNorm"]
 
 def _non_matrix_error(path: tuple[_tp.Any, ...], shape) -> ValueError:
   return ValueError(
-      f"jaxnorm.nnx.SpectralNorm: the parameter {'/'.join(map(str, path))} "
-      f"has shape {tuple(shape)} ({len(shape)}D) but error_on_non_matrix="
-      f"True allows only matrices. Fix: pass error_on_non_matrix=False to "
+      f"jaxnorm.nnx.SpectralNorm: Layer instance parameter is {len(shape)}D "
+      f"but error_on_non_matrix is True: the parameter "
+      f"{'/'.join(map(str, path))} has shape {tuple(shape)} and only "
+      f"matrices are allowed. Fix: pass error_on_non_matrix=False to "
       f"normalize it with its leading axes flattened.")
 
 

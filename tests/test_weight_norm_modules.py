@@ -126,9 +126,9 @@ def test_linen_bfloat16_kernel_dtype_rule():
 def test_linen_error_on_non_matrix():
   x = _normal(0, (2, 6, 6, 3))
   mdl = jl.SpectralNorm(nn.Conv(4, (3, 3)), error_on_non_matrix=True)
-  with pytest.raises(ValueError, match=r"jaxnorm.linen.SpectralNorm.*"
-                     r"layer_instance/kernel.*\(3, 3, 3, 4\).*"
-                     r"error_on_non_matrix=False"):
+  with pytest.raises(ValueError, match=r"jaxnorm.linen.SpectralNorm: Input is "
+                     r"4D but error_on_non_matrix is True.*layer_instance/"
+                     r"kernel.*\(3, 3, 3, 4\).*error_on_non_matrix=False"):
     mdl.init(jax.random.key(0), x, update_stats=True)
 
 
@@ -192,7 +192,9 @@ def test_nnx_update_stats_modes():
   m.train()
   m(_normal(0, (3, 6)))
   assert not np.array_equal(m.batch_stats[("kernel", "u")][...], u0)
-  with pytest.raises(ValueError, match="jaxnorm.nnx.SpectralNorm.*kernel"):
+  with pytest.raises(ValueError, match="jaxnorm.nnx.SpectralNorm: Layer "
+                     "instance parameter is 4D but error_on_non_matrix is "
+                     "True.*kernel"):
     jn.SpectralNorm(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)),
                     error_on_non_matrix=True, rngs=nnx.Rngs(1))
 
