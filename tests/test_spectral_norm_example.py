@@ -36,7 +36,7 @@ def test_example_runs_and_normalizes(tmp_path):
   out = str(tmp_path / "run")
   res = spectral_norm.main(["--epochs", "1", "--limit", "256",
                             "--batch-size", "32", "--log-every", "4",
-                            "--quiet", "--out", out])
+                            "--power-iters", "20", "--quiet", "--out", out])
   assert os.path.isfile(os.path.join(out, "spectral_norm.png"))
   with open(os.path.join(out, "metrics.json")) as f:
     assert json.load(f)["runs"].keys() == {"plain", "spectral"}
