@@ -5,28 +5,12 @@ exact transpose of the hand-written VJP (``jax.linear_transpose``), so
 reverse mode runs the hand-derived backward pass and forward mode
 (``jax.jvp``, ``jax.jacfwd``) and higher orders work.
 
-Weight normalization (``_weight_norm``), over the reduced axes :math:`R`,
-with :math:`r = (\\sum_R v^2 + \\epsilon)^{-1/2}`, :math:`\\hat w = v r` and
-:math:`w = g \\hat w`:
-
-.. math::
-   \\frac{\\partial L}{\\partial v} = r \\left(\\bar g - \\hat w
-     \\sum_R \\bar g \\hat w\\right), \\quad \\bar g = g
-     \\frac{\\partial L}{\\partial w}, \\qquad
-   \\frac{\\partial L}{\\partial g} = \\sum_R \\frac{\\partial L}
-     {\\partial w} \\hat w.
-
-Spectral normalization (``_divide_by_sigma``), with the power-iteration
-vectors ``u`` (1, out) and ``v`` (1, in) held constant (the convention of
-flax, Haiku and PyTorch), :math:`\\sigma = v W u^\\top` and
-:math:`Y = W / \\sigma`:
-
-.. math::
-   \\frac{\\partial L}{\\partial W} = \\frac{1}{\\sigma}\\left(
-     \\frac{\\partial L}{\\partial Y} - \\Big\\langle
-     \\frac{\\partial L}{\\partial Y}, Y\\Big\\rangle v^\\top u\\right),
-
-and the identity where :math:`\\sigma = 0` (then ``Y = W``, as in flax).
+The formulas (forward and derivative) are stated once, in the docstrings
+of :func:`jaxnorm.weight_norm` (``_weight_norm``: ``v``, ``g`` -> ``w``)
+and :func:`jaxnorm.spectral_norm` (``_divide_by_sigma``: ``W`` -> ``W /
+sigma`` with the power-iteration vectors ``u``, ``v`` held constant, and the
+identity where ``sigma = 0``, as in flax); ``_wn_vjp`` and ``_sn_vjp``
+implement them.
 """
 
 from __future__ import annotations
@@ -96,7 +80,7 @@ def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _wn_vjp(axes, res, dy):
-  """``dy -> (dv, dscale)``: the formulas of the module docstring."""
+  """``dy -> (dv, dscale)``: the derivative in ``weight_norm``'s docstring."""
   v, r, scale = res
   dt = r.dtype
   g = dy.astype(dt)
@@ -143,7 +127,7 @@ def _sn_forward(w2d, u, v):
 
 
 def _sn_vjp(w_dtype, res, dy):
-  """``dY -> dW``: the formula of the module docstring."""
+  """``dY -> dW``: the derivative in ``spectral_norm``'s docstring."""
   uf, vf, s, y, nonzero = res
   g = dy.astype(s.dtype)
   c = jnp.where(nonzero, jnp.sum(g * y), jnp.zeros_like(s))

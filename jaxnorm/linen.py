@@ -806,6 +806,16 @@ def _wrapped_path(layer: _nn.Module, path: tuple[_Any, ...]) -> str:
                                                  separator="/")
 
 
+def _call_mapped(mdl: _Any, fn: _Any, args: tuple[_Any, ...],
+                 kwargs: dict[str, _Any], **map_kw: _Any) -> _Any:
+  """``mdl.layer_instance(*args, **kwargs)`` with each of its variables
+  replaced by ``fn(path, value)`` (``nn.map_variables``, as flax does)."""
+  return _nn.map_variables(
+      lambda layer: layer(*args, **kwargs),
+      trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(fn, vs),
+      init=mdl.is_initializing(), **map_kw)(mdl.layer_instance)
+
+
 class SpectralNorm(_nn.Module):
   """Spectral normalization of a wrapped layer's weights (flax drop-in).
 
@@ -861,17 +871,9 @@ class SpectralNorm(_nn.Module):
     Returns:
       The wrapped layer's output.
     """
-    def layer_forward(layer_instance):
-      return layer_instance(*args, **kwargs)
-
-    return _nn.map_variables(
-        layer_forward,
-        trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(
-            _functools.partial(self._normalize, update_stats=update_stats),
-            vs),
-        init=self.is_initializing(),
-        mutable=True,
-    )(self.layer_instance)
+    return _call_mapped(
+        self, _functools.partial(self._normalize, update_stats=update_stats),
+        args, kwargs, mutable=True)
 
   def _normalize(self, path, vs, update_stats):
     value = jnp.asarray(vs)
@@ -957,15 +959,7 @@ class WeightNorm(_nn.Module):
     Returns:
       The wrapped layer's output.
     """
-    def layer_forward(layer_instance):
-      return layer_instance(*args, **kwargs)
-
-    return _nn.map_variables(
-        layer_forward,
-        trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(
-            self._normalize, vs),
-        init=self.is_initializing(),
-    )(self.layer_instance)
+    return _call_mapped(self, self._normalize, args, kwargs)
 
   def _normalize(self, path, vs):
     value = jnp.asarray(vs)
