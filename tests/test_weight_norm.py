@@ -393,7 +393,8 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_errors(case):
   _, thunk, exc, parts = case
-  with pytest.raises(exc) as info:
-    thunk()
-  for p in parts:
-    assert p in str(info.value), (p, str(info.value))
+  for run in (thunk, jax.jit(thunk)):  # under jit: raised at trace time
+    with pytest.raises(exc) as info:
+      run()
+    for p in parts:
+      assert p in str(info.value), (p, str(info.value))
