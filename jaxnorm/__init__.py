@@ -11,6 +11,12 @@ from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
 from jaxnorm.variants import rms_norm as rms_norm
+from jaxnorm.weight_norm import SpectralNormState as SpectralNormState
+from jaxnorm.weight_norm import spectral_norm as spectral_norm
+from jaxnorm.weight_norm import spectral_norm_init as spectral_norm_init
+from jaxnorm.weight_norm import weight_norm as weight_norm
+from jaxnorm.weight_norm import weight_norm_from_torch as weight_norm_from_torch
+from jaxnorm.weight_norm import weight_norm_to_torch as weight_norm_to_torch
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm.pytorch import jaxnorm_momentum_to_torch as jaxnorm_momentum_to_torch
 from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
@@ -30,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormState",
+    "SpectralNormState",
     "batch_norm_infer",
     "batch_norm_init",
     "batch_norm_train",
@@ -42,5 +49,10 @@ __all__ = [
     "layer_norm",
     "recalibrate_batch_norm",
     "rms_norm",
+    "spectral_norm",
+    "spectral_norm_init",
     "torch_momentum_to_jaxnorm",
+    "weight_norm",
+    "weight_norm_from_torch",
+    "weight_norm_to_torch",
 ]

@@ -1,7 +1,9 @@
 """``flax.linen`` modules over jaxnorm's pure functions.
 
 Drop-in replacements for ``flax.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
-``GroupNorm`` and ``InstanceNorm`` (flax 0.12.8): the same attribute names,
+``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm`` and
+``WeightNorm`` (over :func:`jaxnorm.spectral_norm` / :func:`jaxnorm.weight_norm`)
+(flax 0.12.8): the same attribute names,
 meanings and defaults, the same variable collections, names, shapes and
 dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``) and the same output dtype rule, so a flax variable tree
@@ -25,12 +27,16 @@ the statistics in at least float32.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.errors
 import flax.linen as nn
 from flax.core import unfreeze
+from flax.linen import dtypes as flax_dtypes
 import jax
 import jax.numpy as jnp
 from flax.typing import Axes, Dtype, Initializer
@@ -55,9 +61,13 @@ from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
 from jaxnorm.variants import rms_norm
+from jaxnorm.weight_norm import SpectralNormState
+from jaxnorm.weight_norm import spectral_norm
+from jaxnorm.weight_norm import weight_norm
 
 __all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm",
-           "InstanceNorm", "LayerNorm", "RMSNorm", "recalibrate_batch_norm"]
+           "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WeightNorm",
+           "recalibrate_batch_norm"]
 
 
 def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
@@ -673,3 +683,191 @@ def recalibrate_batch_norm(
                        unfreeze(variables["batch_stats"]), batches, rest,
                        check, jit)
   return {**variables, "batch_stats": stats}
+
+
+def _wrapped_path(layer: nn.Module, path: tuple[Any, ...]) -> str:
+  """flax's variable-name prefix: ``<layer name>/<path below the collection>``."""
+  return layer.name + "/" + jax.tree_util.keystr(path[1:], simple=True,
+                                                 separator="/")
+
+
+def _call_mapped(mdl: Any, fn: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], **map_kw: Any) -> Any:
+  """``mdl.layer_instance(*args, **kwargs)`` with each of its variables
+  replaced by ``fn(path, value)`` (``nn.map_variables``, as flax does)."""
+  return nn.map_variables(
+      lambda layer: layer(*args, **kwargs),
+      trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(fn, vs),
+      init=mdl.is_initializing(), **map_kw)(mdl.layer_instance)
+
+
+class SpectralNorm(nn.Module):
+  """Spectral normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.linen.SpectralNorm`` (0.12.8) over :func:`jaxnorm.spectral_norm`:
+  each weight of rank >= 2 of ``layer_instance`` (every collection the layer
+  reads, in practice its ``params``) is replaced, for the call, by
+
+  .. math::
+     \\bar W = W / \\sigma, \\qquad \\sigma = v W u^\\top,
+
+  with ``n_steps`` power iterations from the stored ``u`` (leading axes of
+  higher-rank kernels flattened; scalars and vectors unchanged; nothing is
+  done when ``n_steps < 1``). The state lives where flax keeps it:
+  ``<collection_name>/<layer name>/<path>/u`` (1, out) and ``.../sigma`` (),
+  in ``param_dtype``, with ``u`` drawn from ``make_rng('params')`` as
+  ``jax.random.normal``; so variables that flax created load unchanged and
+  give the same outputs. Call it with ``update_stats=True`` and
+  ``mutable=[collection_name]`` to store the new ``u`` and ``sigma``.
+  ``u`` and ``v`` carry no derivative (flax's convention; the formula is in
+  :func:`jaxnorm.spectral_norm`).
+
+  Attributes:
+    layer_instance: the wrapped module (Dense, Conv, DenseGeneral, Embed, a
+      nested module, ...).
+    n_steps: power iterations per call.
+    epsilon: added to the squared norms in the power iteration.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and the state dtypes).
+    param_dtype: dtype of ``u`` and ``sigma``.
+    error_on_non_matrix: raise for weights of rank > 2 instead of
+      flattening their leading axes.
+    collection_name: the collection holding ``u`` and ``sigma``.
+  """
+
+  layer_instance: nn.Module
+  n_steps: int = 1
+  epsilon: float = 1e-12
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  error_on_non_matrix: bool = False
+  collection_name: str = "batch_stats"
+
+  @nn.compact
+  def __call__(self, *args: Any, update_stats: bool, **kwargs: Any) -> Any:
+    """Calls ``layer_instance(*args, **kwargs)`` with normalized weights.
+
+    Args:
+      *args: positional arguments of the wrapped layer's call.
+      update_stats: store the iterated ``u`` and ``sigma`` (needs
+        ``mutable=[collection_name]``); False for evaluation.
+      **kwargs: keyword arguments of the wrapped layer's call.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    return _call_mapped(
+        self, functools.partial(self._normalize, update_stats=update_stats),
+        args, kwargs, mutable=True)
+
+  def _normalize(self, path, vs, update_stats):
+    value = jnp.asarray(vs)
+    if value.ndim <= 1 or self.n_steps < 1:
+      return value
+    name = _wrapped_path(self.layer_instance, path)
+    if value.ndim > 2 and self.error_on_non_matrix:
+      raise ValueError(
+          f"jaxnorm.linen.SpectralNorm: Input is {value.ndim}D but "
+          f"error_on_non_matrix is True: the weight {name!r} has shape "
+          f"{tuple(value.shape)} and only matrices are allowed. Fix: set "
+          f"error_on_non_matrix=False "
+          f"to normalize it as a "
+          f"({math.prod(value.shape[:-1])}, {value.shape[-1]}) matrix.")
+    u_name, sigma_name = name + "/u", name + "/sigma"
+    u_var = self.variable(
+        self.collection_name, u_name, jax.random.normal,
+        self.make_rng("params")
+        if not self.has_variable(self.collection_name, u_name) else None,
+        (1, value.shape[-1]), self.param_dtype)
+    sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
+                              self.param_dtype)
+    state = SpectralNormState(u_var.value, sigma_var.value)
+    w_bar, new = spectral_norm(value, state, n_steps=self.n_steps,
+                                epsilon=self.epsilon,
+                                update_stats=update_stats)
+    if update_stats:
+      u_var.value, sigma_var.value = new.u, new.sigma
+    dtype = flax_dtypes.canonicalize_dtype(vs, state.u, state.sigma,
+                                       dtype=self.dtype)
+    return jnp.asarray(w_bar, dtype)
+
+
+class WeightNorm(nn.Module):
+  """Weight normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.linen.WeightNorm`` (0.12.8) over :func:`jaxnorm.weight_norm`: each
+  variable of ``layer_instance`` whose path ``<layer name>/<path>`` contains
+  one of ``variable_filter``'s strings (all of them when it is empty or
+  None) is replaced, for the call, by
+
+  .. math::
+     w = g \\frac{v}{\\sqrt{\\sum_R v^2 + \\epsilon}}
+
+  with :math:`R` the axes not in ``feature_axes`` and :math:`g` the learned
+  ``params/<layer name>/<path>/scale`` of shape ``v.shape[feature_axes]``
+  (flax's name, shape and initializer; absent when ``use_scale=False``).
+  Variables that flax created load unchanged and give the same outputs; the
+  derivative is jaxnorm's hand-derived one.
+
+  Attributes:
+    layer_instance: the wrapped module.
+    epsilon: added to the squared norm.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and ``scale`` dtypes).
+    param_dtype: dtype of ``scale``.
+    use_scale: learn the per-feature ``scale`` :math:`g`.
+    scale_init: initializer of ``scale``.
+    feature_axes: axes kept by the norm (default -1, the output features);
+      None for one norm over the whole variable.
+    variable_filter: substrings selecting the variables to normalize
+      (default ``{'kernel'}``); None or empty for all.
+  """
+
+  layer_instance: nn.Module
+  epsilon: float = 1e-12
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = nn.initializers.ones
+  feature_axes: Axes | None = -1
+  variable_filter: Iterable | None = dataclasses.field(
+      default_factory=lambda: {"kernel"})
+
+  @nn.compact
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    """Calls ``layer_instance(*args, **kwargs)`` with normalized weights.
+
+    Args:
+      *args: positional arguments of the wrapped layer's call.
+      **kwargs: keyword arguments of the wrapped layer's call.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    return _call_mapped(self, self._normalize, args, kwargs)
+
+  def _normalize(self, path, vs):
+    value = jnp.asarray(vs)
+    name = _wrapped_path(self.layer_instance, path)
+    if self.variable_filter and not any(f in name
+                                        for f in self.variable_filter):
+      return value
+    axes = self.feature_axes
+    axes = () if axes is None else (
+        tuple(axes) if isinstance(axes, Iterable) else (axes,))
+    feat = tuple(sorted({a + value.ndim if a < 0 else a for a in axes}))
+    for a in feat:
+      if not 0 <= a < value.ndim:
+        raise ValueError(
+            f"jaxnorm.linen.WeightNorm: feature_axes={self.feature_axes!r} "
+            f"is out of range for the variable {name!r} of shape "
+            f"{tuple(value.shape)}. Fix: pass axes of that variable, or "
+            f"narrow variable_filter to the variables they fit.")
+    scale = None
+    if self.use_scale:
+      scale = self.param(name + "/scale", self.scale_init,
+                         [value.shape[a] for a in feat], self.param_dtype)
+    w = weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
+    dtype = flax_dtypes.canonicalize_dtype(
+        vs, *(() if scale is None else (scale,)), dtype=self.dtype)
+    return jnp.asarray(w, dtype)

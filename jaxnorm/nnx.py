@@ -1,7 +1,9 @@
 """``flax.nnx`` modules over jaxnorm's pure functions.
 
 Drop-in replacements for ``flax.nnx.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
-``GroupNorm`` and ``InstanceNorm`` (flax 0.12.8): the same constructor
+``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm`` and
+``WeightNorm`` (over :func:`jaxnorm.spectral_norm` / :func:`jaxnorm.weight_norm`)
+(flax 0.12.8): the same constructor
 (``num_features``, keyword options, ``rngs``), the same variables
 (``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``), the
 same ``use_running_average`` handling (constructor attribute, call-time
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Axes, Dtype, Initializer
 from jax.typing import ArrayLike
 
@@ -53,9 +56,12 @@ from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
 from jaxnorm.variants import rms_norm
+from jaxnorm.weight_norm import SpectralNormState
+from jaxnorm.weight_norm import spectral_norm
+from jaxnorm.weight_norm import weight_norm
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "recalibrate_batch_norm"]
+           "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
@@ -742,3 +748,232 @@ def recalibrate_batch_norm(
   new = _recalibrate(fn, "nnx", stats_fn, nnx.to_pure_dict(stats), batches,
                      rest, check, jit)
   nnx.update(model, new)
+
+
+def _non_matrix_error(path: tuple[Any, ...], shape) -> ValueError:
+  return ValueError(
+      f"jaxnorm.nnx.SpectralNorm: Layer instance parameter is {len(shape)}D "
+      f"but error_on_non_matrix is True: the parameter "
+      f"{'/'.join(map(str, path))} has shape {tuple(shape)} and only "
+      f"matrices are allowed. Fix: pass error_on_non_matrix=False to "
+      f"normalize it with its leading axes flattened.")
+
+
+class SpectralNorm(nnx.Module):
+  """Spectral normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.nnx.SpectralNorm`` (0.12.8) over :func:`jaxnorm.spectral_norm`:
+  the same constructor, the same ``batch_stats`` dict of ``nnx.BatchStat``
+  keyed by ``<param path> + ('u',)`` (1, out) and ``+ ('sigma',)`` (),
+  with ``u`` drawn as ``nnx.initializers.normal()`` (stddev 0.01) from
+  ``rngs.params()``, and the same ``update_stats`` handling (constructor
+  default, call-time override, ``model.train()``/``model.eval()``). Each
+  call writes, as flax's does, the normalized weight
+
+  .. math::
+     \\bar W = W / \\sigma, \\qquad \\sigma = v W u^\\top
+
+  (``n_steps`` power iterations from the stored ``u``; leading axes of
+  higher-rank kernels flattened; scalars and vectors unchanged) into the
+  wrapped layer's ``nnx.Param`` before calling it. ``u`` and ``v`` carry no
+  derivative (the formula is in :func:`jaxnorm.spectral_norm`).
+
+  Args:
+    layer_instance: the wrapped module.
+    n_steps: power iterations per call.
+    epsilon: added to the squared norms in the power iteration.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and state dtypes).
+    param_dtype: dtype of ``u`` and ``sigma``.
+    error_on_non_matrix: raise for weights of rank > 2.
+    update_stats: default of the call's ``update_stats``.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(
+      self,
+      layer_instance: nnx.Module,
+      *,
+      n_steps: int = 1,
+      epsilon: float = 1e-12,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      error_on_non_matrix: bool = False,
+      update_stats: bool = True,
+      rngs: nnx.Rngs,
+  ):
+    self.layer_instance = layer_instance
+    self.n_steps = n_steps
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.error_on_non_matrix = error_on_non_matrix
+    # flax's name, so that .train()/.eval() flip it.
+    self.use_running_average = not update_stats
+    normal = nnx.initializers.normal()
+    stats: dict[tuple[Any, ...], nnx.BatchStat] = {}
+    state = nnx.state(self.layer_instance, nnx.Param)
+    for path, param in nnx.to_flat_state(state):
+      if param.ndim <= 1 or n_steps < 1:
+        continue
+      if param.ndim > 2 and error_on_non_matrix:
+        raise _non_matrix_error(path, param.shape)
+      key = rngs.params()
+      stats[path + ("u",)] = nnx.BatchStat(
+          normal(key, (1, param.shape[-1]), param_dtype))
+      stats[path + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
+    self.batch_stats = nnx.data(stats)
+
+  def __call__(self, x: Any, update_stats: bool | None = None) -> Any:
+    """Normalizes the wrapped layer's weights in place, then calls it.
+
+    Args:
+      x: the wrapped layer's input.
+      update_stats: store the iterated ``u`` and ``sigma``; None takes the
+        constructor's value (``not self.use_running_average``).
+
+    Returns:
+      The wrapped layer's output.
+    """
+    update_stats = first_from(
+        update_stats, not self.use_running_average,
+        error_msg="jaxnorm.nnx.SpectralNorm: no `update_stats` was given "
+        "to the constructor or the call.")
+    state = nnx.state(self.layer_instance, nnx.Param)
+    for path, param in nnx.to_flat_state(state):
+      self._normalize_inplace(path, param, bool(update_stats))
+    return self.layer_instance(x)
+
+  def _normalize_inplace(self, path, param, update_stats):
+    if param.ndim <= 1 or self.n_steps < 1:
+      return
+    if param.ndim > 2 and self.error_on_non_matrix:
+      raise _non_matrix_error(path, param.shape)
+    u_var = self.batch_stats.get(path + ("u",))
+    sigma_var = self.batch_stats.get(path + ("sigma",))
+    if u_var is None or sigma_var is None:
+      raise RuntimeError(
+          f"jaxnorm.nnx.SpectralNorm: no u/sigma batch statistics for the "
+          f"parameter {'/'.join(map(str, path))}: the wrapped layer's "
+          f"parameters changed after SpectralNorm was built. Fix: build "
+          f"SpectralNorm around the finished layer.")
+    st = SpectralNormState(u_var[...], sigma_var[...])
+    w_bar, new = spectral_norm(param[...], st, n_steps=self.n_steps,
+                                epsilon=self.epsilon,
+                                update_stats=update_stats)
+    if update_stats:
+      u_var[...] = new.u
+      sigma_var[...] = new.sigma
+    dtype = nnx_dtypes.canonicalize_dtype(param[...], st.u, st.sigma,
+                                           dtype=self.dtype)
+    param[...] = jnp.asarray(w_bar, dtype)
+
+
+class WeightNorm(nnx.Module):
+  """Weight normalization of a wrapped layer's weights (flax drop-in).
+
+  ``flax.nnx.WeightNorm`` (0.12.8) over :func:`jaxnorm.weight_norm`: the
+  same constructor, the same ``scales`` dict keyed by parameter path (one
+  array of shape ``param.shape[feature_axes]`` per variable selected by
+  ``variable_filter``, made by ``scale_init(rngs['params'], shape)`` as
+  flax does), and, as flax's, each call writes
+
+  .. math::
+     w = g \\frac{v}{\\sqrt{\\sum_R v^2 + \\epsilon}}
+
+  (:math:`R` the axes not in ``feature_axes``) into the selected variables
+  of the wrapped layer before calling it.
+
+  Args:
+    layer_instance: the wrapped module.
+    feature_axes: axes kept by the norm (default -1); None for one norm.
+    use_scale: multiply by the per-feature ``scales``.
+    scale_init: initializer of the scales.
+    epsilon: added to the squared norm.
+    dtype: dtype of the normalized weights (default: promotion of the weight
+      and scale dtypes).
+    param_dtype: kept for flax's signature (flax does not pass it to
+      ``scale_init`` either).
+    variable_filter: an ``nnx`` filter of the variables to normalize
+      (default ``nnx.PathContains('kernel')``).
+    promote_dtype: flax's dtype-promotion hook, stored as flax does.
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(
+      self,
+      layer_instance: nnx.Module,
+      *,
+      feature_axes: Axes | None = -1,
+      use_scale: bool = True,
+      scale_init: Initializer = nnx.initializers.ones,
+      epsilon: float = 1e-12,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+      variable_filter: Any = nnx.PathContains("kernel"),
+      promote_dtype: Any = nnx_dtypes.promote_dtype,
+      rngs: nnx.Rngs,
+  ):
+    self.layer_instance = layer_instance
+    self.feature_axes = () if feature_axes is None else feature_axes
+    self.use_scale = use_scale
+    self.scale_init = scale_init
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.variable_filter = nnx.filterlib.to_predicate(variable_filter)
+    self.promote_dtype = promote_dtype
+    self.scales: dict | None = None
+    if use_scale:
+      state = nnx.state(self.layer_instance, nnx.Param)
+      self.scales = nnx.data({
+          path: scale_init(rngs["params"], tuple(
+              param.shape[a] for a in self._axes(path, param.ndim)))
+          for path, param in nnx.to_flat_state(state)
+          if self.variable_filter(path, param)})
+
+  def _axes(self, path, ndim: int) -> tuple[int, ...]:
+    axes = self.feature_axes
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    feat = tuple(sorted({a + ndim if a < 0 else a for a in axes}))
+    if any(not 0 <= a < ndim for a in feat):
+      raise ValueError(
+          f"jaxnorm.nnx.WeightNorm: feature_axes={self.feature_axes!r} is "
+          f"out of range for the parameter {'/'.join(map(str, path))} with "
+          f"{ndim} dimensions. Fix: pass axes of that parameter, or narrow "
+          f"variable_filter.")
+    return feat
+
+  def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """Normalizes the selected weights in place, then calls the layer.
+
+    Args:
+      x: the wrapped layer's input.
+      *args: further positional arguments of the wrapped layer.
+      **kwargs: keyword arguments of the wrapped layer.
+
+    Returns:
+      The wrapped layer's output.
+    """
+    state = nnx.state(self.layer_instance)
+    for path, param in nnx.to_flat_state(state):
+      if self.variable_filter(path, param):
+        self._normalize_inplace(path, param)
+    return self.layer_instance(x, *args, **kwargs)
+
+  def _normalize_inplace(self, path, param):
+    feat = self._axes(path, param.ndim)
+    scale = None
+    if self.use_scale:
+      if path not in self.scales:
+        raise RuntimeError(
+            f"jaxnorm.nnx.WeightNorm: no scale for the parameter "
+            f"{'/'.join(map(str, path))}: the wrapped layer's parameters "
+            f"changed after WeightNorm was built. Fix: build WeightNorm "
+            f"around the finished layer.")
+      scale = self.scales[path]
+    value = param[...]
+    w = weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
+    dtype = nnx_dtypes.canonicalize_dtype(
+        value, *(() if scale is None else (scale,)), dtype=self.dtype)
+    param.set_value(jnp.asarray(w, dtype))

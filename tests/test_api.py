@@ -54,6 +54,18 @@ SIGNATURES = {
         ("step", _E), "*", ("rmax", 3.0), ("dmax", 5.0),
         ("warmup_steps", 5000), ("rmax_end_step", 40000),
         ("dmax_end_step", 25000)],
+    # issue 15
+    "spectral_norm_init": [("shape", _E), ("key", _E), "*",
+                           ("dtype", jnp.float32)],
+    "spectral_norm": [
+        ("w", _E), ("state", _E), "*", ("n_steps", 1), ("epsilon", 1e-12),
+        ("update_stats", True), ("error_on_non_matrix", False)],
+    "weight_norm": [("v", _E), ("scale", None), "*", ("feature_axes", -1),
+                    ("epsilon", 1e-12)],
+    "weight_norm_from_torch": [("weight_g", _E), ("weight_v", _E), "*",
+                               ("dim", 0)],
+    "weight_norm_to_torch": [("v", _E), ("scale", None), "*",
+                             ("feature_axes", -1)],
 }
 
 
@@ -72,7 +84,8 @@ def test_all_lists_exactly_the_public_names():
             if not n.startswith("_") and not isinstance(v, types.ModuleType)}
   assert set(jaxnorm.__all__) == public
   assert len(jaxnorm.__all__) == len(set(jaxnorm.__all__))
-  assert set(SIGNATURES) | {"BatchNormState"} <= set(jaxnorm.__all__)
+  assert set(SIGNATURES) | {"BatchNormState", "SpectralNormState"} <= set(
+      jaxnorm.__all__)
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))

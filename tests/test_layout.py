@@ -27,7 +27,8 @@ PACKAGE = pathlib.Path(jaxnorm.__file__).parent
 LAYERS = {
     "_checks": 1, "_stats": 1, "reference": 1,
     "_core": 2,
-    "batch_norm": 3, "variants": 3,
+    "_weight_core": 2,
+    "batch_norm": 3, "variants": 3, "weight_norm": 3,
     "folding": 4.0, "recalibration": 4.0, "_modules": 4.0,
     "linen": 4.1, "pytorch": 4.1,
     "nnx": 4.2, "interop": 4.2,
