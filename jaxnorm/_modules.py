@@ -170,11 +170,21 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
     train_fn = lambda *a, **k: batch_renorm_train(*a, rmax=rmax, dmax=dmax,
                                                   **k)
 
+  skip = getattr(mdl, "skip_nonfinite", False)
+  if skip:
+    kw.update(skip_nonfinite=skip)
+
   def step(xc, s, b):
-    y, out["state"] = train_fn(xc, state, s, b, **kw)
+    y, out["state"], *skipped = train_fn(xc, state, s, b, **kw)
+    out["skipped"] = skipped
     return y
 
   y = _run(mdl, x, params, step, promote_with)
+  if out["skipped"]:  # skip_nonfinite=True: report which features kept
+    if isinstance(mdl, nn.Module):
+      mdl.sow("intermediates", "nonfinite_skipped", out["skipped"][0])
+    else:  # nnx: the Intermediate made by the constructor
+      mdl.nonfinite_skipped.set_value(out["skipped"][0])
   return y, out["state"]
 
 

@@ -179,6 +179,12 @@ class BatchNorm(nn.Module):
     renorm_schedule: ``count -> (rmax, dmax)`` used when ``renorm=True``
       (default ``jaxnorm.batch_norm.batch_renorm_schedule``, the paper's
       schedule; e.g. ``lambda count: (3.0, 5.0)`` for fixed clips).
+    skip_nonfinite: keep the running mean and variance of a feature whose
+      batch statistics are not finite (a NaN or inf in the batch) instead
+      of letting them become NaN for good; the flags of the features kept
+      are sown as ``intermediates/nonfinite_skipped`` (a bool array of the
+      feature shape; ``mutable=['batch_stats', 'intermediates']`` to read
+      them). Default False: as flax, one bad batch poisons its features.
 
   Raises:
     flax.errors.ScopeParamShapeError / ScopeVariableError: as flax, for
@@ -212,6 +218,7 @@ class BatchNorm(nn.Module):
   renorm: bool = False
   renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
       batch_renorm_schedule)
+  skip_nonfinite: bool = False
 
   @nn.compact
   def __call__(

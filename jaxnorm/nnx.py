@@ -202,6 +202,13 @@ class BatchNorm(_Affine):
     renorm: Batch Renormalization in training mode (Ioffe, 2017).
     renorm_schedule: ``count -> (rmax, dmax)`` for ``renorm=True`` (default
       the paper's ``jaxnorm.batch_norm.batch_renorm_schedule``).
+    skip_nonfinite: keep the running mean and variance of a feature whose
+      batch statistics are not finite (a NaN or inf in the batch) instead
+      of letting them become NaN for good; the flags of the features kept
+      of the last training call are in the ``nnx.Intermediate``
+      ``nonfinite_skipped`` (a bool array of the feature shape; None without
+      this option). Default False: as flax, one bad batch poisons its
+      features.
 
   Raises:
     TypeError: ``num_features`` is not a positive int or tuple of them.
@@ -235,6 +242,7 @@ class BatchNorm(_Affine):
       renorm: bool = False,
       renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
           batch_renorm_schedule),
+      skip_nonfinite: bool = False,
   ):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -263,6 +271,10 @@ class BatchNorm(_Affine):
     self.virtual_batch_size = virtual_batch_size
     self.renorm = renorm
     self.renorm_schedule = renorm_schedule
+    self.skip_nonfinite = skip_nonfinite
+    self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
+    self.nonfinite_skipped = (nnx.Intermediate(jnp.zeros(shape, jnp.bool_))
+                              if skip_nonfinite else nnx.data(None))
     self.count: nnx.BatchStat[jax.Array] | None
     self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32))
                   if _keeps_count(self) else nnx.data(None))

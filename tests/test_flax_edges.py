@@ -239,3 +239,32 @@ def test_error_instance_norm_batch_axis_as_feature_axis():
       jax.random.key(0), jnp.ones((2, 3, 4))), "jaxnorm.linen.InstanceNorm",
           "cannot include the leading dimension",
           "set feature_axes to the channel axes")
+
+
+def test_skip_nonfinite_modules_keep_and_flag_the_bad_feature():
+  """linen/nnx ``skip_nonfinite=True``: the NaN feature keeps its running
+  statistics, the others update, and the flags are sown; the default (as
+  flax) poisons the feature."""
+  import jaxnorm.linen as jnn_
+  import jaxnorm.nnx as jnnx_
+  x = jax.random.normal(jax.random.key(0), (8, 3)) + 2.0
+  xb = x.at[0, 1].set(jnp.nan)
+  want = 0.01 * np.asarray(x, np.float64).mean(0)  # momentum 0.99 from 0
+  flags = np.array([False, True, False])
+  m = jnn_.BatchNorm(use_running_average=False, skip_nonfinite=True)
+  v = m.init(jax.random.key(1), x)
+  _, upd = m.apply(v, xb, mutable=["batch_stats", "intermediates"])
+  mean = np.asarray(upd["batch_stats"]["mean"])
+  np.testing.assert_allclose(mean[[0, 2]], want[[0, 2]], rtol=1e-5)
+  assert mean[1] == 0.0
+  np.testing.assert_array_equal(
+      upd["intermediates"]["nonfinite_skipped"][0], flags)
+  _, upd = jnn_.BatchNorm(use_running_average=False).apply(
+      v, xb, mutable=["batch_stats"])
+  assert np.isnan(np.asarray(upd["batch_stats"]["mean"])[1])
+  bn = jnnx_.BatchNorm(3, skip_nonfinite=True, rngs=nnx.Rngs(0))
+  nnx.jit(lambda mdl, a: mdl(a))(bn, xb)
+  mean = np.asarray(bn.mean[...])
+  np.testing.assert_allclose(mean[[0, 2]], want[[0, 2]], rtol=1e-5)
+  assert mean[1] == 0.0
+  np.testing.assert_array_equal(bn.nonfinite_skipped[...], flags)
