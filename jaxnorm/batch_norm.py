@@ -355,6 +355,16 @@ def _check_single(fn, x, feat, red, groups, names, axis_index_groups,
     )
 
 
+def _check_options(fn, x_shape, momentum, debias, running_var, epsilon,
+                   mask, axis_name):
+  """The options shared by the real and complex training paths, checked."""
+  return (_check_momentum(fn, momentum, debias),
+          _check_running_var(fn, running_var),
+          _checks.check_epsilon(fn, epsilon),
+          _checks.check_mask(fn, mask, x_shape),
+          _checks.check_axis_name(fn, axis_name))
+
+
 def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
            axis_index_groups, mask, running_var, debias, virtual_batch_size,
            skip_nonfinite, allow_single, renorm=None):
@@ -381,11 +391,8 @@ def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
   if not isinstance(skip_nonfinite, bool):
     raise TypeError(f"{fn}: `skip_nonfinite` must be True or False; got "
                     f"{skip_nonfinite!r}.")
-  momentum = _check_momentum(fn, momentum, debias)
-  running_var = _check_running_var(fn, running_var)
-  epsilon = _checks.check_epsilon(fn, epsilon)
-  mask = _checks.check_mask(fn, mask, x.shape)
-  names = _checks.check_axis_name(fn, axis_name)
+  momentum, running_var, epsilon, mask, names = _check_options(
+      fn, x.shape, momentum, debias, running_var, epsilon, mask, axis_name)
   axis_index_groups = _checks.check_axis_index_groups(
       fn, axis_index_groups, names)
   if renorm is not None:
@@ -457,11 +464,8 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
           f"{fn}: `{name}` must have the feature shape {fshape} of x "
           f"(shape {tuple(x.shape)}, axis {feat}); got "
           f"{tuple(jnp.shape(v))}.")
-  momentum = _check_momentum(fn, momentum, debias)
-  running_var = _check_running_var(fn, running_var)
-  epsilon = _checks.check_epsilon(fn, epsilon)
-  mask = _checks.check_mask(fn, mask, x.shape)
-  names = _checks.check_axis_name(fn, axis_name)
+  momentum, running_var, epsilon, mask, names = _check_options(
+      fn, x.shape, momentum, debias, running_var, epsilon, mask, axis_name)
   _check_single(fn, x, feat, red, 1, names, axis_index_groups, allow_single,
                 None, axis_name)
   wide = lambda dt: jnp.dtype(dt).itemsize >= (16 if jnp.issubdtype(

@@ -10,7 +10,6 @@ from jaxnorm import folding as _folding
 from jaxnorm import pytorch as _pytorch
 from jaxnorm import recalibration as _recalibration
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
-from jaxnorm.pytorch import SEED_CNN_LAYERS as SEED_CNN_LAYERS
 from jaxnorm.pytorch import TorchLayer as TorchLayer
 from jaxnorm.pytorch import batch_norm_from_torch as batch_norm_from_torch
 from jaxnorm.pytorch import batch_norm_to_torch as batch_norm_to_torch
@@ -27,6 +26,10 @@ from jaxnorm.pytorch import to_torch as to_torch
 from jaxnorm.pytorch import torch_momentum_to_jaxnorm as torch_momentum_to_jaxnorm
 from jaxnorm.pytorch import unbiased_running_var_to_torch as unbiased_running_var_to_torch
 from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
+
+#: The seed CNN's layer table, :data:`jaxnorm.pytorch.SEED_CNN_LAYERS`
+#: (the same object).
+SEED_CNN_LAYERS = _pytorch.SEED_CNN_LAYERS
 
 __all__ = sorted([*_folding.__all__, *_pytorch.__all__,
                   *_recalibration.__all__])

@@ -8,6 +8,7 @@ state dict must be a mapping, statistics finite, variances non-negative,
 ``num_batches_tracked`` a non-negative whole number.
 
 Conventions bridged (PyTorch -> jaxnorm / flax):
+
 * ``momentum`` m (weight on the new batch, default 0.1) -> ``momentum``
   ``1 - m`` (weight on the old value; 0.9, not flax's default 0.99);
   ``momentum=None`` (cumulative average) -> ``momentum=None`` of
