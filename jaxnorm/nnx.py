@@ -884,17 +884,21 @@ class SpectralNorm(nnx.Module):
 class WeightNorm(nnx.Module):
   """Weight normalization of a wrapped layer's weights (flax drop-in).
 
-  ``flax.nnx.WeightNorm`` (0.12.8) over :func:`jaxnorm.weight_norm`: the
-  same constructor, the same ``scales`` dict keyed by parameter path (one
-  array of shape ``param.shape[feature_axes]`` per variable selected by
-  ``variable_filter``, made by ``scale_init(rngs['params'], shape)`` as
+  ``flax.nnx.WeightNorm`` over :func:`jaxnorm.weight_norm`: the same
+  constructor, the same ``scales`` dict keyed by parameter path (one
+  ``nnx.Param`` of shape ``param.shape[feature_axes]`` per variable selected
+  by ``variable_filter``, made by ``scale_init(rngs['params'], shape)`` as
   flax does), and, as flax's, each call writes
 
   .. math::
      w = g \\frac{v}{\\sqrt{\\sum_R v^2 + \\epsilon}}
 
   (:math:`R` the axes not in ``feature_axes``) into the selected variables
-  of the wrapped layer before calling it.
+  of the wrapped layer before calling it. The scales :math:`g` are
+  ``nnx.Param`` objects, so ``nnx.grad`` and ``nnx.Optimizer(wrt=nnx.Param)``
+  train them, as in flax >= 0.12.9 and the paper; flax 0.12.8 kept them as
+  plain arrays that no optimizer updated (the one deviation from that
+  version).
 
   Args:
     layer_instance: the wrapped module.
@@ -939,8 +943,8 @@ class WeightNorm(nnx.Module):
     if use_scale:
       state = nnx.state(self.layer_instance, nnx.Param)
       self.scales = nnx.data({
-          path: scale_init(rngs["params"], tuple(
-              param.shape[a] for a in self._axes(path, param.ndim)))
+          path: nnx.Param(scale_init(rngs["params"], tuple(
+              param.shape[a] for a in self._axes(path, param.ndim))))
           for path, param in nnx.to_flat_state(state)
           if self.variable_filter(path, param)})
 
@@ -983,7 +987,7 @@ class WeightNorm(nnx.Module):
             f"{'/'.join(map(str, path))}: the wrapped layer's parameters "
             f"changed after WeightNorm was built. Fix: build WeightNorm "
             f"around the finished layer.")
-      scale = self.scales[path]
+      scale = self.scales[path][...]
     value = param[...]
     w = weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
     dtype = nnx_dtypes.canonicalize_dtype(

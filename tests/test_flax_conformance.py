@@ -51,7 +51,7 @@ def _flax_tests(cache_dir: pathlib.Path, version: str) -> pathlib.Path:
   if not sdist.exists():
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps",
-         "--no-binary", ":all:", "--no-build-isolation", "--quiet",
+         "--no-binary", ":all:", "--quiet",
          f"flax=={version}", "-d", str(cache_dir)],
         capture_output=True, text=True, timeout=600, check=False)
     if not sdist.exists():
