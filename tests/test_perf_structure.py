@@ -106,16 +106,26 @@ _TEMP_SHAPES = {"batch_norm": (16, 8, 8, 32), "layer_norm": (8, 32, 128),
                 "instance_norm": (16, 8, 8, 32)}
 
 
+@pytest.mark.parametrize("dtype", [
+    jnp.float32,
+    pytest.param(jnp.bfloat16, marks=pytest.mark.skipif(
+        jax.default_backend() != "cpu", reason="CPU's fusion decisions")),
+], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("uses_y", [False, True], ids=["grads", "train"])
 @pytest.mark.parametrize("name", list(_ops()))
-def test_fwd_bwd_has_no_activation_sized_temporary(name, uses_y):
+def test_fwd_bwd_has_no_activation_sized_temporary(name, uses_y, dtype):
   # Each reduction reads its own spelling of the centred input; one shared
   # x - m (or a shared broadcast, or scale * dy) would be written to a
-  # full-size temporary and read back by each of them.
+  # full-size temporary and read back by each of them. In bfloat16 each
+  # kernel also upcasts x and dy itself: a shared float32 upcast would be
+  # a temporary of twice x's bytes, per array (GroupNorm and InstanceNorm
+  # keep one).
+  if dtype == jnp.bfloat16 and name in ("group_norm", "instance_norm"):
+    pytest.skip("its bfloat16 backward keeps one float32 upcast")
   shape = _TEMP_SHAPES[name]
   r = np.random.RandomState(3)
-  x = jnp.asarray(r.randn(*shape) * 2 + 3, jnp.float32)
-  dy = jnp.asarray(r.randn(*shape), jnp.float32)
+  x = jnp.asarray(r.randn(*shape) * 2 + 3, dtype)
+  dy = jnp.asarray(r.randn(*shape), dtype)
   c = shape[-1]
   s = jnp.asarray(r.rand(c) + 0.5, jnp.float32)
   b = jnp.asarray(r.randn(c), jnp.float32)
