@@ -473,7 +473,7 @@ def format_summary(rows: list[dict]) -> str:
             (r["op"], r["shape"], r["dtype"])]
     flax = next(q for q in case if q["contender"] == "flax(fast var)")
     saved = ("-" if r.get("residual_MB") is None else
-             f"{r['residual_MB']:.0f} / {flax['residual_MB']:.0f}")
+             f"{r['residual_MB']:.3g} / {flax['residual_MB']:.3g}")
     sol = (_fmt(r["vs_sol"], 2) if "compile_s" not in r else
            f"compile {r['compile_vs_flax']:.2f}x flax")
     lines.append(
