@@ -490,8 +490,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--json", default=None, help="write the rows to this file")
   p.add_argument("--only", default=None,
-                 help="run only cases whose name contains one of these "
-                 "comma-separated strings")
+                 help="run only cases whose name ('rms_norm fwd+bwd "
+                 "32x512x1024', 'train step: seed CNN') contains one of "
+                 "these comma-separated strings")
   args = p.parse_args(argv)
   wanted = lambda name: not args.only or any(
       part in name for part in args.only.split(","))
@@ -519,7 +520,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   ]
   rows: list[dict] = []
   for kind, op, shape, dtype in cases:
-    if not wanted(f"{kind} {op}"):
+    if not wanted(f"{kind} {op} {'x'.join(map(str, shape))}"):
       continue
     rows += bench_op(kind, op, shape, dtype, repeats)
 
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   tx = jax.random.normal(key, tshape).astype(bf16)
   for label, norm, flax_norm in (("LayerNorm", jnl.LayerNorm, nn.LayerNorm),
                                  ("RMSNorm", jnl.RMSNorm, nn.RMSNorm)):
-    steps.append((f"pre-norm transformer block, {label}",
+    steps.append((f"pre-norm transformer block ({label})",
                   {"jaxnorm": norm, "flax(fast var)": flax_norm},
                   lambda n: _PreNormBlock(n, heads),
                   (tx, jnp.zeros(tshape, jnp.float32)), _mse_loss))

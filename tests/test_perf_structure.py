@@ -173,7 +173,7 @@ def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
   spec.loader.exec_module(bench)
   out = tmp_path / "rows.json"
   bench.main(["--quick", "--repeats", "1", "--only",
-              "batch_norm fwd+bwd,rms_norm fwd,block, RMSNorm",
+              "batch_norm fwd+bwd,rms_norm fwd 2x1x256,block (RMSNorm)",
               "--json", str(out)])
   rows = json.loads(out.read_text())["rows"]
   names = {r["contender"] for r in rows}
