@@ -59,22 +59,24 @@ def _block(out: Any) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int = 2) -> dict[str, float]:
+                     warmup: int = 3) -> dict[str, float]:
   """Median seconds per call of each zero-argument callable, interleaved.
 
   Each round calls every contender once, starting at a different one each
   round (so use a multiple of the number of contenders for equal shares).
-  A contender faster than 2 ms (the decode shape) is called in a loop of as
-  many calls as take about 2 ms per sample, so the clock's resolution and
-  one-off jitter do not decide its median.
+  When the fastest contender takes under 2 ms (the decode shape), every
+  contender is called in a loop of as many calls as take that one about
+  2 ms per sample, so the clock's resolution, one-off jitter and the final
+  synchronization do not decide the median; the same loop for all, so the
+  synchronization weighs the same in each.
   """
-  loops: dict[str, int] = {}
-  for k, f in fns.items():
+  fastest = float("inf")
+  for f in fns.values():
     for _ in range(warmup):
       t0 = time.perf_counter()
       _block(f())
-      dt = time.perf_counter() - t0
-    loops[k] = max(1, min(1000, int(2e-3 / max(dt, 1e-7))))
+      fastest = min(fastest, time.perf_counter() - t0)
+  loops = max(1, min(1000, int(2e-3 / max(fastest, 1e-7))))
   samples: dict[str, list[float]] = {k: [] for k in fns}
   names = list(fns)
   for r in range(repeats):
@@ -82,10 +84,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
     # left the same inputs in cache, so a fixed order would favour some.
     for k in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
-      for _ in range(loops[k]):
+      for _ in range(loops):
         out = fns[k]()
       _block(out)
-      samples[k].append((time.perf_counter() - t0) / loops[k])
+      samples[k].append((time.perf_counter() - t0) / loops)
   return {k: statistics.median(v) for k, v in samples.items()}
 
 
