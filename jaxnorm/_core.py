@@ -66,10 +66,10 @@ is written to memory once and read back by every consumer). So:
 - GroupNorm's statistics are reduced in ``x``'s own layout and then within
   each group of channels (``groups``), never in a (N, ..., G, C/G) view
   whose tiny minor axis makes CPU reductions several times slower.
-- A bfloat16 ``x`` or ``dy`` is upcast to float32 separately for each
-  kernel that reads it (``_stats.own_copy``): XLA would otherwise write
-  one shared float32 copy of each to memory and read it back, which more
-  than doubled the bfloat16 backward's time.
+- On CPU a bfloat16 ``x`` or ``dy`` is upcast to float32 separately for
+  each kernel that reads it (``_stats.own_copy``): XLA's CPU backend would
+  otherwise write one shared float32 copy of each to memory and read it
+  back, which more than doubled the bfloat16 backward's time.
 - The op is ``jax.jit``-ed, so same-shape layers share one trace.
 
 A jitted forward+backward of every normalizer has no activation-sized

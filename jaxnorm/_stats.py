@@ -61,10 +61,13 @@ def upcast(a: jax.Array, dtype: Any, reader: int) -> jax.Array:
   """``a`` in ``dtype`` as the ``reader``-th group of kernels reads it.
 
   Through :func:`own_copy` where that is an upcast (bfloat16 or float16
-  ``a``); otherwise ``a`` as is, so float32 graphs are unchanged.
+  ``a``) on XLA's CPU backend, the one measured; otherwise a plain
+  ``astype``: float32 graphs are unchanged, and GPU/TPU fusion fuses a
+  shared convert into each of its readers and merges sibling reductions of
+  one array, which distinct copies would prevent.
   """
-  if jnp.dtype(a.dtype) == jnp.dtype(dtype):
-    return a
+  if jnp.dtype(a.dtype) == jnp.dtype(dtype) or jax.default_backend() != "cpu":
+    return a.astype(dtype)
   return own_copy(a, reader).astype(dtype)
 
 
