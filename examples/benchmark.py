@@ -25,13 +25,19 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
+# Benchmark the jaxnorm of this checkout, not whichever one is installed
+# (an editable install of another worktree would otherwise win).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp
 from jax.ad_checkpoint import print_saved_residuals
 import numpy as np
