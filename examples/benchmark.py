@@ -11,6 +11,7 @@ Usage:
   python examples/benchmark.py            # full run, prints a table
   python examples/benchmark.py --quick    # small shapes, few repeats
   python examples/benchmark.py --json out.json
+  python examples/benchmark.py --only "rms_norm fwd+bwd,transformer"
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
+# Benchmark the jaxnorm of this checkout, not whichever one is installed
+# (an editable install of another worktree would otherwise win).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 import jax.numpy as jnp
 from jax.ad_checkpoint import print_saved_residuals
 import numpy as np
@@ -57,15 +65,24 @@ def _block(out: Any) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int = 2) -> dict[str, float]:
+                     warmup: int = 3) -> dict[str, float]:
   """Median seconds per call of each zero-argument callable, interleaved.
 
   Each round calls every contender once, starting at a different one each
   round (so use a multiple of the number of contenders for equal shares).
+  When the fastest contender takes under 2 ms (the decode shape), every
+  contender is called in a loop of as many calls as take that one about
+  2 ms per sample, so the clock's resolution, one-off jitter and the final
+  synchronization do not decide the median; the same loop for all, so the
+  synchronization weighs the same in each.
   """
+  fastest = float("inf")
   for f in fns.values():
     for _ in range(warmup):
+      t0 = time.perf_counter()
       _block(f())
+      fastest = min(fastest, time.perf_counter() - t0)
+  loops = max(1, min(1000, int(2e-3 / max(fastest, 1e-7))))
   samples: dict[str, list[float]] = {k: [] for k in fns}
   names = list(fns)
   for r in range(repeats):
@@ -73,8 +90,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
     # left the same inputs in cache, so a fixed order would favour some.
     for k in names[r % len(names):] + names[:r % len(names)]:
       t0 = time.perf_counter()
-      _block(fns[k]())
-      samples[k].append(time.perf_counter() - t0)
+      for _ in range(loops):
+        out = fns[k]()
+      _block(out)
+      samples[k].append((time.perf_counter() - t0) / loops)
   return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -115,45 +134,53 @@ def _group_ref(x, s, b, groups=32):
 
 
 def variant_forwards(kind: str) -> dict[str, Callable]:
-  """LayerNorm / RMSNorm / GroupNorm forward functions (flax defaults)."""
+  """LayerNorm / RMSNorm / GroupNorm forward functions ``f(x, s, b)``.
+
+  flax's modules get ``dtype=x.dtype`` (a bfloat16 model sets it; without
+  it flax would return float32 for bfloat16 input, where jaxnorm returns
+  ``x``'s dtype). RMSNorm has no bias: its ``b`` is ignored.
+  """
   last = lambda x: (x.ndim - 1,)
   if kind == "layer_norm":
     jn = lambda x, s, b: jaxnorm.layer_norm(x, s, b)
-    mk = lambda fast: nn.LayerNorm(use_fast_variance=fast)
+    mk = lambda fast, dt: nn.LayerNorm(use_fast_variance=fast, dtype=dt)
     ref = lambda x, s, b: normalize_reference(x, s, b, axes=last(x),
                                               epsilon=1e-6)
-  elif kind == "rms_norm":  # bias added outside so all take (x, s, b)
-    jn = lambda x, s, b: jaxnorm.rms_norm(x, s) + b.astype(x.dtype)
-    mk = lambda fast: nn.RMSNorm(use_fast_variance=fast)
+  elif kind == "rms_norm":
+    jn = lambda x, s, b: jaxnorm.rms_norm(x, s)
+    mk = lambda fast, dt: nn.RMSNorm(use_fast_variance=fast, dtype=dt)
     ref = lambda x, s, b: normalize_reference(
-        x, s, None, axes=last(x), epsilon=1e-6, center=False) + b.astype(
-            x.dtype)
+        x, s, None, axes=last(x), epsilon=1e-6, center=False)
   elif kind == "group_norm":
     jn = lambda x, s, b: jaxnorm.group_norm(x, s, b, num_groups=32)
-    mk = lambda fast: nn.GroupNorm(num_groups=32, use_fast_variance=fast)
+    mk = lambda fast, dt: nn.GroupNorm(num_groups=32, use_fast_variance=fast,
+                                       dtype=dt)
     ref = _group_ref
   else:
     raise ValueError(kind)
 
   def flax_fn(fast):
-    mod = mk(fast)
-
     def f(x, s, b):
-      if kind == "rms_norm":
-        return mod.apply({"params": {"scale": s}}, x) + b.astype(x.dtype)
-      return mod.apply({"params": {"scale": s, "bias": b}}, x)
+      params = {"scale": s} if kind == "rms_norm" else {"scale": s, "bias": b}
+      return mk(fast, x.dtype).apply({"params": params}, x)
     return f
 
   return {"jaxnorm": jn, "flax(fast var)": flax_fn(True),
           "flax(two-pass)": flax_fn(False), "jnp+autodiff": ref}
 
 
-def fwd_bwd(f: Callable) -> Callable:
-  """Gradients of ``sum(f(x, s, b) * dy)`` w.r.t. x, scale and bias."""
+def fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
+  """Gradients of ``vdot(f(x, s, b), dy)`` w.r.t. the ``argnums`` inputs.
+
+  What a training step computes around a normalizer: ``dy`` is the
+  cotangent arriving from the layers above (the loss's gradient w.r.t.
+  ``y`` is exactly ``dy``), accumulated in float32; no other term.
+  """
 
   def g(x, s, b, dy):
-    return jax.grad(lambda *a: jnp.sum((f(*a) * dy).astype(jnp.float32)),
-                    (0, 1, 2))(x, s, b)
+    return jax.grad(
+        lambda *a: jnp.vdot(f(*a), dy, preferred_element_type=jnp.float32),
+        argnums)(x, s, b)
   return g
 
 
@@ -165,11 +192,17 @@ def speed_of_light(op: str) -> Callable:
 
 
 def torch_call(kind: str, op: str, x: np.ndarray):
-  """A PyTorch CPU contender (channels-last for 4-D input), or None."""
-  if torch is None:
+  """A PyTorch CPU contender (channels-last for 4-D input), or None.
+
+  ``x``'s dtype is kept (bfloat16 too; PyTorch's layers then run in mixed
+  precision with float32 parameters, as jaxnorm and flax do). Only on the
+  CPU backend: elsewhere it would not be a peer of the jitted contenders.
+  """
+  if torch is None or jax.default_backend() != "cpu":
     return None
   torch.set_num_threads(os.cpu_count() or 1)
-  xt = torch.from_numpy(np.array(x, np.float32, copy=True))
+  tdt = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
+  xt = torch.from_numpy(np.array(x, np.float32, copy=True)).to(tdt)
   c = xt.shape[-1]
   if xt.ndim == 4:
     xt = xt.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
@@ -184,10 +217,15 @@ def torch_call(kind: str, op: str, x: np.ndarray):
   mod = mods[kind]()
   if op == "infer":
     mod.eval()
+
+  def call():
+    with warnings.catch_warnings():  # bf16 RMSNorm: "cannot dispatch to
+      warnings.simplefilter("ignore")  # fused implementation" per call
+      return mod(xt)
   if op != "fwd+bwd":
     def run():
       with torch.no_grad():
-        return mod(xt)
+        return call()
     return run
   xt.requires_grad_(True)
   dy = torch.randn_like(xt)
@@ -195,7 +233,7 @@ def torch_call(kind: str, op: str, x: np.ndarray):
   def run_bwd():
     xt.grad = None
     mod.zero_grad(set_to_none=True)
-    mod(xt).backward(dy)
+    call().backward(dy)
   return run_bwd
 
 
@@ -225,6 +263,20 @@ def residual_bytes(f: Callable, *args) -> int:
   return total
 
 
+# The peers whose fastest one is "best peer" (the speed of light is no peer).
+PEERS = ("flax(fast var)", "flax(two-pass)", "jnp+autodiff", "pytorch")
+
+
+def _with_best(rows: list[dict], times: dict[str, float]) -> list[dict]:
+  """Adds the best peer (name and ms) and each row's ``vs_best`` ratio."""
+  best = min((k for k in times if k in PEERS), key=times.__getitem__)
+  for r in rows:
+    r["best_peer"] = best
+    r["best_ms"] = times[best] * 1e3
+    r["vs_best"] = times[best] / times[r["contender"]]
+  return rows
+
+
 def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
              repeats: int) -> list[dict]:
   """Times every contender of one (op, shape, dtype); returns table rows."""
@@ -246,16 +298,16 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
     fwds = bn_forwards(c, tuple(range(len(shape) - 1)))
   else:
     fwds = variant_forwards(kind)
+  argnums = (0, 1) if kind == "rms_norm" else (0, 1, 2)
   if op == "fwd+bwd":
-    fns = {k: fwd_bwd(f) for k, f in fwds.items()}
+    fns = {k: fwd_bwd(f, argnums) for k, f in fwds.items()}
   else:
     fns = {k: (lambda f: lambda x, s, b, dy: f(x, s, b))(f)
            for k, f in fwds.items()}
   fns["speed of light"] = speed_of_light(op)
   jitted = {k: jax.jit(f) for k, f in fns.items()}
   calls = {k: (lambda j: lambda: j(x, s, b, dy))(j) for k, j in jitted.items()}
-  tc = torch_call(kind, op, np.asarray(x, np.float32)) if (
-      dtype == jnp.float32) else None
+  tc = torch_call(kind, op, np.asarray(x))
   if tc is not None:
     calls["pytorch"] = tc
   times = time_interleaved(calls, repeats)
@@ -273,7 +325,7 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
       if ma is not None:
         row["temp_MB"] = ma.temp_size_in_bytes / 2**20
     rows.append(row)
-  return rows
+  return _with_best(rows, times)
 
 
 # --------------------------------------------------------------------------
@@ -310,72 +362,132 @@ class _SeedCNN(nn.Module):
     return nn.Dense(10)(x)
 
 
-def bench_train_step(name: str, make: Callable[[Any], nn.Module],
-                     x_shape: tuple[int, ...], repeats: int) -> list[dict]:
-  """Times a full SGD step (forward, backward, update) with each BN."""
-  import jaxnorm.linen as jnl  # noqa: PLC0415 - optional until it exists
+class _PreNormBlock(nn.Module):
+  """A pre-norm transformer block: ``h = x + attn(norm(x))``, then
+  ``h + mlp(norm(h))``; bfloat16 activations, float32 parameters."""
+  norm: Any
+  heads: int
 
-  x = jax.random.normal(jax.random.key(0), x_shape)
-  labels = jnp.arange(x_shape[0]) % 10
-  bns = {"jaxnorm": jnl.BatchNorm, "flax(fast var)": nn.BatchNorm}
-  models = {k: make(bn) for k, bn in bns.items()}
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    bf16, d = jnp.bfloat16, x.shape[-1]
+    kw = {"dtype": bf16, "param_dtype": jnp.float32}
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+    h = x + nn.MultiHeadDotProductAttention(self.heads, **kw)(
+        self.norm(**kw)(x), mask=mask)
+    z = nn.Dense(4 * d, **kw)(self.norm(**kw)(h))
+    return h + nn.Dense(d, **kw)(nn.gelu(z))
+
+
+def _xent_loss(out, labels):
+  onehot = jax.nn.one_hot(labels, 10)
+  return -jnp.mean(jnp.sum(jax.nn.log_softmax(out) * onehot, -1))
+
+
+def _mse_loss(out, target):
+  return jnp.mean(jnp.square(out.astype(jnp.float32) - target))
+
+
+def bench_train_step(name: str, norms: dict[str, Any],
+                     make: Callable[[Any], nn.Module], x: jax.Array,
+                     target: jax.Array, loss: Callable, repeats: int,
+                     compiles: int = 3) -> list[dict]:
+  """Times a full SGD step (forward, backward, update) with each norm layer.
+
+  ``norms`` maps a contender to the normalization module class ``make``
+  builds the model with; ``loss(output, target)`` is the training loss.
+  Running statistics (``batch_stats``), where the model has them, are
+  updated as in training.
+  """
+  models = {k: make(n) for k, n in norms.items()}
   variables = {k: m.init(jax.random.key(1), x, train=False)
                for k, m in models.items()}
 
   def make_step(model):  # a fresh function each call: no tracing cache hit
-    def step(variables, x, labels):
+    def step(variables, x, target):
+      stats = {k: v for k, v in variables.items() if k != "params"}
+
       def loss_fn(params):
-        logits, upd = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, x,
-            train=True, mutable=["batch_stats"])
-        onehot = jax.nn.one_hot(labels, 10)
-        return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * onehot, -1)), upd
-      (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(
+        out, upd = model.apply({"params": params, **stats}, x, train=True,
+                               mutable=list(stats))
+        return loss(out, target), upd
+      (value, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(
           variables["params"])
       params = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g,
                                       variables["params"], g)
-      return {"params": params, "batch_stats": upd["batch_stats"]}, loss
+      return {"params": params, **upd}, value
     return step
 
-  # Trace + lower + compile, three times each in the order A B B A A B (the
-  # first compile of a process pays one-time costs, and a single compile
-  # varies by 10-20% here), keeping each one's best.
+  # Trace + lower + compile, `compiles` times each in the order A B B A A B
+  # (the first compile of a process pays one-time costs, and a single
+  # compile varies by 10-20% here), keeping each one's best.
   compile_s: dict[str, float] = {}
   compiled = {}
-  for label in (*bns, *reversed(bns), *bns):
+  labels = list(norms)
+  order = (labels + labels[::-1]) * compiles
+  for label in order[:compiles * len(labels)]:
     t0 = time.perf_counter()
     compiled[label] = jax.jit(make_step(models[label])).lower(
-        variables[label], x, labels).compile()
+        variables[label], x, target).compile()
     dt = time.perf_counter() - t0
     compile_s[label] = min(compile_s.get(label, dt), dt)
-  steps = {k: (lambda c, v: lambda: c(v, x, labels))(compiled[k],
+  steps = {k: (lambda c, v: lambda: c(v, x, target))(compiled[k],
                                                      variables[k])
-           for k in bns}
+           for k in norms}
   times = time_interleaved(steps, repeats)
-  return [{"op": f"train step: {name}", "shape": "x".join(map(str, x_shape)),
-           "dtype": "float32", "contender": k, "ms": t * 1e3,
+  rows = [{"op": f"train step: {name}", "shape": "x".join(map(str, x.shape)),
+           "dtype": jnp.dtype(x.dtype).name, "contender": k, "ms": t * 1e3,
            "vs_flax": times["flax(fast var)"] / t, "vs_sol": None,
            "compile_s": compile_s[k],
            "compile_vs_flax": compile_s[k] / compile_s["flax(fast var)"]}
           for k, t in times.items()]
+  return _with_best(rows, times)
 
 
 # --------------------------------------------------------------------------
 # Table
 
 
+def _fmt(v: float | None, p: int) -> str:
+  return "-" if v is None else f"{v:.{p}f}"
+
+
 def format_table(rows: list[dict]) -> str:
-  head = ("| op | shape | dtype | contender | ms | flax/this | this/SoL | "
-          "saved MB | temp MB |")
-  lines = [head, "|" + "---|" * 9]
-  fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+  """Every contender of every case: the full table."""
+  head = ("| op | shape | dtype | contender | ms | flax/this | best/this | "
+          "this/SoL | saved MB | temp MB |")
+  lines = [head, "|" + "---|" * 10]
   for r in rows:
     extra = (f"compile {r['compile_s']:.2f}s ({r['compile_vs_flax']:.2f}x)"
-             if "compile_s" in r else fmt(r.get("temp_MB"), 1))
+             if "compile_s" in r else _fmt(r.get("temp_MB"), 1))
     lines.append(
         f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['contender']} | "
-        f"{r['ms']:.2f} | {fmt(r['vs_flax'], 2)} | {fmt(r['vs_sol'], 2)} | "
-        f"{fmt(r.get('residual_MB'), 1)} | {extra} |")
+        f"{r['ms']:.2f} | {_fmt(r['vs_flax'], 2)} | {_fmt(r['vs_best'], 2)} "
+        f"| {_fmt(r['vs_sol'], 2)} | {_fmt(r.get('residual_MB'), 1)} | "
+        f"{extra} |")
+  return "\n".join(lines)
+
+
+def format_summary(rows: list[dict]) -> str:
+  """One line per case: jaxnorm against the fastest peer of that case."""
+  head = ("| op | shape | dtype | jaxnorm ms | best peer | best peer ms | "
+          "jaxnorm vs best | jaxnorm / SoL | saved MB jaxnorm / flax |")
+  lines = [head, "|" + "---|" * 9]
+  for r in rows:
+    if r["contender"] != "jaxnorm":
+      continue
+    case = [q for q in rows if (q["op"], q["shape"], q["dtype"]) ==
+            (r["op"], r["shape"], r["dtype"])]
+    flax = next(q for q in case if q["contender"] == "flax(fast var)")
+    saved = ("-" if r.get("residual_MB") is None else
+             f"{r['residual_MB']:.3g} / {flax['residual_MB']:.3g}")
+    sol = (_fmt(r["vs_sol"], 2) if "compile_s" not in r else
+           f"compile {r['compile_vs_flax']:.2f}x flax")
+    lines.append(
+        f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['ms']:.3f} | "
+        f"{r['best_peer']} | {r['best_ms']:.3f} | {r['vs_best']:.2f} | "
+        f"{sol} | {saved} |")
   return "\n".join(lines)
 
 
@@ -386,46 +498,82 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--json", default=None, help="write the rows to this file")
   p.add_argument("--only", default=None,
-                 help="run only ops whose name contains this string")
+                 help="run only cases whose name ('rms_norm fwd+bwd "
+                 "32x512x1024', 'train step: seed CNN') contains one of "
+                 "these comma-separated strings")
   args = p.parse_args(argv)
+  wanted = lambda name: not args.only or any(
+      part in name for part in args.only.split(","))
   repeats = args.repeats or (3 if args.quick else 15)
   if args.quick:
-    conv, conv2, seq = (8, 8, 8, 64), (4, 8, 8, 64), (4, 16, 64)
+    conv, conv2, seq, dec = (8, 8, 8, 64), (4, 8, 8, 64), (4, 16, 64), (
+        2, 1, 256)
   else:
-    conv, conv2, seq = (128, 32, 32, 64), (32, 56, 56, 128), (32, 512, 1024)
+    conv, conv2, seq, dec = (128, 32, 32, 64), (32, 56, 56, 128), (
+        32, 512, 1024), (8, 1, 4096)
+  f32, bf16 = jnp.float32, jnp.bfloat16
   cases = [
-      ("batch_norm", "fwd", conv, jnp.float32),
-      ("batch_norm", "fwd+bwd", conv, jnp.float32),
-      ("batch_norm", "infer", conv, jnp.float32),
-      ("batch_norm", "fwd+bwd", conv2, jnp.float32),
-      ("layer_norm", "fwd+bwd", seq, jnp.float32),
-      ("layer_norm", "fwd+bwd", seq, jnp.bfloat16),
-      ("rms_norm", "fwd+bwd", seq, jnp.float32),
-      ("rms_norm", "fwd+bwd", seq, jnp.bfloat16),
-      ("group_norm", "fwd+bwd", conv, jnp.float32),
-      ("group_norm", "fwd+bwd", conv2, jnp.float32),
+      ("batch_norm", "fwd", conv, f32),
+      ("batch_norm", "fwd+bwd", conv, f32),
+      ("batch_norm", "infer", conv, f32),
+      ("batch_norm", "fwd+bwd", conv2, f32),
+      *((k, "fwd", shp, dt) for k in ("layer_norm", "rms_norm")
+        for shp in (seq, dec) for dt in (f32, bf16)),
+      ("layer_norm", "fwd+bwd", seq, f32),
+      ("layer_norm", "fwd+bwd", seq, bf16),
+      ("rms_norm", "fwd+bwd", seq, f32),
+      ("rms_norm", "fwd+bwd", seq, bf16),
+      ("group_norm", "fwd+bwd", conv, f32),
+      ("group_norm", "fwd+bwd", conv2, f32),
   ]
   rows: list[dict] = []
   for kind, op, shape, dtype in cases:
-    if args.only and args.only not in f"{kind} {op}":
+    if not wanted(f"{kind} {op} {'x'.join(map(str, shape))}"):
       continue
     rows += bench_op(kind, op, shape, dtype, repeats)
-  if not args.only or "train" in args.only:
-    bsz = 8 if args.quick else 128
-    rows += bench_train_step("seed CNN", lambda bn: _SeedCNN(bn),
-                             (bsz, 28, 28, 1), repeats)
-    rows += bench_train_step(
-        "20 x conv/BN/ReLU",
-        lambda bn: _ConvStack(bn, depth=4 if args.quick else 20, width=32),
-        (bsz // 4 or 2, 32, 32, 3), repeats)
+
+  import jaxnorm.linen as jnl  # noqa: PLC0415 - the modules' layer
+  compiles = 1 if args.quick else 3
+  bsz = 8 if args.quick else 128
+  bn = {"jaxnorm": jnl.BatchNorm, "flax(fast var)": nn.BatchNorm}
+  key = jax.random.key(0)
+  img = lambda shape: (jax.random.normal(key, shape),
+                       jnp.arange(shape[0]) % 10)
+  steps = [
+      ("seed CNN", bn, _SeedCNN, img((bsz, 28, 28, 1)), _xent_loss),
+      ("20 x conv/BN/ReLU", bn,
+       lambda n: _ConvStack(n, depth=4 if args.quick else 20, width=32),
+       img((bsz // 4 or 2, 32, 32, 3)), _xent_loss),
+  ]
+  # (batch, sequence, model width), heads: a small pre-norm block whose
+  # step a 2-core CPU runs in well under a second.
+  tshape, heads = ((2, 16, 64), 2) if args.quick else ((8, 256, 512), 8)
+  tx = jax.random.normal(key, tshape).astype(bf16)
+  for label, norm, flax_norm in (("LayerNorm", jnl.LayerNorm, nn.LayerNorm),
+                                 ("RMSNorm", jnl.RMSNorm, nn.RMSNorm)):
+    steps.append((f"pre-norm transformer block ({label})",
+                  {"jaxnorm": norm, "flax(fast var)": flax_norm},
+                  lambda n: _PreNormBlock(n, heads),
+                  (tx, jnp.zeros(tshape, jnp.float32)), _mse_loss))
+  for name, norms, make, (x, target), loss in steps:
+    if not wanted(f"train step: {name}"):
+      continue
+    rows += bench_train_step(name, norms, make, x, target, loss, repeats,
+                             compiles)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y-%m-%d %H:%M UTC")
+  dev = jax.devices()[0]
   machine = (f"{platform.machine()}, {os.cpu_count()} cores, "
              f"{platform.python_implementation()} {platform.python_version()}, "
-             f"jax {jax.__version__}, backend {jax.default_backend()}"
+             f"jax {jax.__version__}, backend {jax.default_backend()} "
+             f"({dev.device_kind})"
              + (f", torch {torch.__version__}" if torch else ""))
+  load = (f"; load average {os.getloadavg()[0]:.2f}"
+          if hasattr(os, "getloadavg") else "")
   print(f"jaxnorm benchmark, {stamp}; {machine}; median of {repeats} "
-        f"interleaved repeats")
+        f"interleaved repeats{load}")
+  print(format_summary(rows))
+  print()
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:

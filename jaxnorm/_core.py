@@ -66,6 +66,10 @@ is written to memory once and read back by every consumer). So:
 - GroupNorm's statistics are reduced in ``x``'s own layout and then within
   each group of channels (``groups``), never in a (N, ..., G, C/G) view
   whose tiny minor axis makes CPU reductions several times slower.
+- On CPU a bfloat16 ``x`` or ``dy`` is upcast to float32 separately for
+  each kernel that reads it (``_stats.own_copy``): XLA's CPU backend would
+  otherwise write one shared float32 copy of each to memory and read it
+  back, which more than doubled the bfloat16 backward's time.
 - The op is ``jax.jit``-ed, so same-shape layers share one trace.
 
 A jitted forward+backward of every normalizer has no activation-sized
@@ -140,6 +144,12 @@ def _scaled(a: jax.Array, rstd: jax.Array, s: jax.Array | None,
   return (a * (0.5 * rstd)) * (2.0 * s)
 
 
+# The readers of a bfloat16 x and dy, each with its own upcast (see
+# _stats.own_copy; readers 1 and 2 are the statistics'): y in the forward
+# pass, then those of the backward pass.
+_Y, _DX, _SG, _SGX, _DSCALE, _DBIAS = 3, 4, 5, 6, 7, 8
+
+
 def _forward(cfg: _Config, x, scale, bias, mask):
   """Primal computation; returns outputs and the residuals of ``_vjp``.
 
@@ -160,7 +170,7 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   )
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
-  xf = x.astype(dt)
+  xf = _stats.upcast(x, dt, _Y)
   m, delta = _shifts(hi, lo)
   d = (xf - m) - delta if cfg.center else xf
   mean = hi + lo
@@ -246,11 +256,15 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
   x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
-  g = dy.astype(dt)
-  xf = x.astype(dt)
+  # Every kernel reading a bfloat16 x or dy gets its own upcast (dx, the
+  # per-group sums, dscale, dbias; see _stats.own_copy).
+  own = lambda a, reader: _stats.upcast(a, dt, reader)
+  g = own(dy, _DX)
+  xf = own(x, _DX)
   m, delta = _shifts(hi, lo)
   # The centred input as the per-group sums read it (see above).
-  d_sum = xf + (-m) if cfg.center else xf
+  x_sgx = own(x, _SGX)
+  d_sum = x_sgx + (-m) if cfg.center else x_sgx
   s = None if scale is None else scale.astype(dt)
   s_shape = None if scale_aval is None else scale_aval.shape
   b_shape = None if bias_aval is None else bias_aval.shape
@@ -259,8 +273,8 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   inner = tuple(a for a in cfg.axes if _per_group(s_shape, (a,)) and
                 _per_group(b_shape, (a,)))
   if inner:
-    sg = jnp.sum(g, axis=inner, keepdims=True)
-    sgx = jnp.sum(g * d_sum, axis=inner, keepdims=True)
+    sg = jnp.sum(own(dy, _SG), axis=inner, keepdims=True)
+    sgx = jnp.sum(own(dy, _SGX) * d_sum, axis=inner, keepdims=True)
     sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd  # sum g xhat
     dbias = None if bias_aval is None else _sum_to(sg, b_shape)
     dscale = None if s is None else _sum_to(sgx, s_shape)
@@ -273,21 +287,23 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   else:  # a parameter varies along every reduced axis (LayerNorm)
     # Spellings (see the module docstring): -s, -r, 2s and r/2 are exact
     # and give every reduction its own broadcast operand.
-    dbias = None if bias_aval is None else _sum_to(g, b_shape)
+    dbias = None if bias_aval is None else _sum_to(own(dy, _DBIAS),
+                                                   b_shape)
     dscale = None
     if s is not None:
       if cfg.center:  # xhat = ((x - c) - delta_c) r, another split
         c = hi - lo
-        xhat_neg = ((xf - c) - ((hi - c) + lo)) * (-rstd)
+        xhat_neg = ((own(x, _DSCALE) - c) - ((hi - c) + lo)) * (-rstd)
       else:
-        xhat_neg = xf * (-rstd)
-      dscale = -_sum_to(g * xhat_neg, s_shape)
+        xhat_neg = own(x, _DSCALE) * (-rstd)
+      dscale = -_sum_to(own(dy, _DSCALE) * xhat_neg, s_shape)
+    g_sg, g_sgx = own(dy, _SG), own(dy, _SGX)
     if s is None:
-      sg = jnp.sum(g, axis=cfg.axes, keepdims=True)
-      sgx = jnp.sum(g * d_sum, axis=cfg.axes, keepdims=True)
+      sg = jnp.sum(g_sg, axis=cfg.axes, keepdims=True)
+      sgx = jnp.sum(g_sgx * d_sum, axis=cfg.axes, keepdims=True)
     else:
-      sg = jnp.sum(g * s, axis=cfg.axes, keepdims=True)
-      sgx = -jnp.sum((g * d_sum) * (-s), axis=cfg.axes, keepdims=True)
+      sg = jnp.sum(g_sg * s, axis=cfg.axes, keepdims=True)
+      sgx = -jnp.sum((g_sgx * d_sum) * (-s), axis=cfg.axes, keepdims=True)
     sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd
   # GroupNorm: then within each group of channels (delta and rstd are
   # constant there, so this commutes with the corrections above).

@@ -36,6 +36,41 @@ def stat_dtype(dtype: Any) -> Any:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
+def own_copy(a: jax.Array, reader: int) -> jax.Array:
+  """``a`` as the ``reader``-th group of kernels reads it.
+
+  An ``optimization_barrier`` of ``reader`` copies of ``a`` (no data is
+  copied: the barrier only hides that its results equal ``a``). The
+  float32 upcast of a bfloat16 ``x`` or ``dy`` read by several kernels is
+  otherwise one shared ``convert`` (XLA's CSE merges any spelling of it),
+  which XLA's CPU backend writes to memory in full and reads back: twice
+  the input's bytes, per array. Converts of distinct barrier results stay
+  distinct and each fuses into its own kernel, which then reads the
+  bfloat16 input directly. Barriers with the same operands would be merged
+  too, hence the operand count ``reader``: each reader gets its own.
+  """
+  return jax.lax.optimization_barrier((a,) * reader)[0]
+
+
+# The forward's readers of a bfloat16 x with their own upcast (the backward's
+# are numbered from 3 in _core).
+_PILOT, _SQUARES = 1, 2
+
+
+def upcast(a: jax.Array, dtype: Any, reader: int) -> jax.Array:
+  """``a`` in ``dtype`` as the ``reader``-th group of kernels reads it.
+
+  Through :func:`own_copy` where that is an upcast (bfloat16 or float16
+  ``a``) on XLA's CPU backend, the one measured; otherwise a plain
+  ``astype``: float32 graphs are unchanged, and GPU/TPU fusion fuses a
+  shared convert into each of its readers and merges sibling reductions of
+  one array, which distinct copies would prevent.
+  """
+  if jnp.dtype(a.dtype) == jnp.dtype(dtype) or jax.default_backend() != "cpu":
+    return a.astype(dtype)
+  return own_copy(a, reader).astype(dtype)
+
+
 def group_sum(a: jax.Array, groups: int | None,
               channels: int) -> jax.Array:
   """Sums ``a`` within each of ``groups`` runs of consecutive channels.
@@ -141,7 +176,7 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   return total / jnp.maximum(n, 1.0)
 
 
-def _shifted_sums(xf, k, keep, valid, groups):
+def _shifted_sums(xf, x2, k, keep, valid, groups):
   """``sum(x - k)`` and ``sum((x - k)^2)``: two reductions, one read each.
 
   The two centred copies are written differently (``x - k`` and
@@ -150,7 +185,7 @@ def _shifted_sums(xf, k, keep, valid, groups):
   """
   c = xf.shape[-1]
   s1 = group_sum(jnp.sum(valid(xf - k), **keep), groups, c)
-  s2 = group_sum(jnp.sum(valid(jnp.square(xf + (-k))), **keep), groups, c)
+  s2 = group_sum(jnp.sum(valid(jnp.square(x2 + (-k))), **keep), groups, c)
   return s1, s2
 
 
@@ -215,8 +250,10 @@ def moments(
     safe = jnp.maximum(count, 1.0)
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
-    hi = _pilot(xf, axes, w, groups)
-    s1, s2 = _shifted_sums(xf, hi, keep, valid, groups)
+    # The pilot's slice reads its own copy of x (see own_copy).
+    hi = _pilot(upcast(x, dt, _PILOT), axes, w, groups)
+    s1, s2 = _shifted_sums(xf, upcast(x, dt, _SQUARES), hi, keep, valid,
+                           groups)
     lo = s1 / safe
     m2 = jnp.maximum(s2 - s1 * lo, 0.0)
   else:
