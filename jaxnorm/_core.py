@@ -71,6 +71,10 @@ is written to memory once and read back by every consumer). So:
   otherwise write one shared float32 copy of each to memory and read it
   back, which more than doubled the bfloat16 backward's time.
 - The op is ``jax.jit``-ed, so same-shape layers share one trace.
+- On XLA's CPU backend, LayerNorm/RMSNorm over trailing axes and BatchNorm
+  run fused C++ kernels (``jaxnorm/_kernels.py``; "CPU kernels" below):
+  XLA's CPU backend forms no multi-output reductions, so no spelling of
+  the XLA ops reads the activations fewer times than the list above.
 
 A jitted forward+backward of every normalizer has no activation-sized
 temporary (``tests/test_perf_structure.py``); ``examples/benchmark.py``
@@ -81,11 +85,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
+from jax.extend import core as jex_core
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
 import jax.numpy as jnp
 
+from jaxnorm import _kernels
 from jaxnorm import _stats
 
 
@@ -97,6 +107,10 @@ class _Config:
   axis_name: tuple[Any, ...] | None
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   groups: int | None = None  # channel groups of the last axis (GroupNorm)
+  # "rows" (LayerNorm/RMSNorm over trailing axes) or "cols" (BatchNorm over
+  # all axes but the last): which CPU kernels run the op (see "CPU kernels"
+  # below); decided by `_kernel_kind`.
+  kernel: str | None = None
 
 
 def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -159,15 +173,19 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   built here for the backward pass: it saves ``x`` itself (alive anyway as
   this op's input, and in its own dtype) and per-group statistics.
   """
-  count, hi, lo, var = _stats.moments(
-      x,
-      cfg.axes,
-      mask=mask,
-      center=cfg.center,
-      axis_name=cfg.axis_name,
-      axis_index_groups=cfg.axis_index_groups,
-      groups=cfg.groups,
-  )
+  if cfg.kernel:
+    hi, lo, var = _kernel_moments(cfg, x)
+    count = jnp.full(hi.shape, float(_width(cfg, x)), hi.dtype)
+  else:
+    count, hi, lo, var = _stats.moments(
+        x,
+        cfg.axes,
+        mask=mask,
+        center=cfg.center,
+        axis_name=cfg.axis_name,
+        axis_index_groups=cfg.axis_index_groups,
+        groups=cfg.groups,
+    )
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
   xf = _stats.upcast(x, dt, _Y)
@@ -224,7 +242,7 @@ def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
   return jax.lax.psum(ct, extra) if extra else ct
 
 
-def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
+def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
   """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``.
 
   In coefficient form, with the mean split as ``m + delta`` (see
@@ -273,9 +291,13 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   inner = tuple(a for a in cfg.axes if _per_group(s_shape, (a,)) and
                 _per_group(b_shape, (a,)))
   if inner:
-    sg = jnp.sum(own(dy, _SG), axis=inner, keepdims=True)
-    sgx = jnp.sum(own(dy, _SGX) * d_sum, axis=inner, keepdims=True)
-    sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd  # sum g xhat
+    if sums is None:
+      sg = jnp.sum(own(dy, _SG), axis=inner, keepdims=True)
+      sgx = jnp.sum(own(dy, _SGX) * d_sum, axis=inner, keepdims=True)
+      sgx = (sgx - delta * sg) if cfg.center else sgx
+    else:  # from the CPU kernel: sum g and sum g ((x - hi) - lo)
+      sg, sgx = sums
+    sgx = sgx * rstd  # sum g xhat
     dbias = None if bias_aval is None else _sum_to(sg, b_shape)
     dscale = None if s is None else _sum_to(sgx, s_shape)
     if s is not None:
@@ -330,8 +352,201 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array):
   return dx.astype(x_dtype), dscale, dbias
 
 
+# CPU kernels
+# -----------
+# LayerNorm and RMSNorm over trailing axes, and BatchNorm over all axes but
+# the last (no mask, no named axis, float32 or bfloat16), run fused kernels
+# on XLA's CPU backend (`jaxnorm/_kernels.py`, which see). LayerNorm's
+# forward reads x once and writes y, its backward reads x and dy once and
+# writes dx, where XLA's own fusions read them 3 and 10 times; BatchNorm's
+# statistics and backward sums read each input once (the elementwise passes
+# stay XLA's). Each kernel runs its plain-jnp twin on other platforms and
+# under `jax.export` (see `jaxnorm/_kernels.py`), and every use of a kernel
+# here is a `jax.custom_jvp` whose rule is written with XLA ops, so
+# grad-of-grad, Hessians and forward mode over the kernels work as over XLA
+# ops.
+#
+# Reverse mode must reach the backward kernels. The tangent map of the op is
+# therefore one primitive, `_tangent_p`: it computes the transpose of
+# `_vjp` with XLA ops (forward mode), and its transpose rule is `_vjp` with
+# the kernels (reverse mode), its batching and JVP rules those of XLA ops.
+
+
+def _width(cfg: _Config, x: jax.Array) -> int:
+  """The number of elements behind each statistic."""
+  return math.prod(x.shape[a] for a in cfg.axes)
+
+
+def _stat_shape(cfg: _Config, x: jax.Array) -> tuple[int, ...]:
+  return tuple(1 if a in cfg.axes else d for a, d in enumerate(x.shape))
+
+
+def _as_rows(cfg: _Config, a: jax.Array) -> jax.Array:
+  """An ``x``-shaped array as rows ``[..., D]`` (trailing axes flattened)."""
+  return a.reshape(a.shape[:a.ndim - len(cfg.axes)] + (-1,))
+
+
+def _param_rows(p: jax.Array | None, width: int, fill: float) -> jax.Array:
+  if p is None:
+    return jnp.full((1, width), fill, jnp.float32)
+  return p.astype(jnp.float32).reshape(1, width)
+
+
+def _kernel_kind(axes: tuple[int, ...], x, scale, bias, mask, axis_name,
+                 groups) -> str | None:
+  """Which CPU kernels compute this op, if any (see above)."""
+  ndim, axes = x.ndim, tuple(axes)
+  if (mask is not None or axis_name is not None or groups is not None or
+      jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32),
+                                 jnp.dtype(jnp.bfloat16)) or x.size == 0):
+    return None
+  if axes == tuple(range(ndim - len(axes), ndim)):
+    kind, per = "rows", tuple(d if a in axes else 1
+                              for a, d in enumerate(x.shape))
+  elif ndim >= 2 and axes == tuple(range(ndim - 1)):
+    kind, per = "cols", (1,) * (ndim - 1) + x.shape[-1:]
+  else:
+    return None
+  for p in (scale, bias):
+    if p is not None and (tuple(p.shape) != per or _vma(p)):
+      return None
+  # Under shard_map (mesh-axis typing) and on arrays placed on a mesh (whose
+  # sharding XLA's partitioner would have to undo around a custom call) the
+  # op stays XLA's.
+  if _vma(x) or not _unplaced(x) or not _kernels.available():
+    return None
+  return kind
+
+
+def _unplaced(a) -> bool:
+  """Whether ``a``'s abstract value is bound to no device mesh."""
+  mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+  return mesh is None or bool(getattr(mesh, "empty", False))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_moments(cfg: _Config, x: jax.Array):
+  """``(hi, lo, var)`` from the kernels, shaped as ``_stats.moments``'s."""
+  if cfg.kernel == "rows":
+    outs = _kernels.row_stats(_as_rows(cfg, x), center=cfg.center)
+  else:
+    outs = _kernels.col_stats(x, center=cfg.center)
+  return tuple(o.reshape(_stat_shape(cfg, x)) for o in outs)
+
+
+@_kernel_moments.defjvp
+def _kernel_moments_jvp(cfg: _Config, primals, tangents):
+  (x,), (tx,) = primals, tangents
+
+  def plain(x):  # the mean (hi + lo; its tangent goes to hi) and variance
+    xf = x.astype(jnp.float32)
+    m = jnp.mean(xf, cfg.axes, keepdims=True) if cfg.center else 0.0
+    return m, jnp.mean(jnp.square(xf - m), cfg.axes, keepdims=True)
+
+  _, (t_mean, t_var) = jax.jvp(plain, (x,), (tx,))
+  hi, lo, var = _kernel_moments(cfg, x)
+  t_mean = jnp.broadcast_to(t_mean, hi.shape).astype(hi.dtype)
+  return (hi, lo, var), (t_mean, jnp.zeros_like(lo), t_var)
+
+
+def _row_forward(cfg: _Config, x, scale, bias):
+  """The undifferentiated op: ``(y, mean, var, count)``, one kernel."""
+  width = _width(cfg, x)
+  stat_shape = _stat_shape(cfg, x)
+  y, hi, lo, var = _kernels.row_forward(
+      _as_rows(cfg, x), _param_rows(scale, width, 1.0),
+      _param_rows(bias, width, 0.0), center=cfg.center, epsilon=cfg.epsilon)
+  mean = (hi + lo).reshape(stat_shape)
+  return (y.reshape(x.shape), mean, var.reshape(stat_shape),
+          jnp.full(stat_shape, float(width), mean.dtype))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _kernel_vjp(cfg: _Config, shapes, res, dy):
+  """``_vjp`` through the backward kernels."""
+  x, hi, lo, rstd, _, scale = res
+  (_, (scale_aval, _), (bias_aval, _)) = shapes
+  if cfg.kernel == "cols":  # the two per-channel sums in one kernel
+    c = x.shape[-1]
+    sums = _kernels.col_sums(x, dy.astype(x.dtype), hi.reshape(c),
+                             lo.reshape(c))
+    return _vjp(cfg, shapes, res, dy,
+                sums=tuple(v.reshape(hi.shape) for v in sums))
+  per_row = lambda a: a.reshape(x.shape[:x.ndim - len(cfg.axes)])
+  dx, dscale, dbias = _kernels.row_backward(
+      _as_rows(cfg, x), per_row(hi), per_row(lo), per_row(rstd),
+      _param_rows(scale, _width(cfg, x), 1.0),
+      _as_rows(cfg, dy.astype(x.dtype)), center=cfg.center)
+  param = lambda g, aval: (None if aval is None else
+                           g.reshape(aval.shape).astype(aval.dtype))
+  return (dx.reshape(x.shape), param(dscale, scale_aval),
+          param(dbias, bias_aval))
+
+
+@_kernel_vjp.defjvp
+def _kernel_vjp_jvp(cfg: _Config, shapes, primals, tangents):
+  return jax.jvp(functools.partial(_vjp, cfg, shapes), primals, tangents)
+
+
+def _split_operands(args, has_scale: bool, has_bias: bool):
+  """``_tangent_p``'s flat operands as ``(res, tangents)`` with Nones."""
+  args = list(args)
+  res = args[:5] + ([args[5]] if has_scale else [None])
+  rest = args[5 + has_scale:]
+  tx, rest = rest[0], rest[1:]
+  tscale = rest.pop(0) if has_scale else None
+  tbias = rest.pop(0) if has_bias else None
+  return tuple(res), (tx, tscale, tbias)
+
+
+def _tangent_xla(*args, cfg, shapes, has_scale, has_bias):
+  """The tangent map with XLA ops: the transpose of ``_vjp``."""
+  res, tangents = _split_operands(args, has_scale, has_bias)
+  x = res[0]
+  (ty,) = jax.linear_transpose(
+      functools.partial(_vjp, cfg, shapes, res),
+      jax.ShapeDtypeStruct(x.shape, x.dtype))(tangents)
+  return ty
+
+
+def _tangent_transpose(ct, *args, cfg, shapes, has_scale, has_bias):
+  res, tangents = _split_operands(args, has_scale, has_bias)
+  n_res = 5 + has_scale
+  if type(ct) is ad.Zero:  # pylint: disable=unidiomatic-typecheck
+    return [None] * len(args)
+  cts = _kernel_vjp(cfg, shapes, res, ct)
+  out = [None] * n_res
+  for t, c in zip(tangents, cts):
+    if t is not None:
+      out.append(c if ad.is_undefined_primal(t) else None)
+  return out
+
+
+def _tangent_jvp(primals, tangents, **params):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  return jax.jvp(functools.partial(_tangent_xla, **params), primals,
+                 tangents)
+
+
+def _tangent_batch(args, dims, **params):
+  return jax.vmap(functools.partial(_tangent_xla, **params),
+                  in_axes=tuple(dims))(*args), 0
+
+
+_tangent_p = jex_core.Primitive("jaxnorm_normalize_tangent")
+_tangent_p.def_impl(_tangent_xla)
+_tangent_p.def_abstract_eval(lambda x_aval, *_, **__: x_aval)
+mlir.register_lowering(
+    _tangent_p, mlir.lower_fun(_tangent_xla, multiple_results=False))
+ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+batching.primitive_batchers[_tangent_p] = _tangent_batch
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize(cfg: _Config, x, scale, bias, mask):
+  if cfg.kernel == "rows":
+    return _row_forward(cfg, x, scale, bias)
   return _forward(cfg, x, scale, bias, mask)[0]
 
 
@@ -344,6 +559,13 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   aval = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
   shapes = (x.dtype, *((aval(p), None if p is None else _vma(p))
                        for p in (scale, bias)))
+  zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
+  if cfg.kernel:
+    operands = [a for a in (*res, dx, dscale, dbias) if a is not None]
+    dy = _tangent_p.bind(*operands, cfg=cfg, shapes=shapes,
+                         has_scale=scale is not None,
+                         has_bias=bias is not None)
+    return (y, mean, var, count), (dy, *zeros)
   # The tangent map is the transpose of the hand-written VJP; reverse mode
   # transposes it back into exactly the operations of `_vjp`.
   # `y` only gives dy's type: shape, dtype and, under
@@ -360,7 +582,6 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
       res, (dx, dscale, dbias))
   # The statistics leave the op only for running averages; they carry no
   # derivative (public functions also wrap them in stop_gradient).
-  zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
   return (y, mean, var, count), (dy, *zeros)
 
 
@@ -406,8 +627,9 @@ def normalize(
   index_groups = None
   if axis_index_groups is not None:
     index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  kernel = _kernel_kind(tuple(axes), x, scale, bias, mask, axis_name, groups)
   cfg = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
-                index_groups, None if groups is None else int(groups))
+                index_groups, None if groups is None else int(groups), kernel)
   y, mean, var, count = _normalize_jit(cfg, x, scale, bias, mask)
   stop = jax.lax.stop_gradient
   return y, stop(mean), stop(var), stop(count)

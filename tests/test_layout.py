@@ -25,7 +25,7 @@ from jaxnorm import recalibration
 
 PACKAGE = pathlib.Path(jaxnorm.__file__).parent
 LAYERS = {
-    "_checks": 1, "_stats": 1, "reference": 1,
+    "_checks": 1, "_stats": 1, "reference": 1, "_kernels": 1,
     "_core": 2,
     "_weight_core": 2,
     "batch_norm": 3, "variants": 3, "weight_norm": 3,
