@@ -570,15 +570,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
              + (f", torch {torch.__version__}" if torch else ""))
   load = (f"; load average {os.getloadavg()[0]:.2f}"
           if hasattr(os, "getloadavg") else "")
+  # pylint: disable-next=protected-access
+  kernels = jaxnorm._kernels.status()
   print(f"jaxnorm benchmark, {stamp}; {machine}; median of {repeats} "
-        f"interleaved repeats{load}")
+        f"interleaved repeats{load}; jaxnorm CPU kernels {kernels}")
   print(format_summary(rows))
   print()
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"date": stamp, "machine": machine, "repeats": repeats,
-                 "rows": rows}, f, indent=1)
+                 "cpu_kernels": kernels, "rows": rows}, f, indent=1)
   return rows
 
 

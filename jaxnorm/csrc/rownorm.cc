@@ -37,6 +37,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -60,6 +64,43 @@ inline void Store(uint16_t* p, int64_t i, float v) {
   uint32_t nan = (u >> 16) | 0x40u;
   p[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan
                                                                 : rounded);
+}
+
+// 8 float32 lanes (GCC/Clang vector extensions): explicit vectors where the
+// compiler does not vectorize on its own (bfloat16 conversions, per-channel
+// accumulators).
+typedef float VF __attribute__((vector_size(32)));
+typedef uint16_t VH __attribute__((vector_size(16)));
+typedef uint32_t VU __attribute__((vector_size(32)));
+
+inline VF LoadV(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline VF LoadV(const uint16_t* p) {
+  VH h;
+  std::memcpy(&h, p, sizeof(h));
+  VU u = __builtin_convertvector(h, VU) << 16;
+  VF v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+inline VF Splat(float f) { return VF{f, f, f, f, f, f, f, f}; }
+inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+inline void StoreV(uint16_t* p, VF v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+  __m128bh h = _mm256_cvtneps_pbh(reinterpret_cast<__m256>(v));
+  std::memcpy(p, &h, sizeof(h));
+#else
+  VU u;
+  std::memcpy(&u, &v, sizeof(u));
+  VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // nearest even
+  VU nan = (u >> 16) | 0x40u;
+  VU out = (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  VH h = __builtin_convertvector(out, VH);
+  std::memcpy(p, &h, sizeof(h));
+#endif
 }
 
 // sum over i < n of f(i), in kLanes float32 lanes then pairwise.
@@ -170,29 +211,55 @@ ffi::Error GetRows(const ffi::AnyBuffer& x, const Param& param, Rows* out) {
   return ffi::Error::Success();
 }
 
+// Horizontal sum of a vector.
+inline float HSum(VF v) {
+  float out = 0.f;
+  for (int e = 0; e < 8; ++e) out += v[e];
+  return out;
+}
+
 template <typename T>
 void RowStats(const T* x, int64_t d, bool center, float* hi, float* lo,
               float* var) {
+  int64_t full = d - d % 16;  // two vectors per step, then a scalar tail
+  float inv = 1.f / static_cast<float>(d);
   if (!center) {
+    VF a = Splat(0.f), b = Splat(0.f);
+    for (int64_t i = 0; i < full; i += 16) {
+      VF u = LoadV(x + i), v = LoadV(x + i + 8);
+      a += u * u;
+      b += v * v;
+    }
+    float ss = HSum(a + b);
+    for (int64_t i = full; i < d; ++i) ss += Load(x, i) * Load(x, i);
     *hi = 0.f;
     *lo = 0.f;
-    float ss = LaneSum(d, [&](int64_t i) {
-      float v = Load(x, i);
-      return v * v;
-    });
-    *var = ss / static_cast<float>(d);
+    *var = ss * inv;
     return;
   }
-  float inv = 1.f / static_cast<float>(d);
-  float m = LaneSum(d, [&](int64_t i) { return Load(x, i); }) * inv;
-  float s1, s2;
-  LaneSum2(
-      d, [&](int64_t i) { return Load(x, i) - m; },
-      [&](int64_t i) {
-        float c = Load(x, i) - m;
-        return c * c;
-      },
-      &s1, &s2);
+  VF a = Splat(0.f), b = Splat(0.f);
+  for (int64_t i = 0; i < full; i += 16) {
+    a += LoadV(x + i);
+    b += LoadV(x + i + 8);
+  }
+  float sum = HSum(a + b);
+  for (int64_t i = full; i < d; ++i) sum += Load(x, i);
+  float m = sum * inv;
+  VF vm = Splat(m), s1a = Splat(0.f), s1b = Splat(0.f), s2a = Splat(0.f),
+     s2b = Splat(0.f);
+  for (int64_t i = 0; i < full; i += 16) {
+    VF u = LoadV(x + i) - vm, v = LoadV(x + i + 8) - vm;
+    s1a += u;
+    s1b += v;
+    s2a += u * u;
+    s2b += v * v;
+  }
+  float s1 = HSum(s1a + s1b), s2 = HSum(s2a + s2b);
+  for (int64_t i = full; i < d; ++i) {
+    float c = Load(x, i) - m;
+    s1 += c;
+    s2 += c * c;
+  }
   float l = s1 * inv;
   *hi = m;
   *lo = l;
@@ -223,7 +290,13 @@ void Forward(ffi::ThreadPool& pool, const Rows& r, const T* x,
       RowStats(xr, r.d, center, &hi[row], &lo[row], &var[row]);
       float rs = 1.f / std::sqrt(var[row] + eps);
       float h = hi[row], l = lo[row];
-      for (int64_t i = 0; i < r.d; ++i) {
+      VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
+      int64_t i = 0;
+      for (; i + 8 <= r.d; i += 8) {
+        VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
+        StoreV(yr + i, xh * LoadV(s + i) + LoadV(b + i));
+      }
+      for (; i < r.d; ++i) {
         float xh = ((Load(xr, i) - h) - l) * rs;
         Store(yr, i, xh * s[i] + b[i]);
       }
@@ -279,7 +352,17 @@ void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
         s2 = LaneSum(r.d, gxh);
       }
       float k1 = s1 * inv, k2 = s2 * inv;
-      for (int64_t i = 0; i < r.d; ++i) {
+      VF vh = Splat(h), vl = Splat(l), vr = Splat(rs), v1 = Splat(k1),
+         v2 = Splat(k2);
+      int64_t i = 0;
+      for (; i + 8 <= r.d; i += 8) {
+        VF g = LoadV(gr + i);
+        VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
+        StoreV(dxr + i, vr * ((g * LoadV(s + i) - v1) - xh * v2));
+        StoreV(ps + i, LoadV(ps + i) + g * xh);
+        StoreV(pb + i, LoadV(pb + i) + g);
+      }
+      for (; i < r.d; ++i) {
         float g = Load(gr, i);
         float xh = ((Load(xr, i) - h) - l) * rs;
         Store(dxr, i, rs * ((g * s[i] - k1) - xh * k2));
@@ -403,27 +486,8 @@ inline int64_t ColBlockRows(int64_t c) {
 }
 
 // The per-channel sums of one block, N vectors of 8 channels at a time, so
-// that the accumulators stay in registers (GCC/Clang vector extensions; N = 4
-// for full chunks, then 1, then the scalar tail with N = 0).
-typedef float VF __attribute__((vector_size(32)));
-typedef uint16_t VH __attribute__((vector_size(16)));
-typedef uint32_t VU __attribute__((vector_size(32)));
-
-inline VF LoadV(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline VF LoadV(const uint16_t* p) {
-  VH h;
-  std::memcpy(&h, p, sizeof(h));
-  VU u = __builtin_convertvector(h, VU) << 16;
-  VF v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-inline VF Splat(float f) { return VF{f, f, f, f, f, f, f, f}; }
-inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+// that the accumulators stay in registers (N = 4 for full chunks, then 1,
+// then one channel at a time for the tail).
 
 // Each block's mean is kept as the pair (mean, res): the float32 block mean
 // and its residue, so the float64 merge below sees it unrounded.
