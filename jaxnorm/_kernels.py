@@ -41,6 +41,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 from jax.extend import core as jex_core
@@ -55,8 +56,10 @@ _TARGETS = {"row_forward": "JaxnormRowFwd", "row_stats": "JaxnormRowStats",
             "row_backward": "JaxnormRowBwd", "col_stats": "JaxnormColStats",
             "col_sums": "JaxnormColSums"}
 _FFI_NAME = {k: f"jaxnorm_{k}" for k in _TARGETS}
-# (library path or None, reason) once tried.
+# Whether the library loaded, and why not, once tried (under _LOCK: two
+# threads tracing at once would otherwise both register the targets).
 _STATE: dict[str, object] = {}
+_LOCK = threading.Lock()
 
 
 def _flags() -> list[str]:
@@ -127,8 +130,13 @@ def _build() -> tuple[pathlib.Path | None, str]:
 
 
 def _load() -> bool:
-  if "ok" in _STATE:
-    return bool(_STATE["ok"])
+  with _LOCK:
+    if "ok" not in _STATE:
+      _STATE["ok"], _STATE["reason"] = _build_and_register()
+  return bool(_STATE["ok"])
+
+
+def _build_and_register() -> tuple[bool, str]:
   path, reason = _build()
   ok = False
   if path is not None:
@@ -144,8 +152,7 @@ def _load() -> bool:
       reason = f"loading {path} failed: {e}"
   if not ok:
     _log.info("jaxnorm CPU kernels unavailable (%s); using XLA ops.", reason)
-  _STATE["ok"], _STATE["reason"] = ok, reason
-  return ok
+  return ok, reason
 
 
 # Ops traced inside `enabled(False)` use XLA ops only (tests compare both).
