@@ -1,8 +1,8 @@
-"""Fused row-normalization kernels for XLA's CPU backend (XLA FFI).
+"""Fused normalization kernels for XLA's CPU backend (XLA FFI).
 
 XLA's CPU backend gives every reduction its own pass over memory and forms
-no multi-output reductions, so a LayerNorm or RMSNorm made of XLA ops reads
-its activations several times (``docs/guides/performance.md`` has the HLO
+no multi-output reductions, so a LayerNorm, RMSNorm or BatchNorm made of XLA
+ops reads its activations several times (``docs/guides/performance.md`` has the HLO
 counts). ``csrc/rownorm.cc`` holds kernels that keep each row (each block
 of rows, for BatchNorm) in cache between the sums that read it:
 
@@ -15,9 +15,10 @@ of rows, for BatchNorm) in cache between the sums that read it:
   the backward's two per-channel sums, one read of each input (XLA's ops
   read ``x`` twice for the first and ``dy`` twice for the second).
 
-The math (the file's header comment) is that of ``jaxnorm._core``; the core
-decides when a kernel applies and gives every kernel a plain-jnp twin that
-defines its derivatives and runs on other platforms.
+The math (the file's header comment) is that of ``jaxnorm._core``. Each
+kernel is a JAX primitive with a plain-jnp twin (below) that runs on other
+platforms and under ``jax.export``; the core decides when a kernel applies
+and defines the derivatives with XLA ops.
 
 The shared library is compiled on first use with the C++ compiler found as
 ``$CXX`` or ``c++`` against the installed jaxlib's FFI headers, and cached
@@ -113,6 +114,7 @@ def _build() -> tuple[pathlib.Path | None, str]:
   out = _cache_dir() / f"rownorm-{key}.so"
   if out.exists():
     return out, f"cached {out}"
+  tmp = None
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -120,12 +122,16 @@ def _build() -> tuple[pathlib.Path | None, str]:
     cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-      os.unlink(tmp)
       return None, (f"compiling {_SOURCE.name} failed: "
                     f"{proc.stderr.strip()[-2000:]}")
     os.replace(tmp, out)  # atomic: a concurrent build writes the same file
+    tmp = None
   except (OSError, subprocess.SubprocessError) as e:
     return None, f"building in {out.parent} failed: {e}"
+  finally:
+    if tmp is not None:
+      with contextlib.suppress(OSError):
+        os.unlink(tmp)
   return out, f"compiled {out}"
 
 

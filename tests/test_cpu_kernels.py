@@ -230,6 +230,14 @@ def test_without_a_compiler_the_xla_ops_run(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert off.returncode == 0, off.stderr
   assert off.stdout.startswith("not used (disabled by JAXNORM_CPU_KERNELS=0)")
+  cache = tmp_path / "failed"
+  failed = subprocess.run([sys.executable, "-c", code],
+                          env=dict(os.environ, CXX="/bin/false",
+                                   JAXNORM_CACHE_DIR=str(cache)),
+                          capture_output=True, text=True, timeout=300)
+  assert failed.returncode == 0, failed.stderr
+  assert failed.stdout.startswith("not used (compiling rownorm.cc failed")
+  assert not list(cache.iterdir())  # no half-written library left behind
 
 
 def test_grad_runs_the_backward_kernel_and_jvp_the_hand_vjp(monkeypatch):
