@@ -100,9 +100,13 @@ CASES = [
 ]
 
 
+# Every case in float32; in bfloat16 the first two (the conversions are the
+# same code whatever the shape).
+_ROW_CASES = [(F32, *c) for c in CASES] + [(BF16, *c) for c in CASES[:2]]
+
+
 @pytest.mark.parametrize("kind", ["layer", "rms"])
-@pytest.mark.parametrize("shape,axes", CASES)
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype,shape,axes", _ROW_CASES)
 def test_kernels_match_xla_ops_and_float64(kind, shape, axes, dtype):
   x, dy = _data(shape, dtype, mean=3.0, std=2.0)
   params = _params(shape, axes, kind)
@@ -283,8 +287,8 @@ def test_grad_runs_the_backward_kernel_and_jvp_the_hand_vjp(monkeypatch):
 BN_SHAPES = [(64, 40), (8, 5, 6, 13), (4, 7, 7, 64), (1, 3, 9)]
 
 
-@pytest.mark.parametrize("shape", BN_SHAPES)
-@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("dtype,shape", [(F32, s) for s in BN_SHAPES] +
+                         [(BF16, s) for s in BN_SHAPES[1:3]])
 def test_batch_norm_kernels_match_xla_ops_and_float64(shape, dtype):
   # BatchNorm's per-channel statistics and backward sums (the column
   # kernels): outputs, running statistics and gradients.
