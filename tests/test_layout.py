@@ -25,14 +25,16 @@ from jaxnorm import recalibration
 
 PACKAGE = pathlib.Path(jaxnorm.__file__).parent
 LAYERS = {
+    "_kernel_library": 0,
     "_checks": 1, "_stats": 1, "reference": 1, "_kernels": 1,
+    "_custom_transpose": 1,
     "_core": 2,
     "_weight_core": 2,
     "batch_norm": 3, "variants": 3, "weight_norm": 3,
     "folding": 4.0, "recalibration": 4.0, "_modules": 4.0,
     "linen": 4.1, "pytorch": 4.1,
     "nnx": 4.2, "interop": 4.2,
-    "__init__": 5,
+    "__init__": 5, "kernels/__init__": 5, "kernels/__main__": 5.1,
 }
 
 
@@ -42,7 +44,10 @@ def _imports(path: pathlib.Path) -> set[str]:
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module:
       if node.module == "jaxnorm":
-        out.update(a.name for a in node.names)
+        out.update("kernels/__init__" if a.name == "kernels" else a.name
+                   for a in node.names)
+      elif node.module == "jaxnorm.kernels":
+        out.update(f"kernels/{a.name}" for a in node.names)
       elif node.module.startswith("jaxnorm."):
         out.add(node.module.split(".")[1])
     elif isinstance(node, ast.Import):
@@ -52,7 +57,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 
 def test_every_module_has_a_layer():
-  modules = {p.stem for p in PACKAGE.glob("*.py")}
+  modules = {str(p.relative_to(PACKAGE).with_suffix(""))
+             for p in PACKAGE.glob("**/*.py")}
   assert modules == set(LAYERS), (
       "give each jaxnorm module a layer in LAYERS: "
       f"{sorted(modules ^ set(LAYERS))}")
