@@ -13,8 +13,8 @@ import jaxnorm
 pytestmark = pytest.mark.strict_promotion
 
 _E = inspect.Parameter.empty
-# name -> [(argument, default or _E)], exactly as in issues 2, 3, 7 and 8; "*"
-# marks the start of the keyword-only arguments.
+# name -> [(argument, default or _E)], as the issues state them; "*" marks
+# the start of the keyword-only arguments.
 SIGNATURES = {
     "batch_norm_init": [("num_features", _E), "*", ("dtype", jnp.float32)],
     "batch_norm_train": [
@@ -30,10 +30,12 @@ SIGNATURES = {
     "layer_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*",
         ("reduction_axes", -1), ("feature_axes", -1), ("epsilon", 1e-6),
+        ("scale_offset", 0.0), ("cast_before_scale", False),
         ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "rms_norm": [
         ("x", _E), ("scale", None), "*", ("reduction_axes", -1),
         ("feature_axes", -1), ("epsilon", 1e-6), ("scale_offset", 0.0),
+        ("cast_before_scale", False),
         ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "group_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*", ("num_groups", 32),
