@@ -356,3 +356,16 @@ def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
     raise ValueError(f"{fn}: `{name}` must be {bound}{why}; got {v!r}.")
   return float(v)
 
+
+def check_float_dtype(fn: str, name: str, dtype: Any) -> Any:
+  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype."""
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+        f"{fn}: `{name}` must be a floating dtype (e.g. jnp.float32 or "
+        f"jnp.bfloat16) or None; got {dtype!r}. Fix: pass "
+        f"{name}=jnp.float32 for a float32 residual stream.")
+  return dt
