@@ -13,6 +13,7 @@ from jaxnorm.variants import layer_norm as layer_norm
 from jaxnorm.variants import rms_norm as rms_norm
 from jaxnorm.residual import add_layer_norm as add_layer_norm
 from jaxnorm.residual import add_rms_norm as add_rms_norm
+from jaxnorm.dynamic_tanh import dyt as dyt
 from jaxnorm.weight_norm import SpectralNormState as SpectralNormState
 from jaxnorm.weight_norm import spectral_norm as spectral_norm
 from jaxnorm.weight_norm import spectral_norm_init as spectral_norm_init
@@ -46,6 +47,7 @@ __all__ = [
     "batch_norm_train",
     "batch_renorm_schedule",
     "batch_renorm_train",
+    "dyt",
     "fold_batch_norm",
     "group_norm",
     "instance_norm",
