@@ -35,6 +35,21 @@ def rounding_error(y, want) -> np.ndarray:
   return np.abs(y - want) / _spacing(want, 7)
 
 
+def assert_one_rounding(y, want, terms=None) -> None:
+  """Every ``y`` is one bfloat16 rounding of a float32 evaluation of
+  ``want``: within half a bfloat16 unit plus 16 float32 units of the
+  magnitude of the terms summed (``terms``, e.g. ``|gamma x_hat| +
+  |beta|``; default ``|want|``), which bounds the float32 evaluation."""
+  y = np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64)
+  want = np.asarray(want, np.float64)
+  terms = np.abs(want) if terms is None else np.asarray(terms, np.float64)
+  bound = 0.5 * _spacing(want, 7) + 16 * 2.0 ** -24 * terms
+  excess = np.abs(y - want) - bound
+  assert (excess <= 0).all(), (
+      f"{int((excess > 0).sum())} of {y.size} outputs are more than one "
+      f"bfloat16 rounding from the float64 value")
+
+
 def near_midpoint(v, float32_units: float = 8.0) -> np.ndarray:
   """Whether float32 ``v`` lies within ``float32_units`` of a midpoint
   between two bfloat16 numbers (where its rounding is order-sensitive)."""

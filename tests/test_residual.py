@@ -97,7 +97,7 @@ def test_float32_residual_stream_under_bfloat16_activations(name):
   np.testing.assert_array_equal(h, xb.astype(jnp.float32) + r32)
   # y is the float32 norm of h rounded once to bfloat16.
   y32, _ = _call(name, h, jnp.zeros_like(h), s32, b32)
-  assert _bf16.rounding_error(y, y32).max() <= _bf16.ONE_ROUNDING
+  _bf16.assert_one_rounding(y, y32)
   # Default: the promoted dtype of x and residual.
   _, h_default = _call(name, xb, jnp.asarray(r, jnp.bfloat16), s32, b32)
   assert h_default.dtype == jnp.bfloat16

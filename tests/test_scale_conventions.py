@@ -45,8 +45,7 @@ def test_gemma_every_bf16_output_within_one_rounding_of_float64():
   x, w = _rows()
   y = jaxnorm.rms_norm(x, w, scale_offset=1.0, epsilon=EPS)
   assert y.dtype == jnp.bfloat16 and y.size == 8192
-  err = _bf16.rounding_error(y, _bf16.gemma_reference_f64(x, w, EPS))
-  assert err.max() <= _bf16.ONE_ROUNDING, err.max()
+  _bf16.assert_one_rounding(y, _bf16.gemma_reference_f64(x, w, EPS))
   # The same with the offset added in bfloat16 (1 + w rounded first) is
   # far off: the test tells the two apart.
   y_bf16_offset = jaxnorm.rms_norm(x, w + jnp.asarray(1, jnp.bfloat16),
@@ -61,10 +60,11 @@ def test_layer_norm_offset_within_one_rounding_of_float64():
   b = jnp.asarray(np.linspace(-0.5, 0.5, 1024), jnp.bfloat16)
   y = jaxnorm.layer_norm(x, w, b, scale_offset=1.0, epsilon=1e-5)
   scale64 = np.asarray(w.astype(jnp.float32), np.float64) + 1.0
-  want = normalize_numpy(np.asarray(x.astype(jnp.float32)), scale64,
-                         np.asarray(b.astype(jnp.float32)), axes=(1,),
-                         epsilon=1e-5)
-  assert _bf16.rounding_error(y, want).max() <= _bf16.ONE_ROUNDING
+  bias64 = np.asarray(b.astype(jnp.float32), np.float64)
+  x_hat = normalize_numpy(np.asarray(x.astype(jnp.float32)), axes=(1,),
+                          epsilon=1e-5)
+  _bf16.assert_one_rounding(y, x_hat * scale64 + bias64,
+                            np.abs(x_hat * scale64) + np.abs(bias64))
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
