@@ -180,14 +180,13 @@ def test_derivatives_match_reference(name, options, center, x64):
   w = jnp.asarray(np.cos(np.arange(18.0)).reshape(3, 6))
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(2 * f(*a) + 0.3) * w)
   argnums = tuple(range(1 + len(params)))
-  g, g_ref = (jax.grad(loss(f), argnums)(x, *params) for f in (ours, ref))
-  for a, r in zip(g, g_ref):
-    np.testing.assert_allclose(a, r, rtol=1e-10, atol=1e-10)
-  tangents = tuple(jnp.ones_like(a) * 0.1 + a * 0.2 for a in (x, *params))
-  (y, t), (y_ref, t_ref) = (jax.jvp(f, (x, *params), tangents)
-                            for f in (ours, ref))
-  np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(t, t_ref, rtol=1e-10, atol=1e-10)
+  args = (x, *params)
+  tangents = tuple(jnp.ones_like(a) * 0.1 + a * 0.2 for a in args)
+  derivatives = lambda f: jax.jit(lambda a, t: (
+      jax.grad(loss(f), argnums)(*a), jax.jvp(f, a, t)))(args, tangents)
+  ours, ref = derivatives(ours), derivatives(ref)
+  for a, e in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, e, rtol=1e-10, atol=1e-10)
 
 
 def test_default_options_change_nothing():
