@@ -13,8 +13,8 @@ import jaxnorm
 pytestmark = pytest.mark.strict_promotion
 
 _E = inspect.Parameter.empty
-# name -> [(argument, default or _E)], as the issues state them; "*" marks
-# the start of the keyword-only arguments.
+# name -> [(argument, default or _E)], exactly as in issues 2, 3, 7 and 8; "*"
+# marks the start of the keyword-only arguments.
 SIGNATURES = {
     "batch_norm_init": [("num_features", _E), "*", ("dtype", jnp.float32)],
     "batch_norm_train": [

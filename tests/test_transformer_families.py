@@ -251,13 +251,14 @@ def test_port_norm_weights_from_a_pytorch_state_dict():
       return torch.tanh(self.alpha * h) * self.weight + self.bias
 
   d = 256
-  torch.manual_seed(0)
   models = {"llama": LlamaRMSNorm(d, 1e-5), "gemma": GemmaRMSNorm(d, 1e-6),
             "gpt2": tnn.LayerNorm(d, eps=1e-5), "dyt": DyT(d)}
+  rng = np.random.default_rng(31)
   with torch.no_grad():
     for m in models.values():
-      for p in m.parameters():
-        p.add_(torch.randn_like(p) * 0.1)
+      for p in m.parameters():  # trained-looking weights
+        p.add_(torch.tensor(rng.standard_normal(tuple(p.shape)) * 0.1,
+                            dtype=p.dtype))
   x32 = np.random.default_rng(30).standard_normal((3, d)).astype(np.float32)
   modules = {
       "llama": (lambda: jl.RMSNorm(epsilon=1e-5, cast_before_scale=True,
