@@ -1,7 +1,8 @@
 """The package's layers, and the interop names where users import them.
 
 Each module of ``jaxnorm`` imports only modules of lower layers: (1) checks
-and statistics, (2) the core op, (3) the pure functions, (4) the Flax
+and statistics, (2) the core op, then the options the row normalizers share
+(``_scaling``), (3) the pure functions, (4) the Flax
 modules and the interop modules, (5) the package face. Layer 4 is ordered
 within: folding and recalibration work on the pure functions' state only;
 ``linen`` (recalibration for its modules) and ``pytorch`` (reading a state
@@ -30,7 +31,9 @@ LAYERS = {
     "_custom_transpose": 1,
     "_core": 2,
     "_weight_core": 2,
-    "batch_norm": 3, "variants": 3, "weight_norm": 3,
+    "_scaling": 2.5,
+    "batch_norm": 3, "variants": 3, "weight_norm": 3, "residual": 3,
+    "dynamic_tanh": 3,
     "folding": 4.0, "recalibration": 4.0, "_modules": 4.0,
     "linen": 4.1, "pytorch": 4.1,
     "nnx": 4.2, "interop": 4.2,
