@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import io
@@ -179,6 +180,27 @@ def variant_forwards(kind: str) -> dict[str, Callable]:
   return out
 
 
+def add_norm_contenders(kind: str) -> dict[str, Callable]:
+  """Residual add + norm, ``f(x, r, s, b) -> (y, h)``: jaxnorm's fused op
+  against add-then-norm with jaxnorm's unfused function, flax and plain
+  autodiff (``kind``: ``"add_layer_norm"`` or ``"add_rms_norm"``)."""
+  norm = kind.removeprefix("add_")
+  unfused = variant_forwards(norm)
+  if norm == "layer_norm":
+    fused = lambda x, r, s, b: jaxnorm.add_layer_norm(x, r, s, b)
+  else:
+    fused = lambda x, r, s, b: jaxnorm.add_rms_norm(x, r, s)
+
+  def then(f):
+    def g(x, r, s, b):
+      h = x + r
+      return f(h, s, b), h
+    return g
+  out = {"jaxnorm": fused, "jaxnorm (add, then norm)": then(unfused["jaxnorm"])}
+  out.update((k, then(f)) for k, f in unfused.items() if k != "jaxnorm")
+  return out
+
+
 def fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
   """Gradients of ``vdot(f(x, s, b), dy)`` w.r.t. the ``argnums`` inputs.
 
@@ -207,38 +229,59 @@ FLOORS = {
     ("rms_norm", "fwd"): (1, 1), ("rms_norm", "fwd+bwd"): (2, 1),
     ("batch_norm", "fwd"): (2, 1), ("batch_norm", "infer"): (1, 1),
     ("batch_norm", "fwd+bwd"): (5, 1), ("group_norm", "fwd+bwd"): (5, 1),
+    # x and r read, h and y written; then h, dy, dh read, the shared
+    # gradient of x and r written
+    ("add_layer_norm", "fwd+bwd"): (5, 3), ("add_rms_norm", "fwd+bwd"): (5, 3),
 }
 
 
 def measure_bandwidth(repeats: int, n: int = 1 << 24) -> dict[str, float]:
   """This machine's memory bandwidth in GB/s: STREAM's copy and triad.
 
-  ``a = b`` (2 arrays of ``n`` float32 moved) and ``a = b + q c`` (3), jitted
-  with ``a`` donated so that the output reuses its buffer (as STREAM's
-  static arrays do: no fresh pages to fault in), interleaved, median.
+  ``a = b`` (2 arrays of ``n`` float32 moved) and ``a = b + q c`` (3), in
+  NumPy on preallocated arrays (as STREAM's static arrays: no fresh pages
+  to fault in), one slice per core in threads (NumPy releases the GIL),
+  the triad in cache-sized blocks so that its two ufuncs make one pass over
+  memory; interleaved, median.
   """
-  b = jnp.arange(n, dtype=jnp.float32)
-  c = jnp.ones(n, jnp.float32)
-  state = {"a": jnp.zeros(n, jnp.float32)}
-  copy = jax.jit(lambda a, b: b * 1.0, donate_argnums=0)
-  triad = jax.jit(lambda a, b, c: b + 1.5 * c, donate_argnums=0)
+  a, b, c = (np.full(n, v, np.float32) for v in (0.0, 1.0, 2.0))
+  workers = os.cpu_count() or 1
+  bounds = np.linspace(0, n, workers + 1).astype(int)
+  block = 1 << 16  # 256 KiB of float32: one block of each array in cache
+  pool = concurrent.futures.ThreadPoolExecutor(workers)
 
-  def run(f, *args):
-    def call():
-      state["a"] = f(state["a"], *args)
-      return state["a"]
-    return call
-  times = time_interleaved({"copy": run(copy, b), "triad": run(triad, b, c)},
-                           repeats)
+  def copy(lo, hi):
+    np.copyto(a[lo:hi], b[lo:hi])
+
+  def triad(lo, hi):
+    for i in range(lo, hi, block):
+      j = min(hi, i + block)
+      np.multiply(c[i:j], 1.5, out=a[i:j])
+      np.add(a[i:j], b[i:j], out=a[i:j])
+
+  def run(kernel):
+    return lambda: list(pool.map(kernel, bounds[:-1], bounds[1:]))
+  try:
+    times = time_interleaved({"copy": run(copy), "triad": run(triad)},
+                             repeats)
+  finally:
+    pool.shutdown()
   return {"copy": 2 * 4 * n / times["copy"] / 1e9,
           "triad": 3 * 4 * n / times["triad"] / 1e9}
 
 
+# Below this many bytes per activation the arrays stay in the caches and
+# DRAM bandwidth is no floor: no SoL (the decode shapes).
+SOL_MIN_BYTES = 4 << 20
+
+
 def sol_ms(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
            gbps: float) -> float | None:
-  """The op's floor of memory traffic at ``gbps``, in ms (None if unknown)."""
+  """The op's floor of memory traffic at ``gbps``, in ms (None if unknown,
+  or if the activation fits in the caches)."""
   floor = FLOORS.get((kind, op))
-  if floor is None:
+  size = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  if floor is None or size < SOL_MIN_BYTES:
     return None
   nbytes = sum(floor) * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
   return nbytes / (gbps * 1e9) * 1e3
@@ -276,6 +319,8 @@ def torch_call(kind: str, op: str, x: np.ndarray):
   """
   if torch is None or jax.default_backend() != "cpu":
     return None
+  add = kind.startswith("add_")
+  kind = kind.removeprefix("add_")
   torch.set_num_threads(os.cpu_count() or 1)
   tdt = torch.bfloat16 if x.dtype == jnp.bfloat16 else torch.float32
   xt = torch.from_numpy(np.array(x, np.float32, copy=True)).to(tdt)
@@ -294,22 +339,29 @@ def torch_call(kind: str, op: str, x: np.ndarray):
   if op == "infer":
     mod.eval()
 
+  rt = torch.randn_like(xt)  # the residual stream of an add + norm row
+
   def call():
     with warnings.catch_warnings():  # bf16 RMSNorm: "cannot dispatch to
       warnings.simplefilter("ignore")  # fused implementation" per call
-      return mod(xt)
+      if add:
+        h = xt + rt
+        return [mod(h), h]
+      return [mod(xt)]
   if op != "fwd+bwd":
     def run():
       with torch.no_grad():
         return call()
     return run
   xt.requires_grad_(True)
-  dy = torch.randn_like(xt)
+  rt.requires_grad_(add)
+  cts = [torch.randn_like(xt), torch.randn_like(xt)]
 
   def run_bwd():
-    xt.grad = None
+    xt.grad = rt.grad = None
     mod.zero_grad(set_to_none=True)
-    call().backward(dy)
+    outs = call()
+    torch.autograd.backward(outs, cts[:len(outs)])
   return run_bwd
 
 
@@ -341,7 +393,7 @@ def residual_bytes(f: Callable, *args) -> int:
 
 # The peers whose fastest one is "best peer".
 PEERS = ("flax(fast var)", "flax(two-pass)", "jnp+autodiff", "pytorch",
-         "tokamax")
+         "tokamax", "jaxnorm (add, then norm)")
 
 
 def _with_best(rows: list[dict], times: dict[str, float]) -> list[dict]:
@@ -404,6 +456,44 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
   return _with_best(rows, times)
 
 
+def bench_add_op(kind: str, shape: tuple[int, ...], dtype: Any,
+                 repeats: int) -> list[dict]:
+  """Times residual add + norm forward+backward (cotangents of both ``y``
+  and ``h``; gradients of ``x``, ``r`` and the parameters)."""
+  c = shape[-1]
+  x, r, dy, dh = (jax.random.normal(jax.random.key(i), shape).astype(dtype)
+                  for i in range(4))
+  s = jnp.full((c,), 1.1, jnp.float32)
+  b = jnp.full((c,), 0.1, jnp.float32)
+  argnums = (0, 1, 2) if kind == "add_rms_norm" else (0, 1, 2, 3)
+
+  def grads(f):
+    def loss(*a):
+      y, h = f(*a)
+      return (jnp.vdot(y, dy, preferred_element_type=jnp.float32) +
+              jnp.vdot(h, dh, preferred_element_type=jnp.float32))
+    return jax.jit(jax.grad(loss, argnums))
+  fwds = add_norm_contenders(kind)
+  jitted = {k: grads(f) for k, f in fwds.items()}
+  calls = {k: (lambda j: lambda: j(x, r, s, b))(j) for k, j in jitted.items()}
+  tc = torch_call(kind, "fwd+bwd", np.asarray(x))
+  if tc is not None:
+    calls["pytorch"] = tc
+  times = time_interleaved(calls, repeats)
+  rows = []
+  for k, t in times.items():
+    row = {"op": f"{kind} fwd+bwd", "shape": "x".join(map(str, shape)),
+           "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
+           "vs_flax": times["flax(fast var)"] / t,
+           "floor": (kind, "fwd+bwd", shape, dtype), "residual_MB": None,
+           "temp_MB": None}
+    if k in fwds:
+      row["residual_MB"] = residual_bytes(
+          lambda x, r, s, b, f=fwds[k]: f(x, r, s, b)[0], x, r, s, b) / 2**20
+    rows.append(row)
+  return _with_best(rows, times)
+
+
 # --------------------------------------------------------------------------
 # Whole train steps
 
@@ -440,9 +530,12 @@ class _ExampleCNN(nn.Module):
 
 class _PreNormBlock(nn.Module):
   """A pre-norm transformer block: ``h = x + attn(norm(x))``, then
-  ``h + mlp(norm(h))``; bfloat16 activations, float32 parameters."""
+  ``h + mlp(norm(h))``; bfloat16 activations, float32 parameters. With
+  ``fused`` the second norm takes ``residual=x`` and returns ``(norm(h),
+  h)`` (jaxnorm's fused residual add + norm)."""
   norm: Any
   heads: int
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -450,9 +543,14 @@ class _PreNormBlock(nn.Module):
     bf16, d = jnp.bfloat16, x.shape[-1]
     kw = {"dtype": bf16, "param_dtype": jnp.float32}
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    h = x + nn.MultiHeadDotProductAttention(self.heads, **kw)(
+    a = nn.MultiHeadDotProductAttention(self.heads, **kw)(
         self.norm(**kw)(x), mask=mask)
-    z = nn.Dense(4 * d, **kw)(self.norm(**kw)(h))
+    if self.fused:
+      y, h = self.norm(**kw)(a, residual=x)
+    else:
+      h = x + a
+      y = self.norm(**kw)(h)
+    z = nn.Dense(4 * d, **kw)(y)
     return h + nn.Dense(d, **kw)(nn.gelu(z))
 
 
@@ -602,6 +700,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
       ("rms_norm", "fwd+bwd", seq, bf16),
       ("group_norm", "fwd+bwd", conv, f32),
       ("group_norm", "fwd+bwd", conv2, f32),
+      *((k, "fwd+bwd", seq, dt) for k in ("add_layer_norm", "add_rms_norm")
+        for dt in (f32, bf16)),
   ]
   # The bandwidth at the start and at the end of the run: the better of the
   # two (a passing background load lowers one, not both).
@@ -611,7 +711,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   for kind, op, shape, dtype in cases:
     if not wanted(f"{kind} {op} {'x'.join(map(str, shape))}"):
       continue
-    rows += bench_op(kind, op, shape, dtype, repeats)
+    bench = bench_add_op if kind.startswith("add_") else (
+        lambda k, s, d, n, op=op: bench_op(k, op, s, d, n))
+    rows += bench(kind, shape, dtype, repeats)
 
   import jaxnorm.linen as jnl  # noqa: PLC0415 - the modules' layer
   compiles = 1 if args.quick else 3
@@ -632,9 +734,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
   tx = jax.random.normal(key, tshape).astype(bf16)
   for label, norm, flax_norm in (("LayerNorm", jnl.LayerNorm, nn.LayerNorm),
                                  ("RMSNorm", jnl.RMSNorm, nn.RMSNorm)):
-    steps.append((f"pre-norm transformer block ({label})",
+    steps.append((f"pre-norm transformer block, fused add+norm ({label})",
                   {"jaxnorm": norm, "flax(fast var)": flax_norm},
-                  lambda n: _PreNormBlock(n, heads),
+                  lambda n: _PreNormBlock(n, heads, fused=n is not
+                                          nn.LayerNorm and n is not
+                                          nn.RMSNorm),
                   (tx, jnp.zeros(tshape, jnp.float32)), _mse_loss))
   for name, norms, make, (x, target), loss in steps:
     if not wanted(f"train step: {name}"):

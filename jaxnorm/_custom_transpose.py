@@ -39,11 +39,11 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Rule:
-  fun: Callable[[Any, Any], jax.Array]
-  transpose: Callable[[Any, jax.Array], Any]
+  fun: Callable[[Any, Any], Any]
+  transpose: Callable[[Any, Any], Any]
   res_tree: Any
   lin_tree: Any
-  out: jax.ShapeDtypeStruct
+  out: Any  # pytree of jax.ShapeDtypeStruct
 
   def split(self, args):
     n = self.res_tree.num_leaves
@@ -51,18 +51,19 @@ class _Rule:
             self.lin_tree.unflatten(args[n:]))
 
 
-def linear_map(fun: Callable[[Any, Any], jax.Array],
-               transpose: Callable[[Any, jax.Array], Any], res: Any,
-               lin: Any, out: jax.ShapeDtypeStruct) -> jax.Array:
+def linear_map(fun: Callable[[Any, Any], Any],
+               transpose: Callable[[Any, Any], Any], res: Any, lin: Any,
+               out: Any) -> Any:
   """``fun(res, lin)``, whose transpose in ``lin`` is ``transpose``.
 
   Args:
-    fun: ``(res, lin) -> array``, linear in the pytree ``lin``.
-    transpose: ``(res, ct) -> cotangents of lin`` (a pytree of ``lin``'s
-      structure), the transpose of ``fun`` in ``lin``.
+    fun: ``(res, lin) -> outputs``, linear in the pytree ``lin``.
+    transpose: ``(res, cts) -> cotangents of lin`` (a pytree of ``lin``'s
+      structure), the transpose of ``fun`` in ``lin``; ``cts`` has the
+      structure of ``out`` (zeros where an output has no cotangent).
     res: pytree of arrays ``fun`` need not be linear in.
     lin: pytree of arrays ``fun`` is linear in.
-    out: shape and dtype of ``fun``'s result.
+    out: pytree of ``jax.ShapeDtypeStruct``: ``fun``'s results.
 
   Returns:
     ``fun(res, lin)``.
@@ -70,17 +71,18 @@ def linear_map(fun: Callable[[Any, Any], jax.Array],
   res_leaves, res_tree = jax.tree.flatten(res)
   lin_leaves, lin_tree = jax.tree.flatten(lin)
   rule = _Rule(fun, transpose, res_tree, lin_tree, out)
-  return _linear_p.bind(*res_leaves, *lin_leaves, rule=rule)
+  outs = _linear_p.bind(*res_leaves, *lin_leaves, rule=rule)
+  return jax.tree.unflatten(jax.tree.structure(out), outs)
 
 
 def _impl(*args, rule: _Rule):
-  return rule.fun(*rule.split(args))
+  return jax.tree.leaves(rule.fun(*rule.split(args)))
 
 
 def _abstract_eval(*avals, rule: _Rule):
   like = avals[rule.res_tree.num_leaves]
-  return like.update(shape=rule.out.shape, dtype=rule.out.dtype,
-                     weak_type=False)
+  return [like.update(shape=o.shape, dtype=o.dtype, weak_type=False)
+          for o in jax.tree.leaves(rule.out)]
 
 
 def _jvp(primals, tangents, *, rule: _Rule):
@@ -88,11 +90,15 @@ def _jvp(primals, tangents, *, rule: _Rule):
   return jax.jvp(lambda *a: _impl(*a, rule=rule), tuple(primals), tangents)
 
 
-def _transpose(ct, *args, rule: _Rule):
+def _transpose(cts, *args, rule: _Rule):
   n = rule.res_tree.num_leaves
-  if type(ct) is ad.Zero:  # pylint: disable=unidiomatic-typecheck
+  if all(type(c) is ad.Zero for c in cts):  # pylint: disable=unidiomatic-typecheck
     return [None] * len(args)
+  outs = jax.tree.leaves(rule.out)
+  cts = [jnp.zeros(o.shape, o.dtype) if type(c) is ad.Zero else c  # pylint: disable=unidiomatic-typecheck
+         for c, o in zip(cts, outs, strict=True)]
   res = rule.res_tree.unflatten(args[:n])
+  ct = jax.tree.unflatten(jax.tree.structure(rule.out), cts)
   cts = rule.lin_tree.flatten_up_to(rule.transpose(res, ct))
   return [None] * n + [c if ad.is_undefined_primal(a) else None
                        for a, c in zip(args[n:], cts)]
@@ -119,16 +125,19 @@ def _batch(args, dims, *, rule: _Rule):
               zip(rule.lin_tree.flatten_up_to(cts), axes[n:])]
     return rule.lin_tree.unflatten(leaves)
 
-  out = jax.ShapeDtypeStruct((size, *rule.out.shape), rule.out.dtype)
+  out = jax.tree.map(
+      lambda o: jax.ShapeDtypeStruct((size, *o.shape), o.dtype), rule.out)
   batched = _Rule(fun, transpose, rule.res_tree, rule.lin_tree, out)
-  return _linear_p.bind(*moved, rule=batched), 0
+  outs = _linear_p.bind(*moved, rule=batched)
+  return outs, [0] * len(outs)
 
 
 _linear_p = jex_core.Primitive("jaxnorm_linear_map")
+_linear_p.multiple_results = True
 _linear_p.def_impl(_impl)
 _linear_p.def_abstract_eval(_abstract_eval)
 mlir.register_lowering(_linear_p, mlir.lower_fun(_impl,
-                                                 multiple_results=False))
+                                                 multiple_results=True))
 ad.primitive_jvps[_linear_p] = _jvp
 ad.primitive_transposes[_linear_p] = _transpose
 batching.primitive_batchers[_linear_p] = _batch

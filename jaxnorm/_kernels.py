@@ -10,9 +10,18 @@ that read it:
 - ``row_stats``: ``x -> (hi, lo, var)``, one read (the forward of a
   differentiated op, whose ``y`` XLA then fuses with its consumers);
 - ``row_backward``: ``(x, hi, lo, rstd, scale, dy) -> (dx, dscale, dbias)``,
-  one read of ``x`` and ``dy``, one write;
+  one read of ``x`` and ``dy``, one write (the row kernels ask for huge
+  pages on the outputs they write: see ``col_apply``);
 - ``col_stats`` and ``col_sums``: BatchNorm's per-channel statistics and
-  the backward's two per-channel sums, one read of each input.
+  the backward's two per-channel sums, one read of each input;
+- ``col_apply``: BatchNorm's output ``((x - m) - d) * k + b`` per channel,
+  written with huge pages, where the system allows them on request (the
+  page faults of fresh memory are most of the cost of writing a large
+  output);
+- ``add_forward``: ``(x, r) -> (y, h, hi, lo, var)`` with ``h = x + r``
+  normalized, one read of ``x`` and ``r``, one write of ``h`` and ``y``;
+- ``add_backward``: ``(h, hi, lo, rstd, scale, dy, dh) -> (dh_total,
+  dscale, dbias)``, one read of ``h``, ``dy`` and ``dh``, one write.
 
 Every sum over a reduced axis ends in float64 in a fixed order (the
 source's header), so the error does not grow with the reduced length and
@@ -79,6 +88,36 @@ def row_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, *,
                (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat),
                x, scale, bias, center=bool(center),
                epsilon=np.float32(epsilon))
+
+
+def col_apply(x: jax.Array, m: jax.Array, d: jax.Array, k: jax.Array,
+              b: jax.Array) -> jax.Array:
+  """``((x - m) - d) * k + b`` over channels ``x[..., C]``; m, d, k, b
+  ``[C]`` float32."""
+  return _call("jaxnorm_col_apply", jax.ShapeDtypeStruct(x.shape, x.dtype),
+               x, m, d, k, b)
+
+
+def add_forward(x: jax.Array, r: jax.Array, scale: jax.Array,
+                bias: jax.Array, *, center: bool, epsilon: float):
+  """``(y, h, hi, lo, var)``: rows of ``h = x + r`` (``r``'s dtype) and
+  their normalization ``y`` (``x``'s dtype); scale, bias ``[P, D]`` f32."""
+  stat = _f32(x.shape[:-1])
+  return _call("jaxnorm_add_forward",
+               (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
+               x, r, scale, bias, center=bool(center),
+               epsilon=np.float32(epsilon))
+
+
+def add_backward(h: jax.Array, hi: jax.Array, lo: jax.Array, rstd: jax.Array,
+                 scale: jax.Array, dy: jax.Array, dh: jax.Array, *,
+                 center: bool):
+  """``(dh + (the norm's vjp of dy), dscale, dbias)``, in ``h``'s dtype."""
+  return _call("jaxnorm_add_backward",
+               (jax.ShapeDtypeStruct(h.shape, h.dtype), _f32(scale.shape),
+                _f32(scale.shape)),
+               h, hi, lo, rstd, scale, dy, dh, center=bool(center))
 
 
 def row_stats(x: jax.Array, *, center: bool):

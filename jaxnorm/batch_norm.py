@@ -930,7 +930,5 @@ def batch_norm_infer(
     mul = mul * scale.astype(dt).reshape(bshape)
   # Centre first, as training does: x - mean is exact for x near the mean
   # (Sterbenz), where x * mul - mean * mul cancels two large terms.
-  y = (x.astype(dt) - mean) * mul
-  if bias is not None:
-    y = y + bias.astype(dt).reshape(bshape)
-  return y.astype(x.dtype)
+  return _core.affine_channels(
+      x, mean, mul, None if bias is None else bias.reshape(bshape))

@@ -22,7 +22,7 @@ import jax
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxnorm import _checks
-from jaxnorm import _core
+from jaxnorm import _add_core
 from jaxnorm import _scaling
 
 
@@ -43,16 +43,16 @@ def _add_normalize(
 ) -> tuple[jax.Array, jax.Array]:
   """The one call into the core op: ``(y, h)`` from validated inputs.
 
-  ``h = x + residual`` in ``residual_dtype``; ``y`` is
-  ``_core.normalize(h, scale, bias, mask, ...)`` (``scale`` and ``bias``
+  ``h = x + residual`` in ``residual_dtype``; ``y`` the normalization of
+  ``h`` (``_add_core.add_normalize``; ``scale`` and ``bias``
   already of ``x``'s rank, in any floating dtype; ``None`` for none)
   returned in ``out_dtype``. Everything the public functions add (checks,
   ``scale_offset``, ``cast_before_scale``) happens outside.
   """
-  h = x.astype(residual_dtype) + residual.astype(residual_dtype)
-  y = _core.normalize(h, scale, bias, mask, axes=axes, epsilon=epsilon,
-                      center=center, axis_name=axis_name,
-                      axis_index_groups=axis_index_groups)[0]
+  y, h = _add_core.add_normalize(
+      x, residual, scale, bias, mask, residual_dtype=residual_dtype,
+      axes=axes, epsilon=epsilon, center=center, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
   return y.astype(out_dtype), h
 
 

@@ -559,3 +559,65 @@ def test_every_transformation_keeps_the_kernels():
             jax.vmap(jax.grad(bn, 1), (0, None))):
     calls = _kernel_calls(f, x.reshape(2, 2, 8, 64), scale)
     assert calls["jaxnorm_col_stats"] >= 1 and calls["jaxnorm_col_sums"] == 1
+
+
+_ADD_DTYPES = [(F32, F32), (BF16, BF16), (BF16, F32)]
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("x_dtype,r_dtype", _ADD_DTYPES)
+def test_fused_add_norm_kernels_match_xla_ops(kind, x_dtype, r_dtype):
+  # add_layer_norm/add_rms_norm: one forward kernel (x, residual -> y, h)
+  # and one backward kernel (h, dy, dh -> the shared gradient), with the
+  # same values, gradients through both outputs and tangents as XLA ops.
+  x, dy = _data((4, 6, 96), x_dtype, mean=1.0, std=2.0)
+  r, dh = _data((4, 6, 96), r_dtype, mean=-2.0, seed=5)
+  params = _params(x.shape, (2,), kind)
+  fn = jaxnorm.add_layer_norm if kind == "layer" else jaxnorm.add_rms_norm
+  f = lambda x, r, *p: fn(x, r, *p)
+
+  def loss(x, r, *p):
+    y, h = f(x, r, *p)
+    return (jnp.vdot(jnp.sin(y.astype(F32)), dy.astype(F32)) +
+            jnp.vdot(h.astype(F32) ** 2, dh.astype(F32)))
+  args = (x, r, *params)
+  argnums = tuple(range(len(args)))
+  t = tuple(jnp.ones_like(a) for a in args)
+  out = {}
+  for flag in (True, False):
+    with _kernels.enabled(flag):
+      hlo = jax.jit(jax.grad(loss, argnums)).lower(*args).compile().as_text()
+      assert ("jaxnorm_add_backward" in hlo) == flag
+      assert ("jaxnorm_add_forward" in hlo) == flag
+      out[flag] = (jax.jit(f)(*args), jax.jit(jax.grad(loss, argnums))(*args),
+                   jax.jvp(loss, args, t)[1],
+                   jax.jvp(jax.grad(loss), args, t)[1])
+  tol = 2e-5 if x_dtype == F32 and r_dtype == F32 else 2e-2
+  for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]),
+                  strict=True):
+    assert a.dtype == b.dtype
+    a, b = np.asarray(a.astype(F32)), np.asarray(b.astype(F32))
+    np.testing.assert_allclose(a, b, rtol=0,
+                               atol=tol * (1 + np.abs(b).max()))
+  (y, h), grads = out[True][:2]
+  assert y.dtype == x_dtype and h.dtype == r_dtype
+  assert grads[0].dtype == x_dtype and grads[1].dtype == r_dtype
+
+
+def test_fused_add_norm_keeps_its_kernels_under_transformations():
+  x, dy = _data((4, 8, 64), F32, mean=1.0)
+  r, dh = _data((4, 8, 64), F32, seed=7)
+  scale, _ = _params(x.shape, (2,), "layer")
+
+  def loss(x, r, s):
+    y, h = jaxnorm.add_rms_norm(x, r, s)
+    return jnp.vdot(jnp.sin(y), dy[:len(x)]) + jnp.vdot(h, dh[:len(x)])
+  per_example = lambda x, r, s: loss(x[None], r[None], s)
+  for f in (jax.grad(loss, (0, 1, 2)),
+            jax.grad(lambda x, r, s: jnp.sum(jax.vmap(
+                per_example, (0, 0, None))(x, r, s)), (0, 1, 2)),
+            jax.vmap(jax.grad(per_example, (0, 1, 2)), (0, 0, None)),
+            jax.grad(jax.checkpoint(loss), (0, 1, 2))):
+    calls = _kernel_calls(f, x, r, scale)
+    assert calls["jaxnorm_add_forward"] == 1, calls
+    assert calls["jaxnorm_add_backward"] == 1, calls

@@ -29,7 +29,7 @@ LAYERS = {
     "_kernel_library": 0,
     "_checks": 1, "_stats": 1, "reference": 1, "_kernels": 1,
     "_custom_transpose": 1,
-    "_core": 2,
+    "_core": 2, "_add_core": 2.1,
     "_weight_core": 2,
     "_scaling": 2.5,
     "batch_norm": 3, "variants": 3, "weight_norm": 3, "residual": 3,

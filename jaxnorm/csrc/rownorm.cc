@@ -46,6 +46,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -150,6 +154,25 @@ struct Vecs {
   VF v[K];
   VF operator[](int k) const { return v[k]; }
 };
+
+// Writing fresh memory costs a page fault per 4 KiB page, the larger part
+// of the time of writing a large output: a row kernel asks the kernel for
+// transparent huge pages on its outputs' whole 2 MiB pages (where the
+// system allows them "on madvise"; a no-op elsewhere), a fault per 2 MiB.
+constexpr size_t kHugePage = size_t{2} << 20;
+inline void AdviseHugePages(void* p, size_t bytes) {
+#if defined(MADV_HUGEPAGE)
+  if (bytes < 2 * kHugePage) return;
+  uintptr_t start = (reinterpret_cast<uintptr_t>(p) + kHugePage - 1) &
+                    ~(uintptr_t{kHugePage} - 1);
+  uintptr_t stop = (reinterpret_cast<uintptr_t>(p) + bytes) &
+                   ~(uintptr_t{kHugePage} - 1);
+  if (stop > start) {
+    (void)madvise(reinterpret_cast<void*>(start), stop - start,
+                  MADV_HUGEPAGE);
+  }
+#endif
+}
 
 // Runs body(chunk) for chunk in [0, n) on the caller and the pool's
 // threads. The caller waits only for chunks that were claimed; a pool task
@@ -296,30 +319,55 @@ inline int64_t RowChunks(const Rows& r) {
   return r.groups * ((r.per_group + block - 1) / block);
 }
 
-template <typename T>
-void Forward(ffi::ThreadPool& pool, const Rows& r, const T* x,
-             const float* scale, const float* bias, bool center, float eps,
-             T* y, float* hi, float* lo, float* var) {
+// y = ((x - hi) - lo) * rstd * scale + bias for one row x of type T,
+// whose statistics it computes; y of type TY.
+template <typename T, typename TY>
+void NormalizeRow(const T* xr, int64_t d, const float* s, const float* b,
+                  bool center, float eps, TY* yr, float* hi, float* lo,
+                  float* var) {
+  RowStats(xr, d, center, hi, lo, var);
+  const float rs = 1.f / std::sqrt(*var + eps);
+  const float h = *hi, l = *lo;
+  const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
+  int64_t i = 0;
+  for (; i + W <= d; i += W) {
+    VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
+    StoreV(yr + i, xh * LoadV(s + i) + LoadV(b + i));
+  }
+  for (; i < d; ++i) {
+    float xh = ((Load(xr, i) - h) - l) * rs;
+    Store(yr, i, xh * s[i] + b[i]);
+  }
+}
+
+// The row forward. With a residual r (type TH, else nullptr) the rows
+// normalized are h = x + r, rounded to TH and written to h, then read back
+// from cache: x and r are read once, h and y written once.
+template <typename TX, typename TH>
+void Forward(ffi::ThreadPool& pool, const Rows& r, const TX* x,
+             const TH* res, const float* scale, const float* bias,
+             bool center, float eps, TX* y, TH* h, float* hi, float* lo,
+             float* var) {
+  AdviseHugePages(y, sizeof(TX) * r.rows * r.d);
+  if (h != nullptr) AdviseHugePages(h, sizeof(TH) * r.rows * r.d);
   ForRowChunks(pool, r, [&](int64_t, int64_t p, int64_t start,
                             int64_t stop) {
     const float* s = scale + p * r.d;
     const float* b = bias + p * r.d;
     for (int64_t row = start; row < stop; ++row) {
-      const T* xr = x + row * r.d;
-      T* yr = y + row * r.d;
-      RowStats(xr, r.d, center, &hi[row], &lo[row], &var[row]);
-      const float rs = 1.f / std::sqrt(var[row] + eps);
-      const float h = hi[row], l = lo[row];
-      const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
+      const int64_t o = row * r.d;
+      if (res == nullptr) {
+        NormalizeRow(x + o, r.d, s, b, center, eps, y + o, &hi[row],
+                     &lo[row], &var[row]);
+        continue;
+      }
       int64_t i = 0;
       for (; i + W <= r.d; i += W) {
-        VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
-        StoreV(yr + i, xh * LoadV(s + i) + LoadV(b + i));
+        StoreV(h + o + i, LoadV(x + o + i) + LoadV(res + o + i));
       }
-      for (; i < r.d; ++i) {
-        float xh = ((Load(xr, i) - h) - l) * rs;
-        Store(yr, i, xh * s[i] + b[i]);
-      }
+      for (; i < r.d; ++i) Store(h + o, i, Load(x + o, i) + Load(res + o, i));
+      NormalizeRow(h + o, r.d, s, b, center, eps, y + o, &hi[row], &lo[row],
+                   &var[row]);
     }
   });
 }
@@ -334,11 +382,15 @@ void Stats(ffi::ThreadPool& pool, const Rows& r, const T* x, bool center,
   });
 }
 
-template <typename T>
+// The row backward over rows x (type T) with cotangent dy (type TD); with
+// dh (type T, else nullptr) the cotangent of x as an output too, added to
+// dx (type T): the fused add + norm's gradient of h.
+template <typename T, typename TD>
 void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
               const float* hi, const float* lo, const float* rstd,
-              const float* scale, const T* dy, bool center, T* dx,
-              float* dscale, float* dbias) {
+              const float* scale, const TD* dy, const T* dh, bool center,
+              T* dx, float* dscale, float* dbias) {
+  AdviseHugePages(dx, sizeof(T) * r.rows * r.d);
   // Per-chunk float32 partial sums of dscale and dbias, added in float64
   // in chunk order below.
   std::vector<float> part(static_cast<size_t>(RowChunks(r)) * 2 * r.d, 0.f);
@@ -349,7 +401,8 @@ void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
     float* pb = ps + r.d;
     for (int64_t row = start; row < stop; ++row) {
       const T* xr = x + row * r.d;
-      const T* gr = dy + row * r.d;
+      const TD* gr = dy + row * r.d;
+      const T* hr = dh == nullptr ? nullptr : dh + row * r.d;
       T* dxr = dx + row * r.d;
       const float h = hi[row], l = lo[row], rs = rstd[row];
       const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
@@ -370,14 +423,17 @@ void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
       for (; i + W <= r.d; i += W) {
         VF g = LoadV(gr + i);
         VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
-        StoreV(dxr + i, vr * ((g * LoadV(s + i) - v1) - xh * v2));
+        VF out = vr * ((g * LoadV(s + i) - v1) - xh * v2);
+        if (hr != nullptr) out += LoadV(hr + i);
+        StoreV(dxr + i, out);
         StoreV(ps + i, LoadV(ps + i) + g * xh);
         StoreV(pb + i, LoadV(pb + i) + g);
       }
       for (; i < r.d; ++i) {
         float g = Load(gr, i);
         float xh = ((Load(xr, i) - h) - l) * rs;
-        Store(dxr, i, rs * ((g * s[i] - k1) - xh * k2));
+        float out = rs * ((g * s[i] - k1) - xh * k2);
+        Store(dxr, i, hr == nullptr ? out : out + Load(hr, i));
         ps[i] += g * xh;
         pb[i] += g;
       }
@@ -625,6 +681,29 @@ void ColSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
   }
 }
 
+// y = ((x - m) - d) * k + b per channel (BatchNorm's output, in training
+// and inference), written with huge pages (AdviseHugePages).
+template <typename T>
+void ColApply(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
+              const float* m, const float* d, const float* k,
+              const float* b, T* y) {
+  AdviseHugePages(y, sizeof(T) * rows * c);
+  const int64_t block = std::max<int64_t>(1, kTaskElements / c);
+  ParallelFor(pool, (rows + block - 1) / block, rows * c, [&](int64_t t) {
+    const int64_t stop = std::min(rows, (t + 1) * block);
+    for (int64_t r = t * block; r < stop; ++r) {
+      const T* xr = x + r * c;
+      T* yr = y + r * c;
+      int64_t j = 0;
+      for (; j + W <= c; j += W) {
+        StoreV(yr + j, ((LoadV(xr + j) - LoadV(m + j)) - LoadV(d + j)) *
+                           LoadV(k + j) + LoadV(b + j));
+      }
+      for (; j < c; ++j) Store(yr, j, ((Load(xr, j) - m[j]) - d[j]) * k[j] + b[j]);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // FFI handlers
 
@@ -647,6 +726,20 @@ ffi::Error ByDtype(const ffi::AnyBuffer& x, Run run) {
     return ffi::Error::InvalidArgument("x must be float32 or bfloat16");
   }
   return ffi::Error::Success();
+}
+
+bool Float(const ffi::AnyBuffer& a) { return IsF32(a) || IsBf16(a); }
+
+// Calls run(A{}, B{}) with the element types of a and b, as ByDtype.
+template <typename Run>
+ffi::Error ByDtypes(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b,
+                    Run run) {
+  if (!Float(b)) {
+    return ffi::Error::InvalidArgument("arrays must be float32 or bfloat16");
+  }
+  return ByDtype(a, [&](auto ta) {
+    (void)ByDtype(b, [&](auto tb) { run(ta, tb); });
+  });
 }
 
 template <typename T>
@@ -672,9 +765,35 @@ ffi::Error RowFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   }
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
-    Forward(pool, r, In<T>(x), scale.typed_data(), bias.typed_data(), center,
-            epsilon, Out<T>(y), hi->typed_data(), lo->typed_data(),
-            var->typed_data());
+    Forward<T, T>(pool, r, In<T>(x), nullptr, scale.typed_data(),
+                  bias.typed_data(), center, epsilon, Out<T>(y), nullptr,
+                  hi->typed_data(), lo->typed_data(), var->typed_data());
+  });
+}
+
+ffi::Error AddFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                      ffi::AnyBuffer res, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> bias,
+                      ffi::Result<ffi::AnyBuffer> y,
+                      ffi::Result<ffi::AnyBuffer> h,
+                      ffi::ResultBuffer<ffi::F32> hi,
+                      ffi::ResultBuffer<ffi::F32> lo,
+                      ffi::ResultBuffer<ffi::F32> var, bool center,
+                      float epsilon) {
+  Rows r;
+  if (auto e = GetRows(x, scale, &r); e.failure()) return e;
+  if (x.element_type() != y->element_type() ||
+      res.element_type() != h->element_type() || !Float(x) || !Float(res)) {
+    return ffi::Error::InvalidArgument(
+        "y must have x's dtype and h the residual's, float32 or bfloat16");
+  }
+  return ByDtypes(x, res, [&](auto tx, auto th) {
+    using TX = decltype(tx);
+    using TH = decltype(th);
+    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), scale.typed_data(),
+                    bias.typed_data(), center, epsilon, Out<TX>(y),
+                    Out<TH>(h), hi->typed_data(), lo->typed_data(),
+                    var->typed_data());
   });
 }
 
@@ -705,9 +824,34 @@ ffi::Error RowBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   }
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
-    Backward(pool, r, In<T>(x), hi.typed_data(), lo.typed_data(),
-             rstd.typed_data(), scale.typed_data(), In<T>(dy), center,
-             Out<T>(dx), dscale->typed_data(), dbias->typed_data());
+    Backward<T, T>(pool, r, In<T>(x), hi.typed_data(), lo.typed_data(),
+                   rstd.typed_data(), scale.typed_data(), In<T>(dy), nullptr,
+                   center, Out<T>(dx), dscale->typed_data(),
+                   dbias->typed_data());
+  });
+}
+
+ffi::Error AddBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer h,
+                      ffi::Buffer<ffi::F32> hi, ffi::Buffer<ffi::F32> lo,
+                      ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
+                      ffi::AnyBuffer dy, ffi::AnyBuffer dh,
+                      ffi::Result<ffi::AnyBuffer> dx,
+                      ffi::ResultBuffer<ffi::F32> dscale,
+                      ffi::ResultBuffer<ffi::F32> dbias, bool center) {
+  Rows r;
+  if (auto e = GetRows(h, scale, &r); e.failure()) return e;
+  if (h.element_type() != dh.element_type() ||
+      h.element_type() != dx->element_type() || !Float(h) || !Float(dy)) {
+    return ffi::Error::InvalidArgument(
+        "dh and the gradient must have h's dtype, float32 or bfloat16");
+  }
+  return ByDtypes(h, dy, [&](auto th, auto td) {
+    using TH = decltype(th);
+    using TD = decltype(td);
+    Backward<TH, TD>(pool, r, In<TH>(h), hi.typed_data(), lo.typed_data(),
+                     rstd.typed_data(), scale.typed_data(), In<TD>(dy),
+                     In<TH>(dh), center, Out<TH>(dx), dscale->typed_data(),
+                     dbias->typed_data());
   });
 }
 
@@ -762,6 +906,25 @@ ffi::Error ColSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
+ffi::Error ColApplyImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                        ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> d,
+                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
+                        ffi::Result<ffi::AnyBuffer> y) {
+  Cols q = GetCols(x, static_cast<int64_t>(m.element_count()));
+  if (x.element_type() != y->element_type()) {
+    return ffi::Error::InvalidArgument("y dtype != x dtype");
+  }
+  return ByDtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < q.batches; ++i) {
+      int64_t off = i * q.rows * q.c, so = i * q.c;
+      ColApply(pool, q.rows, q.c, In<T>(x) + off, m.typed_data() + so,
+               d.typed_data() + so, k.typed_data() + so, b.typed_data() + so,
+               Out<T>(y) + off);
+    }
+  });
+}
+
 }  // namespace
 
 // The bindings: ffi::Ffi::Bind() with the thread pool, then the buffers in
@@ -773,6 +936,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Ret<ffi::AnyBuffer>()
         .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
         .Attr<bool>("center").Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormAddFwd, AddFwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<ffi::AnyBuffer>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
+        .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center")
+        .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormAddBwd, AddBwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
+        .Arg<JAXNORM_F32>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+        .Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
+        .Attr<bool>("center"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnormRowStats, RowStatsImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
@@ -794,4 +971,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
         .Arg<ffi::AnyBuffer>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
         .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormColApply, ColApplyImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
+        .Arg<JAXNORM_F32>().Ret<ffi::AnyBuffer>());
 #undef JAXNORM_F32
