@@ -300,8 +300,11 @@ def tokamax_norm(kind: str) -> Callable | None:
   """tokamax's ``layer_norm`` as a LayerNorm/RMSNorm peer, if installed."""
   try:
     import tokamax  # noqa: PLC0415 - optional peer
+    from absl import flags  # noqa: PLC0415 - tokamax's configuration
   except ImportError:
     return None
+  if not flags.FLAGS.is_parsed():  # tokamax would parse our command line
+    flags.FLAGS.mark_as_parsed()
   if kind == "layer_norm":
     return lambda x, s, b: tokamax.layer_norm(x, s, b, epsilon=1e-6)
   if kind == "rms_norm":

@@ -47,49 +47,61 @@ def _compose(cfg: _core._Config, rd, x, residual, scale, bias, mask):
   return y.astype(x.dtype), h
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_forward(cfg: _core._Config, x, residual, scale, bias):
-  """``(y, h, hi, lo, var)`` from the fused forward kernel."""
+  """``(y, h)`` from the fused forward kernel (the op not differentiated)."""
   width = _core._width(cfg, x)
-  stat = _core._stat_shape(cfg, x)
   rows = functools.partial(_core._as_rows, cfg)
-  y, h, hi, lo, var = _kernels.add_forward(
+  y, h, *_ = _kernels.add_forward(
       rows(x), rows(residual), _core._param_rows(scale, width, 1.0),
       _core._param_rows(bias, width, 0.0), center=cfg.center,
       epsilon=cfg.epsilon)
-  return (y.reshape(x.shape), h.reshape(x.shape),
-          *(v.reshape(stat) for v in (hi, lo, var)))
+  return y.reshape(x.shape), h.reshape(x.shape)
 
 
-@_kernel_forward.defjvp
-def _kernel_forward_jvp(cfg: _core._Config, primals, tangents):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_stats(cfg: _core._Config, x, residual):
+  """``(h, hi, lo, var)`` from the kernel that writes ``h`` and reads it
+  back from cache for the statistics (shaped as ``_stats.moments``')."""
+  h, *stats = _kernels.add_stats(_core._as_rows(cfg, x),
+                                 _core._as_rows(cfg, residual),
+                                 center=cfg.center)
+  stat = _core._stat_shape(cfg, x)
+  return (h.reshape(x.shape), *(v.reshape(stat) for v in stats))
+
+
+@_kernel_stats.defjvp
+def _kernel_stats_jvp(cfg: _core._Config, primals, tangents):
   # The tangents with XLA ops (the mean's goes to hi, as in _core).
-  def plain(x, residual, scale, bias):
+  def plain(x, residual):
     h = x.astype(residual.dtype) + residual
     hf = h.astype(jnp.float32)
     m = (jnp.mean(hf, cfg.axes, keepdims=True) if cfg.center else
          jnp.zeros(_core._stat_shape(cfg, x), jnp.float32))
     var = jnp.mean(jnp.square(hf - m), cfg.axes, keepdims=True)
-    y = (hf - m) * jax.lax.rsqrt(var + cfg.epsilon)
-    y = y * (1.0 if scale is None else scale) + (0.0 if bias is None else
-                                                 bias)
-    return y.astype(x.dtype), h, m, jnp.zeros_like(m), var
-  outs = _kernel_forward(cfg, *primals)
-  _, touts = jax.jvp(plain, primals, tangents)
-  return outs, touts
+    return h, m, jnp.zeros_like(m), var
+  return _kernel_stats(cfg, *primals), jax.jvp(plain, primals, tangents)[1]
 
 
 def _forward(cfg: _core._Config, x, residual, scale, bias):
-  """The fused forward kernel: ``(y, h)`` and the residuals of the VJP."""
-  y, h, hi, lo, var = _kernel_forward(cfg, x, residual, scale, bias)
-  rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, var.dtype))
-  w_over_n = jnp.full(var.shape, 1.0 / _core._width(cfg, x), var.dtype)
-  return (y, h), (h, hi, lo, rstd, w_over_n, scale)
+  """``(y, h)`` and the residuals of the VJP: ``h`` and its statistics from
+  the kernel, ``y`` XLA's elementwise pass (fused with its consumers, or
+  dropped where only gradients are wanted)."""
+  h, hi, lo, var = _kernel_stats(cfg, x, residual)
+  dt = var.dtype
+  rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
+  m, delta = _core._shifts(hi, lo)
+  hf = h.astype(dt)
+  d = (hf - m) - delta if cfg.center else hf
+  y = _core._scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
+  if bias is not None:
+    y = y + bias.astype(dt)
+  w_over_n = jnp.full(var.shape, 1.0 / _core._width(cfg, x), dt)
+  return (y.astype(x.dtype), h), (h, hi, lo, rstd, w_over_n, scale)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused(cfg: _core._Config, x, residual, scale, bias):
-  return _forward(cfg, x, residual, scale, bias)[0]
+  return _kernel_forward(cfg, x, residual, scale, bias)
 
 
 def _shapes(h, scale, bias):

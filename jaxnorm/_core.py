@@ -173,8 +173,12 @@ def _scaled(cfg: _Config, a: jax.Array, rstd: jax.Array,
 _Y, _DX, _SG, _SGX, _DSCALE, _DBIAS = 3, 4, 5, 6, 7, 8
 
 
-def _forward(cfg: _Config, x, scale, bias, mask):
+def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
   """Primal computation; returns outputs and the residuals of ``_vjp``.
+
+  ``y_kernel``: BatchNorm's ``y`` from its CPU kernel (the op alone, not
+  differentiated); otherwise XLA's elementwise pass, which XLA fuses with
+  the consumers of ``y`` in a training step.
 
   ``y = ((x - m) - delta) * (r * scale) + bias`` (see :func:`_shifts`);
   with per-feature parameters ``r * scale`` is a per-feature coefficient,
@@ -201,7 +205,7 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   xf = _stats.upcast(x, dt, _Y, cfg.cpu)
   m, delta = _shifts(hi, lo)
   mean = hi + lo
-  if cfg.kernel == "cols":  # y = ((x - m) - delta) k + bias, one kernel
+  if cfg.kernel == "cols" and y_kernel:  # ((x - m) - delta) k + bias
     k = rstd if scale is None else rstd * scale.astype(dt)
     y = _channel_kernel(x, *(jnp.broadcast_to(v, hi.shape) for v in (
         m, delta, k, 0.0 if bias is None else bias.astype(dt))))
@@ -595,7 +599,7 @@ def _tangent_map(cfg: _Config, shapes, res, tangents):
 def _normalize(cfg: _Config, x, scale, bias, mask):
   if cfg.kernel == "rows":
     return _row_forward(cfg, x, scale, bias)
-  return _forward(cfg, x, scale, bias, mask)[0]
+  return _forward(cfg, x, scale, bias, mask, y_kernel=True)[0]
 
 
 @_normalize.defjvp

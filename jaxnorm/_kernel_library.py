@@ -43,6 +43,7 @@ TARGETS = {"jaxnorm_row_forward": "JaxnormRowFwd",
            "jaxnorm_col_stats": "JaxnormColStats",
            "jaxnorm_col_sums": "JaxnormColSums",
            "jaxnorm_add_forward": "JaxnormAddFwd",
+           "jaxnorm_add_stats": "JaxnormAddStats",
            "jaxnorm_add_backward": "JaxnormAddBwd",
            "jaxnorm_col_apply": "JaxnormColApply"}
 _OFF = ("0", "false", "no", "off")

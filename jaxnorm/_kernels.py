@@ -20,6 +20,8 @@ that read it:
   output);
 - ``add_forward``: ``(x, r) -> (y, h, hi, lo, var)`` with ``h = x + r``
   normalized, one read of ``x`` and ``r``, one write of ``h`` and ``y``;
+- ``add_stats``: ``(x, r) -> (h, hi, lo, var)``, the forward of a
+  differentiated add + norm (``y`` is then XLA's elementwise pass);
 - ``add_backward``: ``(h, hi, lo, rstd, scale, dy, dh) -> (dh_total,
   dscale, dbias)``, one read of ``h``, ``dy`` and ``dh``, one write.
 
@@ -108,6 +110,15 @@ def add_forward(x: jax.Array, r: jax.Array, scale: jax.Array,
                 jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
                x, r, scale, bias, center=bool(center),
                epsilon=np.float32(epsilon))
+
+
+def add_stats(x: jax.Array, r: jax.Array, *, center: bool):
+  """``(h, hi, lo, var)``: rows of ``h = x + r`` (``r``'s dtype) and their
+  statistics."""
+  stat = _f32(x.shape[:-1])
+  return _call("jaxnorm_add_stats",
+               (jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
+               x, r, center=bool(center))
 
 
 def add_backward(h: jax.Array, hi: jax.Array, lo: jax.Array, rstd: jax.Array,

@@ -26,34 +26,10 @@ from jaxnorm import _add_core
 from jaxnorm import _scaling
 
 
-def _add_normalize(
-    x: jax.Array,
-    residual: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    *,
-    residual_dtype: Any,
-    out_dtype: Any,
-    axes: tuple[int, ...],
-    epsilon: float,
-    center: bool,
-    axis_name: tuple[Any, ...] | None,
-    axis_index_groups: Any,
-) -> tuple[jax.Array, jax.Array]:
-  """The one call into the core op: ``(y, h)`` from validated inputs.
-
-  ``h = x + residual`` in ``residual_dtype``; ``y`` the normalization of
-  ``h`` (``_add_core.add_normalize``; ``scale`` and ``bias``
-  already of ``x``'s rank, in any floating dtype; ``None`` for none)
-  returned in ``out_dtype``. Everything the public functions add (checks,
-  ``scale_offset``, ``cast_before_scale``) happens outside.
-  """
-  y, h = _add_core.add_normalize(
-      x, residual, scale, bias, mask, residual_dtype=residual_dtype,
-      axes=axes, epsilon=epsilon, center=center, axis_name=axis_name,
-      axis_index_groups=axis_index_groups)
-  return y.astype(out_dtype), h
+# The one call into the core op (validated inputs; see
+# jaxnorm._add_core.add_normalize). Everything the public functions add
+# (checks, `scale_offset`, `cast_before_scale`) happens outside.
+_add_normalize = _add_core.add_normalize
 
 
 def _add_norm(fn: str, x, residual, scale, bias, *, residual_dtype,
@@ -73,8 +49,7 @@ def _add_norm(fn: str, x, residual, scale, bias, *, residual_dtype,
     residual_dtype = _checks.check_float_dtype(fn, "residual_dtype",
                                                residual_dtype)
   y, h = _add_normalize(x, residual, scale, bias, mask,
-                        residual_dtype=residual_dtype, out_dtype=x.dtype,
-                        **kw)
+                        residual_dtype=residual_dtype, **kw)
   return finish(y), h
 
 

@@ -342,13 +342,14 @@ void NormalizeRow(const T* xr, int64_t d, const float* s, const float* b,
 
 // The row forward. With a residual r (type TH, else nullptr) the rows
 // normalized are h = x + r, rounded to TH and written to h, then read back
-// from cache: x and r are read once, h and y written once.
+// from cache: x and r are read once, h and y written once. Without y
+// (nullptr) only h and the statistics are written.
 template <typename TX, typename TH>
 void Forward(ffi::ThreadPool& pool, const Rows& r, const TX* x,
              const TH* res, const float* scale, const float* bias,
              bool center, float eps, TX* y, TH* h, float* hi, float* lo,
              float* var) {
-  AdviseHugePages(y, sizeof(TX) * r.rows * r.d);
+  if (y != nullptr) AdviseHugePages(y, sizeof(TX) * r.rows * r.d);
   if (h != nullptr) AdviseHugePages(h, sizeof(TH) * r.rows * r.d);
   ForRowChunks(pool, r, [&](int64_t, int64_t p, int64_t start,
                             int64_t stop) {
@@ -366,8 +367,12 @@ void Forward(ffi::ThreadPool& pool, const Rows& r, const TX* x,
         StoreV(h + o + i, LoadV(x + o + i) + LoadV(res + o + i));
       }
       for (; i < r.d; ++i) Store(h + o, i, Load(x + o, i) + Load(res + o, i));
-      NormalizeRow(h + o, r.d, s, b, center, eps, y + o, &hi[row], &lo[row],
-                   &var[row]);
+      if (y == nullptr) {
+        RowStats(h + o, r.d, center, &hi[row], &lo[row], &var[row]);
+      } else {
+        NormalizeRow(h + o, r.d, s, b, center, eps, y + o, &hi[row],
+                     &lo[row], &var[row]);
+      }
     }
   });
 }
@@ -797,6 +802,27 @@ ffi::Error AddFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
+ffi::Error AddStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                        ffi::AnyBuffer res, ffi::Result<ffi::AnyBuffer> h,
+                        ffi::ResultBuffer<ffi::F32> hi,
+                        ffi::ResultBuffer<ffi::F32> lo,
+                        ffi::ResultBuffer<ffi::F32> var, bool center) {
+  Rows r;
+  if (auto e = GetRows(x, x, &r); e.failure()) return e;
+  if (res.element_type() != h->element_type() || !Float(x) || !Float(res)) {
+    return ffi::Error::InvalidArgument(
+        "h must have the residual's dtype, float32 or bfloat16");
+  }
+  const float one = 1.f;  // (no parameters: only statistics are computed)
+  return ByDtypes(x, res, [&](auto tx, auto th) {
+    using TX = decltype(tx);
+    using TH = decltype(th);
+    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), &one, &one, center,
+                    0.f, static_cast<TX*>(nullptr), Out<TH>(h),
+                    hi->typed_data(), lo->typed_data(), var->typed_data());
+  });
+}
+
 ffi::Error RowStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                         ffi::ResultBuffer<ffi::F32> hi,
                         ffi::ResultBuffer<ffi::F32> lo,
@@ -943,6 +969,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>()
         .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center")
         .Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormAddStats, AddStatsImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     JaxnormAddBwd, AddBwdImpl,
     ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
