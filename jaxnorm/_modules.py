@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from flax.linen import dtypes as _dtypes
 from flax.typing import Axes, Dtype
 from jax.typing import ArrayLike
 
+from jaxnorm import _checks
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_train
@@ -74,14 +74,8 @@ def _run(mdl: Any, x: ArrayLike, params: list[jax.Array | None], fn,
   present = [p for p in params if p is not None]
   compute, out = _dtypes_for([x, *present, *promote_with], mdl.dtype)
   cast = [None if p is None else p.astype(compute) for p in params]
-  try:
+  with _checks.raised_as(_who(mdl)):
     return fn(x.astype(compute), *cast).astype(out)
-  except (ValueError, TypeError) as e:
-    msg = str(e)
-    head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[a-z_]+", head):
-      raise type(e)(f"{_who(mdl)}: {rest}") from e
-    raise
 
 
 # Set while recalibrate_batch_norm traces the model: every jaxnorm BatchNorm
