@@ -902,10 +902,12 @@ def _weight_of(who: str, layer: Any, weight_name: Any) -> jax.Array:
     arrays = sorted(k for k, v in vars(layer).items()
                     if isinstance(v, jax.Array)) if hasattr(
                         layer, "__dict__") else []
+    got = (f"a {type(value).__name__}" if hasattr(layer, str(weight_name))
+           else "no such field")
     raise ValueError(
         f"{who}: `weight_name`={weight_name!r} must name a floating array "
-        f"field of the wrapped {type(layer).__name__}; got "
-        f"{type(value).__name__}. Its array fields: {arrays}. Fix: "
+        f"field of the wrapped {type(layer).__name__}; got {got}. Its array "
+        f"fields: {arrays}. Fix: "
         f"weight_name='weight' for eqx.nn.Linear and the convolutions.")
   return value
 
