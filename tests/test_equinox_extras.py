@@ -299,3 +299,24 @@ def test_jaxnorm_imports_without_equinox():
   out = subprocess.run([sys.executable, "-c", script], capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=env, check=True)
   assert "pip install 'jaxnorm[equinox]'" in out.stdout
+
+
+def test_gradient_of_a_compiled_vmap_is_jax_s_limitation():
+  """The deviation the guide lists: ``jax.grad`` of a ``jax.jit``-compiled
+  ``vmap`` with ``axis_name`` fails in JAX (a ``custom_jvp`` rule batched
+  inside a compiled ``vmap`` is evaluated outside its axis names); the
+  Equinox idiom, the gradient taken inside the compiled step, works and
+  equals the uncompiled gradient. If JAX lifts the limitation this test
+  says so, and the guide's entry goes."""
+  bn, state = _bn()
+  x = jnp.asarray(_normal(0, (8, 3)))
+  mapped = jax.vmap(bn, axis_name=AXIS, in_axes=(0, None), out_axes=(0, None))
+
+  def loss(x, f):
+    return jnp.sum(jnp.sin(f(x, state)[0]))
+
+  with pytest.raises(NameError, match="unbound axis name"):
+    jax.grad(loss)(x, jax.jit(mapped))
+  compiled = jax.jit(jax.grad(lambda x: loss(x, mapped)))(x)
+  np.testing.assert_allclose(compiled, jax.grad(loss)(x, mapped), rtol=1e-6,
+                             atol=1e-6)
