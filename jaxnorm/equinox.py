@@ -66,7 +66,11 @@ _static = lambda: eqx.field(static=True)  # noqa: E731
 
 
 class _NoState:
-  """The default of ``state`` in the stateless layers' calls."""
+  """The default of ``state`` in the stateless layers' calls (Equinox's
+  ``sentinel``: without a state the call returns ``y`` alone)."""
+
+  def __repr__(self) -> str:
+    return "sentinel"
 
 
 _NO_STATE = _NoState()

@@ -86,9 +86,9 @@ def _grad_leaves(grads):
 
 
 @pytest.mark.parametrize("mode", ["batch", "ema"])
-@pytest.mark.parametrize("shape", [(16, 4), (8, 3, 5, 6)],
-                         ids=["features", "images"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape, affine", [((16, 4), False),
+                                           ((8, 3, 5, 6), True)],
+                         ids=["features_plain", "images_affine"])
 def test_batch_norm_matches_equinox(mode, shape, affine):
   c = shape[1]
   pair = []
@@ -129,17 +129,22 @@ def test_batch_norm_state_loads_across_classes():
     _close(jax.tree.leaves(s_new), jax.tree.leaves(s_ref))
 
 
+_LAYERS = (  # (class name, arguments, keyword arguments, example shape)
+    ("LayerNorm", ((4, 6),), {}, (4, 6)),
+    ("LayerNorm", (6,), {"use_bias": False}, (6,)),
+    ("RMSNorm", ((4, 6),), {}, (4, 6)),
+    ("RMSNorm", (6,), {"use_weight": False}, (6,)),
+    ("GroupNorm", (2, 6), {}, (6, 3, 4)),
+    ("GroupNorm", (3,), {"channelwise_affine": False}, (6, 5)),
+)
+
+
 def _layer_pairs(dtype):
-  """(eqx.nn layer, jaxnorm layer, example shape) with equal parameters."""
+  """(eqx.nn layer, jaxnorm layer, example shape) with equal parameters
+  (in bfloat16 one layer of each class)."""
   out = []
-  for name, args, kwargs, shape in (
-      ("LayerNorm", ((4, 6),), {}, (4, 6)),
-      ("LayerNorm", (6,), {"use_bias": False}, (6,)),
-      ("RMSNorm", ((4, 6),), {}, (4, 6)),
-      ("RMSNorm", (6,), {"use_weight": False}, (6,)),
-      ("GroupNorm", (2, 6), {}, (6, 3, 4)),
-      ("GroupNorm", (3,), {"channelwise_affine": False}, (6, 5)),
-  ):
+  for name, args, kwargs, shape in (_LAYERS if dtype == jnp.float32
+                                    else _LAYERS[::2]):
     pair = []
     for module in (eqx.nn, jnx):
       layer = getattr(module, name)(*args, dtype=dtype, **kwargs)
@@ -187,48 +192,51 @@ def _wrapped_pairs():
   return ((linear, _normal(0, (5,))), (conv, _normal(0, (3, 7, 7))))
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_spectral_norm_matches_equinox(steps):
-  for layer, x in _wrapped_pairs():
-    key = jax.random.PRNGKey(11)
-    models = [eqx.nn.make_with_state(cls)(layer, "weight",
-                                          num_power_iterations=steps, key=key)
-              for cls in (eqx.nn.SpectralNorm, jnx.SpectralNorm)]
-    (ref, ref_state), (new, new_state) = models
-    # The same initial pair (15 iterations from the same draw).
-    _close(jax.tree.leaves(new_state), jax.tree.leaves(ref_state), rtol=1e-5)
+@pytest.mark.parametrize("case", [0, 1], ids=["linear_1_step",
+                                             "conv_3_steps"])
+def test_spectral_norm_matches_equinox(case):
+  layer, x = _wrapped_pairs()[case]
+  steps = (1, 3)[case]
+  key = jax.random.PRNGKey(11)
+  models = [eqx.nn.make_with_state(cls)(layer, "weight",
+                                        num_power_iterations=steps, key=key)
+            for cls in (eqx.nn.SpectralNorm, jnx.SpectralNorm)]
+  (ref, ref_state), (new, new_state) = models
+  # The same initial pair (15 iterations from the same draw).
+  _close(jax.tree.leaves(new_state), jax.tree.leaves(ref_state), rtol=1e-5)
 
-    @eqx.filter_jit
-    def run(model, state):
-      again = jax.tree.map(lambda a: a, state)  # a state is used once
-      out, new_state = model(x, state)
-      grads = eqx.filter_grad(lambda m: jnp.sum(jnp.sin(m(x, again)[0])))(
-          model)
-      return out, new_state, grads
+  @eqx.filter_jit
+  def run(model, state):
+    again = jax.tree.map(lambda a: a, state)  # a state is used once
+    out, new_state = model(x, state)
+    grads = eqx.filter_grad(lambda m: jnp.sum(jnp.sin(m(x, again)[0])))(
+        model)
+    return out, new_state, grads
 
-    for i in range(3):  # a "gradient step" on the weight between calls
-      nudge = lambda m: eqx.tree_at(  # noqa: E731
-          lambda s: s.layer.weight, m,
-          m.layer.weight + 0.1 * _normal(30 + i, m.layer.weight.shape))
-      ref, new = nudge(ref), nudge(new)
-      out_ref, ref_state, g_ref = run(ref, ref_state)
-      out_new, new_state, g_new = run(new, new_state)
-      _close(out_new, out_ref, rtol=1e-5)
-      _close(jax.tree.leaves(new_state), jax.tree.leaves(ref_state),
-             rtol=1e-5)
-      _close(_grad_leaves(g_new), _grad_leaves(g_ref), rtol=1e-4)
-    # Inference: sigma of the stored pair, nothing updated.
-    ref_i, new_i = (eqx.nn.inference_mode(nudge(m)) for m in (ref, new))
-    out_ref, s_ref, g_ref = run(ref_i, ref_state)
-    out_new, s_new, g_new = run(new_i, new_state)
+  for i in range(3):  # a "gradient step" on the weight between calls
+    nudge = lambda m: eqx.tree_at(  # noqa: E731
+        lambda s: s.layer.weight, m,
+        m.layer.weight + 0.1 * _normal(30 + i, m.layer.weight.shape))
+    ref, new = nudge(ref), nudge(new)
+    out_ref, ref_state, g_ref = run(ref, ref_state)
+    out_new, new_state, g_new = run(new, new_state)
     _close(out_new, out_ref, rtol=1e-5)
+    _close(jax.tree.leaves(new_state), jax.tree.leaves(ref_state),
+           rtol=1e-5)
     _close(_grad_leaves(g_new), _grad_leaves(g_ref), rtol=1e-4)
-    _close(jax.tree.leaves(s_new), jax.tree.leaves(new_state), rtol=0)
+  # Inference: sigma of the stored pair, nothing updated.
+  ref_i, new_i = (eqx.nn.inference_mode(nudge(m)) for m in (ref, new))
+  out_ref, s_ref, g_ref = run(ref_i, ref_state)
+  out_new, s_new, g_new = run(new_i, new_state)
+  _close(out_new, out_ref, rtol=1e-5)
+  _close(_grad_leaves(g_new), _grad_leaves(g_ref), rtol=1e-4)
+  _close(jax.tree.leaves(s_new), jax.tree.leaves(new_state), rtol=0)
 
 
-@pytest.mark.parametrize("axis", [0, None, -1])
-def test_weight_norm_matches_equinox(axis):
-  for layer, x in _wrapped_pairs():
+@pytest.mark.parametrize("case, axis", [(0, 0), (0, None), (1, 0), (1, -1)],
+                         ids=["linear_0", "linear_None", "conv_0", "conv_-1"])
+def test_weight_norm_matches_equinox(case, axis):
+  for layer, x in _wrapped_pairs()[case:case + 1]:
     ref = eqx.nn.WeightNorm(layer, axis=axis)
     new = jnx.WeightNorm(layer, axis=axis)
     _close(new.g, ref.g, rtol=1e-6)
@@ -301,8 +309,9 @@ def test_checkpoint_loads_into_the_other_classes(tmp_path, direction):
   model, state = eqx.nn.make_with_state(_model)(src_nn, jax.random.PRNGKey(0))
   model = _perturbed(model, 100)
   x = _normal(0, (6, 1, 5, 5))
+  step = eqx.filter_jit(lambda m, x, s: _batched(m)(x, s)[1])
   for _ in range(2):  # running statistics and power iterations move
-    _, state = _batched(model)(x, state)
+    state = step(model, x, state)
   path = tmp_path / "model.eqx"
   eqx.tree_serialise_leaves(path, (model, state))
 
@@ -312,11 +321,20 @@ def test_checkpoint_loads_into_the_other_classes(tmp_path, direction):
   for a, b in zip(arrays((loaded, loaded_state)), arrays((model, state)),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # The loaded model computes what the saved one does.
+  # The loaded model computes what the saved one does. (eqx.nn.BatchNorm's
+  # inference computes momentum**counter, which strict promotion refuses
+  # for a counter loaded from a file, without JAX's weak type: its side runs
+  # under standard promotion.)
+  def run(nn, model, state):
+    promotion = "strict" if nn is jnx else "standard"
+    with jax.numpy_dtype_promotion(promotion):
+      return eqx.filter_jit(lambda m, x, s: _batched(m)(x, s))(model, x,
+                                                              state)
+
   for mode in (False, True):
-    y_src, s_src = _batched(eqx.nn.inference_mode(model, mode))(x, state)
-    y_dst, s_dst = _batched(eqx.nn.inference_mode(loaded, mode))(
-        x, loaded_state)
+    y_src, s_src = run(src_nn, eqx.nn.inference_mode(model, mode), state)
+    y_dst, s_dst = run(dst_nn, eqx.nn.inference_mode(loaded, mode),
+                       loaded_state)
     _close(y_dst, y_src, rtol=1e-4)
     _close(jax.tree.leaves(s_dst), jax.tree.leaves(s_src), rtol=1e-4)
 
@@ -341,13 +359,13 @@ def test_output_dtypes_are_equinox_s():
   standard promotion of x, parameters and statistics (which eqx.nn's
   BatchNorm computes only under standard promotion, and in mode "ema" not
   for mixed dtypes at all)."""
-  for x_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+  for x_dtype in (jnp.float32, jnp.bfloat16):
     for p_dtype in (jnp.float32, jnp.bfloat16):
       x = _normal(0, (6,)).astype(x_dtype)
       for name, args in (("LayerNorm", (6,)), ("RMSNorm", (6,)),
                          ("GroupNorm", (2, 6))):
         assert getattr(jnx, name)(*args, dtype=p_dtype)(x).dtype == x_dtype
-  for x_dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+  for x_dtype in (jnp.float32, jnp.float16):
     x = _normal(0, (4, 3)).astype(x_dtype)
     for mode in ("batch", "ema"):
       ref, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, AXIS, mode=mode)
