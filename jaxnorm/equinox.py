@@ -108,10 +108,11 @@ def _floating_dtype(who: str, dtype: Any) -> jnp.dtype:
 
 
 def _positive_int(who: str, name: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise (ValueError if isinstance(value, int) and not isinstance(
-        value, bool) else TypeError)(
-        f"{who}: `{name}` must be a positive int; got {value!r}.")
+  message = f"{who}: `{name}` must be a positive int; got {value!r}."
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise TypeError(message)
+  if value <= 0:
+    raise ValueError(message)
   return value
 
 
@@ -207,8 +208,8 @@ def _check_channels(who: str, x: jax.Array, want: int | None,
     raise ValueError(
         f"{who}: x of shape {tuple(x.shape)} must be one example with its "
         f"{want or ''} channels first, (channels, *spatial); got "
-        f"{x.shape[0] if x.ndim else 'no'} on its first axis. Equinox "
-        f"layers see one example per call: map the batch with "
+        f"{f'{x.shape[0]} on its first axis' if x.ndim else 'a scalar'}. "
+        f"Equinox layers see one example per call: map the batch with "
         f"`jax.vmap(layer, axis_name=..., in_axes=(0, None), "
         f"out_axes=(0, None))(x, state)`, move the channel axis first "
         f"(`jnp.moveaxis(x, -1, 0)`), or build the layer with "
@@ -359,8 +360,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
       if mode == "batch" and momentum == 1.0 and not debias:
         raise ValueError(
             f"{who}: momentum=1.0 never moves the running averages, and "
-            f"mode='batch''s inference divides them by 1 - momentum**count "
-            f"= 0. Fix: a momentum in [0, 1), e.g. 0.99.")
+            f"with mode='batch' inference divides them by "
+            f"1 - momentum**count = 0. Fix: a momentum in [0, 1), e.g. "
+            f"0.99.")
       if debias and momentum == 1.0:
         raise ValueError(
             f"{who}: debias=True with momentum=1.0 divides 0 by 0; its "
