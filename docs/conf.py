@@ -80,7 +80,8 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|flax|nnx|nn|numpy|np|optax|torch|chex|equinox|"
                r"eqx)(\..*)?"),
-    (r"py:.*", r"(typing|collections|types|builtins|enum|dataclasses)\..*"),
+    (r"py:.*", r"(typing|collections|types|builtins|enum|dataclasses|"
+               r"pathlib)\..*"),
     (r"py:.*", r"(Array|ArrayLike|Any|Callable|Sequence|Mapping|Iterable|"
                r"DTypeLike|Dtype|PRNGKey|Shape|Axes|Initializer|"
                r"PromoteDtypeFn|NoneType|Ellipsis|optional)"),

@@ -1,11 +1,16 @@
-"""Benchmark jaxnorm against flax, plain autodiff, PyTorch and speed of light.
+"""Benchmark jaxnorm against flax, plain autodiff, PyTorch and tokamax.
 
 Every contender is jitted and timed in this one process with interleaved
 repeats (one call of each contender per round) and the median kept, so the
-ratios compare like with like under the same machine load. The
-speed-of-light kernel is one fused elementwise pass with the op's inputs and
-outputs (BN train forward+backward: reads x and dy, writes dx), i.e. the
-memory traffic no implementation can avoid.
+ratios compare like with like under the same machine load. tokamax's
+``layer_norm`` joins the LayerNorm and RMSNorm rows when it is installed
+(XLA ops on CPU, its Triton kernel on GPU).
+
+The speed of light (SoL) of an op is its algorithmic floor of memory traffic
+(``FLOORS``: BatchNorm training forward+backward reads the activations 5
+times and writes once, for instance) over this machine's memory bandwidth,
+measured in the same run with STREAM's copy and triad kernels (the best of
+the two; measured at the start and the end of the run, interleaved).
 
 Usage:
   python examples/benchmark.py            # full run, prints a table
@@ -43,6 +48,7 @@ from jax.ad_checkpoint import print_saved_residuals
 import numpy as np
 
 import jaxnorm
+import jaxnorm.kernels
 from jaxnorm.reference import normalize_reference
 
 # PyTorch's OpenMP threads otherwise spin after each call, taking a core
@@ -165,8 +171,12 @@ def variant_forwards(kind: str) -> dict[str, Callable]:
       return mk(fast, x.dtype).apply({"params": params}, x)
     return f
 
-  return {"jaxnorm": jn, "flax(fast var)": flax_fn(True),
-          "flax(two-pass)": flax_fn(False), "jnp+autodiff": ref}
+  out = {"jaxnorm": jn, "flax(fast var)": flax_fn(True),
+         "flax(two-pass)": flax_fn(False), "jnp+autodiff": ref}
+  tk = tokamax_norm(kind)
+  if tk is not None:
+    out["tokamax"] = tk
+  return out
 
 
 def fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
@@ -184,11 +194,77 @@ def fwd_bwd(f: Callable, argnums: tuple[int, ...]) -> Callable:
   return g
 
 
-def speed_of_light(op: str) -> Callable:
-  """One fused elementwise pass with the op's activation inputs/outputs."""
-  if op == "fwd+bwd":  # reads x and dy, writes dx
-    return lambda x, s, b, dy: (x * s + dy * b).astype(x.dtype)
-  return lambda x, s, b, dy: (x * s + b).astype(x.dtype)  # reads x, writes y
+# Algorithmic floors: (reads, writes) of activation-sized arrays that any
+# implementation of the op must make. A LayerNorm/RMSNorm row fits in cache,
+# so its statistics and output need one read of x (fwd+bwd: one of x and of
+# dy, one write of dx). BatchNorm's per-channel statistics span the whole
+# batch: they need a read of x before y can be written (fwd), and the
+# backward's two per-channel sums a read of x and dy before dx (fwd+bwd:
+# statistics, sums, dx = 5 reads and 1 write). GroupNorm's statistics span
+# whole images, so they are counted as BatchNorm's.
+FLOORS = {
+    ("layer_norm", "fwd"): (1, 1), ("layer_norm", "fwd+bwd"): (2, 1),
+    ("rms_norm", "fwd"): (1, 1), ("rms_norm", "fwd+bwd"): (2, 1),
+    ("batch_norm", "fwd"): (2, 1), ("batch_norm", "infer"): (1, 1),
+    ("batch_norm", "fwd+bwd"): (5, 1), ("group_norm", "fwd+bwd"): (5, 1),
+}
+
+
+def measure_bandwidth(repeats: int, n: int = 1 << 24) -> dict[str, float]:
+  """This machine's memory bandwidth in GB/s: STREAM's copy and triad.
+
+  ``a = b`` (2 arrays of ``n`` float32 moved) and ``a = b + q c`` (3), jitted
+  with ``a`` donated so that the output reuses its buffer (as STREAM's
+  static arrays do: no fresh pages to fault in), interleaved, median.
+  """
+  b = jnp.arange(n, dtype=jnp.float32)
+  c = jnp.ones(n, jnp.float32)
+  state = {"a": jnp.zeros(n, jnp.float32)}
+  copy = jax.jit(lambda a, b: b * 1.0, donate_argnums=0)
+  triad = jax.jit(lambda a, b, c: b + 1.5 * c, donate_argnums=0)
+
+  def run(f, *args):
+    def call():
+      state["a"] = f(state["a"], *args)
+      return state["a"]
+    return call
+  times = time_interleaved({"copy": run(copy, b), "triad": run(triad, b, c)},
+                           repeats)
+  return {"copy": 2 * 4 * n / times["copy"] / 1e9,
+          "triad": 3 * 4 * n / times["triad"] / 1e9}
+
+
+def sol_ms(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
+           gbps: float) -> float | None:
+  """The op's floor of memory traffic at ``gbps``, in ms (None if unknown)."""
+  floor = FLOORS.get((kind, op))
+  if floor is None:
+    return None
+  nbytes = sum(floor) * int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+  return nbytes / (gbps * 1e9) * 1e3
+
+
+def with_sol(rows: list[dict], gbps: float) -> list[dict]:
+  """Adds each row's SoL (ms, at ``gbps``) and its time over that."""
+  for r in rows:
+    floor = r.pop("floor")
+    r["sol_ms"] = None if floor is None else sol_ms(*floor, gbps)
+    r["vs_sol"] = None if r["sol_ms"] is None else r["ms"] / r["sol_ms"]
+  return rows
+
+
+def tokamax_norm(kind: str) -> Callable | None:
+  """tokamax's ``layer_norm`` as a LayerNorm/RMSNorm peer, if installed."""
+  try:
+    import tokamax  # noqa: PLC0415 - optional peer
+  except ImportError:
+    return None
+  if kind == "layer_norm":
+    return lambda x, s, b: tokamax.layer_norm(x, s, b, epsilon=1e-6)
+  if kind == "rms_norm":
+    return lambda x, s, b: tokamax.layer_norm(x, s, None, epsilon=1e-6,
+                                              subtract_mean=False)
+  return None
 
 
 def torch_call(kind: str, op: str, x: np.ndarray):
@@ -263,8 +339,9 @@ def residual_bytes(f: Callable, *args) -> int:
   return total
 
 
-# The peers whose fastest one is "best peer" (the speed of light is no peer).
-PEERS = ("flax(fast var)", "flax(two-pass)", "jnp+autodiff", "pytorch")
+# The peers whose fastest one is "best peer".
+PEERS = ("flax(fast var)", "flax(two-pass)", "jnp+autodiff", "pytorch",
+         "tokamax")
 
 
 def _with_best(rows: list[dict], times: dict[str, float]) -> list[dict]:
@@ -304,7 +381,6 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
   else:
     fns = {k: (lambda f: lambda x, s, b, dy: f(x, s, b))(f)
            for k, f in fwds.items()}
-  fns["speed of light"] = speed_of_light(op)
   jitted = {k: jax.jit(f) for k, f in fns.items()}
   calls = {k: (lambda j: lambda: j(x, s, b, dy))(j) for k, j in jitted.items()}
   tc = torch_call(kind, op, np.asarray(x))
@@ -316,7 +392,7 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
     row = {"op": f"{kind} {op}", "shape": "x".join(map(str, shape)),
            "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
            "vs_flax": times["flax(fast var)"] / t,
-           "vs_sol": t / times["speed of light"],
+           "floor": (kind, op, shape, dtype),
            "residual_MB": None, "temp_MB": None}
     if k in fwds and op == "fwd+bwd":
       row["residual_MB"] = residual_bytes(fwds[k], x, s, b) / 2**20
@@ -347,8 +423,8 @@ class _ConvStack(nn.Module):
     return nn.Dense(10)(x.mean((1, 2)))
 
 
-class _SeedCNN(nn.Module):
-  """The seed's CNN (conv32+BN, conv64+BN, fc128+BN, fc10), channels-last."""
+class _ExampleCNN(nn.Module):
+  """The example CNN (conv32+BN, conv64+BN, fc128+BN, fc10), channels-last."""
   bn: Any
 
   @nn.compact
@@ -438,7 +514,7 @@ def bench_train_step(name: str, norms: dict[str, Any],
   times = time_interleaved(steps, repeats)
   rows = [{"op": f"train step: {name}", "shape": "x".join(map(str, x.shape)),
            "dtype": jnp.dtype(x.dtype).name, "contender": k, "ms": t * 1e3,
-           "vs_flax": times["flax(fast var)"] / t, "vs_sol": None,
+           "vs_flax": times["flax(fast var)"] / t, "floor": None,
            "compile_s": compile_s[k],
            "compile_vs_flax": compile_s[k] / compile_s["flax(fast var)"]}
           for k, t in times.items()]
@@ -472,8 +548,9 @@ def format_table(rows: list[dict]) -> str:
 def format_summary(rows: list[dict]) -> str:
   """One line per case: jaxnorm against the fastest peer of that case."""
   head = ("| op | shape | dtype | jaxnorm ms | best peer | best peer ms | "
-          "jaxnorm vs best | jaxnorm / SoL | saved MB jaxnorm / flax |")
-  lines = [head, "|" + "---|" * 9]
+          "jaxnorm vs best | SoL ms | jaxnorm / SoL | "
+          "saved MB jaxnorm / flax |")
+  lines = [head, "|" + "---|" * 10]
   for r in rows:
     if r["contender"] != "jaxnorm":
       continue
@@ -487,7 +564,7 @@ def format_summary(rows: list[dict]) -> str:
     lines.append(
         f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['ms']:.3f} | "
         f"{r['best_peer']} | {r['best_ms']:.3f} | {r['vs_best']:.2f} | "
-        f"{sol} | {saved} |")
+        f"{_fmt(r['sol_ms'], 3)} | {sol} | {saved} |")
   return "\n".join(lines)
 
 
@@ -526,6 +603,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
       ("group_norm", "fwd+bwd", conv, f32),
       ("group_norm", "fwd+bwd", conv2, f32),
   ]
+  # The bandwidth at the start and at the end of the run: the better of the
+  # two (a passing background load lowers one, not both).
+  stream_n = 1 << (16 if args.quick else 24)
+  bandwidth = measure_bandwidth(repeats, stream_n)
   rows: list[dict] = []
   for kind, op, shape, dtype in cases:
     if not wanted(f"{kind} {op} {'x'.join(map(str, shape))}"):
@@ -540,7 +621,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   img = lambda shape: (jax.random.normal(key, shape),
                        jnp.arange(shape[0]) % 10)
   steps = [
-      ("seed CNN", bn, _SeedCNN, img((bsz, 28, 28, 1)), _xent_loss),
+      ("example CNN", bn, _ExampleCNN, img((bsz, 28, 28, 1)), _xent_loss),
       ("20 x conv/BN/ReLU", bn,
        lambda n: _ConvStack(n, depth=4 if args.quick else 20, width=32),
        img((bsz // 4 or 2, 32, 32, 3)), _xent_loss),
@@ -560,6 +641,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
       continue
     rows += bench_train_step(name, norms, make, x, target, loss, repeats,
                              compiles)
+  bandwidth = {k: max(v, w) for (k, v), w in zip(
+      bandwidth.items(), measure_bandwidth(repeats, stream_n).values())}
+  gbps = max(bandwidth.values())
+  rows = with_sol(rows, gbps)
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
       "%Y-%m-%d %H:%M UTC")
   dev = jax.devices()[0]
@@ -570,17 +655,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
              + (f", torch {torch.__version__}" if torch else ""))
   load = (f"; load average {os.getloadavg()[0]:.2f}"
           if hasattr(os, "getloadavg") else "")
-  # pylint: disable-next=protected-access
-  kernels = jaxnorm._kernels.status()
+  status = jaxnorm.kernels.status()
+  kernels = "in use" if status.used else f"not used ({status.reason})"
   print(f"jaxnorm benchmark, {stamp}; {machine}; median of {repeats} "
-        f"interleaved repeats{load}; jaxnorm CPU kernels {kernels}")
+        f"interleaved repeats{load}; jaxnorm CPU kernels {kernels}; "
+        f"memory bandwidth (STREAM copy / triad) {bandwidth['copy']:.1f} / "
+        f"{bandwidth['triad']:.1f} GB/s, SoL at {gbps:.1f} GB/s")
   print(format_summary(rows))
   print()
   print(format_table(rows))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"date": stamp, "machine": machine, "repeats": repeats,
-                 "cpu_kernels": kernels, "rows": rows}, f, indent=1)
+                 "cpu_kernels": kernels, "bandwidth_GBps": bandwidth,
+                 "rows": rows}, f, indent=1)
   return rows
 
 

@@ -11,6 +11,9 @@ from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
 from jaxnorm.variants import rms_norm as rms_norm
+from jaxnorm.residual import add_layer_norm as add_layer_norm
+from jaxnorm.residual import add_rms_norm as add_rms_norm
+from jaxnorm.dynamic_tanh import dyt as dyt
 from jaxnorm.weight_norm import SpectralNormState as SpectralNormState
 from jaxnorm.weight_norm import spectral_norm as spectral_norm
 from jaxnorm.weight_norm import spectral_norm_init as spectral_norm_init
@@ -48,11 +51,14 @@ def __getattr__(name: str):
 __all__ = [
     "BatchNormState",
     "SpectralNormState",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm_infer",
     "batch_norm_init",
     "batch_norm_train",
     "batch_renorm_schedule",
     "batch_renorm_train",
+    "dyt",
     "fold_batch_norm",
     "group_norm",
     "instance_norm",

@@ -268,6 +268,42 @@ def param_shape_hint(fn: str, x_shape, axes) -> str:
   )
 
 
+def affine_params(fn: str, x: jax.Array, scale: Any, bias: Any,
+                  feat: tuple[int, ...]
+                  ) -> tuple[jax.Array | None, jax.Array | None]:
+  """Checks ``scale``/``bias`` of shape ``x.shape[feat]``; broadcasts them.
+
+  Returns them reshaped to ``x``'s rank (size 1 off the feature axes).
+  """
+  fshape = tuple(x.shape[a] for a in feat)
+  bshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
+  hint = param_shape_hint(fn, x.shape, feat)
+  scale = check_param(fn, "scale", scale, fshape, hint)
+  bias = check_param(fn, "bias", bias, fshape, hint)
+  rs = lambda p: None if p is None else p.reshape(bshape)
+  return rs(scale), rs(bias)
+
+
+def norm_inputs(fn: str, x: Any, epsilon: Any, mask: Any, axis_name: Any,
+                axis_index_groups: Any):
+  """The checks every normalizer shares: ``(x, epsilon, mask, names)``."""
+  x = as_float_array(fn, "x", x, min_ndim=1)
+  epsilon = check_epsilon(fn, epsilon)
+  mask = check_mask(fn, mask, x.shape)
+  names = check_axis_name(fn, axis_name)
+  check_axis_index_groups(fn, axis_index_groups, names)
+  return x, epsilon, mask, names
+
+
+def check_bool(fn: str, name: str, v: Any, why: str = "") -> bool:
+  """A Python bool (or NumPy bool): a switch chosen at trace time."""
+  if not isinstance(v, (bool, np.bool_)):
+    raise TypeError(
+        f"{fn}: `{name}` must be True or False{why}; got {v!r} of type "
+        f"{type(v).__name__}.")
+  return bool(v)
+
+
 def check_axis_index_groups(fn: str, groups: Any,
                             names: tuple[Any, ...] | None) -> Any:
   """Validates ``axis_index_groups`` as ``jax.lax.psum`` needs them.
@@ -329,6 +365,20 @@ def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
     bound = "finite" if lower is None else f"finite and >= {lower}"
     raise ValueError(f"{fn}: `{name}` must be {bound}{why}; got {v!r}.")
   return float(v)
+
+
+def check_float_dtype(fn: str, name: str, dtype: Any) -> Any:
+  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype."""
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+        f"{fn}: `{name}` must be a floating dtype (e.g. jnp.float32 or "
+        f"jnp.bfloat16) or None; got {dtype!r}. Fix: pass "
+        f"{name}=jnp.float32 for a float32 residual stream.")
+  return dt
 
 
 @contextlib.contextmanager

@@ -25,9 +25,9 @@ The backward pass is written by hand in :func:`_vjp`. With
    \\frac{\\partial L}{\\partial \\beta} = \\sum \\frac{\\partial L}{\\partial y},
 
 where the sums over ``A`` also run over the named device axis (``psum``) and
-the first sum is absent without centering. This is the seed's formula
-extended to masks (the sums run over *all* positions, valid or not, because
-every output depends on the statistics) and to devices.
+the first sum is absent without centering. With a mask the sums run over
+*all* positions, valid or not, because every output depends on the
+statistics.
 
 A plain ``jax.custom_vjp`` would refuse forward mode (``jax.jvp``,
 ``jax.jacfwd``, ``jax.linearize``). So the op is a ``jax.custom_jvp`` whose
@@ -52,11 +52,6 @@ is written to memory once and read back by every consumer). So:
   ``_stats.moments``), not a mean pass followed by a variance pass.
 - ``_vjp`` is written in per-group-coefficient form (see its docstring):
   only per-group (or per-feature) coefficients multiply ``x`` and ``dy``.
-- Each reduction gets its own, bitwise equal, *spelling* of what it reads:
-  ``x - k`` and ``x + (-k)``, another split of the mean, ``-s`` or ``2 s``
-  with the sign or factor taken out after the sum. XLA's CSE would merge
-  identical expressions into one full-size array feeding several fused
-  reductions; distinct ones are each fused into their own kernel.
 - The tangent map runs under ``jax.checkpoint``: nothing of ``_vjp`` is
   computed in the forward pass and saved, so the residuals are ``x`` (in
   its own dtype, alive anyway as this op's input) and per-group statistics
@@ -66,15 +61,26 @@ is written to memory once and read back by every consumer). So:
 - GroupNorm's statistics are reduced in ``x``'s own layout and then within
   each group of channels (``groups``), never in a (N, ..., G, C/G) view
   whose tiny minor axis makes CPU reductions several times slower.
-- On CPU a bfloat16 ``x`` or ``dy`` is upcast to float32 separately for
-  each kernel that reads it (``_stats.own_copy``): XLA's CPU backend would
+- The op is ``jax.jit``-ed, so same-shape layers share one trace.
+
+The graph for XLA's CPU backend differs in three ways, chosen when the
+program is lowered (``jax.lax.platform_dependent``), so that a program
+lowered or exported for GPU or TPU is the plain graph their compilers
+expect:
+
+- Each reduction gets its own, bitwise equal, *spelling* of what it reads:
+  ``x - k`` and ``x + (-k)``, another split of the mean, ``-s`` or ``2 s``
+  with the sign or factor taken out after the sum. XLA's CSE would merge
+  identical expressions into one full-size array feeding several fused
+  reductions; distinct ones are each fused into their own kernel.
+- A bfloat16 ``x`` or ``dy`` is upcast to float32 separately for each
+  kernel that reads it (``_stats.own_copy``): XLA's CPU backend would
   otherwise write one shared float32 copy of each to memory and read it
   back, which more than doubled the bfloat16 backward's time.
-- The op is ``jax.jit``-ed, so same-shape layers share one trace.
-- On XLA's CPU backend, LayerNorm/RMSNorm over trailing axes and BatchNorm
-  run fused C++ kernels (``jaxnorm/_kernels.py``; "CPU kernels" below):
-  XLA's CPU backend forms no multi-output reductions, so no spelling of
-  the XLA ops reads the activations fewer times than the list above.
+- LayerNorm/RMSNorm over trailing axes and BatchNorm run fused C++ kernels
+  (``jaxnorm/_kernels.py``; "CPU kernels" below): XLA's CPU backend forms
+  no multi-output reductions, so no spelling of the XLA ops reads the
+  activations fewer times than the kernels.
 
 A jitted forward+backward of every normalizer has no activation-sized
 temporary (``tests/test_perf_structure.py``); ``examples/benchmark.py``
@@ -89,12 +95,9 @@ import math
 from typing import Any
 
 import jax
-from jax.extend import core as jex_core
-from jax.interpreters import ad
-from jax.interpreters import batching
-from jax.interpreters import mlir
 import jax.numpy as jnp
 
+from jaxnorm import _custom_transpose
 from jaxnorm import _kernels
 from jaxnorm import _stats
 
@@ -107,16 +110,19 @@ class _Config:
   axis_name: tuple[Any, ...] | None
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   groups: int | None = None  # channel groups of the last axis (GroupNorm)
+  # The graph for XLA's CPU backend (see "Performance" above).
+  cpu: bool = False
   # "rows" (LayerNorm/RMSNorm over trailing axes) or "cols" (BatchNorm over
   # all axes but the last): which CPU kernels run the op (see "CPU kernels"
-  # below); decided by `_kernel_kind`.
+  # below); decided by `_kernel_kind`. Only with `cpu`.
   kernel: str | None = None
 
 
 def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums ``a`` down to a same-rank broadcastable ``shape``."""
   axes = tuple(
-      i for i, (s, t) in enumerate(zip(a.shape, shape)) if t == 1 and s != 1
+      i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True))
+      if t == 1 and s != 1
   )
   return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
@@ -142,23 +148,26 @@ def _shifts(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
   return m, (hi - m) + lo
 
 
-def _scaled(a: jax.Array, rstd: jax.Array, s: jax.Array | None,
-            axes: tuple[int, ...]) -> jax.Array:
+def _scaled(cfg: _Config, a: jax.Array, rstd: jax.Array,
+            s: jax.Array | None) -> jax.Array:
   """``a * rstd * s`` for ``y`` and ``dx``, with one full-size product.
 
   A per-group scale folds into the per-group coefficient ``rstd * s``.
-  Otherwise (LayerNorm) the product is spelled ``(a * (rstd / 2)) * (2 s)``
-  (exact: scaling by 2 is), so that neither broadcast is shared with a
-  reduction of the backward pass (see the module docstring).
+  Otherwise (LayerNorm) the CPU graph spells the product
+  ``(a * (rstd / 2)) * (2 s)`` (exact: scaling by 2 is), so that neither
+  broadcast is shared with a reduction of the backward pass (see the module
+  docstring).
   """
   if s is None:
     return a * rstd
-  if _per_group(s.shape, axes):
+  if _per_group(s.shape, cfg.axes):
     return a * (rstd * s)
-  return (a * (0.5 * rstd)) * (2.0 * s)
+  if cfg.cpu:
+    return (a * (0.5 * rstd)) * (2.0 * s)
+  return (a * rstd) * s
 
 
-# The readers of a bfloat16 x and dy, each with its own upcast (see
+# The readers of a bfloat16 x and dy, each with its own upcast on CPU (see
 # _stats.own_copy; readers 1 and 2 are the statistics'): y in the forward
 # pass, then those of the backward pass.
 _Y, _DX, _SG, _SGX, _DSCALE, _DBIAS = 3, 4, 5, 6, 7, 8
@@ -185,14 +194,15 @@ def _forward(cfg: _Config, x, scale, bias, mask):
         axis_name=cfg.axis_name,
         axis_index_groups=cfg.axis_index_groups,
         groups=cfg.groups,
+        cpu=cfg.cpu,
     )
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
-  xf = _stats.upcast(x, dt, _Y)
+  xf = _stats.upcast(x, dt, _Y, cfg.cpu)
   m, delta = _shifts(hi, lo)
   d = (xf - m) - delta if cfg.center else xf
   mean = hi + lo
-  y = _scaled(d, rstd, None if scale is None else scale.astype(dt), cfg.axes)
+  y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
   if bias is not None:
     y = y + bias.astype(dt)
   # Per-element weight of the statistics: w / n, with w the mask. It has the
@@ -242,6 +252,96 @@ def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
   return jax.lax.psum(ct, extra) if extra else ct
 
 
+@dataclasses.dataclass(frozen=True)
+class _Grads:
+  """What ``_vjp`` works with: the data, statistics and parameter shapes."""
+  cfg: _Config
+  x: jax.Array
+  dy: jax.Array
+  hi: jax.Array  # the mean as hi + lo, as the statistics give it
+  lo: jax.Array
+  m: jax.Array  # the mean as m + delta (see _shifts)
+  delta: jax.Array
+  rstd: jax.Array
+  s: jax.Array | None  # the scale in the statistics' dtype
+  s_shape: tuple[int, ...] | None
+  b_shape: tuple[int, ...] | None
+
+  def own(self, a: jax.Array, reader: int) -> jax.Array:
+    """``a`` upcast for the ``reader``-th kernel (see _stats.own_copy)."""
+    return _stats.upcast(a, self.rstd.dtype, reader, self.cfg.cpu)
+
+  def centred(self) -> jax.Array:
+    """``x - m`` as the per-group sums read it (see the module docstring)."""
+    x = self.own(self.x, _SGX)
+    if not self.cfg.center:
+      return x
+    return x + (-self.m) if self.cfg.cpu else x - self.m
+
+
+def _sums_per_group(g: _Grads, inner: tuple[int, ...], sums):
+  """``(S_1, S_2, dscale, dbias)`` where the parameters are constant over
+  the reduced ``inner`` axes (BatchNorm, InstanceNorm, GroupNorm).
+
+  ``sum g`` and ``sum g d`` are reduced over ``inner`` first (or come from
+  the CPU kernel as ``sums``): the only two reductions that read
+  activation-sized data, shared by ``dscale``, ``dbias``, ``S_1``, ``S_2``.
+  """
+  cfg = g.cfg
+  if sums is None:
+    sg = jnp.sum(g.own(g.dy, _SG), axis=inner, keepdims=True)
+    sgx = jnp.sum(g.own(g.dy, _SGX) * g.centred(), axis=inner, keepdims=True)
+    sgx = (sgx - g.delta * sg) if cfg.center else sgx
+  else:  # from the CPU kernel: sum g and sum g ((x - hi) - lo)
+    sg, sgx = sums
+  sgx = sgx * g.rstd  # sum g xhat
+  dbias = None if g.b_shape is None else _sum_to(sg, g.b_shape)
+  dscale = None if g.s is None else _sum_to(sgx, g.s_shape)
+  if g.s is not None:
+    sg, sgx = sg * g.s, sgx * g.s
+  outer = tuple(a for a in cfg.axes if a not in inner)
+  if outer:
+    sg = jnp.sum(sg, axis=outer, keepdims=True)
+    sgx = jnp.sum(sgx, axis=outer, keepdims=True)
+  return sg, sgx, dscale, dbias
+
+
+def _sums_per_element(g: _Grads):
+  """``(S_1, S_2, dscale, dbias)`` where a parameter varies along every
+  reduced axis (LayerNorm, RMSNorm).
+
+  The CPU graph spells the reductions' operands apart (``-s``, ``-r`` and
+  another split ``c + delta_c`` of the mean; all exact), so that each is
+  fused into its own reduction (see the module docstring).
+  """
+  cfg, s, rstd = g.cfg, g.s, g.rstd
+  flip = -1.0 if cfg.cpu else 1.0
+  dbias = None if g.b_shape is None else _sum_to(g.own(g.dy, _DBIAS),
+                                                 g.b_shape)
+  dscale = None
+  if s is not None:
+    x = g.own(g.x, _DSCALE)
+    if not cfg.center:
+      d = x
+    elif cfg.cpu:  # x - mean = (x - c) - delta_c, another split of the mean
+      c = g.hi - g.lo
+      d = (x - c) - ((g.hi - c) + g.lo)
+    else:
+      d = (x - g.m) - g.delta
+    dscale = flip * _sum_to(g.own(g.dy, _DSCALE) * (d * (flip * rstd)),
+                            g.s_shape)
+  g_sg, g_sgx = g.own(g.dy, _SG), g.own(g.dy, _SGX)
+  if s is None:
+    sg = jnp.sum(g_sg, axis=cfg.axes, keepdims=True)
+    sgx = jnp.sum(g_sgx * g.centred(), axis=cfg.axes, keepdims=True)
+  else:
+    sg = jnp.sum(g_sg * s, axis=cfg.axes, keepdims=True)
+    sgx = flip * jnp.sum((g_sgx * g.centred()) * (flip * s), axis=cfg.axes,
+                         keepdims=True)
+  sgx = ((sgx - g.delta * sg) if cfg.center else sgx) * rstd
+  return sg, sgx, dscale, dbias
+
+
 def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
   """The hand-derived backward pass: ``dy -> (dx, dscale, dbias)``.
 
@@ -256,82 +356,31 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
   which is the formula of the module docstring rearranged so that only
   per-group coefficients multiply the activation-sized ``d`` and ``dy``,
   and no ``xhat`` is built. ``\\sum g \\hat x = r (\\sum g d - delta
-  \\sum g)`` keeps the reductions independent of ``delta``. Where ``s`` is
-  constant along some reduced axes (all of them for BatchNorm, the spatial
-  ones for GroupNorm), ``\\sum g`` and ``\\sum g d`` are reduced over
-  those first: the only two reductions that read activation-sized data,
-  shared by ``dscale``, ``dbias``, ``S_1`` and ``S_2``.
-
-  Each consumer of the centred input gets its own, bitwise equal, spelling
-  of it (``x + (-m)`` in the per-group sums, ``x - c`` with another split
-  ``c + delta_c`` of the mean in LayerNorm's per-feature ``dscale`` sum,
-  ``x - m`` in ``dx``): XLA then fuses each into its consumer, where one
-  shared ``x - m`` would be written to memory once and read back. The
-  jvp rule runs this function under ``jax.checkpoint``, so nothing of it is
-  computed ahead: the backward pass keeps only ``x`` and per-group
-  statistics.
+  \\sum g)`` keeps the reductions independent of ``delta``. The jvp rule
+  runs this function under ``jax.checkpoint``, so nothing of it is computed
+  ahead: the backward pass keeps only ``x`` and per-group statistics.
+  ``sums``: the per-channel ``sum g`` and ``sum g ((x - hi) - lo)`` from
+  BatchNorm's CPU kernel.
   """
   x_dtype, (scale_aval, scale_vma), (bias_aval, bias_vma) = shapes
   x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
-  # Every kernel reading a bfloat16 x or dy gets its own upcast (dx, the
-  # per-group sums, dscale, dbias; see _stats.own_copy).
-  own = lambda a, reader: _stats.upcast(a, dt, reader)
-  g = own(dy, _DX)
-  xf = own(x, _DX)
   m, delta = _shifts(hi, lo)
-  # The centred input as the per-group sums read it (see above).
-  x_sgx = own(x, _SGX)
-  d_sum = x_sgx + (-m) if cfg.center else x_sgx
-  s = None if scale is None else scale.astype(dt)
-  s_shape = None if scale_aval is None else scale_aval.shape
-  b_shape = None if bias_aval is None else bias_aval.shape
-
+  g = _Grads(cfg, x, dy, hi, lo, m, delta, rstd,
+             None if scale is None else scale.astype(dt),
+             None if scale_aval is None else scale_aval.shape,
+             None if bias_aval is None else bias_aval.shape)
   # The reduced axes along which the parameters are constant.
-  inner = tuple(a for a in cfg.axes if _per_group(s_shape, (a,)) and
-                _per_group(b_shape, (a,)))
+  inner = tuple(a for a in cfg.axes if _per_group(g.s_shape, (a,)) and
+                _per_group(g.b_shape, (a,)))
   if inner:
-    if sums is None:
-      sg = jnp.sum(own(dy, _SG), axis=inner, keepdims=True)
-      sgx = jnp.sum(own(dy, _SGX) * d_sum, axis=inner, keepdims=True)
-      sgx = (sgx - delta * sg) if cfg.center else sgx
-    else:  # from the CPU kernel: sum g and sum g ((x - hi) - lo)
-      sg, sgx = sums
-    sgx = sgx * rstd  # sum g xhat
-    dbias = None if bias_aval is None else _sum_to(sg, b_shape)
-    dscale = None if s is None else _sum_to(sgx, s_shape)
-    if s is not None:
-      sg, sgx = sg * s, sgx * s
-    outer = tuple(a for a in cfg.axes if a not in inner)
-    if outer:
-      sg = jnp.sum(sg, axis=outer, keepdims=True)
-      sgx = jnp.sum(sgx, axis=outer, keepdims=True)
-  else:  # a parameter varies along every reduced axis (LayerNorm)
-    # Spellings (see the module docstring): -s, -r, 2s and r/2 are exact
-    # and give every reduction its own broadcast operand.
-    dbias = None if bias_aval is None else _sum_to(own(dy, _DBIAS),
-                                                   b_shape)
-    dscale = None
-    if s is not None:
-      if cfg.center:  # xhat = ((x - c) - delta_c) r, another split
-        c = hi - lo
-        xhat_neg = ((own(x, _DSCALE) - c) - ((hi - c) + lo)) * (-rstd)
-      else:
-        xhat_neg = own(x, _DSCALE) * (-rstd)
-      dscale = -_sum_to(own(dy, _DSCALE) * xhat_neg, s_shape)
-    g_sg, g_sgx = own(dy, _SG), own(dy, _SGX)
-    if s is None:
-      sg = jnp.sum(g_sg, axis=cfg.axes, keepdims=True)
-      sgx = jnp.sum(g_sgx * d_sum, axis=cfg.axes, keepdims=True)
-    else:
-      sg = jnp.sum(g_sg * s, axis=cfg.axes, keepdims=True)
-      sgx = -jnp.sum((g_sgx * d_sum) * (-s), axis=cfg.axes, keepdims=True)
-    sgx = ((sgx - delta * sg) if cfg.center else sgx) * rstd
+    sg, sgx, dscale, dbias = _sums_per_group(g, inner, sums)
+  else:
+    sg, sgx, dscale, dbias = _sums_per_element(g)
   # GroupNorm: then within each group of channels (delta and rstd are
   # constant there, so this commutes with the corrections above).
-  sums = tuple(_stats.group_sum(v, cfg.groups, xf.shape[-1])
+  sums = tuple(_stats.group_sum(v, cfg.groups, x.shape[-1])
                for v in (sg, sgx))
-  g_r = _scaled(g, rstd, s, cfg.axes)
   if not cfg.center:
     sums = sums[1:]
   if cfg.axis_name is not None:
@@ -339,12 +388,14 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
     sums = jax.lax.psum(
         sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
+  xf = g.own(x, _DX)
   k2 = (rstd * rstd) * (w_over_n * sums[-1])
+  dx = _scaled(cfg, g.own(dy, _DX), rstd, g.s)
   if cfg.center:
     k1 = rstd * (w_over_n * sums[0])
-    dx = g_r - (xf - m) * k2 - (k1 - delta * k2)
+    dx = dx - (xf - m) * k2 - (k1 - delta * k2)
   else:
-    dx = g_r - xf * k2
+    dx = dx - xf * k2
   if dbias is not None:
     dbias = _like_primal(dbias.astype(bias_aval.dtype), bias_vma)
   if dscale is not None:
@@ -356,21 +407,18 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
 # -----------
 # LayerNorm and RMSNorm over trailing axes, and BatchNorm over all axes but
 # the last (no mask, no named axis, float32 or bfloat16), run fused kernels
-# on XLA's CPU backend (`jaxnorm/_kernels.py`, which see). LayerNorm's
-# forward reads x once and writes y, its backward reads x and dy once and
-# writes dx, where XLA's own fusions read them 3 and 10 times; BatchNorm's
-# statistics and backward sums read each input once (the elementwise passes
-# stay XLA's). Each kernel runs its plain-jnp twin on other platforms and
-# under `jax.export` (see `jaxnorm/_kernels.py`), and every use of a kernel
-# here is a `jax.custom_jvp` whose rule is written with XLA ops, so
-# grad-of-grad, Hessians and forward mode over the kernels work as over XLA
-# ops.
+# in the graph for XLA's CPU backend (`jaxnorm/_kernels.py`, which see).
+# LayerNorm's forward reads x once and writes y, its backward reads x and dy
+# once and writes dx, where XLA's own fusions read them 3 and 10 times;
+# BatchNorm's statistics and backward sums read each input once (the
+# elementwise passes stay XLA's). Every use of a kernel here is a
+# `jax.custom_jvp` whose rule is written with XLA ops, so grad-of-grad,
+# Hessians and forward mode over the kernels work as over XLA ops.
 #
 # Reverse mode must reach the backward kernels. The tangent map of the op is
-# therefore one primitive, `_tangent_p`: it computes the transpose of
-# `_vjp` with XLA ops (forward mode), and its transpose rule is `_vjp` with
-# the kernels (reverse mode), its batching and JVP rules those of XLA ops.
-
+# therefore a `_custom_transpose.linear_map`: it computes the transpose of
+# `_vjp` with XLA ops (forward mode), and its transpose is `_vjp` with the
+# kernels (reverse mode), under `jax.vmap` too.
 
 def _width(cfg: _Config, x: jax.Array) -> int:
   """The number of elements behind each statistic."""
@@ -488,59 +536,13 @@ def _kernel_vjp_jvp(cfg: _Config, shapes, primals, tangents):
   return jax.jvp(functools.partial(_vjp, cfg, shapes), primals, tangents)
 
 
-def _split_operands(args, has_scale: bool, has_bias: bool):
-  """``_tangent_p``'s flat operands as ``(res, tangents)`` with Nones."""
-  args = list(args)
-  res = args[:5] + ([args[5]] if has_scale else [None])
-  rest = args[5 + has_scale:]
-  tx, rest = rest[0], rest[1:]
-  tscale = rest.pop(0) if has_scale else None
-  tbias = rest.pop(0) if has_bias else None
-  return tuple(res), (tx, tscale, tbias)
-
-
-def _tangent_xla(*args, cfg, shapes, has_scale, has_bias):
+def _tangent_map(cfg: _Config, shapes, res, tangents):
   """The tangent map with XLA ops: the transpose of ``_vjp``."""
-  res, tangents = _split_operands(args, has_scale, has_bias)
   x = res[0]
   (ty,) = jax.linear_transpose(
       functools.partial(_vjp, cfg, shapes, res),
       jax.ShapeDtypeStruct(x.shape, x.dtype))(tangents)
   return ty
-
-
-def _tangent_transpose(ct, *args, cfg, shapes, has_scale, has_bias):
-  res, tangents = _split_operands(args, has_scale, has_bias)
-  n_res = 5 + has_scale
-  if type(ct) is ad.Zero:  # pylint: disable=unidiomatic-typecheck
-    return [None] * len(args)
-  cts = _kernel_vjp(cfg, shapes, res, ct)
-  out = [None] * n_res
-  for t, c in zip(tangents, cts):
-    if t is not None:
-      out.append(c if ad.is_undefined_primal(t) else None)
-  return out
-
-
-def _tangent_jvp(primals, tangents, **params):
-  tangents = [ad.instantiate_zeros(t) for t in tangents]
-  return jax.jvp(functools.partial(_tangent_xla, **params), primals,
-                 tangents)
-
-
-def _tangent_batch(args, dims, **params):
-  return jax.vmap(functools.partial(_tangent_xla, **params),
-                  in_axes=tuple(dims))(*args), 0
-
-
-_tangent_p = jex_core.Primitive("jaxnorm_normalize_tangent")
-_tangent_p.def_impl(_tangent_xla)
-_tangent_p.def_abstract_eval(lambda x_aval, *_, **__: x_aval)
-mlir.register_lowering(
-    _tangent_p, mlir.lower_fun(_tangent_xla, multiple_results=False))
-ad.primitive_jvps[_tangent_p] = _tangent_jvp
-ad.primitive_transposes[_tangent_p] = _tangent_transpose
-batching.primitive_batchers[_tangent_p] = _tangent_batch
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -561,10 +563,10 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
                        for p in (scale, bias)))
   zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
   if cfg.kernel:
-    operands = [a for a in (*res, dx, dscale, dbias) if a is not None]
-    dy = _tangent_p.bind(*operands, cfg=cfg, shapes=shapes,
-                         has_scale=scale is not None,
-                         has_bias=bias is not None)
+    dy = _custom_transpose.linear_map(
+        functools.partial(_tangent_map, cfg, shapes),
+        functools.partial(_kernel_vjp, cfg, shapes), res,
+        (dx, dscale, dbias), jax.ShapeDtypeStruct(x.shape, x.dtype))
     return (y, mean, var, count), (dy, *zeros)
   # The tangent map is the transpose of the hand-written VJP; reverse mode
   # transposes it back into exactly the operations of `_vjp`.
@@ -585,11 +587,20 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   return (y, mean, var, count), (dy, *zeros)
 
 
+def _by_platform(plain: _Config, cpu: _Config, x, scale, bias, mask):
+  """The op with ``plain``'s graph, or ``cpu``'s when lowered for CPU."""
+  if cpu == plain:
+    return _normalize(plain, x, scale, bias, mask)
+  return jax.lax.platform_dependent(
+      x, scale, bias, mask, cpu=functools.partial(_normalize, cpu),
+      default=functools.partial(_normalize, plain))
+
+
 # Jitted so that layers of the same shapes and settings are traced (and
 # differentiated, partially evaluated, transposed) once per program: JAX
 # caches each of these steps per jaxpr. XLA inlines the call: the compiled
 # program is the same.
-_normalize_jit = jax.jit(_normalize, static_argnums=0)
+_normalize_jit = jax.jit(_by_platform, static_argnums=(0, 1))
 
 
 def normalize(
@@ -627,9 +638,14 @@ def normalize(
   index_groups = None
   if axis_index_groups is not None:
     index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-  kernel = _kernel_kind(tuple(axes), x, scale, bias, mask, axis_name, groups)
-  cfg = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
-                index_groups, None if groups is None else int(groups), kernel)
-  y, mean, var, count = _normalize_jit(cfg, x, scale, bias, mask)
+  plain = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
+                  index_groups, None if groups is None else int(groups))
+  # Where JAX's default backend is not the CPU, programs are not run on the
+  # CPU: the plain graph alone is traced.
+  cpu = plain
+  if jax.default_backend() == "cpu":
+    cpu = dataclasses.replace(plain, cpu=True, kernel=_kernel_kind(
+        tuple(axes), x, scale, bias, mask, axis_name, groups))
+  y, mean, var, count = _normalize_jit(plain, cpu, x, scale, bias, mask)
   stop = jax.lax.stop_gradient
   return y, stop(mean), stop(var), stop(count)

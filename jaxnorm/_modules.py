@@ -19,11 +19,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import dtypes as _dtypes
 from flax.typing import Axes, Dtype
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
+from jaxnorm import _scaling
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_train
@@ -61,21 +63,127 @@ def _who(mdl: Any) -> str:
   return f"jaxnorm.nnx.{cls}(num_features={mdl.num_features!r})"
 
 
+@contextlib.contextmanager
+def _module_errors(mdl: Any) -> Iterator[None]:
+  """Raises a pure function's error again phrased for the module.
+
+  ``_who(mdl)`` takes the place of the function's name, so a module user
+  reads the module's name (and its options) in the message.
+  """
+  with _checks.raised_as(_who(mdl)):
+    yield
+
+
 def _run(mdl: Any, x: ArrayLike, params: list[jax.Array | None], fn,
          promote_with: tuple[jax.Array, ...] = ()) -> jax.Array:
   """Casts x and params to the compute dtype, calls fn, casts the output.
 
   ``promote_with`` are further arrays whose dtypes take part in the output
   dtype (flax.nnx.BatchNorm promotes with its running statistics). An
-  error of the pure function is raised again phrased for the module
-  (``_who(mdl)`` in place of the function's name).
+  error of the pure function is raised again phrased for the module.
   """
   x = jnp.asarray(x)
   present = [p for p in params if p is not None]
   compute, out = _dtypes_for([x, *present, *promote_with], mdl.dtype)
   cast = [None if p is None else p.astype(compute) for p in params]
-  with _checks.raised_as(_who(mdl)):
+  with _module_errors(mdl):
     return fn(x.astype(compute), *cast).astype(out)
+
+
+def ones_unless_offset(key: Any, shape: Any, dtype: Any = jnp.float32
+                       ) -> jax.Array:
+  """The default ``scale_init`` of the LayerNorm and RMSNorm modules.
+
+  Ones (flax's default), and zeros for a layer with a nonzero
+  ``scale_offset``: a zero-centred scale (Gemma's, TransformerEngine's
+  zero-centred gamma) starts at 0, so a fresh layer is the plain
+  normalization. As an initializer on its own it gives ones.
+  """
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def _scale_init(who: str, init: Any, scale_offset: Any) -> Any:
+  """The scale initializer a layer uses (see ``ones_unless_offset``)."""
+  offset = _checks.check_real(
+      who, "scale_offset", scale_offset,
+      why=" (it is added to `scale`; 1.0 gives Gemma's (1 + scale))")
+  if init is ones_unless_offset and offset != 0.0:
+    return nn.initializers.zeros
+  return init
+
+
+_TRANSFORMER_OPTIONS = """
+    scale_offset: Python float added to ``scale`` (jaxnorm only; default 0):
+      1.0 is Gemma's zero-centred ``(1 + scale)``, formed in at least
+      float32. With a nonzero offset the default ``scale_init`` gives
+      zeros, so a fresh layer is the plain normalization.
+    cast_before_scale: Llama's and T5's order (jaxnorm only; default
+      False): ``x_hat`` (at least float32) is rounded to the input's dtype,
+      then multiplied by the scale in the compute dtype.
+    residual_dtype: dtype of the residual stream ``h`` returned when the
+      call gets ``residual=`` (jaxnorm only); None for the promoted dtype of
+      the input and ``residual``, ``jnp.float32`` for a float32 stream under
+      bfloat16 activations."""
+
+_TRANSFORMER_CALL = """
+    Args:
+      x: floating array, e.g. (batch, seq, d_model); with ``residual``, the
+        sublayer output.
+      mask: optional array broadcastable to ``x``, cast to bool; False
+        elements are left out of the statistics.
+      residual: optional residual stream of ``x``'s shape: the layer then
+        normalizes ``h = x + residual`` in one fused op
+        (``jaxnorm.{fused}``) and returns ``(y, h)``.
+
+    Returns:
+      ``y``, of ``x``'s shape in the output dtype; with ``residual``,
+      ``(y, h)``, ``h`` in ``residual_dtype``.
+
+    Raises:
+      TypeError, ValueError: the errors of ``jaxnorm.{fused}``,
+        phrased for the module.
+"""
+
+
+def _document_transformer_options(cls: type, fused: str) -> None:
+  """Fills ``{options}`` (class) and ``{call}`` (``__call__``) in the
+  docstrings of a LayerNorm/RMSNorm module (linen and nnx share them)."""
+  cls.__doc__ = cls.__doc__.replace("{options}", _TRANSFORMER_OPTIONS)
+  cls.__call__.__doc__ = cls.__call__.__doc__.replace(
+      "{call}", _TRANSFORMER_CALL.replace("{fused}", fused))
+
+
+def _transformer_norm(mdl: Any, x: ArrayLike,
+                      params: list[jax.Array | None], plain, fused,
+                      residual: ArrayLike | None, **kwargs: Any):
+  """The LayerNorm/RMSNorm modules' call, with their transformer options.
+
+  Without ``residual``: ``plain(x, *params, **kwargs)`` (``layer_norm`` or
+  ``rms_norm``) under the modules' dtype rule. With it: ``fused(x,
+  residual, *params, **kwargs)`` (``add_layer_norm``/``add_rms_norm``) ->
+  ``(y, h)``, ``y`` under the dtype rule and ``h`` in ``residual_dtype``
+  (default: the promoted dtype of the input ``x`` and ``residual``, not of
+  the compute dtype). With ``cast_before_scale`` the input reaches the
+  function in its own dtype, the one ``x_hat`` is rounded to.
+  """
+  x = jnp.asarray(x)
+  present = [p for p in params if p is not None]
+  compute, out = _dtypes_for([x, *present], mdl.dtype)
+  cast = [None if p is None else p.astype(compute) for p in params]
+  kwargs.update(epsilon=mdl.epsilon, scale_offset=mdl.scale_offset,
+                cast_before_scale=mdl.cast_before_scale, **_named(mdl))
+  cast_first = mdl.cast_before_scale
+  cast_first = isinstance(cast_first, (bool, np.bool_)) and bool(cast_first)
+  xc = x if cast_first else x.astype(compute)
+  with _module_errors(mdl):
+    if residual is None:
+      return plain(xc, *cast, **kwargs).astype(out)
+    rd = mdl.residual_dtype
+    if rd is None and hasattr(residual, "dtype"):
+      rd = _scaling.promote(x.dtype, residual.dtype)
+    y, h = fused(xc, residual, *cast, residual_dtype=rd, **kwargs)
+  return y.astype(out), h
 
 
 # Set while recalibrate_batch_norm traces the model: every jaxnorm BatchNorm

@@ -57,16 +57,16 @@ def own_copy(a: jax.Array, reader: int) -> jax.Array:
 _PILOT, _SQUARES = 1, 2
 
 
-def upcast(a: jax.Array, dtype: Any, reader: int) -> jax.Array:
+def upcast(a: jax.Array, dtype: Any, reader: int, cpu: bool) -> jax.Array:
   """``a`` in ``dtype`` as the ``reader``-th group of kernels reads it.
 
   Through :func:`own_copy` where that is an upcast (bfloat16 or float16
-  ``a``) on XLA's CPU backend, the one measured; otherwise a plain
-  ``astype``: float32 graphs are unchanged, and GPU/TPU fusion fuses a
-  shared convert into each of its readers and merges sibling reductions of
-  one array, which distinct copies would prevent.
+  ``a``) in a graph for XLA's CPU backend (``cpu``), the one measured;
+  otherwise a plain ``astype``: float32 graphs are unchanged, and GPU/TPU
+  fusion fuses a shared convert into each of its readers and merges sibling
+  reductions of one array, which distinct copies would prevent.
   """
-  if jnp.dtype(a.dtype) == jnp.dtype(dtype) or jax.default_backend() != "cpu":
+  if jnp.dtype(a.dtype) == jnp.dtype(dtype) or not cpu:
     return a.astype(dtype)
   return own_copy(a, reader).astype(dtype)
 
@@ -176,16 +176,18 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   return total / jnp.maximum(n, 1.0)
 
 
-def _shifted_sums(xf, x2, k, keep, valid, groups):
+def _shifted_sums(xf, x2, k, keep, valid, groups, cpu):
   """``sum(x - k)`` and ``sum((x - k)^2)``: two reductions, one read each.
 
-  The two centred copies are written differently (``x - k`` and
-  ``x + (-k)``, equal in every bit) so that XLA fuses each into its own
-  reduction instead of materializing one shared activation-sized array.
+  For XLA's CPU backend (``cpu``) the two centred copies are written
+  differently (``x - k`` and ``x + (-k)``, equal in every bit), so that XLA
+  fuses each into its own reduction instead of materializing one shared
+  activation-sized array.
   """
   c = xf.shape[-1]
   s1 = group_sum(jnp.sum(valid(xf - k), **keep), groups, c)
-  s2 = group_sum(jnp.sum(valid(jnp.square(x2 + (-k))), **keep), groups, c)
+  d2 = x2 + (-k) if cpu else x2 - k
+  s2 = group_sum(jnp.sum(valid(jnp.square(d2)), **keep), groups, c)
   return s1, s2
 
 
@@ -198,6 +200,7 @@ def moments(
     axis_name: tuple[Any, ...] | None = None,
     axis_index_groups: Any = None,
     groups: int | None = None,
+    cpu: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
@@ -226,6 +229,8 @@ def moments(
     groups: if set, the statistics also run over each of ``groups`` runs of
       consecutive channels (last axis) and are returned per channel, every
       channel holding its group's (see :func:`group_sum`).
+    cpu: spell the graph for XLA's CPU backend (see :func:`upcast` and
+      :func:`_shifted_sums`); the values are the same.
 
   Returns:
     ``(count, hi, lo, var)`` in ``stat_dtype(x.dtype)``, each with ``x``'s
@@ -251,9 +256,9 @@ def moments(
     valid = lambda v: jnp.where(w, v, 0.0)
   if center:
     # The pilot's slice reads its own copy of x (see own_copy).
-    hi = _pilot(upcast(x, dt, _PILOT), axes, w, groups)
-    s1, s2 = _shifted_sums(xf, upcast(x, dt, _SQUARES), hi, keep, valid,
-                           groups)
+    hi = _pilot(upcast(x, dt, _PILOT, cpu), axes, w, groups)
+    s1, s2 = _shifted_sums(xf, upcast(x, dt, _SQUARES, cpu), hi, keep, valid,
+                           groups, cpu)
     lo = s1 / safe
     m2 = jnp.maximum(s2 - s1 * lo, 0.0)
   else:

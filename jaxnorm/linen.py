@@ -15,6 +15,12 @@ Degenerate inputs give flax's results: a training batch with a single
 element per feature outputs ``bias`` (the pure functions' ``allow_single``
 switch), and so does an ``InstanceNorm`` with no axis to reduce.
 
+``LayerNorm`` and ``RMSNorm`` also take the transformer conventions as
+keyword attributes whose defaults change nothing (``scale_offset``,
+``cast_before_scale``, ``residual_dtype``) and ``residual=`` in the call,
+which fuses the residual add and returns ``(y, h)``; ``DyT`` is Dynamic Tanh
+(``jaxnorm.dyt``).
+
 ``BatchNorm`` has a ``batch_stats/count`` (int32 scalar, the number of
 running-average updates) only when an option needs it (``momentum=None``,
 ``debias=True``, ``renorm=True``) or ``track_count=True`` asks for it.
@@ -50,13 +56,20 @@ from jaxnorm._modules import _as_mask
 from jaxnorm._modules import _axes_tuple
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
+from jaxnorm._modules import _document_transformer_options
 from jaxnorm._modules import _keeps_count
 from jaxnorm._modules import _named
 from jaxnorm._modules import _recalibrating
 from jaxnorm._modules import _run
+from jaxnorm._modules import _scale_init
+from jaxnorm._modules import _transformer_norm
 from jaxnorm._modules import _who
+from jaxnorm._modules import ones_unless_offset
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_renorm_schedule
+from jaxnorm.dynamic_tanh import dyt
+from jaxnorm.residual import add_layer_norm
+from jaxnorm.residual import add_rms_norm
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
@@ -65,15 +78,17 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "ImmutableBatchStatsError", "GroupNorm",
+__all__ = ["BatchNorm", "DyT", "ImmutableBatchStatsError", "GroupNorm",
            "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WeightNorm",
            "recalibrate_batch_norm"]
 
 
 def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
-            use_bias: bool) -> list[jax.Array | None]:
+            use_bias: bool, scale_init: Initializer | None = None
+            ) -> list[jax.Array | None]:
   """Creates ``params/scale`` and ``params/bias`` as flax does."""
-  scale = (mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype)
+  scale = (mdl.param("scale", scale_init or mdl.scale_init, shape,
+                     mdl.param_dtype)
            if use_scale else None)
   bias = (mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
           if use_bias else None)
@@ -294,16 +309,33 @@ class BatchNorm(nn.Module):
     return y
 
 
+def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
+              residual: ArrayLike | None, plain, fused, *,
+              use_bias: bool | None):
+  """LayerNorm's and RMSNorm's call (``use_bias=None``: no bias at all)."""
+  x = jnp.asarray(x)
+  feat = _axes_tuple(x.ndim, mdl.feature_axes)
+  shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+  init = _scale_init(_who(mdl), mdl.scale_init, mdl.scale_offset)
+  params = _affine(mdl, shape, mdl.use_scale, bool(use_bias), init)
+  return _transformer_norm(
+      mdl, x, params if use_bias is not None else params[:1], plain, fused,
+      residual, reduction_axes=_as_axes(mdl.reduction_axes),
+      feature_axes=_as_axes(mdl.feature_axes), mask=_as_mask(mask))
+
+
 class LayerNorm(nn.Module):
   """Layer normalization, a drop-in for ``flax.linen.LayerNorm``.
 
   .. math::
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
+       + \\beta
 
   with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
-  float32); calls ``jaxnorm.layer_norm``. Variables: ``params/scale`` and
-  ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]`` in
-  ``param_dtype``.
+  float32) and :math:`o` = ``scale_offset`` (default 0); calls
+  ``jaxnorm.layer_norm``, or ``jaxnorm.add_layer_norm`` when called with
+  ``residual=``. Variables: ``params/scale`` and ``params/bias`` of shape
+  ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``.
 
   Attributes:
     epsilon: added to the variance (default 1e-6).
@@ -312,7 +344,8 @@ class LayerNorm(nn.Module):
     use_bias: add ``bias``.
     use_scale: multiply by ``scale``.
     bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
+    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
+      ``scale_offset``).
     reduction_axes: axes of the statistics (default -1).
     feature_axes: axes the parameters vary along (default -1).
     axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
@@ -325,7 +358,7 @@ class LayerNorm(nn.Module):
       within 4 std of the mean) in at least float32, which is stable on
       shifted data (flax's default E[x^2]-E[x]^2 is not).
     force_float32_reductions: accepted for compatibility; jaxnorm always
-      reduces in at least float32.
+      reduces in at least float32.{options}
 
   Raises:
     TypeError: the type errors of ``jaxnorm.layer_norm``.
@@ -338,53 +371,46 @@ class LayerNorm(nn.Module):
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
+  scale_init: Initializer = ones_unless_offset
   reduction_axes: Axes = -1
   feature_axes: Axes = -1
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  cast_before_scale: bool = False
+  residual_dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
-    """Applies layer normalization.
-
-    Args:
-      x: floating array, e.g. (batch, seq, d_model).
-      mask: optional array broadcastable to ``x``, cast to bool; False
-        elements are left out of the statistics.
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
-    """
-    x = jnp.asarray(x)
-    feat = _axes_tuple(x.ndim, self.feature_axes)
-    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
-    params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(self, x, params, lambda xc, s, b: layer_norm(
-        xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
-        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask), **_named(self)))
+  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               residual: ArrayLike | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Applies layer normalization (to ``x + residual`` with ``residual``).
+{call}"""
+    return _row_norm(self, x, mask, residual, layer_norm, add_layer_norm,
+                     use_bias=self.use_bias)
 
 
 class RMSNorm(nn.Module):
   """RMS normalization, a drop-in for ``flax.linen.RMSNorm``.
 
   .. math::
-     y = \\gamma \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
          + \\epsilon}}
 
-  over ``reduction_axes`` :math:`R`; calls ``jaxnorm.rms_norm``. Variable:
-  ``params/scale`` of shape ``[x.shape[a] for a in feature_axes]``.
+  over ``reduction_axes`` :math:`R`, with :math:`o` = ``scale_offset``
+  (default 0); calls ``jaxnorm.rms_norm``, or ``jaxnorm.add_rms_norm`` when
+  called with ``residual=``. Variable: ``params/scale`` of shape
+  ``[x.shape[a] for a in feature_axes]``.
 
   Attributes:
     epsilon: added to the mean square (default 1e-6).
     dtype: output dtype (default: promotion of input and parameter dtypes).
     param_dtype: dtype of ``scale`` (default float32).
     use_scale: multiply by ``scale``.
-    scale_init: initializer of ``scale`` (ones).
+    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
+      ``scale_offset``).
     reduction_axes: axes of the mean square (default -1).
     feature_axes: axes ``scale`` varies along (default -1).
     axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
@@ -394,7 +420,7 @@ class RMSNorm(nn.Module):
       it, as in flax).
     use_fast_variance: accepted for compatibility (no variance here).
     force_float32_reductions: accepted; jaxnorm always reduces in at least
-      float32.
+      float32.{options}
 
   Raises:
     TypeError: the type errors of ``jaxnorm.rms_norm``.
@@ -405,22 +431,75 @@ class RMSNorm(nn.Module):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   use_scale: bool = True
-  scale_init: Initializer = initializers.ones
+  scale_init: Initializer = ones_unless_offset
   reduction_axes: Axes = -1
   feature_axes: Axes = -1
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
   force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  cast_before_scale: bool = False
+  residual_dtype: Dtype | None = None
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
-    """Applies RMS normalization.
+  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               residual: ArrayLike | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Applies RMS normalization (to ``x + residual`` with ``residual``).
+{call}"""
+    return _row_norm(self, x, mask, residual, rms_norm, add_rms_norm,
+                     use_bias=None)
+
+
+for _cls, _fused in ((LayerNorm, "add_layer_norm"), (RMSNorm, "add_rms_norm")):
+  _document_transformer_options(_cls, _fused)
+del _cls, _fused
+
+
+class DyT(nn.Module):
+  """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
+
+  .. math::
+     y = \\gamma \\tanh(\\alpha x) + \\beta
+
+  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
+  derivative). Variables: ``params/alpha`` (a scalar, shape ``()``,
+  initialized to ``alpha_init_value``), ``params/scale`` (ones) and
+  ``params/bias`` (zeros) of shape ``[x.shape[a] for a in feature_axes]``,
+  all in ``param_dtype``.
+
+  Attributes:
+    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
+      for non-LLM models; it suggests smaller values for wide LLMs).
+    dtype: output dtype (default: promotion of input and parameter dtypes).
+    param_dtype: dtype of the parameters (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
+
+  Raises:
+    TypeError: the type errors of ``jaxnorm.dyt``.
+    ValueError: the value errors of ``jaxnorm.dyt``.
+  """
+
+  alpha_init_value: float = 0.5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+  feature_axes: Axes = -1
+
+  @nn.compact
+  def __call__(self, x: ArrayLike) -> jax.Array:
+    """Applies Dynamic Tanh.
 
     Args:
       x: floating array, e.g. (batch, seq, d_model).
-      mask: optional array broadcastable to ``x``, cast to bool.
 
     Returns:
       Array of ``x``'s shape in the output dtype.
@@ -428,12 +507,11 @@ class RMSNorm(nn.Module):
     x = jnp.asarray(x)
     feat = _axes_tuple(x.ndim, self.feature_axes)
     shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
-    scale = (self.param("scale", self.scale_init, shape, self.param_dtype)
-             if self.use_scale else None)
-    return _run(self, x, [scale], lambda xc, s: rms_norm(
-        xc, s, reduction_axes=_as_axes(self.reduction_axes),
-        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask), **_named(self)))
+    alpha = self.param("alpha", initializers.constant(self.alpha_init_value),
+                       (), self.param_dtype)
+    params = [alpha, *_affine(self, shape, self.use_scale, self.use_bias)]
+    return _run(self, x, params, lambda xc, a, s, b: dyt(
+        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
 
 
 class GroupNorm(nn.Module):

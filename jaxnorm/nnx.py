@@ -23,6 +23,12 @@ Degenerate inputs give flax's results (a training batch of one outputs
 number of running-average updates), only when an option needs it
 (``momentum=None``, ``debias=True``, ``renorm=True``) or
 ``track_count=True``; by default its state is exactly flax's.
+
+``LayerNorm`` and ``RMSNorm`` also take the transformer conventions as
+keyword options whose defaults change nothing (``scale_offset``,
+``cast_before_scale``, ``residual_dtype``) and ``residual=`` in the call,
+which fuses the residual add and returns ``(y, h)``; ``DyT`` is Dynamic Tanh
+(``jaxnorm.dyt``).
 """
 
 from __future__ import annotations
@@ -47,11 +53,18 @@ from jaxnorm._modules import _as_mask
 from jaxnorm._modules import _axes_tuple
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
+from jaxnorm._modules import _document_transformer_options
 from jaxnorm._modules import _keeps_count
 from jaxnorm._modules import _named
 from jaxnorm._modules import _run
+from jaxnorm._modules import _scale_init
+from jaxnorm._modules import _transformer_norm
 from jaxnorm._modules import _who
+from jaxnorm._modules import ones_unless_offset
+from jaxnorm.dynamic_tanh import dyt
 from jaxnorm.linen import _recalibrate
+from jaxnorm.residual import add_layer_norm
+from jaxnorm.residual import add_rms_norm
 from jaxnorm.variants import group_norm
 from jaxnorm.variants import instance_norm
 from jaxnorm.variants import layer_norm
@@ -60,7 +73,7 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
+__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
            "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
 
 _zeros = nnx.initializers.zeros_init()
@@ -357,15 +370,24 @@ def _common_attrs(self, num_features, epsilon, dtype, param_dtype,
   self.promote_dtype = promote_dtype
 
 
+def _transformer_attrs(self, scale_offset, cast_before_scale,
+                       residual_dtype):
+  self.scale_offset = scale_offset
+  self.cast_before_scale = cast_before_scale
+  self.residual_dtype = residual_dtype
+
+
 class LayerNorm(_Affine):
   """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
 
   .. math::
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta
+     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
+       + \\beta
 
-  over ``reduction_axes`` (centred, at least float32); calls
-  ``jaxnorm.layer_norm``. Params ``scale``/``bias`` of shape
-  ``(num_features,)`` (or the tuple given).
+  over ``reduction_axes`` (centred, at least float32), with :math:`o` =
+  ``scale_offset`` (default 0); calls ``jaxnorm.layer_norm``, or
+  ``jaxnorm.add_layer_norm`` when called with ``residual=``. Params
+  ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple given).
 
   Args:
     num_features: size of the feature axis (or a tuple for several).
@@ -375,7 +397,8 @@ class LayerNorm(_Affine):
     use_bias: add ``bias``.
     use_scale: multiply by ``scale``.
     bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
+    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
+      ``scale_offset``).
     reduction_axes: axes of the statistics (default -1).
     feature_axes: axes the params vary along (default -1).
     axis_name: name(s) of a mapped axis over which the reduced axes are
@@ -386,67 +409,67 @@ class LayerNorm(_Affine):
       to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializers.
     bias_metadata: metadata of the ``bias`` Param.
-    scale_metadata: metadata of the ``scale`` Param.
+    scale_metadata: metadata of the ``scale`` Param.{options}
 
   Raises:
-    TypeError: bad ``num_features``.
+    TypeError: bad ``num_features`` or ``scale_offset``.
+    ValueError: a NaN or infinite ``scale_offset``.
   """
 
   def __init__(self, num_features: int | tuple[int, ...], *,
                epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_bias: bool = True,
                use_scale: bool = True, bias_init: Initializer = _zeros,
-               scale_init: Initializer = _ones, reduction_axes: Axes = -1,
+               scale_init: Initializer = ones_unless_offset,
+               reduction_axes: Axes = -1,
                feature_axes: Axes = -1, axis_name: Any = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = None, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+               scale_metadata: Mapping[str, Any] = _EMPTY,
+               scale_offset: float = 0.0, cast_before_scale: bool = False,
+               residual_dtype: Dtype | None = None):
     shape = _feature_shape("LayerNorm", num_features)
     self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
-                      scale_init=scale_init, bias_init=bias_init,
+                      scale_init=_scale_init("jaxnorm.nnx.LayerNorm",
+                                             scale_init, scale_offset),
+                      bias_init=bias_init,
                       param_dtype=param_dtype, rngs=rngs,
                       scale_metadata=scale_metadata,
                       bias_metadata=bias_metadata)
     _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
                   axis_index_groups, use_fast_variance, promote_dtype)
+    _transformer_attrs(self, scale_offset, cast_before_scale, residual_dtype)
     self.use_bias = use_bias
     self.use_scale = use_scale
     self.reduction_axes = reduction_axes
     self.feature_axes = feature_axes
 
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
-    """Applies layer normalization.
-
-    Args:
-      x: floating array, e.g. (batch, seq, num_features).
-      mask: optional array broadcastable to ``x`` (cast to bool).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
-    """
+  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
+               residual: ArrayLike | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Applies layer normalization (to ``x + residual`` with ``residual``).
+{call}"""
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale, bias = _promote(self, x, _value(self.scale),
                               _value(self.bias))
-    return _run(self, x, [scale, bias],
-                lambda xc, s, b: layer_norm(
-                    xc, s, b, reduction_axes=_as_axes(self.reduction_axes),
-                    feature_axes=_as_axes(self.feature_axes),
-                    epsilon=self.epsilon, mask=_as_mask(mask),
-                    **_named(self)))
+    return _transformer_norm(
+        self, x, [scale, bias], layer_norm, add_layer_norm, residual,
+        reduction_axes=_as_axes(self.reduction_axes),
+        feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
 
 
 class RMSNorm(_Affine):
   """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
 
   .. math::
-     y = \\gamma \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
          + \\epsilon}}
 
-  over ``reduction_axes`` :math:`R`; calls ``jaxnorm.rms_norm``. Param
-  ``scale`` of shape ``(num_features,)``.
+  over ``reduction_axes`` :math:`R`, with :math:`o` = ``scale_offset``
+  (default 0); calls ``jaxnorm.rms_norm``, or ``jaxnorm.add_rms_norm`` when
+  called with ``residual=``. Param ``scale`` of shape ``(num_features,)``.
 
   Args:
     num_features: size of the feature axis (or a tuple).
@@ -454,7 +477,8 @@ class RMSNorm(_Affine):
     dtype: output dtype (default: promotion of input and ``scale``).
     param_dtype: dtype of ``scale`` (default float32).
     use_scale: multiply by ``scale``.
-    scale_init: initializer of ``scale`` (ones).
+    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
+      ``scale_offset``).
     reduction_axes: axes of the mean square (default -1).
     feature_axes: axes ``scale`` varies along (default -1).
     axis_name: name(s) of a mapped axis over which the reduced axes are
@@ -464,21 +488,26 @@ class RMSNorm(_Affine):
     promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
       to the input and parameters (None: flax's default promotion).
     rngs: ``nnx.Rngs`` for the initializer.
-    scale_metadata: metadata of the ``scale`` Param.
+    scale_metadata: metadata of the ``scale`` Param.{options}
 
   Raises:
-    TypeError: bad ``num_features``.
+    TypeError: bad ``num_features`` or ``scale_offset``.
+    ValueError: a NaN or infinite ``scale_offset``.
   """
 
   def __init__(self, num_features: int | tuple[int, ...], *,
                epsilon: float = 1e-6, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, use_scale: bool = True,
-               scale_init: Initializer = _ones, reduction_axes: Axes = -1,
+               scale_init: Initializer = ones_unless_offset,
+               reduction_axes: Axes = -1,
                feature_axes: Axes = -1, axis_name: Any = None,
                axis_index_groups: Any = None, use_fast_variance: bool = True,
                promote_dtype: Any = None, rngs: nnx.Rngs,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+               scale_metadata: Mapping[str, Any] = _EMPTY,
+               scale_offset: float = 0.0, cast_before_scale: bool = False,
+               residual_dtype: Dtype | None = None):
     shape = _feature_shape("RMSNorm", num_features)
+    scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
       self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
@@ -487,28 +516,92 @@ class RMSNorm(_Affine):
       self.scale = nnx.data(None)
     _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
                   axis_index_groups, use_fast_variance, promote_dtype)
+    _transformer_attrs(self, scale_offset, cast_before_scale, residual_dtype)
     self.use_scale = use_scale
     self.reduction_axes = reduction_axes
     self.feature_axes = feature_axes
 
-  def __call__(self, x: ArrayLike,
-               mask: ArrayLike | None = None) -> jax.Array:
-    """Applies RMS normalization.
+  def __call__(self, x: ArrayLike, mask: ArrayLike | None = None, *,
+               residual: ArrayLike | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Applies RMS normalization (to ``x + residual`` with ``residual``).
+{call}"""
+    x = jnp.asarray(x)
+    _check_features(self, x, self.feature_axes, "feature_axes")
+    x, scale = _promote(self, x, _value(self.scale))
+    return _transformer_norm(
+        self, x, [scale], rms_norm, add_rms_norm, residual,
+        reduction_axes=_as_axes(self.reduction_axes),
+        feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
+
+
+for _cls, _fused in ((LayerNorm, "add_layer_norm"), (RMSNorm, "add_rms_norm")):
+  _document_transformer_options(_cls, _fused)
+del _cls, _fused
+
+
+class DyT(_Affine):
+  """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
+
+  .. math::
+     y = \\gamma \\tanh(\\alpha x) + \\beta
+
+  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
+  derivative). Params: ``alpha`` (a scalar, shape ``()``, initialized to
+  ``alpha_init_value``), ``scale`` (ones) and ``bias`` (zeros) of shape
+  ``(num_features,)`` (or the tuple given), all in ``param_dtype``.
+
+  Args:
+    num_features: size of the feature axis (or a tuple for several).
+    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
+      for non-LLM models; it suggests smaller values for wide LLMs).
+    dtype: output dtype (default: promotion of input and params).
+    param_dtype: dtype of the params (default float32).
+    use_bias: add ``bias``.
+    use_scale: multiply by ``scale``.
+    bias_init: initializer of ``bias`` (zeros).
+    scale_init: initializer of ``scale`` (ones).
+    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
+    rngs: ``nnx.Rngs`` for the initializers.
+
+  Raises:
+    TypeError: bad ``num_features``.
+  """
+
+  def __init__(self, num_features: int | tuple[int, ...], *,
+               alpha_init_value: float = 0.5, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+               use_scale: bool = True, bias_init: Initializer = _zeros,
+               scale_init: Initializer = _ones, feature_axes: Axes = -1,
+               rngs: nnx.Rngs):
+    shape = _feature_shape("DyT", num_features)
+    self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
+    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
+                      scale_init=scale_init, bias_init=bias_init,
+                      param_dtype=param_dtype, rngs=rngs,
+                      scale_metadata=_EMPTY, bias_metadata=_EMPTY)
+    self.num_features = num_features
+    self.alpha_init_value = alpha_init_value
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+
+  def __call__(self, x: ArrayLike) -> jax.Array:
+    """Applies Dynamic Tanh.
 
     Args:
       x: floating array, e.g. (batch, seq, num_features).
-      mask: optional array broadcastable to ``x`` (cast to bool).
 
     Returns:
       Array of ``x``'s shape in the output dtype.
     """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
-    x, scale = _promote(self, x, _value(self.scale))
-    return _run(self, x, [scale], lambda xc, s: rms_norm(
-        xc, s, reduction_axes=_as_axes(self.reduction_axes),
-        feature_axes=_as_axes(self.feature_axes), epsilon=self.epsilon,
-        mask=_as_mask(mask), **_named(self)))
+    params = [_value(self.alpha), _value(self.scale), _value(self.bias)]
+    return _run(self, x, params, lambda xc, a, s, b: dyt(
+        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
 
 
 class GroupNorm(_Affine):

@@ -27,31 +27,28 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
 from jaxnorm import _core
+from jaxnorm import _scaling
 
 
-def _params(fn, x, scale, bias, feat):
-  """Validates affine params of shape x.shape[feat] and broadcasts them."""
-  fshape = tuple(x.shape[a] for a in feat)
-  bshape = tuple(x.shape[i] if i in feat else 1 for i in range(x.ndim))
-  hint = _checks.param_shape_hint(fn, x.shape, feat)
-  scale = _checks.check_param(fn, "scale", scale, fshape, hint)
-  bias = _checks.check_param(fn, "bias", bias, fshape, hint)
-  rs = lambda p: None if p is None else p.reshape(bshape)
-  return rs(scale), rs(bias)
+_CONVENTIONS = """
+  ``scale_offset`` :math:`o` (Gemma's zero-centred scale, :math:`o = 1`):
+  :math:`\\gamma + o` is formed in at least float32 (never rounded to a
+  bfloat16 ``scale``'s dtype) and the whole output rounded once to ``x``'s
+  dtype, as Gemma's ``x_hat * (1 + scale.float())``; ``dscale`` comes back in
+  ``scale``'s dtype. Without ``scale`` the offset is not used.
 
-
-def _common(fn, x, epsilon, mask, axis_name, axis_index_groups):
-  x = _checks.as_float_array(fn, "x", x, min_ndim=1)
-  epsilon = _checks.check_epsilon(fn, epsilon)
-  mask = _checks.check_mask(fn, mask, x.shape)
-  names = _checks.check_axis_name(fn, axis_name)
-  _checks.check_axis_index_groups(fn, axis_index_groups, names)
-  return x, epsilon, mask, names
+  ``cast_before_scale=True`` (Llama's and T5's order):
+  :math:`\\hat x` is computed in at least float32 and rounded to ``x``'s
+  dtype, then :math:`(\\gamma + o)\\,\\hat x` (:math:`+ \\beta`) is
+  computed in at least float32 and rounded once to the promoted dtype of
+  ``x`` and the parameters: for bfloat16 ``x`` and ``scale`` that is bit for
+  bit ``weight * x_hat.to(bfloat16)``; a float32 ``scale`` with bfloat16
+  ``x`` gives a float32 output, as PyTorch's promotion does.
+"""
 
 
 def layer_norm(
@@ -62,6 +59,8 @@ def layer_norm(
     reduction_axes: int | tuple[int, ...] = -1,
     feature_axes: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
     mask: ArrayLike | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
@@ -74,16 +73,22 @@ def layer_norm(
   .. math::
      \\mu = \\frac{1}{H} \\sum_{j \\in R} x_j, \\quad
      \\sigma^2 = \\frac{1}{H} \\sum_{j \\in R} (x_j - \\mu)^2, \\quad
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta.
+     \\hat x = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad
+     y = (\\gamma + o) \\hat x + \\beta,
 
+  with :math:`o` = ``scale_offset`` (default 0).
+{conventions}
   Args:
     x: floating array of any rank >= 1, e.g. (batch, seq, d_model).
     scale: optional :math:`\\gamma` of shape
-      ``tuple(x.shape[a] for a in feature_axes)``.
+      ``tuple(x.shape[a] for a in feature_axes)``, any floating dtype.
     bias: optional :math:`\\beta`, same shape as ``scale``.
     reduction_axes: axes the statistics reduce over (flax default -1).
     feature_axes: axes the affine parameters vary along (flax default -1).
     epsilon: non-negative, added to the variance (flax default 1e-6).
+    scale_offset: Python float added to ``scale`` (see above).
+    cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
+      affine map (see above).
     mask: optional boolean array broadcastable to ``x``; False elements are
       left out of the statistics.
     axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
@@ -98,23 +103,22 @@ def layer_norm(
       ``axis_name``.
 
   Returns:
-    Array of ``x``'s shape and dtype (statistics in at least float32).
+    Array of ``x``'s shape and dtype (statistics in at least float32); with
+    ``cast_before_scale=True``, in the promoted dtype of ``x``, ``scale``
+    and ``bias``.
 
   Raises:
-    TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
+    TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``
+      or ``cast_before_scale``, non-numeric ``scale_offset``.
     ValueError: bad or repeated axes, parameter or mask shape mismatch,
-      negative ``epsilon``, an unbound ``axis_name``, ``axis_index_groups``
-      without ``axis_name``.
+      negative ``epsilon``, a NaN or infinite ``scale_offset``, an unbound
+      ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
-  fn = "layer_norm"
-  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
-                                   axis_index_groups)
-  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
-  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
-  scale, bias = _params(fn, x, scale, bias, feat)
-  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,
-                         axis_name=names,
-                         axis_index_groups=axis_index_groups)[0]
+  return _row_norm("layer_norm", x, scale, bias, center=True,
+                   reduction_axes=reduction_axes, feature_axes=feature_axes,
+                   epsilon=epsilon, scale_offset=scale_offset,
+                   cast_before_scale=cast_before_scale, mask=mask,
+                   axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def rms_norm(
@@ -125,6 +129,7 @@ def rms_norm(
     feature_axes: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
     mask: ArrayLike | None = None,
     axis_name: Any = None,
     axis_index_groups: Any = None,
@@ -132,21 +137,24 @@ def rms_norm(
   """Root-mean-square normalization (Zhang & Sennrich, 2019).
 
   .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
-         + \\epsilon}}
+     \\hat x = \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}, \\qquad y = (\\gamma + o)\\, \\hat x
 
-  with :math:`o` = ``scale_offset`` (``1.0`` gives Gemma's ``(1 + scale)``)
-  and :math:`\\epsilon` inside the square root. Without ``scale`` the output
-  is the normalized input and ``scale_offset`` is not used.
-
+  over ``reduction_axes`` :math:`R` (of :math:`H` valid elements), with
+  :math:`o` = ``scale_offset`` (``1.0`` gives Gemma's ``(1 + scale)``) and
+  :math:`\\epsilon` inside the square root. Without ``scale`` the output
+  is :math:`\\hat x`.
+{conventions}
   Args:
     x: floating array of any rank >= 1.
     scale: optional :math:`\\gamma` of shape
-      ``tuple(x.shape[a] for a in feature_axes)``.
+      ``tuple(x.shape[a] for a in feature_axes)``, any floating dtype.
     reduction_axes: axes the mean square reduces over (default -1).
     feature_axes: axes ``scale`` varies along (default -1).
     epsilon: non-negative, added to the mean square (default 1e-6).
-    scale_offset: Python float added to ``scale``.
+    scale_offset: Python float added to ``scale`` (see above).
+    cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
+      scale (see above).
     mask: optional boolean array broadcastable to ``x``.
     axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
       ``shard_map`` axis over which ``reduction_axes`` are split: the mean
@@ -157,30 +165,32 @@ def rms_norm(
       is merged, as in ``jax.lax.psum``; needs ``axis_name``.
 
   Returns:
-    Array of ``x``'s shape and dtype.
+    Array of ``x``'s shape and dtype; with ``cast_before_scale=True``, in
+    the promoted dtype of ``x`` and ``scale``.
 
   Raises:
-    TypeError: non-floating ``x``/``scale``, non-boolean ``mask``,
-      non-numeric ``scale_offset``.
+    TypeError: non-floating ``x``/``scale``, non-boolean ``mask`` or
+      ``cast_before_scale``, non-numeric ``scale_offset``.
     ValueError: bad or repeated axes, shape mismatch, negative ``epsilon``,
       a NaN or infinite ``scale_offset``,
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
-  fn = "rms_norm"
-  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
-                                   axis_index_groups)
-  scale_offset = _checks.check_real(
-      fn, "scale_offset", scale_offset,
-      why=" (it is added to `scale`; 1.0 gives Gemma's (1 + scale))")
-  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
-  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
-  scale, _ = _params(fn, x, scale, None, feat)
-  if scale is not None and scale_offset != 0.0:
-    scale = scale + jnp.asarray(scale_offset, scale.dtype)
-  return _core.normalize(
-      x, scale, None, mask, axes=red, epsilon=epsilon, center=False,
-      axis_name=names, axis_index_groups=axis_index_groups)[0]
+  return _row_norm("rms_norm", x, scale, None, center=False,
+                   reduction_axes=reduction_axes, feature_axes=feature_axes,
+                   epsilon=epsilon, scale_offset=scale_offset,
+                   cast_before_scale=cast_before_scale, mask=mask,
+                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+
+
+layer_norm.__doc__ = layer_norm.__doc__.replace("{conventions}", _CONVENTIONS)
+rms_norm.__doc__ = rms_norm.__doc__.replace("{conventions}", _CONVENTIONS)
+
+
+def _row_norm(fn, x, scale, bias, **options):
+  x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
+                                                      **options)
+  return finish(_core.normalize(x, scale, bias, mask, **kw)[0])
 
 
 def group_norm(
@@ -241,8 +251,8 @@ def group_norm(
       ``axis_index_groups`` without ``axis_name``.
   """
   fn = "group_norm"
-  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
-                                   axis_index_groups)
+  x, epsilon, mask, names = _checks.norm_inputs(
+      fn, x, epsilon, mask, axis_name, axis_index_groups)
   if x.ndim < 2:
     raise ValueError(f"{fn}: `x` must have a batch axis and a channel axis "
                      f"(N, ..., C); got shape {tuple(x.shape)}.")
@@ -280,7 +290,7 @@ def group_norm(
           f"{fn}: `reduction_axes`={reduction_axes!r} must include the "
           f"channel axis -1 (the groups are reduced over their channels)."
       )
-  scale, bias = _params(fn, x, scale, bias, (x.ndim - 1,))
+  scale, bias = _checks.affine_params(fn, x, scale, bias, (x.ndim - 1,))
   # Statistics per channel, each channel holding its group's (reduced in
   # x's own layout; see jaxnorm._stats.group_sum).
   axes = tuple(a for a in red if a != x.ndim - 1)
@@ -341,8 +351,8 @@ def instance_norm(
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
   fn = "instance_norm"
-  x, epsilon, mask, names = _common(fn, x, epsilon, mask, axis_name,
-                                   axis_index_groups)
+  x, epsilon, mask, names = _checks.norm_inputs(
+      fn, x, epsilon, mask, axis_name, axis_index_groups)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   if 0 in feat:
     raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a "
@@ -355,7 +365,7 @@ def instance_norm(
         f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm, or pass "
         f"allow_single=True for flax's result (the output is `bias`)."
     )
-  scale, bias = _params(fn, x, scale, bias, feat)
+  scale, bias = _checks.affine_params(fn, x, scale, bias, feat)
   return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,
                          axis_name=names,
                          axis_index_groups=axis_index_groups)[0]

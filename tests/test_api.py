@@ -30,11 +30,28 @@ SIGNATURES = {
     "layer_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*",
         ("reduction_axes", -1), ("feature_axes", -1), ("epsilon", 1e-6),
+        ("scale_offset", 0.0), ("cast_before_scale", False),
         ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
     "rms_norm": [
         ("x", _E), ("scale", None), "*", ("reduction_axes", -1),
         ("feature_axes", -1), ("epsilon", 1e-6), ("scale_offset", 0.0),
+        ("cast_before_scale", False),
         ("mask", None), ("axis_name", None), ("axis_index_groups", None)],
+    # transformer normalization: fused residual add, DyT
+    "add_rms_norm": [
+        ("x", _E), ("residual", _E), ("scale", None), "*",
+        ("reduction_axes", -1), ("feature_axes", -1), ("epsilon", 1e-6),
+        ("scale_offset", 0.0), ("cast_before_scale", False),
+        ("residual_dtype", None), ("mask", None), ("axis_name", None),
+        ("axis_index_groups", None)],
+    "add_layer_norm": [
+        ("x", _E), ("residual", _E), ("scale", None), ("bias", None), "*",
+        ("reduction_axes", -1), ("feature_axes", -1), ("epsilon", 1e-6),
+        ("scale_offset", 0.0), ("cast_before_scale", False),
+        ("residual_dtype", None), ("mask", None), ("axis_name", None),
+        ("axis_index_groups", None)],
+    "dyt": [("x", _E), ("alpha", _E), ("scale", None), ("bias", None), "*",
+            ("feature_axes", -1)],
     "group_norm": [
         ("x", _E), ("scale", None), ("bias", None), "*", ("num_groups", 32),
         ("group_size", None), ("reduction_axes", None), ("epsilon", 1e-6),

@@ -1,8 +1,9 @@
-"""The CPU row kernels of LayerNorm/RMSNorm (``jaxnorm/_kernels.py``).
+"""The CPU kernels of LayerNorm/RMSNorm/BatchNorm (``jaxnorm/_kernels.py``).
 
 They must give what the XLA ops give (to rounding), be as exact against
-float64 on shifted data, keep every JAX transform working (the derivatives
-come from the plain-jnp twins), and actually be used: the compiled programs
+float64 on shifted data and on long rows and columns, keep every JAX
+transform working with the kernels in the compiled program, appear only in
+programs lowered for the CPU, and actually be used: the compiled programs
 hold the custom calls and nothing activation-sized besides.
 """
 
@@ -18,7 +19,9 @@ import numpy as np
 import pytest
 
 import jaxnorm
+from jaxnorm import _kernel_library
 from jaxnorm import _kernels
+import jaxnorm.kernels
 
 pytestmark = pytest.mark.strict_promotion
 
@@ -28,9 +31,12 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 @pytest.fixture(autouse=True)
 def _need_kernels():
   if not _kernels.available():
+    if _kernel_library.disabled_by_env():
+      pytest.skip("JAXNORM_CPU_KERNELS=0")
+    detail = _kernel_library.load().detail
     if os.environ.get("CI"):
-      pytest.fail(f"the CPU kernels must build in CI: {_kernels.status()}")
-    pytest.skip(f"CPU kernels unavailable here: {_kernels.status()}")
+      pytest.fail(f"the CPU kernels must build in CI: {detail}")
+    pytest.skip(f"CPU kernels unavailable here: {detail}")
 
 
 def _data(shape, dtype, mean=0.0, std=1.0, seed=0):
@@ -211,37 +217,91 @@ def test_kernels_under_jit_of_modules():
                                atol=2e-2)
 
 
-def test_without_a_compiler_the_xla_ops_run(tmp_path):
-  code = (
-      "import jax, jax.numpy as jnp, jaxnorm\n"
-      "from jaxnorm import _kernels\n"
-      "x = jnp.arange(12.0).reshape(3, 4)\n"
-      "y = jaxnorm.layer_norm(x)\n"
-      "print(_kernels.status())\n"
-      "print(float(jnp.abs(y).sum()))\n"
-      "assert 'custom' not in jax.jit(jaxnorm.layer_norm).lower(x)"
-      ".as_text()\n")
-  env = dict(os.environ, CXX="/nonexistent/c++", PATH="/nonexistent",
-             JAXNORM_CACHE_DIR=str(tmp_path))
+_FALLBACK = """
+import warnings
+import jax, jax.numpy as jnp, jaxnorm, jaxnorm.kernels
+x = jnp.arange(12.0).reshape(3, 4)
+y = jaxnorm.layer_norm(x)
+y2 = jaxnorm.layer_norm(x + 1.0)  # a second op: no second warning
+print(jaxnorm.kernels.status().reason)
+print(float(jnp.abs(y).sum()))
+assert "custom" not in jax.jit(jaxnorm.layer_norm).lower(x).as_text()
+"""
+
+
+def _run_fallback(env):
+  out = subprocess.run([sys.executable, "-c", _FALLBACK], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  reason, total = out.stdout.splitlines()
+  assert abs(float(total) - 3 * (2 * 1.3416 + 2 * 0.4472)) < 1e-2
+  return reason, out.stderr
+
+
+def test_without_kernels_the_xla_ops_run_and_say_why_once(tmp_path):
+  home = str(tmp_path / "home")
+  base = dict(os.environ, HOME=home, XDG_CACHE_HOME="",
+              JAXNORM_CACHE_DIR=str(tmp_path / "cache"))
+  reason, err = _run_fallback(dict(base, CXX="/nonexistent/c++",
+                                   PATH="/nonexistent"))
+  assert reason.startswith("no C++ compiler")
+  # one warning on stderr, with the reason and the fix
+  assert err.count("KernelsUnavailableWarning") == 1, err
+  assert "no C++ compiler" in err and "python -m jaxnorm.kernels build" in err
+  reason, err = _run_fallback(dict(base, CXX="/bin/false"))
+  assert reason.startswith("compiling rownorm.cc with /bin/false failed")
+  assert err.count("KernelsUnavailableWarning") == 1, err
+  # no half-written library left behind
+  assert not list((tmp_path / "cache").glob("*.so"))
+  # turned off on purpose: said by status, no warning
+  reason, err = _run_fallback(dict(base, JAXNORM_CPU_KERNELS="0"))
+  assert reason == "turned off by JAXNORM_CPU_KERNELS=0"
+  assert "Warning" not in err
+
+
+def test_cache_problems_never_raise(tmp_path):
+  # No home, an unwritable cache directory: the library is built in a
+  # temporary directory and used; nothing raises into the trace.
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o500)
+  env = dict(os.environ, JAXNORM_CACHE_DIR=str(ro / "sub"), XDG_CACHE_HOME="")
+  env.pop("HOME", None)
+  code = ("import jax.numpy as jnp, jaxnorm, jaxnorm.kernels\n"
+          "jaxnorm.layer_norm(jnp.ones((2, 8)))\n"
+          "st = jaxnorm.kernels.status()\n"
+          "print(st.used, st.library)\n")
   out = subprocess.run([sys.executable, "-c", code], env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr
-  status, total = out.stdout.splitlines()
-  assert status.startswith("not used (no C++ compiler")
-  assert abs(float(total) - 3 * (2 * 1.3416 + 2 * 0.4472)) < 1e-2
-  off = subprocess.run([sys.executable, "-c", code],
-                       env=dict(os.environ, JAXNORM_CPU_KERNELS="0"),
-                       capture_output=True, text=True, timeout=300)
-  assert off.returncode == 0, off.stderr
-  assert off.stdout.startswith("not used (disabled by JAXNORM_CPU_KERNELS=0)")
-  cache = tmp_path / "failed"
-  failed = subprocess.run([sys.executable, "-c", code],
-                          env=dict(os.environ, CXX="/bin/false",
-                                   JAXNORM_CACHE_DIR=str(cache)),
-                          capture_output=True, text=True, timeout=300)
-  assert failed.returncode == 0, failed.stderr
-  assert failed.stdout.startswith("not used (compiling rownorm.cc failed")
-  assert not list(cache.iterdir())  # no half-written library left behind
+  if os.geteuid() != 0:  # root writes anywhere: only the home is missing
+    assert "Warning" not in out.stderr, out.stderr
+  assert out.stdout.startswith("True "), out.stdout
+
+
+def test_ahead_of_time_build_is_found_without_a_compiler(tmp_path):
+  env = dict(os.environ, JAXNORM_CACHE_DIR=str(tmp_path), XDG_CACHE_HOME="",
+             HOME=str(tmp_path / "home"))
+  build = subprocess.run([sys.executable, "-m", "jaxnorm.kernels", "build"],
+                         env=env, capture_output=True, text=True, timeout=300)
+  assert build.returncode == 0, build.stderr
+  assert "CPU kernels: in use" in build.stdout
+  (lib,) = tmp_path.glob("rownorm-*.so")
+  # the image runs without a compiler: the library is found and used
+  status = subprocess.run(
+      [sys.executable, "-m", "jaxnorm.kernels", "status"],
+      env=dict(env, CXX="/nonexistent/c++", PATH="/nonexistent"),
+      capture_output=True, text=True, timeout=300)
+  assert status.returncode == 0, status.stderr
+  assert status.stdout.splitlines()[:2] == ["CPU kernels: in use",
+                                             f"library: {lib}"]
+  failed = subprocess.run(
+      [sys.executable, "-m", "jaxnorm.kernels", "build"],
+      env=dict(env, JAXNORM_CACHE_DIR=str(tmp_path / "other"),
+               CXX="/bin/false"),
+      capture_output=True, text=True, timeout=300)
+  assert failed.returncode == 1
+  assert failed.stderr.startswith("jaxnorm.kernels.build: compiling")
 
 
 def test_grad_runs_the_backward_kernel_and_jvp_the_hand_vjp(monkeypatch):
@@ -352,9 +412,7 @@ def test_batch_norm_kernel_transforms_agree_with_xla_ops():
                                atol=2e-5)
 
 
-def test_export_holds_no_custom_call_and_runs():
-  # jax.export lowers the kernels' plain-jnp twins: the exported program is
-  # portable (no jaxnorm custom call) and computes the same.
+def _export_case():
   x, dy = _data((4, 6, 32), F32, mean=2.0)
   scale, bias = _params(x.shape, (2,), "layer")
   state = jaxnorm.batch_norm_init(32)
@@ -362,13 +420,57 @@ def test_export_holds_no_custom_call_and_runs():
       jaxnorm.layer_norm(x, s, b),
       jax.grad(lambda x: jnp.vdot(jaxnorm.rms_norm(x, s), dy))(x),
       jax.grad(lambda x: jnp.vdot(
-          jaxnorm.batch_norm_train(x, state, s, b)[0], dy))(x))
-  exported = jax.export.export(jax.jit(f), platforms=("cpu", "cuda"))(
-      x, scale, bias)
-  assert "stablehlo.custom_call" not in exported.mlir_module()
-  for a, b in zip(exported.call(x, scale, bias), jax.jit(f)(x, scale, bias)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                               atol=1e-5)
+          jaxnorm.batch_norm_train(x, state, s, b)[0], dy))(x),
+      # no kernel: XLA ops, with per-reader upcasts on CPU
+      jax.grad(lambda x: jnp.vdot(jaxnorm.group_norm(
+          x.astype(BF16), num_groups=4), dy.astype(BF16),
+          preferred_element_type=F32))(x))
+  return f, (x, scale, bias)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_programs_for_gpu_and_tpu_are_the_plain_graph(platform):
+  # Lowered or exported for another platform from this CPU host, the
+  # program holds no kernel and none of the CPU spellings (per-reader
+  # upcast barriers, a centred input spelled x + (-m)): the reductions are
+  # those of the program traced with the kernels off.
+  f, args = _export_case()
+  lower = lambda: jax.jit(f).trace(*args).lower(
+      lowering_platforms=(platform,)).as_text(debug_info=False)
+  mlir = lower()
+  for cpu_only in ("custom_call", "optimization_barrier"):
+    assert cpu_only not in mlir
+  with jaxnorm.kernels.enabled(False):
+    plain = lower()
+  assert mlir.count("stablehlo.reduce") == plain.count("stablehlo.reduce")
+  exported = jax.export.export(jax.jit(f), platforms=(platform,))(*args)
+  assert "custom_call" not in exported.mlir_module()
+
+
+def test_cpu_export():
+  # A CPU export holds the kernels' custom calls, which jax.export refuses
+  # as having no compatibility guarantee; with the kernels off the exported
+  # program is portable, and both compute the same.
+  f, args = _export_case()
+  cpu = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+  assert "optimization_barrier" in cpu and "jaxnorm_row_stats" in cpu
+  with pytest.raises(ValueError, match="jaxnorm_row_stats"):
+    jax.export.export(jax.jit(f), platforms=("cpu",))(*args)
+  with jaxnorm.kernels.enabled(False):
+    plain = jax.export.export(jax.jit(f), platforms=("cpu", "cuda"))(*args)
+  assert "custom_call" not in plain.mlir_module()
+  checks = [jax.export.DisabledSafetyCheck.custom_call(t)
+            for t in _kernel_library.TARGETS]
+  fast = jax.export.export(jax.jit(f), platforms=("cpu",),
+                           disabled_checks=checks)(*args)
+  assert "jaxnorm_row_backward" in fast.mlir_module()
+  outs = zip(plain.call(*args), fast.call(*args), jax.jit(f)(*args))
+  for i, (a, b, c) in enumerate(outs):
+    tol = 2e-2 if i == 3 else 1e-5  # the last from bfloat16 input
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(c), rtol=1e-6,
+                               atol=1e-6)
 
 
 _SHARDED = """
@@ -403,7 +505,7 @@ def test_arrays_on_a_mesh_stay_with_xla_ops():
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_disable_jit_runs_the_twins():
+def test_disable_jit_runs_op_by_op():
   x, dy = _data((3, 16), F32, mean=1.0)
   scale, bias = _params(x.shape, (1,), "layer")
   f = lambda x: jax.grad(lambda x: jnp.vdot(
@@ -413,3 +515,47 @@ def test_disable_jit_runs_the_twins():
   for a, b in zip(eager, (jax.jit(f)(x), jaxnorm.layer_norm(x, scale, bias))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                atol=1e-5)
+
+
+def _kernel_calls(f, *args) -> dict[str, int]:
+  hlo = jax.jit(f).lower(*args).compile().as_text()
+  return {t: hlo.count(f'custom_call_target="{t}"')
+          for t in _kernel_library.TARGETS}
+
+
+def test_every_transformation_keeps_the_kernels():
+  # Counted in the compiled program: the statistics kernel in every forward,
+  # the backward kernel wherever first-order reverse mode runs (jacfwd's
+  # tangents, and the derivative of the backward kernel that a second
+  # reverse pass takes, are XLA ops by design).
+  x, dy = _data((4, 8, 64), F32, mean=1.0)
+  scale, bias = _params(x.shape, (2,), "layer")
+  ln = lambda x, s: jaxnorm.layer_norm(x, s, bias)
+  loss = lambda x, s: jnp.vdot(jnp.sin(ln(x, s)), dy[:len(x)])
+  per_example = lambda x, s: jnp.vdot(jnp.sin(ln(x[None], s)), dy[0])
+  cases = {
+      "grad": (jax.grad(loss, (0, 1)), 1),
+      "grad(vmap)": (jax.grad(lambda x, s: jnp.sum(jax.vmap(
+          per_example, (0, None))(x, s)), (0, 1)), 1),
+      "vmap(grad)": (jax.vmap(jax.grad(per_example, (0, 1)), (0, None)), 1),
+      "scan": (lambda x, s: jax.lax.scan(
+          lambda c, xi: (c + jax.grad(per_example)(xi, s), None),
+          jnp.zeros(x.shape[1:]), x)[0], 1),
+      "remat": (jax.grad(jax.checkpoint(loss), (0, 1)), 1),
+      "jacrev": (lambda x, s: jax.jacrev(loss, 1)(x, s), 1),
+      "jacrev(jacrev)": (lambda x, s: jax.jacrev(jax.jacrev(
+          lambda s: loss(x[:1], s)))(s), 0),
+      "jacfwd": (lambda x, s: jax.jacfwd(loss, 1)(x, s), 0),
+  }
+  for name, (f, backward) in cases.items():
+    calls = _kernel_calls(f, x, scale)
+    assert calls["jaxnorm_row_stats"] >= 1, (name, calls)
+    assert calls["jaxnorm_row_backward"] == backward, (name, calls)
+  # BatchNorm under grad(vmap) and vmap(grad): its column kernels
+  state = jaxnorm.batch_norm_init(64)
+  bn = lambda x, s: jnp.vdot(jaxnorm.batch_norm_train(
+      x, state, s, bias)[0], dy[:2])
+  for f in (jax.grad(lambda x, s: jnp.sum(jax.vmap(bn, (0, None))(x, s)), 1),
+            jax.vmap(jax.grad(bn, 1), (0, None))):
+    calls = _kernel_calls(f, x.reshape(2, 2, 8, 64), scale)
+    assert calls["jaxnorm_col_stats"] >= 1 and calls["jaxnorm_col_sums"] == 1

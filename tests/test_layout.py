@@ -1,7 +1,8 @@
 """The package's layers, and the interop names where users import them.
 
 Each module of ``jaxnorm`` imports only modules of lower layers: (1) checks
-and statistics, (2) the core op, (3) the pure functions, (4) the Flax
+and statistics, (2) the core op, then the options the row normalizers share
+(``_scaling``), (3) the pure functions, (4) the Flax
 modules and the interop modules, (5) the package face. Layer 4 is ordered
 within: folding and recalibration work on the pure functions' state only;
 ``linen`` (recalibration for its modules) and ``pytorch`` (reading a state
@@ -25,14 +26,18 @@ from jaxnorm import recalibration
 
 PACKAGE = pathlib.Path(jaxnorm.__file__).parent
 LAYERS = {
+    "_kernel_library": 0,
     "_checks": 1, "_stats": 1, "reference": 1, "_kernels": 1,
+    "_custom_transpose": 1,
     "_core": 2,
     "_weight_core": 2,
-    "batch_norm": 3, "variants": 3, "weight_norm": 3,
+    "_scaling": 2.5,
+    "batch_norm": 3, "variants": 3, "weight_norm": 3, "residual": 3,
+    "dynamic_tanh": 3,
     "folding": 4.0, "recalibration": 4.0, "_modules": 4.0,
     "linen": 4.1, "pytorch": 4.1,
     "nnx": 4.2, "interop": 4.2,
-    "__init__": 5,
+    "__init__": 5, "kernels/__init__": 5, "kernels/__main__": 5.1,
 }
 
 
@@ -42,7 +47,10 @@ def _imports(path: pathlib.Path) -> set[str]:
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module:
       if node.module == "jaxnorm":
-        out.update(a.name for a in node.names)
+        out.update("kernels/__init__" if a.name == "kernels" else a.name
+                   for a in node.names)
+      elif node.module == "jaxnorm.kernels":
+        out.update(f"kernels/{a.name}" for a in node.names)
       elif node.module.startswith("jaxnorm."):
         out.add(node.module.split(".")[1])
     elif isinstance(node, ast.Import):
@@ -52,7 +60,8 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 
 def test_every_module_has_a_layer():
-  modules = {p.stem for p in PACKAGE.glob("*.py")}
+  modules = {str(p.relative_to(PACKAGE).with_suffix(""))
+             for p in PACKAGE.glob("**/*.py")}
   assert modules == set(LAYERS), (
       "give each jaxnorm module a layer in LAYERS: "
       f"{sorted(modules ^ set(LAYERS))}")

@@ -1,30 +1,38 @@
-// Row normalization kernels for XLA's CPU backend (XLA FFI).
+// Normalization kernels for XLA's CPU backend (XLA FFI).
 //
-// LayerNorm and RMSNorm normalize each row of x, viewed as [R, D] (every
-// dimension but the last is a row; the last is the normalized features, the
-// Python side flattens several trailing reduced axes into one). XLA's CPU
-// backend gives every reduction its own pass over memory and forms no
-// multi-output reductions, so a fused row kernel that keeps a row in cache
-// between its statistics and its outputs saves passes over the activations.
-// The math is that of jaxnorm/_core.py (its docstring is the reference):
+// Row kernels (LayerNorm, RMSNorm) normalize each row of x viewed as [R, D]
+// (every dimension but the last is a row; the Python side flattens several
+// trailing reduced axes into one). Column kernels (BatchNorm) take the
+// statistics of each channel of x viewed as [R, C] over all R rows. XLA's
+// CPU backend gives every reduction its own pass over memory and forms no
+// multi-output reductions; these kernels keep a row (a run of rows, for the
+// columns) in cache between the sums that read it. The math is that of
+// jaxnorm/_core.py, whose docstrings are the reference:
 //
-//   hi = fl(sum(x) / D), lo = sum(x - hi) / D (the residue of the mean),
-//   var = sum((x - hi)^2) / D - lo^2 (the corrected two-pass algorithm:
-//   both sums are taken over the cached row, so shifted data loses no
-//   precision), xhat = ((x - hi) - lo) * rstd, y = xhat * scale + bias;
-//   without centring hi = lo = 0 and var = sum(x^2) / D.
+//   hi = fl(mean(x)), lo = mean(x - hi) (the residue of the mean),
+//   var = mean((x - hi)^2) - lo^2 (the corrected two-pass algorithm over
+//   the cached row), xhat = ((x - hi) - lo) * rstd, y = xhat * scale + bias;
+//   without centring hi = lo = 0 and var = mean(x^2).
 //
 //   backward, with g = dy * scale: S1 = sum(g), S2 = sum(g * xhat),
 //   dx = rstd * (g - (S1 + xhat * S2) / D)   (no S1 without centring),
 //   dscale = sum over rows of dy * xhat, dbias = sum over rows of dy.
 //
-// scale and bias are [P, D] with P dividing R: row r uses row r / (R / P)
-// of them (P = 1 normally; jax.vmap with vmap_method="broadcast_all" stacks
-// per-example copies in front, which this layout covers). dscale and dbias
+// Overflow: the statistics are float32, so a sum of squares beyond float32's
+// range gives var = inf, as the XLA ops' float32 sums do (the docstring of
+// jaxnorm.batch_norm_train says what follows).
+//
+// Exactness: every sum over a reduced axis is taken in float32 vector lanes
+// over runs of at most kRun terms per lane, and each run's total joins a
+// float64 sum. The error is that of a float32 sum of kRun terms, whatever
+// the reduced length, and every sum is taken in a fixed order, so results
+// do not depend on the thread count or timing.
+//
+// Row kernels: scale and bias are [P, D] with P dividing R: row r uses row
+// r / (R / P) of them (P = 1 normally; jax.vmap's broadcast_all stacks
+// per-example copies in front, which this layout covers); dscale and dbias
 // are [P, D] likewise. x and y are float32 or bfloat16; statistics,
-// parameters and their gradients are float32. Sums are accumulated in 16
-// float32 lanes; the dscale/dbias partial sums are per block of rows and
-// added in a fixed order, so results do not depend on thread timing.
+// parameters and their gradients are float32.
 
 #include <algorithm>
 #include <atomic>
@@ -33,11 +41,12 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -45,7 +54,19 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;
+// Vector width in float32 lanes: a 512-bit register where the build
+// targets AVX-512, else 256 bits (two NEON registers on arm64).
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#else
+constexpr int W = 8;
+#endif
+typedef float VF __attribute__((vector_size(4 * W)));
+typedef uint16_t VH __attribute__((vector_size(2 * W)));
+typedef uint32_t VU __attribute__((vector_size(4 * W)));
+
+// Terms a float32 lane accumulates before its sum joins a float64 total.
+constexpr int64_t kRun = 32;
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) {
@@ -58,21 +79,17 @@ inline void Store(float* p, int64_t i, float v) { p[i] = v; }
 inline void Store(uint16_t* p, int64_t i, float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  // round to nearest even; a NaN stays a (quiet) NaN. Branch-free, so
-  // that the loops storing rows vectorize.
+  // round to nearest even; a NaN stays a (quiet) NaN.
   uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   uint32_t nan = (u >> 16) | 0x40u;
   p[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan
                                                                 : rounded);
 }
 
-// 8 float32 lanes (GCC/Clang vector extensions): explicit vectors where the
-// compiler does not vectorize on its own (bfloat16 conversions, per-channel
-// accumulators).
-typedef float VF __attribute__((vector_size(32)));
-typedef uint16_t VH __attribute__((vector_size(16)));
-typedef uint32_t VU __attribute__((vector_size(32)));
-
+inline VF Splat(float f) {
+  VF v = {};
+  return v + f;
+}
 inline VF LoadV(const float* p) {
   VF v;
   std::memcpy(&v, p, sizeof(v));
@@ -86,11 +103,10 @@ inline VF LoadV(const uint16_t* p) {
   std::memcpy(&v, &u, sizeof(v));
   return v;
 }
-inline VF Splat(float f) { return VF{f, f, f, f, f, f, f, f}; }
 inline void StoreV(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
 inline void StoreV(uint16_t* p, VF v) {
-#if defined(__AVX512BF16__) && defined(__AVX512VL__)
-  __m128bh h = _mm256_cvtneps_pbh(reinterpret_cast<__m256>(v));
+#if defined(__AVX512BF16__)  // implies AVX-512, so W == 16
+  __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
   std::memcpy(p, &h, sizeof(h));
 #else
   VU u;
@@ -103,58 +119,50 @@ inline void StoreV(uint16_t* p, VF v) {
 #endif
 }
 
-// sum over i < n of f(i), in kLanes float32 lanes then pairwise.
-template <typename F>
-inline float LaneSum(int64_t n, F f) {
-  float acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
-  }
-  for (int j = 0; i < n; ++i, ++j) acc[j] += f(i);
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
-  }
-  return acc[0];
+// The lanes of v summed in float64.
+inline double HSum(VF v) {
+  double out = 0;
+  for (int e = 0; e < W; ++e) out += v[e];
+  return out;
 }
 
-// The sums over i < n of f(i) and g(i) in one sweep, as LaneSum.
-template <typename F, typename G>
-inline void LaneSum2(int64_t n, F f, G g, float* sf, float* sg) {
-  float a[kLanes] = {0}, b[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      a[j] += f(i + j);
-      b[j] += g(i + j);
+// Adds to sums[k] the sums over i < n of terms(i)[k], K of them at once:
+// terms(i) returns K vectors for the W elements from i (i a multiple of W,
+// i + W <= n). Runs of kRun vectors per lane in float32, each run's lanes
+// added to the float64 sums; the caller adds the n % W tail.
+template <int K, typename Terms>
+inline void VecSums(int64_t n, Terms terms, double* sums) {
+  const int64_t full = n - n % W;
+  for (int64_t s = 0; s < full; s += kRun * W) {
+    const int64_t e = std::min(full, s + kRun * W);
+    VF acc[K];
+    for (int k = 0; k < K; ++k) acc[k] = Splat(0.f);
+    for (int64_t i = s; i < e; i += W) {
+      auto t = terms(i);
+      for (int k = 0; k < K; ++k) acc[k] += t[k];
     }
+    for (int k = 0; k < K; ++k) sums[k] += HSum(acc[k]);
   }
-  for (int j = 0; i < n; ++i, ++j) {
-    a[j] += f(i);
-    b[j] += g(i);
-  }
-  for (int w = kLanes / 2; w > 0; w /= 2) {
-    for (int j = 0; j < w; ++j) {
-      a[j] += a[j + w];
-      b[j] += b[j + w];
-    }
-  }
-  *sf = a[0];
-  *sg = b[0];
 }
+
+template <int K>
+struct Vecs {
+  VF v[K];
+  VF operator[](int k) const { return v[k]; }
+};
 
 // Runs body(chunk) for chunk in [0, n) on the caller and the pool's
 // threads. The caller waits only for chunks that were claimed; a pool task
 // that starts after all chunks are claimed returns at once (its state is
-// shared, so it outlives this call).
-// Work below this many elements runs on the calling thread alone: waking
-// pool threads costs more than it saves (a decoding step's rows).
+// shared, so it outlives this call). Work below kParallelElements runs on
+// the calling thread alone: waking pool threads costs more than it saves
+// (a decoding step's rows).
 constexpr int64_t kParallelElements = 1 << 16;
 
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements,
                  Body body) {
-  if (elements < kParallelElements) {
+  if (elements < kParallelElements || n < 2) {
     for (int64_t c = 0; c < n; ++c) body(c);
     return;
   }
@@ -174,8 +182,8 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements,
       state->done.fetch_add(1);
     }
   };
-  // the caller is one of the pool's threads' worth of work: with the
-  // helpers, as many workers as the pool has threads.
+  // The caller works too: with the helpers, as many workers as the pool
+  // has threads.
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n - 1);
   for (int64_t t = 0; t < helpers; ++t) {
     auto task = work;
@@ -184,6 +192,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements,
   work();
   while (state->done.load() < n) std::this_thread::yield();
 }
+
+// ---------------------------------------------------------------------------
+// Row kernels
 
 struct Rows {
   int64_t rows, d, groups, per_group;  // R, D, P, R / P
@@ -211,88 +222,97 @@ ffi::Error GetRows(const ffi::AnyBuffer& x, const Param& param, Rows* out) {
   return ffi::Error::Success();
 }
 
-// Horizontal sum of a vector.
-inline float HSum(VF v) {
-  float out = 0.f;
-  for (int e = 0; e < 8; ++e) out += v[e];
-  return out;
+// var = m2 / n in float32, inf where the sum of squares m2 exceeds float32's
+// range (see the header).
+inline float Variance(double m2, double correction, double n) {
+  constexpr double kMax = 3.4028234663852886e38;  // FLT_MAX
+  if (m2 > kMax) return INFINITY;
+  return static_cast<float>(std::max(m2 / n - correction, 0.0));
 }
 
+// (hi, lo, var) of one row: the mean, then the centred sums, each over the
+// cached row (see the header).
 template <typename T>
 void RowStats(const T* x, int64_t d, bool center, float* hi, float* lo,
               float* var) {
-  int64_t full = d - d % 16;  // two vectors per step, then a scalar tail
-  float inv = 1.f / static_cast<float>(d);
+  const int64_t tail = d - d % W;
   if (!center) {
-    VF a = Splat(0.f), b = Splat(0.f);
-    for (int64_t i = 0; i < full; i += 16) {
-      VF u = LoadV(x + i), v = LoadV(x + i + 8);
-      a += u * u;
-      b += v * v;
-    }
-    float ss = HSum(a + b);
-    for (int64_t i = full; i < d; ++i) ss += Load(x, i) * Load(x, i);
+    double ss = 0;
+    VecSums<1>(d, [&](int64_t i) {
+      VF u = LoadV(x + i);
+      return Vecs<1>{{u * u}};
+    }, &ss);
+    for (int64_t i = tail; i < d; ++i) ss += double(Load(x, i)) * Load(x, i);
     *hi = 0.f;
     *lo = 0.f;
-    *var = ss * inv;
+    *var = Variance(ss, 0.0, d);
     return;
   }
-  VF a = Splat(0.f), b = Splat(0.f);
-  for (int64_t i = 0; i < full; i += 16) {
-    a += LoadV(x + i);
-    b += LoadV(x + i + 8);
+  double sum = 0;
+  VecSums<1>(d, [&](int64_t i) { return Vecs<1>{{LoadV(x + i)}}; }, &sum);
+  for (int64_t i = tail; i < d; ++i) sum += Load(x, i);
+  const float m = static_cast<float>(sum / d);
+  const VF vm = Splat(m);
+  double s[2] = {0, 0};
+  VecSums<2>(d, [&](int64_t i) {
+    VF c = LoadV(x + i) - vm;
+    return Vecs<2>{{c, c * c}};
+  }, s);
+  for (int64_t i = tail; i < d; ++i) {
+    double c = Load(x, i) - m;
+    s[0] += c;
+    s[1] += c * c;
   }
-  float sum = HSum(a + b);
-  for (int64_t i = full; i < d; ++i) sum += Load(x, i);
-  float m = sum * inv;
-  VF vm = Splat(m), s1a = Splat(0.f), s1b = Splat(0.f), s2a = Splat(0.f),
-     s2b = Splat(0.f);
-  for (int64_t i = 0; i < full; i += 16) {
-    VF u = LoadV(x + i) - vm, v = LoadV(x + i + 8) - vm;
-    s1a += u;
-    s1b += v;
-    s2a += u * u;
-    s2b += v * v;
-  }
-  float s1 = HSum(s1a + s1b), s2 = HSum(s2a + s2b);
-  for (int64_t i = full; i < d; ++i) {
-    float c = Load(x, i) - m;
-    s1 += c;
-    s2 += c * c;
-  }
-  float l = s1 * inv;
+  const double l = s[0] / d;
   *hi = m;
-  *lo = l;
-  *var = std::max(s2 * inv - l * l, 0.f);
+  *lo = static_cast<float>(l);
+  *var = Variance(s[1], l * l, d);
 }
 
-// Rows per block: a fixed split (independent of the thread count) into at
-// most 64 blocks per parameter group.
-inline int64_t BlockRows(const Rows& r) {
-  return std::max<int64_t>(1, (r.per_group + 63) / 64);
+// Rows per parallel chunk: a fixed split (independent of the thread count)
+// into at most 64 chunks per parameter group, of at most kChunkRows rows
+// (the backward's per-chunk dscale/dbias partials are float32 sums over a
+// chunk's rows, so its length bounds their error).
+constexpr int64_t kChunkRows = 64;
+inline int64_t ChunkRows(const Rows& r) {
+  return std::clamp<int64_t>((r.per_group + 63) / 64, 1, kChunkRows);
+}
+
+// Calls body(p, start, stop) for each chunk [start, stop) of rows, all of
+// parameter group p, in parallel; the chunk index is c.
+template <typename Body>
+void ForRowChunks(ffi::ThreadPool& pool, const Rows& r, Body body) {
+  const int64_t block = ChunkRows(r);
+  const int64_t per_group = (r.per_group + block - 1) / block;
+  ParallelFor(pool, r.groups * per_group, r.rows * r.d, [&](int64_t c) {
+    const int64_t p = c / per_group;
+    const int64_t start = p * r.per_group + (c % per_group) * block;
+    body(c, p, start, std::min(start + block, (p + 1) * r.per_group));
+  });
+}
+
+inline int64_t RowChunks(const Rows& r) {
+  const int64_t block = ChunkRows(r);
+  return r.groups * ((r.per_group + block - 1) / block);
 }
 
 template <typename T>
 void Forward(ffi::ThreadPool& pool, const Rows& r, const T* x,
-                   const float* scale, const float* bias, bool center,
-                   float eps, T* y, float* hi, float* lo, float* var) {
-  int64_t block = BlockRows(r);
-  int64_t per_group_blocks = (r.per_group + block - 1) / block;
-  ParallelFor(pool, r.groups * per_group_blocks, r.rows * r.d, [&](int64_t c) {
-    int64_t p = c / per_group_blocks;
-    int64_t start = p * r.per_group + (c % per_group_blocks) * block;
-    int64_t stop = std::min(start + block, (p + 1) * r.per_group);
+             const float* scale, const float* bias, bool center, float eps,
+             T* y, float* hi, float* lo, float* var) {
+  ForRowChunks(pool, r, [&](int64_t, int64_t p, int64_t start,
+                            int64_t stop) {
     const float* s = scale + p * r.d;
     const float* b = bias + p * r.d;
     for (int64_t row = start; row < stop; ++row) {
       const T* xr = x + row * r.d;
       T* yr = y + row * r.d;
       RowStats(xr, r.d, center, &hi[row], &lo[row], &var[row]);
-      float rs = 1.f / std::sqrt(var[row] + eps);
-      float h = hi[row], l = lo[row];
-      VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
+      const float rs = 1.f / std::sqrt(var[row] + eps);
+      const float h = hi[row], l = lo[row];
+      const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
       int64_t i = 0;
-      for (; i + 8 <= r.d; i += 8) {
+      for (; i + W <= r.d; i += W) {
         VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
         StoreV(yr + i, xh * LoadV(s + i) + LoadV(b + i));
       }
@@ -305,13 +325,10 @@ void Forward(ffi::ThreadPool& pool, const Rows& r, const T* x,
 }
 
 template <typename T>
-void Stats(ffi::ThreadPool& pool, const Rows& r, const T* x,
-                 bool center, float* hi, float* lo, float* var) {
-  int64_t block = std::max<int64_t>(1, (r.rows + 63) / 64);
-  int64_t blocks = (r.rows + block - 1) / block;
-  ParallelFor(pool, blocks, r.rows * r.d, [&](int64_t c) {
-    int64_t stop = std::min(r.rows, (c + 1) * block);
-    for (int64_t row = c * block; row < stop; ++row) {
+void Stats(ffi::ThreadPool& pool, const Rows& r, const T* x, bool center,
+           float* hi, float* lo, float* var) {
+  ForRowChunks(pool, r, [&](int64_t, int64_t, int64_t start, int64_t stop) {
+    for (int64_t row = start; row < stop; ++row) {
       RowStats(x + row * r.d, r.d, center, &hi[row], &lo[row], &var[row]);
     }
   });
@@ -319,19 +336,14 @@ void Stats(ffi::ThreadPool& pool, const Rows& r, const T* x,
 
 template <typename T>
 void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
-                    const float* hi, const float* lo, const float* rstd,
-                    const float* scale, const T* dy, bool center, T* dx,
-                    float* dscale, float* dbias) {
-  int64_t block = BlockRows(r);
-  int64_t per_group_blocks = (r.per_group + block - 1) / block;
-  int64_t blocks = r.groups * per_group_blocks;
-  // Per-block partial sums of dscale and dbias, added in block order below.
-  std::vector<float> part(static_cast<size_t>(blocks) * 2 * r.d, 0.f);
-  float inv = 1.f / static_cast<float>(r.d);
-  ParallelFor(pool, blocks, r.rows * r.d, [&](int64_t c) {
-    int64_t p = c / per_group_blocks;
-    int64_t start = p * r.per_group + (c % per_group_blocks) * block;
-    int64_t stop = std::min(start + block, (p + 1) * r.per_group);
+              const float* hi, const float* lo, const float* rstd,
+              const float* scale, const T* dy, bool center, T* dx,
+              float* dscale, float* dbias) {
+  // Per-chunk float32 partial sums of dscale and dbias, added in float64
+  // in chunk order below.
+  std::vector<float> part(static_cast<size_t>(RowChunks(r)) * 2 * r.d, 0.f);
+  ForRowChunks(pool, r, [&](int64_t c, int64_t p, int64_t start,
+                            int64_t stop) {
     const float* s = scale + p * r.d;
     float* ps = part.data() + c * 2 * r.d;
     float* pb = ps + r.d;
@@ -339,23 +351,23 @@ void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
       const T* xr = x + row * r.d;
       const T* gr = dy + row * r.d;
       T* dxr = dx + row * r.d;
-      float h = hi[row], l = lo[row], rs = rstd[row];
-      float s1 = 0.f, s2;
-      auto gxh = [&](int64_t i) {
-        return Load(gr, i) * s[i] * (((Load(xr, i) - h) - l) * rs);
-      };
-      if (center) {
-        LaneSum2(
-            r.d, gxh, [&](int64_t i) { return Load(gr, i) * s[i]; }, &s2,
-            &s1);
-      } else {
-        s2 = LaneSum(r.d, gxh);
+      const float h = hi[row], l = lo[row], rs = rstd[row];
+      const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
+      double sums[2] = {0, 0};  // sum(g * s), sum(g * s * xhat)
+      VecSums<2>(r.d, [&](int64_t i) {
+        VF gs = LoadV(gr + i) * LoadV(s + i);
+        return Vecs<2>{{gs, gs * (((LoadV(xr + i) - vh) - vl) * vr)}};
+      }, sums);
+      for (int64_t i = r.d - r.d % W; i < r.d; ++i) {
+        double gs = double(Load(gr, i)) * s[i];
+        sums[0] += gs;
+        sums[1] += gs * (((Load(xr, i) - h) - l) * rs);
       }
-      float k1 = s1 * inv, k2 = s2 * inv;
-      VF vh = Splat(h), vl = Splat(l), vr = Splat(rs), v1 = Splat(k1),
-         v2 = Splat(k2);
+      const float k1 = center ? static_cast<float>(sums[0] / r.d) : 0.f;
+      const float k2 = static_cast<float>(sums[1] / r.d);
+      const VF v1 = Splat(k1), v2 = Splat(k2);
       int64_t i = 0;
-      for (; i + 8 <= r.d; i += 8) {
+      for (; i + W <= r.d; i += W) {
         VF g = LoadV(gr + i);
         VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
         StoreV(dxr + i, vr * ((g * LoadV(s + i) - v1) - xh * v2));
@@ -371,21 +383,250 @@ void Backward(ffi::ThreadPool& pool, const Rows& r, const T* x,
       }
     }
   });
+  const int64_t chunks = RowChunks(r) / r.groups;
+  std::vector<double> acc(2 * r.d);
   for (int64_t p = 0; p < r.groups; ++p) {
-    float* ds = dscale + p * r.d;
-    float* db = dbias + p * r.d;
-    std::fill(ds, ds + r.d, 0.f);
-    std::fill(db, db + r.d, 0.f);
-    for (int64_t c = p * per_group_blocks; c < (p + 1) * per_group_blocks;
-         ++c) {
-      const float* ps = part.data() + c * 2 * r.d;
-      for (int64_t i = 0; i < r.d; ++i) {
-        ds[i] += ps[i];
-        db[i] += ps[r.d + i];
-      }
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t c = p * chunks; c < (p + 1) * chunks; ++c) {
+      const float* pc = part.data() + c * 2 * r.d;
+      for (int64_t i = 0; i < 2 * r.d; ++i) acc[i] += pc[i];
+    }
+    for (int64_t i = 0; i < r.d; ++i) {
+      dscale[p * r.d + i] = static_cast<float>(acc[i]);
+      dbias[p * r.d + i] = static_cast<float>(acc[r.d + i]);
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// Column kernels (BatchNorm). Rows are split into fixed runs of at most
+// kRun rows; each run's per-channel sums are taken in float32 over the
+// cached run (two passes for the statistics: the run's mean, then the
+// centred sums), and merged in float64 (Chan et al.'s pairwise update for
+// the statistics), in run order within a parallel task, then in task order:
+//
+//   col_stats:  hi = fl(mean), lo = fl(mean - hi), var = M2 / R;
+//   col_sums:   sum(dy) and sum(dy * ((x - hi) - lo)), per channel.
+//
+// Parallel tasks take whole runs, about kTaskElements elements each.
+
+constexpr int64_t kTaskElements = 16384;
+
+struct ColPlan {
+  int64_t run_rows, runs, runs_per_task, tasks;
+};
+
+ColPlan PlanCols(int64_t rows, int64_t c) {
+  const int64_t run_rows =
+      std::clamp<int64_t>(kTaskElements / std::max<int64_t>(c, 1), 1, kRun);
+  const int64_t runs = (rows + run_rows - 1) / run_rows;
+  const int64_t per_task =
+      std::max<int64_t>(1, kTaskElements / (run_rows * std::max<int64_t>(c, 1)));
+  return ColPlan{run_rows, runs, per_task, (runs + per_task - 1) / per_task};
+}
+
+// Calls fn(N, j) for the channels of x[..., c] in groups of N vectors of W
+// channels starting at j (N = 4, then 1), then N = 0 for each channel of
+// the tail, one at a time: the accumulators of a group stay in registers.
+template <typename Fn>
+void ByChannels(int64_t c, Fn fn) {
+  int64_t j = 0;
+  for (; j + 4 * W <= c; j += 4 * W) fn(std::integral_constant<int, 4>{}, j);
+  for (; j + W <= c; j += W) fn(std::integral_constant<int, 1>{}, j);
+  for (; j < c; ++j) fn(std::integral_constant<int, 0>{}, j);
+}
+
+// Channel vectors as one lane-group: N vectors at x + j, or channel j
+// alone when N = 0 (the value in lane 0).
+template <int N>
+struct Lanes {
+  static constexpr int kCount = N == 0 ? 1 : N;
+  template <typename T>
+  static VF Get(const T* row, int64_t j, int k) {
+    if constexpr (N == 0) {
+      VF v = {};
+      v[0] = Load(row, j);
+      return v;
+    } else {
+      return LoadV(row + j + k * W);
+    }
+  }
+  static VF GetF(const float* p, int64_t j, int k) { return Get(p, j, k); }
+  static void Put(float* p, int64_t j, int k, VF v) {
+    if constexpr (N == 0) {
+      p[j] = v[0];
+    } else {
+      StoreV(p + j + k * W, v);
+    }
+  }
+};
+
+// One run's per-channel mean (as the float32 mean and its residue, so the
+// merge sees it unrounded) and M2 for channels from j.
+template <int N, typename T>
+void RunStats(const T* x, int64_t c, int64_t j, int64_t start, int64_t stop,
+              bool center, float* mean, float* res, float* m2) {
+  using L = Lanes<N>;
+  constexpr int K = L::kCount;
+  VF m[K], s1[K], s2[K];
+  for (int k = 0; k < K; ++k) m[k] = s1[k] = s2[k] = Splat(0.f);
+  const VF inv = Splat(1.f / static_cast<float>(stop - start));
+  if (center) {
+    for (int64_t r = start; r < stop; ++r) {
+      for (int k = 0; k < K; ++k) m[k] += L::Get(x + r * c, j, k);
+    }
+    for (int k = 0; k < K; ++k) m[k] *= inv;
+  }
+  for (int64_t r = start; r < stop; ++r) {
+    for (int k = 0; k < K; ++k) {
+      VF d = L::Get(x + r * c, j, k) - m[k];
+      s1[k] += d;
+      s2[k] += d * d;
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    VF l = center ? s1[k] * inv : Splat(0.f);
+    VF v = s2[k] - s1[k] * l;  // the corrected two-pass M2
+    for (int e = 0; e < W; ++e) v[e] = std::max(v[e], 0.f);
+    L::Put(mean, j, k, m[k]);
+    L::Put(res, j, k, l);
+    L::Put(m2, j, k, v);
+  }
+}
+
+template <int N, typename T>
+void RunSums(const T* x, const T* dy, int64_t c, int64_t j, int64_t start,
+             int64_t stop, const float* hi, const float* lo, float* sg,
+             float* sgd) {
+  using L = Lanes<N>;
+  constexpr int K = L::kCount;
+  VF h[K], l[K], a[K], b[K];
+  for (int k = 0; k < K; ++k) {
+    h[k] = L::GetF(hi, j, k);
+    l[k] = L::GetF(lo, j, k);
+    a[k] = b[k] = Splat(0.f);
+  }
+  for (int64_t r = start; r < stop; ++r) {
+    for (int k = 0; k < K; ++k) {
+      VF g = L::Get(dy + r * c, j, k);
+      a[k] += g;
+      b[k] += g * ((L::Get(x + r * c, j, k) - h[k]) - l[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    L::Put(sg, j, k, a[k]);
+    L::Put(sgd, j, k, b[k]);
+  }
+}
+
+// Calls run(t, b, start, stop) for every run b of task t of the plan, the
+// tasks in parallel, each task's runs in order.
+template <typename Run>
+void ForRuns(ffi::ThreadPool& pool, const ColPlan& plan, int64_t rows,
+             int64_t c, Run run) {
+  ParallelFor(pool, plan.tasks, rows * c, [&](int64_t t) {
+    const int64_t last = std::min(plan.runs, (t + 1) * plan.runs_per_task);
+    for (int64_t b = t * plan.runs_per_task; b < last; ++b) {
+      const int64_t start = b * plan.run_rows;
+      run(t, b, start, std::min(rows, start + plan.run_rows));
+    }
+  });
+}
+
+// Merges the statistics of a part of nb rows (float32 mean as mean + res,
+// and M2) into the float64 totals (n, mean, m2) of c channels: Chan et
+// al.'s pairwise update.
+inline void Merge(double nb, const float* mean, const float* res,
+                  const float* m2b, int64_t c, double* n, double* tmean,
+                  double* tm2) {
+  const double tot = *n + nb, wb = nb / tot, wx = *n * nb / tot;
+  for (int64_t j = 0; j < c; ++j) {
+    const double delta = double(mean[j]) + double(res[j]) - tmean[j];
+    tmean[j] += delta * wb;
+    tm2[j] += double(m2b[j]) + delta * delta * wx;
+  }
+  *n = tot;
+}
+
+template <typename T>
+void ColStats(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
+              bool center, float* hi, float* lo, float* var) {
+  const ColPlan plan = PlanCols(rows, c);
+  // Per task: its runs merged in float64 (count, then mean and M2 of every
+  // channel); the tasks are merged in task order below.
+  const int64_t stride = 1 + 2 * c;
+  std::vector<double> part(static_cast<size_t>(plan.tasks) * stride, 0.0);
+  ForRuns(pool, plan, rows, c, [&](int64_t t, int64_t, int64_t start,
+                                   int64_t stop) {
+    float run[3 * 4 * W];  // mean, res, M2 of up to 4 vectors of channels
+    double* tp = part.data() + t * stride;
+    ByChannels(c, [&](auto n, int64_t j) {
+      constexpr int N = decltype(n)::value;
+      constexpr int64_t width = N == 0 ? 1 : N * W;
+      // (the run's statistics for channels [j, j + width), at offset 0)
+      RunStats<N>(x + j, c, 0, start, stop, center, run, run + width,
+                  run + 2 * width);
+      double count = tp[0];
+      Merge(double(stop - start), run, run + width, run + 2 * width, width,
+            &count, tp + 1 + j, tp + 1 + c + j);
+    });
+    tp[0] += double(stop - start);
+  });
+  std::vector<double> mean(c, 0.0), m2(c, 0.0);
+  double n = 0;
+  for (int64_t t = 0; t < plan.tasks; ++t) {
+    const double* tp = part.data() + t * stride;
+    const double nb = tp[0], tot = n + nb, wb = nb / tot, wx = n * nb / tot;
+    for (int64_t j = 0; j < c; ++j) {
+      const double delta = tp[1 + j] - mean[j];
+      mean[j] += delta * wb;
+      m2[j] += tp[1 + c + j] + delta * delta * wx;
+    }
+    n = tot;
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    const float h = static_cast<float>(mean[j]);
+    hi[j] = h;
+    lo[j] = static_cast<float>(mean[j] - double(h));
+    var[j] = Variance(m2[j], 0.0, std::max(n, 1.0));
+  }
+}
+
+template <typename T>
+void ColSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
+             const T* dy, const float* hi, const float* lo, float* sg,
+             float* sgd) {
+  const ColPlan plan = PlanCols(rows, c);
+  // Per task: its runs' float32 sums added in float64.
+  std::vector<double> part(static_cast<size_t>(plan.tasks) * 2 * c, 0.0);
+  ForRuns(pool, plan, rows, c, [&](int64_t t, int64_t, int64_t start,
+                                   int64_t stop) {
+    float run[2 * 4 * W];
+    double* tp = part.data() + t * 2 * c;
+    ByChannels(c, [&](auto n, int64_t j) {
+      constexpr int N = decltype(n)::value;
+      constexpr int64_t width = N == 0 ? 1 : N * W;
+      RunSums<N>(x + j, dy + j, c, 0, start, stop, hi + j, lo + j, run,
+                 run + width);
+      for (int64_t k = 0; k < width; ++k) {
+        tp[j + k] += run[k];
+        tp[c + j + k] += run[width + k];
+      }
+    });
+  });
+  std::vector<double> acc(2 * c, 0.0);
+  for (int64_t t = 0; t < plan.tasks; ++t) {
+    const double* tp = part.data() + t * 2 * c;
+    for (int64_t j = 0; j < 2 * c; ++j) acc[j] += tp[j];
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    sg[j] = static_cast<float>(acc[j]);
+    sgd[j] = static_cast<float>(acc[c + j]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// FFI handlers
 
 bool IsBf16(const ffi::AnyBuffer& a) {
   return a.element_type() == ffi::DataType::BF16;
@@ -470,204 +711,8 @@ ffi::Error RowBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
-// ---------------------------------------------------------------------------
-// Column kernels (BatchNorm: x viewed as [R, C], statistics per channel c
-// over all R rows). Rows are split into fixed blocks of about 64 KB; each
-// block's per-channel sums are taken over the cached block (two passes for
-// the statistics: the block mean, then the centred sums), and the blocks are
-// merged in block order in float64 (Chan et al.'s pairwise update), so the
-// result is independent of thread timing and shifted data loses nothing:
-//
-//   col_stats:  hi = fl(mean), lo = fl(mean - hi), var = M2 / R;
-//   col_sums:   sum(dy) and sum(dy * ((x - hi) - lo)), per channel.
-
-inline int64_t ColBlockRows(int64_t c) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));
-}
-
-// The per-channel sums of one block, N vectors of 8 channels at a time, so
-// that the accumulators stay in registers (N = 4 for full chunks, then 1,
-// then one channel at a time for the tail).
-
-// Each block's mean is kept as the pair (mean, res): the float32 block mean
-// and its residue, so the float64 merge below sees it unrounded.
-template <int N, typename T>
-void BlockStats(const T* x, int64_t c, int64_t j0, int64_t start,
-                int64_t stop, bool center, float* mean, float* res,
-                float* m2) {
-  VF m[N], s1[N], s2[N];
-  for (int k = 0; k < N; ++k) m[k] = s1[k] = s2[k] = Splat(0.f);
-  float inv = 1.f / static_cast<float>(stop - start);
-  if (center) {
-    for (int64_t r = start; r < stop; ++r) {
-      const T* xr = x + r * c + j0;
-      for (int k = 0; k < N; ++k) m[k] += LoadV(xr + 8 * k);
-    }
-    for (int k = 0; k < N; ++k) m[k] *= Splat(inv);
-  }
-  for (int64_t r = start; r < stop; ++r) {
-    const T* xr = x + r * c + j0;
-    for (int k = 0; k < N; ++k) {
-      VF d = LoadV(xr + 8 * k) - m[k];
-      s1[k] += d;
-      s2[k] += d * d;
-    }
-  }
-  for (int k = 0; k < N; ++k) {
-    if (center) {  // the corrected two-pass update
-      VF l = s1[k] * Splat(inv);
-      VF v = s2[k] - s1[k] * l;
-      StoreV(mean + j0 + 8 * k, m[k]);
-      StoreV(res + j0 + 8 * k, l);
-      for (int e = 0; e < 8; ++e) v[e] = std::max(v[e], 0.f);
-      StoreV(m2 + j0 + 8 * k, v);
-    } else {
-      StoreV(mean + j0 + 8 * k, Splat(0.f));
-      StoreV(res + j0 + 8 * k, Splat(0.f));
-      StoreV(m2 + j0 + 8 * k, s2[k]);
-    }
-  }
-}
-
-// One channel (the tail of C % 8 channels).
-template <typename T>
-void BlockStats1(const T* x, int64_t c, int64_t j, int64_t start,
-                 int64_t stop, bool center, float* mean, float* res,
-                 float* m2) {
-  float m = 0.f, s1 = 0.f, s2 = 0.f;
-  float inv = 1.f / static_cast<float>(stop - start);
-  if (center) {
-    for (int64_t r = start; r < stop; ++r) m += Load(x + r * c, j);
-    m *= inv;
-  }
-  for (int64_t r = start; r < stop; ++r) {
-    float d = Load(x + r * c, j) - m;
-    s1 += d;
-    s2 += d * d;
-  }
-  float l = center ? s1 * inv : 0.f;
-  mean[j] = m;
-  res[j] = l;
-  m2[j] = std::max(s2 - s1 * l, 0.f);
-}
-
-template <int N, typename T>
-void BlockSums(const T* x, const T* dy, int64_t c, int64_t j0,
-               int64_t start, int64_t stop, const float* hi, const float* lo,
-               float* sg, float* sgd) {
-  VF h[N], l[N], a[N], b[N];
-  for (int k = 0; k < N; ++k) {
-    h[k] = LoadV(hi + j0 + 8 * k);
-    l[k] = LoadV(lo + j0 + 8 * k);
-    a[k] = b[k] = Splat(0.f);
-  }
-  for (int64_t r = start; r < stop; ++r) {
-    const T* xr = x + r * c + j0;
-    const T* gr = dy + r * c + j0;
-    for (int k = 0; k < N; ++k) {
-      VF g = LoadV(gr + 8 * k);
-      a[k] += g;
-      b[k] += g * ((LoadV(xr + 8 * k) - h[k]) - l[k]);
-    }
-  }
-  for (int k = 0; k < N; ++k) {
-    StoreV(sg + j0 + 8 * k, a[k]);
-    StoreV(sgd + j0 + 8 * k, b[k]);
-  }
-}
-
-template <typename T>
-void BlockSums1(const T* x, const T* dy, int64_t c, int64_t j,
-                int64_t start, int64_t stop, const float* hi,
-                const float* lo, float* sg, float* sgd) {
-  float a = 0.f, b = 0.f;
-  for (int64_t r = start; r < stop; ++r) {
-    float g = Load(dy + r * c, j);
-    a += g;
-    b += g * ((Load(x + r * c, j) - hi[j]) - lo[j]);
-  }
-  sg[j] = a;
-  sgd[j] = b;
-}
-
-template <typename T>
-void ColStats(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
-              bool center, float* hi, float* lo, float* var) {
-  int64_t block = ColBlockRows(c);
-  int64_t blocks = (rows + block - 1) / block;
-  // per block: mean (as mean + res) and M2 of every channel
-  std::vector<float> part(static_cast<size_t>(blocks) * 3 * c, 0.f);
-  ParallelFor(pool, blocks, rows * c, [&](int64_t b) {
-    int64_t start = b * block, stop = std::min(rows, start + block);
-    float* mean = part.data() + b * 3 * c;
-    float* res = mean + c;
-    float* m2 = res + c;
-    int64_t j0 = 0;
-    for (; j0 + 32 <= c; j0 += 32) {
-      BlockStats<4>(x, c, j0, start, stop, center, mean, res, m2);
-    }
-    for (; j0 + 8 <= c; j0 += 8) {
-      BlockStats<1>(x, c, j0, start, stop, center, mean, res, m2);
-    }
-    for (; j0 < c; ++j0) {
-      BlockStats1(x, c, j0, start, stop, center, mean, res, m2);
-    }
-  });
-  for (int64_t j = 0; j < c; ++j) {
-    double n = 0, mean = 0, m2 = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      double nb = static_cast<double>(std::min(rows, (b + 1) * block) -
-                                      b * block);
-      const float* pb = part.data() + b * 3 * c;
-      double mb = static_cast<double>(pb[j]) + static_cast<double>(pb[c + j]);
-      double m2b = pb[2 * c + j];
-      double tot = n + nb, delta = mb - mean;
-      mean += delta * (nb / tot);
-      m2 += m2b + delta * delta * (n * nb / tot);
-      n = tot;
-    }
-    float h = static_cast<float>(mean);
-    hi[j] = h;
-    lo[j] = static_cast<float>(mean - static_cast<double>(h));
-    var[j] = static_cast<float>(m2 / std::max(n, 1.0));
-  }
-}
-
-template <typename T>
-void ColSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
-             const T* dy, const float* hi, const float* lo, float* sg,
-             float* sgd) {
-  int64_t block = ColBlockRows(c);
-  int64_t blocks = (rows + block - 1) / block;
-  std::vector<float> part(static_cast<size_t>(blocks) * 2 * c, 0.f);
-  ParallelFor(pool, blocks, rows * c, [&](int64_t b) {
-    int64_t start = b * block, stop = std::min(rows, start + block);
-    float* pg = part.data() + b * 2 * c;
-    float* pd = pg + c;
-    int64_t j0 = 0;
-    for (; j0 + 32 <= c; j0 += 32) {
-      BlockSums<4>(x, dy, c, j0, start, stop, hi, lo, pg, pd);
-    }
-    for (; j0 + 8 <= c; j0 += 8) {
-      BlockSums<1>(x, dy, c, j0, start, stop, hi, lo, pg, pd);
-    }
-    for (; j0 < c; ++j0) {
-      BlockSums1(x, dy, c, j0, start, stop, hi, lo, pg, pd);
-    }
-  });
-  for (int64_t j = 0; j < c; ++j) {
-    double a = 0, d = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      a += part[b * 2 * c + j];
-      d += part[b * 2 * c + c + j];
-    }
-    sg[j] = static_cast<float>(a);
-    sgd[j] = static_cast<float>(d);
-  }
-}
-
-// x: [..., C]; outputs [C] (jax.vmap's broadcast_all stacks batches in
-// front of both: each leading batch is then its own [R, C] problem).
+// x: [..., C]; outputs [..., C]: under jax.vmap (broadcast_all) batches
+// stack in front of both, and each leading batch is its own [R, C] problem.
 struct Cols {
   int64_t batches, rows, c;
 };
@@ -719,57 +764,34 @@ ffi::Error ColSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowFwd, RowFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("center")
-                                  .Attr<float>("epsilon"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowStats, RowStatsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("center"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowBwd, RowBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("center"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColStats, ColStatsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("center"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColSums, ColSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The bindings: ffi::Ffi::Bind() with the thread pool, then the buffers in
+// the order of the Impl functions above, then the attributes.
+#define JAXNORM_F32 ffi::Buffer<ffi::F32>
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormRowFwd, RowFwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Ret<ffi::AnyBuffer>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
+        .Attr<bool>("center").Attr<float>("epsilon"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormRowStats, RowStatsImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
+        .Attr<bool>("center"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormRowBwd, RowBwdImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
+        .Arg<JAXNORM_F32>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormColStats, ColStatsImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
+        .Attr<bool>("center"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    JaxnormColSums, ColSumsImpl,
+    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
+        .Arg<ffi::AnyBuffer>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
+        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>());
+#undef JAXNORM_F32
