@@ -367,17 +367,22 @@ def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
   return float(v)
 
 
-def check_float_dtype(fn: str, name: str, dtype: Any) -> Any:
-  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype."""
+def check_float_dtype(fn: str, name: str, dtype: Any, *,
+                      fix: str | None = None) -> Any:
+  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype.
+
+  ``fix`` ends the message (default: the residual stream's).
+  """
   try:
     dt = jnp.dtype(dtype)
   except TypeError:
     dt = None
   if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    fix = fix or (f"Fix: pass {name}=jnp.float32 for a float32 residual "
+                  f"stream.")
     raise TypeError(
         f"{fn}: `{name}` must be a floating dtype (e.g. jnp.float32 or "
-        f"jnp.bfloat16) or None; got {dtype!r}. Fix: pass "
-        f"{name}=jnp.float32 for a float32 residual stream.")
+        f"jnp.bfloat16) or None; got {dtype!r}. {fix}")
   return dt
 
 

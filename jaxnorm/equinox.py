@@ -20,8 +20,9 @@ mean carries a rounding error of the data's magnitude into every output),
 hand-derived derivatives, count-weighted statistics across ``axis_name``.
 What jaxnorm adds is keyword-only: ``mask=`` at call time, the running
 averages of PyTorch (``momentum=None``, ``running_var="unbiased"``) and
-Haiku (``debias=True``), ``scale_offset`` for ``RMSNorm``, ``axis_name``
-for the layers whose normalized axes are sharded. Errors name the layer
+Haiku (``debias=True``), ``scale_offset`` and ``cast_before_scale`` for
+``LayerNorm`` and ``RMSNorm``, ``axis_name`` for the layers whose
+normalized axes are sharded. Errors name the layer
 and the fix in Equinox's terms, at trace time.
 
 ``docs/guides/equinox.md`` lists every difference from ``eqx.nn`` with its
@@ -94,17 +95,10 @@ def _promoted(*dtypes: Any) -> jnp.dtype:
 
 def _floating_dtype(who: str, dtype: Any) -> jnp.dtype:
   """``dtype`` (None: Equinox's default), checked to be floating."""
-  dtype = _default_dtype() if dtype is None else dtype
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    dt = None
-  if dt is None or not jnp.issubdtype(dt, jnp.floating):
-    raise TypeError(
-        f"{who}: `dtype` must be a floating dtype such as jnp.float32; got "
-        f"{dtype!r}. Fix: pass dtype=jnp.float32, or None for Equinox's "
-        f"default (float32, float64 under jax_enable_x64).")
-  return dt
+  return _checks.check_float_dtype(
+      who, "dtype", _default_dtype() if dtype is None else dtype,
+      fix="Fix: pass dtype=jnp.float32, or None for Equinox's default "
+      "(float32, float64 under jax_enable_x64).")
 
 
 def _positive_int(who: str, name: str, value: Any) -> int:
@@ -634,7 +628,7 @@ class _Stateless(eqx.Module):
 class _WholeExample(_Stateless):
   """LayerNorm and RMSNorm: one normalization over the whole example.
 
-  Subclasses set ``_apply(xc, weight, bias, axes, mask)``.
+  Subclasses set ``_apply(x, weight, bias, axes, mask)``.
   """
 
   shape: tuple[int, ...] = _static()
@@ -643,9 +637,13 @@ class _WholeExample(_Stateless):
   use_bias: bool = _static()
   weight: jax.Array | None
   bias: jax.Array | None
+  scale_offset: float = _static()
+  cast_before_scale: bool = _static()
+  axis_name: Any = _static()
 
-  def _init_whole(self, shape, eps, use_weight, use_bias, dtype) -> str:
-    """Sets Equinox's fields; returns the name errors give the layer."""
+  def _init_whole(self, shape, eps, use_weight, use_bias, dtype, *,
+                  scale_offset, cast_before_scale, axis_name) -> None:
+    """Sets Equinox's fields, then jaxnorm's."""
     who = f"jaxnorm.equinox.{type(self).__name__}(shape={shape!r})"
     self.shape = _shape_arg(who, shape)
     self.eps = _eps(who, eps)
@@ -654,7 +652,14 @@ class _WholeExample(_Stateless):
     dtype = _floating_dtype(who, dtype)
     self.weight = jnp.ones(self.shape, dtype) if use_weight else None
     self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
-    return who
+    self.scale_offset = _checks.check_real(
+        who, "scale_offset", scale_offset,
+        why=" (it is added to `weight`; 1.0 gives Gemma's (1 + weight))")
+    if not isinstance(cast_before_scale, bool):
+      raise TypeError(f"{who}: `cast_before_scale` must be True or False; "
+                      f"got {cast_before_scale!r}.")
+    self.cast_before_scale = cast_before_scale
+    self.axis_name = axis_name
 
   def _who(self) -> str:
     return f"jaxnorm.equinox.{type(self).__name__}(shape={self.shape})"
@@ -671,10 +676,27 @@ class _WholeExample(_Stateless):
     shape = x.shape or (1,)  # a scalar is normalized as shape (1,)
     params = [None if p is None else p.reshape(shape)
               for p in (self.weight, self.bias)]
-    y = self._run(who, x.reshape(shape), lambda xc, w, b: self._apply(
+    fn = lambda xc, w, b: self._apply(  # noqa: E731
         xc, w, b, tuple(range(len(shape))),
-        None if mask is None else mask.reshape(shape)), params)
-    return y.reshape(x.shape)
+        None if mask is None else mask.reshape(shape))
+    if self.cast_before_scale:  # x and the parameters in their own dtypes
+      with _checks.raised_as(who):
+        return fn(x.reshape(shape), *params).reshape(x.shape)
+    return self._run(who, x.reshape(shape), fn, params).reshape(x.shape)
+
+
+_TRANSFORMER_ARGS = """
+    scale_offset: jaxnorm's addition: a finite Python float :math:`o` added
+      to ``weight`` in at least float32 (1.0 gives Gemma's zero-centred
+      :math:`1 + \\gamma`).
+    cast_before_scale: jaxnorm's addition (Llama's and T5's order): round
+      :math:`\\hat x` to ``x``'s dtype before the scale, and return the
+      promoted dtype of ``x`` and the parameters (Equinox's rule, the
+      default False, returns ``x``'s dtype, rounded once).
+    axis_name: jaxnorm's addition: the name(s) of a mapped axis over which
+      each example's elements are split (e.g. ``d_model`` sharded by tensor
+      parallelism); the statistics merge exactly across it.
+"""
 
 
 class LayerNorm(_WholeExample):
@@ -685,13 +707,15 @@ class LayerNorm(_WholeExample):
   .. math::
      \\mu = \\frac{1}{H}\\sum_j x_j, \\quad
      \\sigma^2 = \\frac{1}{H}\\sum_j (x_j - \\mu)^2, \\quad
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta,
+     \\hat x = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad
+     y = (\\gamma + o) \\hat x + \\beta,
 
   :math:`\\gamma` = ``weight``, :math:`\\beta` = ``bias`` of ``shape``
-  (elementwise). Runs :func:`jaxnorm.layer_norm` (statistics in at least
-  float32 around a pilot mean, hand-derived derivatives); the output has
-  ``x``'s dtype, as Equinox's. To normalize over some axes only, ``vmap``
-  over the others, as in Equinox.
+  (elementwise), :math:`o` = ``scale_offset`` (0 by default, as Equinox).
+  Runs :func:`jaxnorm.layer_norm` (statistics in at least float32 around a
+  pilot mean, hand-derived derivatives); the output has ``x``'s dtype, as
+  Equinox's. To normalize over some axes only, ``vmap`` over the others, as
+  in Equinox.
 
   Args:
     shape: the shape of one example (an int or a sequence of ints).
@@ -701,18 +725,13 @@ class LayerNorm(_WholeExample):
     dtype: floating dtype of ``weight``/``bias`` (default float32, float64
       under ``jax_enable_x64``).
     elementwise_affine: deprecated alternative to ``use_weight`` and
-      ``use_bias`` (Equinox's ``UserWarning``).
-    axis_name: jaxnorm's addition: the name(s) of a mapped axis over which
-      each example's elements are split (e.g. ``d_model`` sharded by tensor
-      parallelism): the statistics merge exactly across it.
-
+      ``use_bias`` (Equinox's ``UserWarning``).{transformer_args}
   Raises:
     TypeError: ``shape`` that is not ints, a non-floating ``dtype``, a
-      non-numeric ``eps``.
-    ValueError: a negative ``eps``.
+      non-numeric ``eps`` or ``scale_offset``, a non-bool
+      ``cast_before_scale``.
+    ValueError: a negative ``eps``, a non-finite ``scale_offset``.
   """
-
-  axis_name: Any = _static()
 
   def __init__(
       self,
@@ -723,6 +742,8 @@ class LayerNorm(_WholeExample):
       dtype: Any = None,
       *,
       elementwise_affine: bool | None = None,
+      scale_offset: float = 0.0,
+      cast_before_scale: bool = False,
       axis_name: Any = None,
   ):
     if elementwise_affine is not None:
@@ -731,14 +752,17 @@ class LayerNorm(_WholeExample):
           "LayerNorm(elementwise_affine=...) is deprecated in favour of "
           "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)",
           UserWarning, stacklevel=2)
-    self._init_whole(shape, eps, use_weight, use_bias, dtype)
-    self.axis_name = axis_name
+    self._init_whole(shape, eps, use_weight, use_bias, dtype,
+                     scale_offset=scale_offset,
+                     cast_before_scale=cast_before_scale, axis_name=axis_name)
 
   __call__ = _Stateless.__call__
 
-  def _apply(self, xc, w, b, axes, mask):
-    return layer_norm(xc, w, b, reduction_axes=axes, feature_axes=axes,
-                      epsilon=self.eps, mask=mask, axis_name=self.axis_name)
+  def _apply(self, x, w, b, axes, mask):
+    return layer_norm(x, w, b, reduction_axes=axes, feature_axes=axes,
+                      epsilon=self.eps, scale_offset=self.scale_offset,
+                      cast_before_scale=self.cast_before_scale, mask=mask,
+                      axis_name=self.axis_name)
 
 
 class RMSNorm(_WholeExample):
@@ -747,14 +771,13 @@ class RMSNorm(_WholeExample):
   For an example :math:`x` of shape ``shape`` with :math:`H` elements,
 
   .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_j x_j^2
-         + \\epsilon}} + \\beta,
+     \\hat x = \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_j x_j^2 + \\epsilon}},
+     \\qquad y = (\\gamma + o)\\, \\hat x + \\beta,
 
   :math:`\\gamma` = ``weight``, :math:`\\beta` = ``bias`` of ``shape``
-  (elementwise), :math:`o` = ``scale_offset`` (jaxnorm's addition, 0 by
-  default; 1.0 gives Gemma's :math:`1 + \\gamma`). Runs
-  :func:`jaxnorm.rms_norm` (mean square in at least float32, hand-derived
-  derivatives); the output has ``x``'s dtype, as Equinox's.
+  (elementwise, added last), :math:`o` = ``scale_offset`` (0 by default, as
+  Equinox). Runs :func:`jaxnorm.rms_norm` (mean square in at least float32,
+  hand-derived derivatives); the output has ``x``'s dtype, as Equinox's.
 
   Args:
     shape: the shape of one example (an int or a sequence of ints).
@@ -762,19 +785,13 @@ class RMSNorm(_WholeExample):
     use_weight: learn ``weight`` (ones).
     use_bias: learn ``bias`` (zeros).
     dtype: floating dtype of ``weight``/``bias`` (default float32, float64
-      under ``jax_enable_x64``).
-    scale_offset: finite Python float added to ``weight``.
-    axis_name: the name(s) of a mapped axis over which each example's
-      elements are split; the mean square merges exactly across it.
-
+      under ``jax_enable_x64``).{transformer_args}
   Raises:
     TypeError: ``shape`` that is not ints, a non-floating ``dtype``, a
-      non-numeric ``eps`` or ``scale_offset``.
+      non-numeric ``eps`` or ``scale_offset``, a non-bool
+      ``cast_before_scale``.
     ValueError: a negative ``eps``, a non-finite ``scale_offset``.
   """
-
-  scale_offset: float = _static()
-  axis_name: Any = _static()
 
   def __init__(
       self,
@@ -785,21 +802,25 @@ class RMSNorm(_WholeExample):
       dtype: Any = None,
       *,
       scale_offset: float = 0.0,
+      cast_before_scale: bool = False,
       axis_name: Any = None,
   ):
-    who = self._init_whole(shape, eps, use_weight, use_bias, dtype)
-    self.scale_offset = _checks.check_real(
-        who, "scale_offset", scale_offset,
-        why=" (it is added to `weight`; 1.0 gives Gemma's (1 + weight))")
-    self.axis_name = axis_name
+    self._init_whole(shape, eps, use_weight, use_bias, dtype,
+                     scale_offset=scale_offset,
+                     cast_before_scale=cast_before_scale, axis_name=axis_name)
 
   __call__ = _Stateless.__call__
 
-  def _apply(self, xc, w, b, axes, mask):
-    y = rms_norm(xc, w, reduction_axes=axes, feature_axes=axes,
+  def _apply(self, x, w, b, axes, mask):
+    y = rms_norm(x, w, reduction_axes=axes, feature_axes=axes,
                  epsilon=self.eps, scale_offset=self.scale_offset,
-                 mask=mask, axis_name=self.axis_name)
-    return y if b is None else y + b
+                 cast_before_scale=self.cast_before_scale, mask=mask,
+                 axis_name=self.axis_name)
+    return y if b is None else y + b.astype(y.dtype)
+
+
+for _cls in (LayerNorm, RMSNorm):
+  _cls.__doc__ = _cls.__doc__.replace("{transformer_args}", _TRANSFORMER_ARGS)
 
 
 class GroupNorm(_Stateless):

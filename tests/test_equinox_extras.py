@@ -130,6 +130,33 @@ def test_layer_rms_group_norm_masks_and_sharded_examples():
   _near(y, (x64[0] - x64[0].mean()) / np.sqrt(x64[0].var() + 1e-5))
 
 
+def test_transformer_options():
+  """``scale_offset`` (Gemma's ``1 + weight``) on LayerNorm and RMSNorm, and
+  ``cast_before_scale`` (Llama's order: ``weight * x_hat.astype(x.dtype)``,
+  in the promoted dtype)."""
+  x = _normal(3, (64,), scale=2.0, shift=1.0)
+  x64 = x.astype(np.float64)
+  w = _normal(4, (64,), scale=0.1)
+  ln = jnx.LayerNorm(64, use_bias=False, scale_offset=1.0)
+  ln = eqx.tree_at(lambda m: m.weight, ln, jnp.asarray(w))
+  _near(ln(jnp.asarray(x)), (1.0 + w) * (x64 - x64.mean())
+        / np.sqrt(x64.var() + 1e-5))
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  for weight, out_dtype in ((wb, jnp.bfloat16), (jnp.asarray(w), jnp.float32)):
+    rms = jnx.RMSNorm(64, use_bias=False, cast_before_scale=True,
+                      dtype=weight.dtype)
+    rms = eqx.tree_at(lambda m: m.weight, rms, weight)  # noqa: B023
+    y = rms(xb)
+    assert y.dtype == out_dtype
+    xf = np.asarray(xb, np.float64)
+    x_hat = jnp.asarray(xf / np.sqrt((xf**2).mean() + 1e-5), jnp.float32)
+    ref = np.asarray(weight, np.float64) * np.asarray(
+        x_hat.astype(jnp.bfloat16), np.float64)
+    # One rounding of the product (to bfloat16: 2**-8 relative).
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref,
+                               rtol=2.0**-8, atol=0)
+
+
 # -- running averages ------------------------------------------------------------
 
 
