@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import _normal
+
 eqx = pytest.importorskip("equinox")
 jnx = pytest.importorskip("jaxnorm.equinox")
 
@@ -37,9 +39,9 @@ AXIS = "batch"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _normal(seed, shape, scale=1.0, shift=0.0):
-  x = np.random.default_rng(seed).standard_normal(shape) * scale + shift
-  return x.astype(np.float32)
+def _data(*args, **kwargs) -> np.ndarray:
+  """``_normal``'s float32 data as a NumPy array (writable)."""
+  return np.array(_normal(*args, **kwargs))
 
 
 def _near(got, want64, rtol=2e-6):
@@ -64,7 +66,7 @@ def _bn(size=3, **kwargs):
 
 
 def test_mask_leaves_padding_examples_out_of_the_statistics():
-  x = _normal(0, (10, 3, 4), scale=2.0, shift=5.0)
+  x = _data(0, (10, 3, 4), scale=2.0, shift=5.0)
   real = np.arange(10) < 7  # three padding examples
   x[~real] = 1e3  # garbage that must not count
   bn, state = _bn(momentum=0.5)
@@ -82,7 +84,7 @@ def test_mask_leaves_padding_examples_out_of_the_statistics():
 def test_masks_merge_by_count_across_two_axis_names():
   """Groups of unequal valid counts: the global statistics of all valid
   elements, not the average of the group averages."""
-  x = _normal(1, (2, 4, 3, 5), shift=3.0)  # (outer, inner, C, L)
+  x = _data(1, (2, 4, 3, 5), shift=3.0)  # (outer, inner, C, L)
   mask = np.zeros((2, 4, 1, 5), bool)
   mask[0, :, :, :1] = True  # 4 elements per channel in group 0
   mask[1, :, :, :] = True  # 20 in group 1
@@ -103,7 +105,7 @@ def test_masks_merge_by_count_across_two_axis_names():
 
 
 def test_layer_rms_group_norm_masks_and_sharded_examples():
-  x = _normal(2, (6, 8), scale=3.0, shift=2.0)
+  x = _data(2, (6, 8), scale=3.0, shift=2.0)
   mask = np.arange(8) < 5  # padding at the end of the row
   x64 = x.astype(np.float64)
   v = x64[:, mask]
@@ -134,9 +136,9 @@ def test_transformer_options():
   """``scale_offset`` (Gemma's ``1 + weight``) on LayerNorm and RMSNorm, and
   ``cast_before_scale`` (Llama's order: ``weight * x_hat.astype(x.dtype)``,
   in the promoted dtype)."""
-  x = _normal(3, (64,), scale=2.0, shift=1.0)
+  x = _data(3, (64,), scale=2.0, shift=1.0)
   x64 = x.astype(np.float64)
-  w = _normal(4, (64,), scale=0.1)
+  w = _data(4, (64,), scale=0.1)
   ln = jnx.LayerNorm(64, use_bias=False, scale_offset=1.0)
   ln = eqx.tree_at(lambda m: m.weight, ln, jnp.asarray(w))
   _near(ln(jnp.asarray(x)), (1.0 + w) * (x64 - x64.mean())
@@ -161,7 +163,7 @@ def test_transformer_options():
 
 
 def _three_steps(bn, state):
-  batches = [_normal(10 + i, (8, 3), scale=1.0 + i, shift=i) for i in range(3)]
+  batches = [_data(10 + i, (8, 3), scale=1.0 + i, shift=i) for i in range(3)]
   f = _batched(bn)
   for b in batches:
     _, state = f(jnp.asarray(b), state)
@@ -194,7 +196,7 @@ def test_running_average_conventions(convention):
   assert int(state.get(bn.batch_counter)) == 3
   for got, want in zip(state.get(bn.batch_state_index), stored):
     _near(got, want)
-  x = _normal(20, (5, 3))
+  x = _data(20, (5, 3))
   y, _ = _batched(eqx.nn.inference_mode(bn))(jnp.asarray(x), state)
   _near(y, (x - used[0]) / np.sqrt(used[1] + 1e-5), rtol=1e-5)
 
@@ -336,7 +338,7 @@ def test_gradient_of_a_compiled_vmap_is_jax_s_limitation():
   equals the uncompiled gradient. If JAX lifts the limitation this test
   says so, and the guide's entry goes."""
   bn, state = _bn()
-  x = jnp.asarray(_normal(0, (8, 3)))
+  x = jnp.asarray(_data(0, (8, 3)))
   mapped = jax.vmap(bn, axis_name=AXIS, in_axes=(0, None), out_axes=(0, None))
 
   def loss(x, f):

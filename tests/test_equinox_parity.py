@@ -27,17 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import _normal
+
 eqx = pytest.importorskip("equinox")
 jnx = pytest.importorskip("jaxnorm.equinox")
 
 pytestmark = pytest.mark.strict_promotion
 
 AXIS = "batch"
-
-
-def _normal(seed, shape, scale=1.0, shift=0.0):
-  x = np.random.default_rng(seed).standard_normal(shape) * scale + shift
-  return jnp.asarray(x.astype(np.float32))
 
 
 def _close(got, want, rtol=2e-5):
@@ -58,13 +55,13 @@ def _batched(model):
   return jax.vmap(model, axis_name=AXIS, in_axes=(0, None), out_axes=(0, None))
 
 
-def _with_affine(model, seed):
+def _with_affine(model, draw):
   """``model`` with random ``weight``/``bias`` (the same for both sides)."""
   if model.weight is None:
     return model
   c = model.weight.shape
   return eqx.tree_at(lambda m: (m.weight, m.bias), model,
-                     (1.0 + 0.5 * _normal(seed, c), _normal(seed + 1, c)))
+                     (1.0 + 0.5 * _normal(draw, c), _normal(draw + 1, c)))
 
 
 def _loss(model, x, state, cotangent):
@@ -294,11 +291,11 @@ def _model(nn, key):
   )
 
 
-def _perturbed(model, seed):
+def _perturbed(model, draw):
   """Every floating parameter moved (as training would)."""
   params, static = eqx.partition(model, eqx.is_inexact_array)
   leaves, tree = jax.tree.flatten(params)
-  moved = [a + 0.1 * _normal(seed + i, a.shape) for i, a in enumerate(leaves)]
+  moved = [a + 0.1 * _normal(draw + i, a.shape) for i, a in enumerate(leaves)]
   return eqx.combine(jax.tree.unflatten(tree, moved), static)
 
 
