@@ -73,12 +73,13 @@ html_copy_source = False
 html_last_updated_fmt = None
 
 # Warnings are errors (-W -n). External projects' names in signatures (jax,
-# flax, numpy, torch, the standard library) cannot be resolved offline (no
+# flax, numpy, torch, equinox, the standard library) cannot be resolved offline (no
 # intersphinx), so only they are exempt; jaxnorm's own references must
 # resolve.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|flax|nnx|nn|numpy|np|optax|torch|chex)(\..*)?"),
+    (r"py:.*", r"(jax|jaxlib|flax|nnx|nn|numpy|np|optax|torch|chex|equinox|"
+               r"eqx)(\..*)?"),
     (r"py:.*", r"(typing|collections|types|builtins|enum|dataclasses|"
                r"pathlib)\..*"),
     (r"py:.*", r"(Array|ArrayLike|Any|Callable|Sequence|Mapping|Iterable|"

@@ -1,19 +1,30 @@
-"""Train the seed's CNN with BatchNorm on real images with optax.
+"""Train the example CNN with BatchNorm on real images with optax.
 
-The seed documents close with a PyTorch CNN (conv 32 + BatchNorm2d, conv 64 +
+The example CNN is a PyTorch CNN (conv 32 + BatchNorm2d, conv 64 +
 BatchNorm2d, fc 128 + BatchNorm1d, fc 10; Adam, lr 1e-3). This is that model in
-``flax.linen`` with ``jaxnorm.linen.BatchNorm`` (channels-last), trained with
-optax on real data read from local files (see ``data.py``; nothing is
-downloaded):
+``flax.linen`` with ``jaxnorm.linen.BatchNorm`` (channels-last), or with
+``--api nnx`` in ``flax.nnx`` with ``jaxnorm.nnx.BatchNorm``, or with ``--api
+equinox`` in Equinox with ``jaxnorm.equinox.BatchNorm`` (one example per
+call, channels first, the batch mapped by ``jax.vmap``), trained with the
+same optax optimizer on real data read from local files (see ``data.py``;
+nothing is downloaded):
 
     pip install -e '.[examples]'
     python examples/train_cnn.py                        # mnist5k, BN on
+    python examples/train_cnn.py --api equinox          # the same in Equinox
     python examples/train_cnn.py --no-bn                # the same without BN
     python examples/train_cnn.py --dataset fashion-mnist --epochs 3
     python examples/train_cnn.py --out runs/a --epochs 2            # then:
     python examples/train_cnn.py --out runs/a --epochs 4 --resume   # 2 more
     XLA_FLAGS=--xla_force_host_platform_device_count=4 \
         python examples/train_cnn.py --devices 4       # data-parallel, sync BN
+
+The three front-ends share everything but the model: each model offers
+linen's ``init(key, x, train=False)`` and ``apply(variables, x, train=...,
+mutable=["batch_stats"])`` (``CNN`` is the linen module itself; ``NnxCNN``
+and ``EquinoxCNN`` keep the nnx or Equinox model's parameters and running
+statistics as pytrees of arrays under the same two names), so the train
+step, evaluation, checkpoints and ``--devices`` are one code path.
 
 Writes to ``--out`` (default ``runs/<YYYYmmdd-HHMMSS>/``, relative to the
 current directory): orbax checkpoints (params, batch_stats, optimizer state,
@@ -35,12 +46,13 @@ above); on a host with N GPUs or TPUs the same command runs without it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,18 +67,22 @@ import data as data_lib  # noqa: E402  (examples/data.py, beside this file)
 from jaxnorm.linen import BatchNorm  # noqa: E402  (channels-last, flax's API)
 
 PyTree = Any
-# Fields of the configuration that must match when resuming a run.
+# Fields of the configuration that must match when resuming a run, and the
+# value of those added later for a run saved before them.
 RESUME_KEYS = (
     "dataset", "limit", "batch_size", "optimizer", "lr", "seed",
-    "bn", "bn_momentum", "augment",
+    "bn", "bn_momentum", "augment", "api",
 )
+RESUME_DEFAULTS = {"api": "linen"}
+# The front-ends of --api; linen is the default.
+APIS = ("linen", "nnx", "equinox")
 # The mesh axis the global batch is split over with --devices N; BatchNorm
 # computes its statistics over it.
 BATCH_AXIS = "batch"
 
 
 class CNN(nn.Module):
-  """The seed's CNN, channels-last: inputs ``(B, 28, 28, 1)``, logits ``(B, 10)``.
+  """The example CNN, channels-last: inputs ``(B, 28, 28, 1)``, logits ``(B, 10)``.
 
   ``conv3x3(32) -> BN -> relu -> maxpool2 -> conv3x3(64) -> BN -> relu ->
   maxpool2 -> dense(128) -> BN -> relu -> dense(10)``.
@@ -74,8 +90,8 @@ class CNN(nn.Module):
   Attributes:
     use_bn: put a BatchNorm after each conv and after the hidden dense layer.
     bn_momentum: running-average decay, weight on the OLD value as in flax.
-      0.9 matches the seed's PyTorch default ``momentum=0.1`` (weight on the
-      new batch).
+      0.9 matches PyTorch's default ``momentum=0.1`` (weight on the new
+      batch).
     init_scale: multiplies the standard deviation of every kernel's LeCun
       normal initialization (1.0 = flax's default), to study bad inits.
     axis_name: mesh axis the batch is split over in data-parallel training
@@ -104,12 +120,236 @@ class CNN(nn.Module):
     x = nn.max_pool(nn.relu(norm(x)), (2, 2), strides=(2, 2))
     x = nn.Conv(64, (3, 3), padding=1, kernel_init=kernel_init)(x)
     x = nn.max_pool(nn.relu(norm(x)), (2, 2), strides=(2, 2))
-    # The seed writes nn.Linear(64*28*28, 128), which is wrong: after two 2x2
-    # poolings a 28x28 image is 7x7, so the flattened input is 64*7*7 = 3136.
+    # After two 2x2 poolings a 28x28 image is 7x7 (not 28x28, as the PyTorch
+    # original's nn.Linear(64*28*28, 128) has it): 64*7*7 = 3136 inputs.
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(128, kernel_init=kernel_init)(x)
     x = nn.relu(norm(x))
     return nn.Dense(10, kernel_init=kernel_init)(x)
+
+
+def _kernel_init(init_scale: float, **axes: int) -> Callable[..., jax.Array]:
+  """The linen CNN's kernel initializer: truncated normal, variance
+  ``init_scale**2 / fan_in`` (``axes``: ``in_axis``/``out_axis`` of the
+  front-end's kernel layout)."""
+  return jax.nn.initializers.variance_scaling(
+      init_scale**2, "fan_in", "truncated_normal", **axes)
+
+
+def _pool(h: jax.Array) -> jax.Array:
+  """2x2 max pooling of a channels-last batch."""
+  return nn.max_pool(h, (2, 2), strides=(2, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxCNN:
+  """The example CNN in ``flax.nnx`` with ``jaxnorm.nnx.BatchNorm``.
+
+  The same layers, initializers and channels-last layout as ``CNN``,
+  behind linen's ``init``/``apply``: ``variables = {"params": ...,
+  "batch_stats": ...}`` are the pure dicts of the model's ``nnx.Param``
+  and ``nnx.BatchStat`` variables (``nnx.to_pure_dict``). Attributes as
+  ``CNN``'s.
+  """
+
+  use_bn: bool = True
+  bn_momentum: float = 0.9
+  init_scale: float = 1.0
+  axis_name: str | None = None
+
+  def _build(self, key: jax.Array):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    import jaxnorm.nnx  # pylint: disable=import-outside-toplevel
+
+    cfg = self
+
+    class Net(nnx.Module):
+      def __init__(self, rngs: nnx.Rngs):
+        init = _kernel_init(cfg.init_scale)
+        self.conv1 = nnx.Conv(1, 32, (3, 3), padding=1, kernel_init=init,
+                              rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, (3, 3), padding=1, kernel_init=init,
+                              rngs=rngs)
+        self.fc1 = nnx.Linear(64 * 7 * 7, 128, kernel_init=init, rngs=rngs)
+        self.fc2 = nnx.Linear(128, 10, kernel_init=init, rngs=rngs)
+        self.norms = nnx.List([
+            jaxnorm.nnx.BatchNorm(c, momentum=cfg.bn_momentum, epsilon=1e-5,
+                                  axis_name=cfg.axis_name, rngs=rngs)
+            for c in ((32, 64, 128) if cfg.use_bn else ())])
+
+      def __call__(self, x, train: bool):
+        norm = ((lambda i, h: self.norms[i](h, use_running_average=not train))
+                if cfg.use_bn else (lambda i, h: h))
+        x = _pool(nnx.relu(norm(0, self.conv1(x))))
+        x = _pool(nnx.relu(norm(1, self.conv2(x))))
+        x = nnx.relu(norm(2, self.fc1(x.reshape(x.shape[0], -1))))
+        return self.fc2(x)
+
+    return Net(nnx.Rngs(key))
+
+  def _split(self, model):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return graphdef, params, stats
+
+  def init(self, key: jax.Array, x: jax.Array, *, train: bool = False
+           ) -> dict[str, PyTree]:
+    """``{"params", "batch_stats"}`` of a fresh model (``x`` unused)."""
+    del x, train
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    _, params, stats = self._split(self._build(key))
+    return {"params": nnx.to_pure_dict(params),
+            "batch_stats": nnx.to_pure_dict(stats)}
+
+  def apply(self, variables: dict[str, PyTree], x: jax.Array, *, train: bool,
+            mutable: Sequence[str] = ()) -> Any:
+    """linen's ``apply``: logits, and with ``mutable`` the new statistics."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, params, stats = _nnx_template(self)
+    params, stats = jax.tree.map(lambda a: a, (params, stats))  # own copies
+    nnx.replace_by_pure_dict(params, variables["params"])
+    nnx.replace_by_pure_dict(stats, variables.get("batch_stats", {}))
+    model = nnx.merge(graphdef, params, stats)
+    logits = model(x, train)
+    if not mutable:
+      return logits
+    return logits, {"batch_stats": nnx.to_pure_dict(
+        nnx.state(model, nnx.BatchStat))}
+
+
+@functools.cache
+def _nnx_template(model: NnxCNN):
+  """The nnx graph and abstract variables of ``model`` (built once)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return model._split(nnx.eval_shape(lambda: model._build(jax.random.key(0))))  # pylint: disable=protected-access
+
+
+# The vmapped axis of the examples of a batch in the Equinox model (its
+# BatchNorm statistics run over it, and over BATCH_AXIS with --devices).
+EXAMPLE_AXIS = "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class EquinoxCNN:
+  """The example CNN in Equinox with ``jaxnorm.equinox.BatchNorm``.
+
+  The same layers and initializers as ``CNN`` in Equinox's layout: the
+  model takes one example, channels first ``(1, 28, 28)``, and a batch is
+  ``jax.vmap``-ped over it with ``axis_name=EXAMPLE_AXIS``, over which (and
+  ``axis_name``, the mesh axis with ``--devices``) BatchNorm computes its
+  statistics (``mode="batch"``). Behind linen's ``init``/``apply``:
+  ``variables["params"]`` is the list of the model's floating arrays,
+  ``variables["batch_stats"]`` the arrays of its ``eqx.nn.State``
+  (keyed ``"000"``, ``"001"``, ... in the state's order). Attributes as
+  ``CNN``'s.
+  """
+
+  use_bn: bool = True
+  bn_momentum: float = 0.9
+  init_scale: float = 1.0
+  axis_name: str | None = None
+  # The examples are mapped with jax.vmap inside apply (see make_train_step).
+  maps_examples: ClassVar[bool] = True
+
+  def _build(self, key: jax.Array):
+    """``(model, state)`` from ``eqx.nn.make_with_state``."""
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    import jaxnorm.equinox as jnx  # pylint: disable=import-outside-toplevel
+
+    cfg = self
+    names = (EXAMPLE_AXIS if cfg.axis_name is None
+             else (EXAMPLE_AXIS, cfg.axis_name))
+
+    class Net(eqx.Module):
+      layers: list
+      norms: list
+
+      def __init__(self, key):
+        keys = jax.random.split(key, 8)
+        init = _kernel_init(cfg.init_scale, in_axis=1, out_axis=0)
+        layers = [eqx.nn.Conv2d(1, 32, 3, padding=1, key=keys[0]),
+                  eqx.nn.Conv2d(32, 64, 3, padding=1, key=keys[1]),
+                  eqx.nn.Linear(64 * 7 * 7, 128, key=keys[2]),
+                  eqx.nn.Linear(128, 10, key=keys[3])]
+        self.layers = [  # the linen CNN's initialization: zero biases
+            eqx.tree_at(lambda l: (l.weight, l.bias), layer, (
+                init(k, layer.weight.shape), jnp.zeros_like(layer.bias)))
+            for layer, k in zip(layers, keys[4:])]
+        self.norms = [jnx.BatchNorm(c, names, momentum=cfg.bn_momentum,
+                                    eps=1e-5, mode="batch")
+                      for c in ((32, 64, 128) if cfg.use_bn else ())]
+
+      def __call__(self, x, state):
+        def norm(i, h, state):
+          return self.norms[i](h, state) if self.norms else (h, state)
+
+        pool = eqx.nn.MaxPool2d(2, 2)
+        conv1, conv2, fc1, fc2 = self.layers
+        h, state = norm(0, conv1(x), state)
+        h, state = norm(1, conv2(pool(jax.nn.relu(h))), state)
+        h = pool(jax.nn.relu(h)).reshape(-1)
+        h, state = norm(2, fc1(h), state)
+        return fc2(jax.nn.relu(h)), state
+
+    return eqx.nn.make_with_state(Net)(key)
+
+  def init(self, key: jax.Array, x: jax.Array, *, train: bool = False
+           ) -> dict[str, PyTree]:
+    """``{"params", "batch_stats"}`` of a fresh model (``x`` unused)."""
+    del x, train
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    model, state = self._build(key)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return {"params": jax.tree.leaves(params),
+            "batch_stats": _keyed(jax.tree.leaves(state))}
+
+  def apply(self, variables: dict[str, PyTree], x: jax.Array, *, train: bool,
+            mutable: Sequence[str] = ()) -> Any:
+    """linen's ``apply`` on a channels-last batch ``(B, 28, 28, 1)``."""
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    static, params_def, state_def = _equinox_template(self)
+    stats = variables.get("batch_stats", {})
+    model = eqx.combine(
+        jax.tree.unflatten(params_def, variables["params"]), static)
+    state = jax.tree.unflatten(state_def, [stats[k] for k in sorted(stats)])
+    model = eqx.nn.inference_mode(model, not train)
+    logits, state = jax.vmap(model, axis_name=EXAMPLE_AXIS,
+                             in_axes=(0, None), out_axes=(0, None))(
+                                 jnp.moveaxis(x, -1, 1), state)
+    if not mutable:
+      return logits
+    return logits, {"batch_stats": _keyed(jax.tree.leaves(state))}
+
+
+def _keyed(leaves: list[jax.Array]) -> dict[str, jax.Array]:
+  return {f"{i:03d}": a for i, a in enumerate(leaves)}
+
+
+@functools.cache
+def _equinox_template(model: EquinoxCNN):
+  """The static part of ``model`` and the structures of its parameters and
+  state (built once, from a throwaway initialization)."""
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  net, state = model._build(jax.random.key(0))  # pylint: disable=protected-access
+  params, static = eqx.partition(net, eqx.is_inexact_array)
+  return static, jax.tree.structure(params), jax.tree.structure(state)
+
+
+def make_model(api: str = "linen", **kwargs: Any) -> Any:
+  """The example CNN in the front-end ``api`` (one of ``APIS``).
+
+  Args:
+    api: ``"linen"`` (``CNN``), ``"nnx"`` (``NnxCNN``) or ``"equinox"``
+      (``EquinoxCNN``).
+    **kwargs: ``use_bn``, ``bn_momentum``, ``init_scale``, ``axis_name``.
+
+  Raises:
+    ValueError: for an unknown ``api``.
+  """
+  models = {"linen": CNN, "nnx": NnxCNN, "equinox": EquinoxCNN}
+  if api not in models:
+    raise ValueError(f"unknown api {api!r}; expected one of {list(APIS)}.")
+  return models[api](**kwargs)
 
 
 @functools.cache
@@ -132,17 +372,18 @@ def make_optimizer(name: str) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _jitted_init(model: nn.Module) -> Callable[..., PyTree]:
+def _jitted_init(model: Any) -> Callable[..., PyTree]:
   # One compiled program instead of dozens of eagerly dispatched ops.
   return jax.jit(functools.partial(model.init, train=False))
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation,
+def init_state(model: Any, tx: optax.GradientTransformation,
                key: jax.Array, sample: np.ndarray, lr: float = 1e-3) -> dict[str, PyTree]:
   """``{"params", "batch_stats", "opt_state"}``; batch_stats is ``{}`` without BN.
 
   Args:
-    model: the flax module; ``init`` runs it in eval mode on ``sample``.
+    model: the model (``make_model``); ``init`` runs it in eval mode on
+      ``sample``.
     tx: an optimizer from ``make_optimizer``.
     key: PRNG key of the initialization.
     sample: ``(B, 28, 28, 1)`` float32 inputs (only the shape matters).
@@ -187,7 +428,7 @@ def make_mesh(devices: int) -> Mesh:
 
 @functools.cache
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh | None = None
+    model: Any, tx: optax.GradientTransformation, mesh: Mesh | None = None
 ) -> Callable[..., tuple[dict[str, PyTree], jax.Array, jax.Array]]:
   """A jitted step ``(state, x, y) -> (new_state, loss, accuracy)``.
 
@@ -204,7 +445,13 @@ def make_train_step(
   runs on every device) are those of the global batch. BatchNorm statistics
   are merged over the mesh axis, so the new ``batch_stats`` are the global
   batch's too and stay replicated (``check_vma`` would reject them
-  otherwise).
+  otherwise). A model that maps its examples with ``jax.vmap`` inside
+  (``EquinoxCNN``, ``maps_examples``) merges its statistics over the vmap
+  axis and the mesh axis together, a collective that ``shard_map``'s
+  ``check_vma`` cannot type (JAX refuses it for ``eqx.nn.BatchNorm`` too),
+  so its step runs with ``check_vma=False`` and pmap's convention: each
+  device differentiates its shard's loss, and the gradients are averaged
+  over the devices (the same global-batch gradient).
   """
   if mesh is not None and model.axis_name not in mesh.axis_names:
     raise ValueError(
@@ -213,6 +460,7 @@ def make_train_step(
         f"per-device statistics).")
   global_mean = (lambda v: v) if mesh is None else (
       lambda v: jax.lax.pmean(v, BATCH_AXIS))
+  checked = mesh is None or not getattr(model, "maps_examples", False)
 
   def train_step(state, x, y):
     def loss_fn(params):
@@ -220,10 +468,18 @@ def make_train_step(
           _variables(params, state["batch_stats"]), x, train=True,
           mutable=["batch_stats"])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      if not checked:  # pmap's convention: the shard's loss, see below
+        return loss, (logits, updates)
       return global_mean(loss), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state["params"])
+    if not checked:
+      # Without check_vma, shard_map differentiates as pmap does: each
+      # device's gradient of its shard's loss (through the statistics'
+      # collectives, whose transposes gather the other devices' terms);
+      # their mean is the global batch's gradient.
+      loss, grads = global_mean(loss), global_mean(grads)
     step_updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
         "params": optax.apply_updates(state["params"], step_updates),
@@ -237,11 +493,12 @@ def make_train_step(
     return jax.jit(train_step)
   return jax.jit(jax.shard_map(
       train_step, mesh=mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)),
-      out_specs=(P(), P(), P())))
+      out_specs=(P(), P(), P()),
+      check_vma=checked))
 
 
 @functools.cache
-def make_eval_step(model: nn.Module) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def make_eval_step(model: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """A jitted ``(params, batch_stats, x, y, mask) -> (loss_sum, correct_sum)``.
 
   Uses the running averages (inference mode); ``mask`` drops padded rows.
@@ -362,6 +619,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam",
                  help="optax optimizer (sgd with momentum 0.9)")
   p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+  p.add_argument("--api", choices=APIS, default="linen",
+                 help="the front-end the example CNN is written in: "
+                 "flax.linen, flax.nnx or Equinox, each with jaxnorm's "
+                 "BatchNorm for it (the same data, optimizer and steps)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the initialization, shuffling and augmentation")
   p.add_argument("--no-bn", dest="bn", action="store_false",
@@ -499,6 +760,12 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     self.manager.wait_until_finished()
 
+  def meta(self, epoch: int) -> dict[str, Any]:
+    """The JSON record of ``epoch`` alone (config and per-epoch history)."""
+    ocp = self._ocp
+    return self.manager.restore(epoch, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, epoch: int, like: dict[str, PyTree]) -> tuple[dict[str, PyTree], dict[str, Any]]:
     ocp = self._ocp
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
@@ -526,10 +793,9 @@ def restore_run(out: str, epoch: int | None = None) -> tuple[dict[str, PyTree], 
     epoch = ckpt.latest() if epoch is None else epoch
     if epoch is None:
       raise FileNotFoundError(f"no checkpoint in {out}/checkpoints")
-    meta = ckpt.manager.restore(epoch, args=ckpt._ocp.args.Composite(
-        meta=ckpt._ocp.args.JsonRestore()))["meta"]
-    cfg = meta["config"]
-    model = CNN(use_bn=cfg["bn"], bn_momentum=cfg["bn_momentum"])
+    cfg = ckpt.meta(epoch)["config"]
+    model = make_model(cfg.get("api", "linen"), use_bn=cfg["bn"],
+                       bn_momentum=cfg["bn_momentum"])
     like = init_state(model, make_optimizer(cfg["optimizer"]), jax.random.key(0),
                       np.zeros((1, 28, 28, 1), np.float32), cfg["lr"])
     return ckpt.restore(epoch, like)
@@ -574,8 +840,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   config["epochs"] = args.epochs
 
   mesh = make_mesh(args.devices) if args.devices > 1 else None
-  model = CNN(use_bn=args.bn, bn_momentum=args.bn_momentum,
-              axis_name=None if mesh is None else BATCH_AXIS)
+  model = make_model(args.api, use_bn=args.bn, bn_momentum=args.bn_momentum,
+                     axis_name=None if mesh is None else BATCH_AXIS)
   tx = make_optimizer(args.optimizer)
   state = init_state(model, tx, jax.random.key(args.seed), ds.x_train[:2], args.lr)
   train_step = make_train_step(model, tx, mesh)
@@ -603,13 +869,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(
             f"--resume: no checkpoint in {args.out}/checkpoints; run without "
             "--resume to start a new run there.")
-      state, meta = ckpt.restore(latest, state)
-      old = meta["config"]
-      changed = {k: (old.get(k), config[k]) for k in RESUME_KEYS if old.get(k) != config[k]}
+      # The settings first: another --api or --no-bn has another state.
+      old = ckpt.meta(latest)["config"]
+      changed = {k: (old.get(k, RESUME_DEFAULTS.get(k)), config[k])
+                 for k in RESUME_KEYS
+                 if old.get(k, RESUME_DEFAULTS.get(k)) != config[k]}
       if changed:
         raise ValueError(
             f"--resume: the run in {args.out} used different settings "
             f"(old, new): {changed}; pass the same flags or use a new --out.")
+      state, meta = ckpt.restore(latest, state)
       per_epoch = meta["per_epoch"]
       start_epoch = latest
       print(f"resumed {args.out} at epoch {latest}", flush=True)
@@ -676,7 +945,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   with open(os.path.join(args.out, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=1)
   save_plot(os.path.join(args.out, "learning_curves.png"), per_epoch,
-            f"{args.dataset}, BN {'on' if args.bn else 'off'}, {args.optimizer} "
+            f"{args.dataset}, {args.api}, BN {'on' if args.bn else 'off'}, "
+            f"{args.optimizer} "
             f"lr {args.lr:g}, batch {args.batch_size}: final test accuracy "
             f"{metrics['test_accuracy']:.4f}")
   print(f"test accuracy {metrics['test_accuracy']:.4f} after {args.epochs} epochs, "

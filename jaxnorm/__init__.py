@@ -27,7 +27,8 @@ from jaxnorm.pytorch import torch_momentum_to_jaxnorm as torch_momentum_to_jaxno
 
 # Submodules: Flax modules (linen, nnx), PyTorch state dicts (pytorch),
 # BatchNorm folding (folding), statistics recalibration (recalibration), and
-# interop, which re-exports the last three.
+# interop, which re-exports the last three. Equinox modules (equinox) are
+# imported on first use (__getattr__ below).
 from jaxnorm import folding as folding
 from jaxnorm import interop as interop
 from jaxnorm import pytorch as pytorch
@@ -36,6 +37,16 @@ from jaxnorm import linen as linen
 from jaxnorm import nnx as nnx
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  """``jaxnorm.equinox``, imported on first use: Equinox is optional
+  (``pip install 'jaxnorm[equinox]'``), so ``import jaxnorm`` does not need
+  it."""
+  if name == "equinox":
+    import importlib  # pylint: disable=import-outside-toplevel
+    return importlib.import_module("jaxnorm.equinox")
+  raise AttributeError(f"module 'jaxnorm' has no attribute {name!r}")
 
 __all__ = [
     "BatchNormState",

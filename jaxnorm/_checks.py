@@ -7,9 +7,11 @@ what came, and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -194,8 +196,18 @@ def check_param(
   return p
 
 
-def check_mask(fn: str, mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
-  """Checks that ``mask`` is boolean and broadcasts to ``x_shape``."""
+_MASK_FIX = ("Fix: give it x's shape, or keep size-1 dimensions where it "
+             "does not vary (e.g. (N, 1, 1, 1) for whole examples of an NHWC "
+             "batch).")
+
+
+def check_mask(fn: str, mask: Any, x_shape: tuple[int, ...], *,
+               fix: str = _MASK_FIX) -> jax.Array | None:
+  """Checks that ``mask`` is boolean and broadcasts to ``x_shape``.
+
+  ``fix`` ends the message of a shape mismatch (a front-end phrases it in
+  its own terms).
+  """
   if mask is None:
     return None
   try:
@@ -216,9 +228,7 @@ def check_mask(fn: str, mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None
   if out != tuple(x_shape):
     raise ValueError(
         f"{fn}: `mask` of shape {tuple(mask.shape)} does not broadcast to x's "
-        f"shape {tuple(x_shape)}. Fix: give it x's shape, or keep size-1 "
-        f"dimensions where it does not vary (e.g. (N, 1, 1, 1) for whole "
-        f"examples of an NHWC batch)."
+        f"shape {tuple(x_shape)}. {fix}"
     )
   # Same rank as x (leading size-1 axes), so no rank promotion is needed.
   return mask.reshape((1,) * (len(x_shape) - mask.ndim) + tuple(mask.shape))
@@ -357,15 +367,38 @@ def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
   return float(v)
 
 
-def check_float_dtype(fn: str, name: str, dtype: Any) -> Any:
-  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype."""
+def check_float_dtype(fn: str, name: str, dtype: Any, *,
+                      fix: str | None = None) -> Any:
+  """A floating dtype (``jnp.float32``, ``"bfloat16"``, ...), as a dtype.
+
+  ``fix`` ends the message (default: the residual stream's).
+  """
   try:
     dt = jnp.dtype(dtype)
   except TypeError:
     dt = None
   if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    fix = fix or (f"Fix: pass {name}=jnp.float32 for a float32 residual "
+                  f"stream.")
     raise TypeError(
         f"{fn}: `{name}` must be a floating dtype (e.g. jnp.float32 or "
-        f"jnp.bfloat16) or None; got {dtype!r}. Fix: pass "
-        f"{name}=jnp.float32 for a float32 residual stream.")
+        f"jnp.bfloat16) or None; got {dtype!r}. {fix}")
   return dt
+
+
+@contextlib.contextmanager
+def raised_as(who: str) -> Iterator[None]:
+  """Re-raises a pure function's error phrased for the layer ``who``.
+
+  A ``ValueError``/``TypeError`` whose message starts with a function name
+  (``"batch_norm_train: ..."``) is raised again, of the same type and
+  chained to it, with ``who`` (e.g. ``"jaxnorm.nnx.BatchNorm(num_features=3)"``)
+  in place of that name; any other error passes through unchanged.
+  """
+  try:
+    yield
+  except (ValueError, TypeError) as e:
+    head, sep, rest = str(e).partition(": ")
+    if sep and re.fullmatch(r"[a-z_]+", head):
+      raise type(e)(f"{who}: {rest}") from e
+    raise

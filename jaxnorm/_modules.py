@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,14 +70,8 @@ def _module_errors(mdl: Any) -> Iterator[None]:
   ``_who(mdl)`` takes the place of the function's name, so a module user
   reads the module's name (and its options) in the message.
   """
-  try:
+  with _checks.raised_as(_who(mdl)):
     yield
-  except (ValueError, TypeError) as e:
-    msg = str(e)
-    head, sep, rest = msg.partition(": ")
-    if sep and re.fullmatch(r"[a-z_]+", head):
-      raise type(e)(f"{_who(mdl)}: {rest}") from e
-    raise
 
 
 def _run(mdl: Any, x: ArrayLike, params: list[jax.Array | None], fn,

@@ -86,6 +86,12 @@ def _check_pytorch(ns):
   assert int(ns["state"].count) == 10
 
 
+def _check_equinox(ns):
+  assert ns["logits"].shape == (32, 10)
+  assert np.isfinite(float(ns["value"]))
+  assert int(ns["state"].get(ns["model"].norm.batch_counter)) == 3
+
+
 CHECKS = {
     "guides/getting-started.md": {
         "import jaxnorm.linen as jnn  # drop-in": _check_linen,
@@ -94,6 +100,7 @@ CHECKS = {
     "guides/batchnorm.md": {"# Debiased EMA": _check_debias},
     "guides/distributed.md": {"axis_name=\"devices\"": _check_masked_devices},
     "guides/pytorch.md": {"def stats_fn": _check_pytorch},
+    "guides/equinox.md": {"import jaxnorm.equinox as jnx": _check_equinox},
 }
 
 
@@ -143,7 +150,8 @@ def test_readme_links_every_guide_and_the_toctree_lists_it():
 def test_every_public_name_has_a_docstring():
   assert api_names.missing_docstrings() == []
   names = api_names.public_names()
-  assert {"jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.interop"} <= set(names)
+  assert {"jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.equinox",
+          "jaxnorm.interop"} <= set(names)
   assert "BatchNormState" in names["jaxnorm"]
 
 

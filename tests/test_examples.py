@@ -148,6 +148,35 @@ def test_train_cnn_without_bn_checkpoints_empty_batch_stats(tmp_path, capsys):
   assert "BatchNorm_0" not in state["params"]
 
 
+@pytest.mark.parametrize("api", ["nnx", "equinox"])
+def test_train_cnn_other_front_ends_train_checkpoint_and_resume(
+    tmp_path, api):
+  """--api nnx / equinox: the same example CNN, data and optimizer through
+  the shared step, evaluation and checkpoints; a resumed run continues, and
+  resuming with another --api is refused."""
+  out = str(tmp_path / api)
+  metrics = train_cnn.main(SMOKE + ["--api", api, "--epochs", "1",
+                                    "--out", out])
+  assert metrics["config"]["api"] == api
+  assert metrics["test_accuracy"] > CHANCE + 0.2
+  with pytest.raises(ValueError, match="'api': \\('" + api):
+    train_cnn.main(SMOKE + ["--epochs", "2", "--out", out, "--resume"])
+  resumed = train_cnn.main(SMOKE + ["--api", api, "--epochs", "2", "--out",
+                                    out, "--resume"])
+  assert resumed["per_epoch"]["epoch"] == [1, 2]
+  state, meta = train_cnn.restore_run(out)
+  assert meta["config"]["api"] == api
+  stats = jax.tree.leaves(state["batch_stats"])
+  # Three BatchNorms: mean and var (and Equinox's counters).
+  assert len(stats) == (6 if api == "nnx" else 9)
+  fresh = train_cnn.init_state(
+      train_cnn.make_model(api), train_cnn.make_optimizer("adam"),
+      jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  assert jax.tree.structure(fresh) == jax.tree.structure(state)
+  assert not all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(fresh["params"]), jax.tree.leaves(state["params"])))
+
+
 def test_batchnorm_claims_smoke(tmp_path, capsys):
   out = str(tmp_path / "claims")
   summary = batchnorm_claims.main(["--smoke", "--out", out])
@@ -222,10 +251,20 @@ diff = jax.tree.map(lambda a, b: float(np.max(np.abs(f64(a) - f64(b)))),
                     par, one)
 moved = jax.tree.map(lambda a, b: float(np.max(np.abs(f64(a) - f64(b)))),
                      one["params"], state["params"])
+# The Equinox model (vmap inside shard_map, pmap's gradient convention).
+eqx_n = tc.make_model("equinox", axis_name=tc.BATCH_AXIS)
+eqx_state = tc.init_state(eqx_n, tx, jax.random.key(0), x[:2], 0.1)
+eqx_one = tc.make_train_step(tc.make_model("equinox"), tx)(eqx_state, x, y)[0]
+eqx_par = tc.make_train_step(eqx_n, tx, mesh)(
+    jax.device_put(eqx_state, NamedSharding(mesh, P())),
+    jax.device_put(x, rows), jax.device_put(y, rows))[0]
+eqx_diff = jax.tree.map(lambda a, b: float(np.max(np.abs(f64(a) - f64(b)))),
+                        eqx_par, eqx_one)
 run = tc.main(smoke + ["--devices", str(n), "--out", out])
 print(json.dumps({
     "device_count": jax.device_count(),
     "state_diff": max(jax.tree.leaves(diff)),
+    "equinox_state_diff": max(jax.tree.leaves(eqx_diff)),
     "param_update": max(jax.tree.leaves(moved)),
     "loss": [float(loss1), float(lossn)],
     "accuracy": [float(acc1), float(accn)],
@@ -265,12 +304,14 @@ def test_train_cnn_data_parallel_step_equals_single_device_step(parallel_run):
   state agree to float rounding (observed <= 6e-8) while the step moves the
   params by ~1e-2; per-device BN statistics (shards of 8, gradients
   averaged) differ from it by 1.5e-2 (measured). The new state stays
-  replicated on the mesh.
+  replicated on the mesh. The same holds for the Equinox model, whose
+  step differentiates each shard's loss and averages the gradients.
   """
   r = parallel_run
   assert r["device_count"] == N_DEVICES
   assert r["param_update"] > 1e-3
   assert r["state_diff"] <= 1e-6, r
+  assert r["equinox_state_diff"] <= 1e-6, r  # --api equinox (observed 1.2e-7)
   assert r["loss"][1] == pytest.approx(r["loss"][0], rel=1e-5)
   assert r["accuracy"][1] == r["accuracy"][0]
   assert r["replicated"], "the new state left the replicated layout"
@@ -317,6 +358,7 @@ def test_train_cnn_more_devices_than_available_says_how_to_get_them(tmp_path):
     (["--limit", "0"], ["--limit", ">= 1", "got 0"]),
     (["--devices", "3"], ["--devices", "divide --batch-size", "64"]),
     (["--resume"], ["--resume needs --out"]),
+    (["--api", "haiku"], ["--api", "invalid choice", "'haiku'"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_train_cnn_bad_flag_is_named(argv, parts, capsys):
   with pytest.raises(SystemExit) as exit_info:

@@ -7,8 +7,9 @@ modules and the interop modules, (5) the package face. Layer 4 is ordered
 within: folding and recalibration work on the pure functions' state only;
 ``linen`` (recalibration for its modules) and ``pytorch`` (reading a state
 as folding does) build on them; ``nnx`` reuses ``linen``'s helpers;
-``interop`` re-exports the three interop modules. The Flax modules never
-import the PyTorch converter.
+``interop`` re-exports the three interop modules; ``equinox`` (Equinox's
+layers) imports the pure functions and the checks alone, nothing of flax.
+The Flax modules never import the PyTorch converter.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ LAYERS = {
     "_scaling": 2.5,
     "batch_norm": 3, "variants": 3, "weight_norm": 3, "residual": 3,
     "dynamic_tanh": 3,
-    "folding": 4.0, "recalibration": 4.0, "_modules": 4.0,
+    "folding": 4.0, "recalibration": 4.0, "_modules": 4.0, "equinox": 4.0,
     "linen": 4.1, "pytorch": 4.1,
     "nnx": 4.2, "interop": 4.2,
     "__init__": 5, "kernels/__init__": 5, "kernels/__main__": 5.1,
@@ -78,6 +79,17 @@ def test_imports_go_down_the_layers(module):
 @pytest.mark.parametrize("module", ["linen", "nnx"])
 def test_flax_modules_do_not_depend_on_the_pytorch_converter(module):
   assert not {"pytorch", "interop"} & _imports(PACKAGE / f"{module}.py")
+
+
+def test_equinox_front_end_stands_on_the_pure_functions_alone():
+  assert _imports(PACKAGE / "equinox.py") <= {"_checks", "batch_norm",
+                                               "variants", "weight_norm"}
+  tree = ast.parse((PACKAGE / "equinox.py").read_text())
+  outside = {a.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, ast.Import) for a in node.names}
+  outside |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module}
+  assert "flax" not in outside
 
 
 def test_interop_reexports_every_name_of_the_three_modules():
