@@ -37,6 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxnorm
+import jaxnorm.kernels
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jx
 
@@ -629,16 +630,19 @@ def test_inference_is_shift_stable(shift, dtype):
   assert e_infer <= e_train + state_rounding + 1e-6, (e_infer, e_train)
 
 
-def test_inference_is_one_fused_pass():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_inference_is_one_pass(kernels):
   # Centring first adds no activation-sized temporary: the optimized HLO
-  # of batch_norm_infer is a single fusion reading x.
+  # of batch_norm_infer is a single pass reading x (XLA's fusion, or the
+  # CPU kernel where it is built).
   x = jnp.ones((64, 32, 32, 16))
-  hlo = jax.jit(jaxnorm.batch_norm_infer).lower(
-      x, jaxnorm.batch_norm_init(16)).compile().as_text()
+  with jaxnorm.kernels.enabled(kernels):
+    hlo = jax.jit(jaxnorm.batch_norm_infer).lower(
+        x, jaxnorm.batch_norm_init(16)).compile().as_text()
   entry = hlo[hlo.index("ENTRY"):]
-  fusions = [l for l in entry.splitlines() if " fusion(" in l
-             or "fusion." in l.split("=")[0]]
-  assert len([l for l in fusions if "f32[64,32,32,16]" in l.split("=")[1]
+  passes = [l for l in entry.splitlines() if " fusion(" in l
+            or "fusion." in l.split("=")[0] or "custom-call(" in l]
+  assert len([l for l in passes if "f32[64,32,32,16]" in l.split("=")[1]
               ]) == 1, entry
 
 
