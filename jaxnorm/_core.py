@@ -595,17 +595,19 @@ def _tangent_map(cfg: _Config, shapes, res, tangents):
   return ty
 
 
-# A forward-only LayerNorm/RMSNorm of fewer float32 elements than this (a
-# decoding step's rows) runs as XLA ops: measured on 2 cores at 8x1x4096,
-# the kernel took 22-26 us a call in a loop and XLA's fusions 12-22 us. In
-# bfloat16 the kernel leads at every size (16-20 us against 16-42 us).
-_ROW_FORWARD_MIN_F32 = 1 << 16
+# A forward-only float32 RMSNorm of fewer elements than this (a decoding
+# step's rows) runs as XLA ops: in the benchmark at 8x1x4096 on 2 cores,
+# 12 us a call against the kernel's 15 us. LayerNorm keeps the kernel there
+# (18 us against XLA ops' 31 us, whose pilot mean is a fusion of its own),
+# and so does bfloat16 (15-18 us against 17-56 us).
+_RMS_FORWARD_MIN_F32 = 1 << 16
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize(cfg: _Config, x, scale, bias, mask):
   if cfg.kernel == "rows":
-    if x.dtype != jnp.float32 or x.size >= _ROW_FORWARD_MIN_F32:
+    if (cfg.center or x.dtype != jnp.float32 or
+        x.size >= _RMS_FORWARD_MIN_F32):
       return _row_forward(cfg, x, scale, bias)
     cfg = dataclasses.replace(cfg, kernel=None)
   return _forward(cfg, x, scale, bias, mask, y_kernel=True)[0]

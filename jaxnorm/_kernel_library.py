@@ -226,6 +226,6 @@ def load() -> Status:
   if not status.loaded and not disabled_by_env():
     warnings.warn(
         f"jaxnorm: CPU kernels unavailable ({status.detail}); LayerNorm, "
-        f"RMSNorm and BatchNorm run as XLA ops, 1.5-5x slower on CPU. "
+        f"RMSNorm and BatchNorm run as XLA ops, 1.4-3x slower on CPU. "
         f"Fix: {status.fix}.", KernelsUnavailableWarning, stacklevel=2)
   return status

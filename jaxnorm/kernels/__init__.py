@@ -5,7 +5,7 @@ run fused C++ kernels (XLA FFI) that jaxnorm compiles on first use (about
 5 s, once per jaxlib version and CPU) and caches; GPU and TPU programs, and
 programs lowered or exported for them, never contain them. Without the
 kernels the same ops run as XLA ops, with the same results to rounding,
-1.5-5x slower on CPU; the first time that happens a
+1.4-3x slower on CPU; the first time that happens a
 :class:`KernelsUnavailableWarning` says why.
 
 From the shell::
@@ -91,6 +91,10 @@ def status(build: bool = False) -> KernelStatus:
   elif found is None and not build and _kernel_library.loaded() is None:
     reason = ("not built yet: compiled on the first op traced on the CPU, "
               "or by `python -m jaxnorm.kernels build`")
+    if _kernel_library.compiler() is None:
+      reason = ("not built, and no C++ compiler ($CXX, c++ or g++) to build "
+                "them: install one (e.g. `apt-get install g++`), then run "
+                "`python -m jaxnorm.kernels build`")
   else:
     state = _kernel_library.load()
     found = state.library or found
