@@ -122,7 +122,7 @@ class BatchNorm(nn.Module):
   ``momentum``; in eval mode the running statistics replace the batch ones.
   It calls ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
 
-  Research and convention options (issue 8), all as in
+  Research and convention options, all as in
   ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
   PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
   (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),

@@ -161,7 +161,7 @@ class BatchNorm(_Affine):
   ``momentum``; eval mode uses the running statistics. Calls
   ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
 
-  Research and convention options (issue 8), as in
+  Research and convention options, as in
   ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
   PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
   (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),
