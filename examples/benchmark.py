@@ -438,25 +438,32 @@ def bench_op(kind: str, op: str, shape: tuple[int, ...], dtype: Any,
            for k, f in fwds.items()}
   jitted = {k: jax.jit(f) for k, f in fns.items()}
   calls = {k: (lambda j: lambda: j(x, s, b, dy))(j) for k, j in jitted.items()}
-  tc = torch_call(kind, op, np.asarray(x))
-  if tc is not None:
-    calls["pytorch"] = tc
-  times = time_interleaved(calls, repeats)
-  rows = []
-  for k, t in times.items():
-    row = {"op": f"{kind} {op}", "shape": "x".join(map(str, shape)),
-           "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
-           "vs_flax": times["flax(fast var)"] / t,
-           "floor": (kind, op, shape, dtype),
-           "residual_MB": None, "temp_MB": None}
+  times, rows = _time_rows(kind, op, shape, dtype, calls, np.asarray(x),
+                           repeats)
+  for row in rows:
+    k = row["contender"]
     if k in fwds and op == "fwd+bwd":
       row["residual_MB"] = residual_bytes(fwds[k], x, s, b) / 2**20
     if k in jitted:
       ma = jitted[k].lower(x, s, b, dy).compile().memory_analysis()
       if ma is not None:
         row["temp_MB"] = ma.temp_size_in_bytes / 2**20
-    rows.append(row)
   return _with_best(rows, times)
+
+
+def _time_rows(kind, op, shape, dtype, calls, x, repeats):
+  """Times ``calls`` (and PyTorch's contender) interleaved: one table row
+  per contender, without the memory columns (None)."""
+  tc = torch_call(kind, op, x)
+  if tc is not None:
+    calls = {**calls, "pytorch": tc}
+  times = time_interleaved(calls, repeats)
+  return times, [
+      {"op": f"{kind} {op}", "shape": "x".join(map(str, shape)),
+       "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
+       "vs_flax": times["flax(fast var)"] / t,
+       "floor": (kind, op, shape, dtype), "residual_MB": None,
+       "temp_MB": None} for k, t in times.items()]
 
 
 def bench_add_op(kind: str, shape: tuple[int, ...], dtype: Any,
@@ -479,21 +486,13 @@ def bench_add_op(kind: str, shape: tuple[int, ...], dtype: Any,
   fwds = add_norm_contenders(kind)
   jitted = {k: grads(f) for k, f in fwds.items()}
   calls = {k: (lambda j: lambda: j(x, r, s, b))(j) for k, j in jitted.items()}
-  tc = torch_call(kind, "fwd+bwd", np.asarray(x))
-  if tc is not None:
-    calls["pytorch"] = tc
-  times = time_interleaved(calls, repeats)
-  rows = []
-  for k, t in times.items():
-    row = {"op": f"{kind} fwd+bwd", "shape": "x".join(map(str, shape)),
-           "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
-           "vs_flax": times["flax(fast var)"] / t,
-           "floor": (kind, "fwd+bwd", shape, dtype), "residual_MB": None,
-           "temp_MB": None}
-    if k in fwds:
+  times, rows = _time_rows(kind, "fwd+bwd", shape, dtype, calls,
+                           np.asarray(x), repeats)
+  for row in rows:
+    if row["contender"] in fwds:
+      f = fwds[row["contender"]]
       row["residual_MB"] = residual_bytes(
-          lambda x, r, s, b, f=fwds[k]: f(x, r, s, b)[0], x, r, s, b) / 2**20
-    rows.append(row)
+          lambda x, r, s, b, f=f: f(x, r, s, b)[0], x, r, s, b) / 2**20
   return _with_best(rows, times)
 
 
