@@ -609,7 +609,8 @@ def _normalize(cfg: _Config, x, scale, bias, mask):
     if (cfg.center or x.dtype != jnp.float32 or
         x.size >= _RMS_FORWARD_MIN_F32):
       return _row_forward(cfg, x, scale, bias)
-    cfg = dataclasses.replace(cfg, kernel=None)
+    # No backward pass to keep apart: the plain graph's spelling.
+    cfg = dataclasses.replace(cfg, kernel=None, cpu=False)
   return _forward(cfg, x, scale, bias, mask, y_kernel=True)[0]
 
 

@@ -123,29 +123,46 @@ inline void StoreV(uint16_t* p, VF v) {
 #endif
 }
 
-// The lanes of v summed in float64.
+// The lanes of v summed in float64, pairwise (a tree of log2(W) steps).
 inline double HSum(VF v) {
-  double out = 0;
-  for (int e = 0; e < W; ++e) out += v[e];
-  return out;
+  double t[W];
+  for (int e = 0; e < W; ++e) t[e] = v[e];
+  for (int half = W / 2; half >= 1; half /= 2) {
+    for (int e = 0; e < half; ++e) t[e] += t[e + half];
+  }
+  return t[0];
 }
 
 // Adds to sums[k] the sums over i < n of terms(i)[k], K of them at once:
 // terms(i) returns K vectors for the W elements from i (i a multiple of W,
 // i + W <= n). Runs of kRun vectors per lane in float32, each run's lanes
-// added to the float64 sums; the caller adds the n % W tail.
+// added to the float64 sums; the caller adds the n % W tail. Within a run,
+// kChains accumulators take every kChains-th vector (independent chains of
+// additions, which the CPU overlaps), then are added pairwise.
+constexpr int kChains = 4;
 template <int K, typename Terms>
 inline void VecSums(int64_t n, Terms terms, double* sums) {
   const int64_t full = n - n % W;
   for (int64_t s = 0; s < full; s += kRun * W) {
     const int64_t e = std::min(full, s + kRun * W);
-    VF acc[K];
-    for (int k = 0; k < K; ++k) acc[k] = Splat(0.f);
-    for (int64_t i = s; i < e; i += W) {
-      auto t = terms(i);
-      for (int k = 0; k < K; ++k) acc[k] += t[k];
+    VF acc[kChains][K];
+    for (int c = 0; c < kChains; ++c) {
+      for (int k = 0; k < K; ++k) acc[c][k] = Splat(0.f);
     }
-    for (int k = 0; k < K; ++k) sums[k] += HSum(acc[k]);
+    int64_t i = s;
+    for (; i + kChains * W <= e; i += kChains * W) {
+      for (int c = 0; c < kChains; ++c) {
+        auto t = terms(i + c * W);
+        for (int k = 0; k < K; ++k) acc[c][k] += t[k];
+      }
+    }
+    for (int c = 0; i < e; i += W, ++c) {
+      auto t = terms(i);
+      for (int k = 0; k < K; ++k) acc[c][k] += t[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      sums[k] += HSum((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
+    }
   }
 }
 
