@@ -29,6 +29,7 @@ import io
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -75,11 +76,14 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
                      warmup: int = 3) -> dict[str, float]:
   """Median seconds per call of each zero-argument callable, interleaved.
 
-  Each round calls every contender once, starting at a different one each
-  round (so use a multiple of the number of contenders for equal shares).
-  When the fastest contender takes under 2 ms (the decode shape), every
-  contender is called in a loop of as many calls as take that one about
-  2 ms per sample, so the clock's resolution, one-off jitter and the final
+  Each round calls every contender once, in an order shuffled anew each
+  round (a fixed pseudo-random sequence): a call is slowed by the one
+  before it (PyTorch's OpenMP threads keep spinning for a while after its
+  call; a call that left the same inputs in cache speeds the next), so
+  every contender follows each other one about equally often. When the
+  fastest contender takes under 2 ms (the decode shape), every contender
+  is called in a loop of as many calls as take that one about 2 ms per
+  sample, so the clock's resolution, one-off jitter and the final
   synchronization do not decide the median; the same loop for all, so the
   synchronization weighs the same in each.
   """
@@ -91,11 +95,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
       fastest = min(fastest, time.perf_counter() - t0)
   loops = max(1, min(1000, int(2e-3 / max(fastest, 1e-7))))
   samples: dict[str, list[float]] = {k: [] for k in fns}
-  names = list(fns)
-  for r in range(repeats):
-    # Rotate the order every round: a call runs faster right after one that
-    # left the same inputs in cache, so a fixed order would favour some.
-    for k in names[r % len(names):] + names[:r % len(names)]:
+  order = list(fns)
+  shuffle = random.Random(0).shuffle
+  for _ in range(repeats):
+    shuffle(order)
+    for k in order:
       t0 = time.perf_counter()
       for _ in range(loops):
         out = fns[k]()

@@ -773,13 +773,24 @@ T* Out(ffi::Result<ffi::AnyBuffer>& a) {
   return static_cast<T*>(a->untyped_data());
 }
 
-ffi::Error RowFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+// The handlers' parameters, from which XLA_FFI_DEFINE_HANDLER_AUTO derives
+// each binding: the thread pool (a context), the arguments and results in
+// order, then the named attributes.
+struct Pool : ffi::ThreadPool {
+  Pool(ffi::ThreadPool pool) : ffi::ThreadPool(pool) {}  // NOLINT
+};
+constexpr char kCenter[] = "center";
+constexpr char kEpsilon[] = "epsilon";
+using Center = ffi::Attr<bool, kCenter>;
+using Epsilon = ffi::Attr<float, kEpsilon>;
+
+ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                       ffi::Result<ffi::AnyBuffer> y,
                       ffi::ResultBuffer<ffi::F32> hi,
                       ffi::ResultBuffer<ffi::F32> lo,
-                      ffi::ResultBuffer<ffi::F32> var, bool center,
-                      float epsilon) {
+                      ffi::ResultBuffer<ffi::F32> var, Center center,
+                      Epsilon epsilon) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
   if (x.element_type() != y->element_type()) {
@@ -788,20 +799,20 @@ ffi::Error RowFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
     Forward<T, T>(pool, r, In<T>(x), nullptr, scale.typed_data(),
-                  bias.typed_data(), center, epsilon, Out<T>(y), nullptr,
+                  bias.typed_data(), *center, *epsilon, Out<T>(y), nullptr,
                   hi->typed_data(), lo->typed_data(), var->typed_data());
   });
 }
 
-ffi::Error AddFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error AddFwdImpl(Pool pool, ffi::AnyBuffer x,
                       ffi::AnyBuffer res, ffi::Buffer<ffi::F32> scale,
                       ffi::Buffer<ffi::F32> bias,
                       ffi::Result<ffi::AnyBuffer> y,
                       ffi::Result<ffi::AnyBuffer> h,
                       ffi::ResultBuffer<ffi::F32> hi,
                       ffi::ResultBuffer<ffi::F32> lo,
-                      ffi::ResultBuffer<ffi::F32> var, bool center,
-                      float epsilon) {
+                      ffi::ResultBuffer<ffi::F32> var, Center center,
+                      Epsilon epsilon) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
   if (x.element_type() != y->element_type() ||
@@ -813,17 +824,17 @@ ffi::Error AddFwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using TX = decltype(tx);
     using TH = decltype(th);
     Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), scale.typed_data(),
-                    bias.typed_data(), center, epsilon, Out<TX>(y),
+                    bias.typed_data(), *center, *epsilon, Out<TX>(y),
                     Out<TH>(h), hi->typed_data(), lo->typed_data(),
                     var->typed_data());
   });
 }
 
-ffi::Error AddStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error AddStatsImpl(Pool pool, ffi::AnyBuffer x,
                         ffi::AnyBuffer res, ffi::Result<ffi::AnyBuffer> h,
                         ffi::ResultBuffer<ffi::F32> hi,
                         ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, bool center) {
+                        ffi::ResultBuffer<ffi::F32> var, Center center) {
   Rows r;
   if (auto e = GetRows(x, x, &r); e.failure()) return e;
   if (res.element_type() != h->element_type() || !Float(x) || !Float(res)) {
@@ -834,31 +845,31 @@ ffi::Error AddStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   return ByDtypes(x, res, [&](auto tx, auto th) {
     using TX = decltype(tx);
     using TH = decltype(th);
-    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), &one, &one, center,
+    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), &one, &one, *center,
                     0.f, static_cast<TX*>(nullptr), Out<TH>(h),
                     hi->typed_data(), lo->typed_data(), var->typed_data());
   });
 }
 
-ffi::Error RowStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error RowStatsImpl(Pool pool, ffi::AnyBuffer x,
                         ffi::ResultBuffer<ffi::F32> hi,
                         ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, bool center) {
+                        ffi::ResultBuffer<ffi::F32> var, Center center) {
   Rows r;
   if (auto e = GetRows(x, x, &r); e.failure()) return e;
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
-    Stats(pool, r, In<T>(x), center, hi->typed_data(), lo->typed_data(),
+    Stats(pool, r, In<T>(x), *center, hi->typed_data(), lo->typed_data(),
           var->typed_data());
   });
 }
 
-ffi::Error RowBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error RowBwdImpl(Pool pool, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::F32> hi, ffi::Buffer<ffi::F32> lo,
                       ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
                       ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
                       ffi::ResultBuffer<ffi::F32> dscale,
-                      ffi::ResultBuffer<ffi::F32> dbias, bool center) {
+                      ffi::ResultBuffer<ffi::F32> dbias, Center center) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
   if (x.element_type() != dy.element_type() ||
@@ -869,18 +880,18 @@ ffi::Error RowBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     using T = decltype(tag);
     Backward<T, T>(pool, r, In<T>(x), hi.typed_data(), lo.typed_data(),
                    rstd.typed_data(), scale.typed_data(), In<T>(dy), nullptr,
-                   center, Out<T>(dx), dscale->typed_data(),
+                   *center, Out<T>(dx), dscale->typed_data(),
                    dbias->typed_data());
   });
 }
 
-ffi::Error AddBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer h,
+ffi::Error AddBwdImpl(Pool pool, ffi::AnyBuffer h,
                       ffi::Buffer<ffi::F32> hi, ffi::Buffer<ffi::F32> lo,
                       ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
                       ffi::AnyBuffer dy, ffi::AnyBuffer dh,
                       ffi::Result<ffi::AnyBuffer> dx,
                       ffi::ResultBuffer<ffi::F32> dscale,
-                      ffi::ResultBuffer<ffi::F32> dbias, bool center) {
+                      ffi::ResultBuffer<ffi::F32> dbias, Center center) {
   Rows r;
   if (auto e = GetRows(h, scale, &r); e.failure()) return e;
   if (h.element_type() != dh.element_type() ||
@@ -893,7 +904,7 @@ ffi::Error AddBwdImpl(ffi::ThreadPool pool, ffi::AnyBuffer h,
     using TD = decltype(td);
     Backward<TH, TD>(pool, r, In<TH>(h), hi.typed_data(), lo.typed_data(),
                      rstd.typed_data(), scale.typed_data(), In<TD>(dy),
-                     In<TH>(dh), center, Out<TH>(dx), dscale->typed_data(),
+                     In<TH>(dh), *center, Out<TH>(dx), dscale->typed_data(),
                      dbias->typed_data());
   });
 }
@@ -913,23 +924,23 @@ Cols GetCols(const ffi::AnyBuffer& x, int64_t out_count) {
   return Cols{batches, total / batches, c};
 }
 
-ffi::Error ColStatsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error ColStatsImpl(Pool pool, ffi::AnyBuffer x,
                         ffi::ResultBuffer<ffi::F32> hi,
                         ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, bool center) {
+                        ffi::ResultBuffer<ffi::F32> var, Center center) {
   Cols k = GetCols(x, static_cast<int64_t>(hi->element_count()));
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t b = 0; b < k.batches; ++b) {
       int64_t so = b * k.c;
-      ColStats(pool, k.rows, k.c, In<T>(x) + b * k.rows * k.c, center,
+      ColStats(pool, k.rows, k.c, In<T>(x) + b * k.rows * k.c, *center,
                hi->typed_data() + so, lo->typed_data() + so,
                var->typed_data() + so);
     }
   });
 }
 
-ffi::Error ColSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error ColSumsImpl(Pool pool, ffi::AnyBuffer x,
                        ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> hi,
                        ffi::Buffer<ffi::F32> lo,
                        ffi::ResultBuffer<ffi::F32> sg,
@@ -949,7 +960,7 @@ ffi::Error ColSumsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error ColApplyImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+ffi::Error ColApplyImpl(Pool pool, ffi::AnyBuffer x,
                         ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> d,
                         ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
                         ffi::Result<ffi::AnyBuffer> y) {
@@ -970,58 +981,20 @@ ffi::Error ColApplyImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 }  // namespace
 
-// The bindings: ffi::Ffi::Bind() with the thread pool, then the buffers in
-// the order of the Impl functions above, then the attributes.
-#define JAXNORM_F32 ffi::Buffer<ffi::F32>
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormRowFwd, RowFwdImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Ret<ffi::AnyBuffer>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
-        .Attr<bool>("center").Attr<float>("epsilon"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormAddFwd, AddFwdImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<ffi::AnyBuffer>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
-        .Ret<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center")
-        .Attr<float>("epsilon"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormAddStats, AddStatsImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormAddBwd, AddBwdImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
-        .Arg<JAXNORM_F32>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
-        .Ret<ffi::AnyBuffer>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
-        .Attr<bool>("center"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormRowStats, RowStatsImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
-        .Attr<bool>("center"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormRowBwd, RowBwdImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
-        .Arg<JAXNORM_F32>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Attr<bool>("center"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormColStats, ColStatsImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>().Ret<JAXNORM_F32>()
-        .Attr<bool>("center"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormColSums, ColSumsImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<ffi::AnyBuffer>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
-        .Ret<JAXNORM_F32>().Ret<JAXNORM_F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    JaxnormColApply, ColApplyImpl,
-    ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>()
-        .Arg<JAXNORM_F32>().Arg<JAXNORM_F32>().Arg<JAXNORM_F32>()
-        .Arg<JAXNORM_F32>().Ret<ffi::AnyBuffer>());
-#undef JAXNORM_F32
+namespace xla::ffi {
+template <>
+struct CtxBinding<Pool> {
+  using Ctx = ThreadPool;
+};
+}  // namespace xla::ffi
+
+// The handlers, each bound by its Impl function's parameter types.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowFwd, RowFwdImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormAddFwd, AddFwdImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormAddStats, AddStatsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormAddBwd, AddBwdImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowStats, RowStatsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowBwd, RowBwdImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColStats, ColStatsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColSums, ColSumsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColApply, ColApplyImpl);
