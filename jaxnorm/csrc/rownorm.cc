@@ -783,13 +783,12 @@ constexpr char kCenter[] = "center";
 constexpr char kEpsilon[] = "epsilon";
 using Center = ffi::Attr<bool, kCenter>;
 using Epsilon = ffi::Attr<float, kEpsilon>;
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Out = ffi::ResultBuffer<ffi::F32>;
+using AnyOut = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x,
-                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                      ffi::Result<ffi::AnyBuffer> y,
-                      ffi::ResultBuffer<ffi::F32> hi,
-                      ffi::ResultBuffer<ffi::F32> lo,
-                      ffi::ResultBuffer<ffi::F32> var, Center center,
+ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x, F32 scale, F32 bias,
+                      AnyOut y, F32Out hi, F32Out lo, F32Out var, Center center,
                       Epsilon epsilon) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
@@ -804,15 +803,9 @@ ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error AddFwdImpl(Pool pool, ffi::AnyBuffer x,
-                      ffi::AnyBuffer res, ffi::Buffer<ffi::F32> scale,
-                      ffi::Buffer<ffi::F32> bias,
-                      ffi::Result<ffi::AnyBuffer> y,
-                      ffi::Result<ffi::AnyBuffer> h,
-                      ffi::ResultBuffer<ffi::F32> hi,
-                      ffi::ResultBuffer<ffi::F32> lo,
-                      ffi::ResultBuffer<ffi::F32> var, Center center,
-                      Epsilon epsilon) {
+ffi::Error AddFwdImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer res,
+                      F32 scale, F32 bias, AnyOut y, AnyOut h, F32Out hi,
+                      F32Out lo, F32Out var, Center center, Epsilon epsilon) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
   if (x.element_type() != y->element_type() ||
@@ -830,11 +823,9 @@ ffi::Error AddFwdImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error AddStatsImpl(Pool pool, ffi::AnyBuffer x,
-                        ffi::AnyBuffer res, ffi::Result<ffi::AnyBuffer> h,
-                        ffi::ResultBuffer<ffi::F32> hi,
-                        ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, Center center) {
+ffi::Error AddStatsImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer res,
+                        AnyOut h, F32Out hi, F32Out lo, F32Out var,
+                        Center center) {
   Rows r;
   if (auto e = GetRows(x, x, &r); e.failure()) return e;
   if (res.element_type() != h->element_type() || !Float(x) || !Float(res)) {
@@ -851,10 +842,8 @@ ffi::Error AddStatsImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error RowStatsImpl(Pool pool, ffi::AnyBuffer x,
-                        ffi::ResultBuffer<ffi::F32> hi,
-                        ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, Center center) {
+ffi::Error RowStatsImpl(Pool pool, ffi::AnyBuffer x, F32Out hi, F32Out lo,
+                        F32Out var, Center center) {
   Rows r;
   if (auto e = GetRows(x, x, &r); e.failure()) return e;
   return ByDtype(x, [&](auto tag) {
@@ -864,12 +853,9 @@ ffi::Error RowStatsImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error RowBwdImpl(Pool pool, ffi::AnyBuffer x,
-                      ffi::Buffer<ffi::F32> hi, ffi::Buffer<ffi::F32> lo,
-                      ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
-                      ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-                      ffi::ResultBuffer<ffi::F32> dscale,
-                      ffi::ResultBuffer<ffi::F32> dbias, Center center) {
+ffi::Error RowBwdImpl(Pool pool, ffi::AnyBuffer x, F32 hi, F32 lo, F32 rstd,
+                      F32 scale, ffi::AnyBuffer dy, AnyOut dx, F32Out dscale,
+                      F32Out dbias, Center center) {
   Rows r;
   if (auto e = GetRows(x, scale, &r); e.failure()) return e;
   if (x.element_type() != dy.element_type() ||
@@ -885,13 +871,9 @@ ffi::Error RowBwdImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error AddBwdImpl(Pool pool, ffi::AnyBuffer h,
-                      ffi::Buffer<ffi::F32> hi, ffi::Buffer<ffi::F32> lo,
-                      ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
-                      ffi::AnyBuffer dy, ffi::AnyBuffer dh,
-                      ffi::Result<ffi::AnyBuffer> dx,
-                      ffi::ResultBuffer<ffi::F32> dscale,
-                      ffi::ResultBuffer<ffi::F32> dbias, Center center) {
+ffi::Error AddBwdImpl(Pool pool, ffi::AnyBuffer h, F32 hi, F32 lo, F32 rstd,
+                      F32 scale, ffi::AnyBuffer dy, ffi::AnyBuffer dh,
+                      AnyOut dx, F32Out dscale, F32Out dbias, Center center) {
   Rows r;
   if (auto e = GetRows(h, scale, &r); e.failure()) return e;
   if (h.element_type() != dh.element_type() ||
@@ -924,10 +906,8 @@ Cols GetCols(const ffi::AnyBuffer& x, int64_t out_count) {
   return Cols{batches, total / batches, c};
 }
 
-ffi::Error ColStatsImpl(Pool pool, ffi::AnyBuffer x,
-                        ffi::ResultBuffer<ffi::F32> hi,
-                        ffi::ResultBuffer<ffi::F32> lo,
-                        ffi::ResultBuffer<ffi::F32> var, Center center) {
+ffi::Error ColStatsImpl(Pool pool, ffi::AnyBuffer x, F32Out hi, F32Out lo,
+                        F32Out var, Center center) {
   Cols k = GetCols(x, static_cast<int64_t>(hi->element_count()));
   return ByDtype(x, [&](auto tag) {
     using T = decltype(tag);
@@ -940,11 +920,8 @@ ffi::Error ColStatsImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error ColSumsImpl(Pool pool, ffi::AnyBuffer x,
-                       ffi::AnyBuffer dy, ffi::Buffer<ffi::F32> hi,
-                       ffi::Buffer<ffi::F32> lo,
-                       ffi::ResultBuffer<ffi::F32> sg,
-                       ffi::ResultBuffer<ffi::F32> sgd) {
+ffi::Error ColSumsImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, F32 hi,
+                       F32 lo, F32Out sg, F32Out sgd) {
   Cols k = GetCols(x, static_cast<int64_t>(sg->element_count()));
   if (x.element_type() != dy.element_type()) {
     return ffi::Error::InvalidArgument("x and dy dtypes differ");
@@ -960,10 +937,8 @@ ffi::Error ColSumsImpl(Pool pool, ffi::AnyBuffer x,
   });
 }
 
-ffi::Error ColApplyImpl(Pool pool, ffi::AnyBuffer x,
-                        ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> d,
-                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
-                        ffi::Result<ffi::AnyBuffer> y) {
+ffi::Error ColApplyImpl(Pool pool, ffi::AnyBuffer x, F32 m, F32 d, F32 k, F32 b,
+                        AnyOut y) {
   Cols q = GetCols(x, static_cast<int64_t>(m.element_count()));
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("y dtype != x dtype");
