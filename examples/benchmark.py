@@ -51,7 +51,6 @@ import numpy as np
 
 import jaxnorm
 import jaxnorm.kernels
-from jaxnorm.reference import normalize_reference
 
 # PyTorch's OpenMP threads otherwise spin after each call, taking a core
 # from whichever contender runs next (on 2 cores that skews every ratio).
@@ -110,6 +109,24 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
 
 # --------------------------------------------------------------------------
 # Contenders per op
+
+
+def normalize_reference(x, scale, bias, *, axes, epsilon, center=True):
+  """The plain-jnp contender: two-pass statistics, differentiated by JAX.
+
+  ``scale * (x - mean) / sqrt(var + epsilon) + bias`` over ``axes``, the
+  statistics in at least float32; ``center=False`` gives RMSNorm.
+  """
+  dt = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(dt)
+  mean = jnp.mean(xf, axes, keepdims=True) if center else 0.0
+  var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + epsilon)
+  if scale is not None:
+    y = y * scale.astype(dt)
+  if bias is not None:
+    y = y + bias.astype(dt)
+  return y.astype(x.dtype)
 
 
 def bn_forwards(c: int, red: tuple[int, ...]) -> dict[str, Callable]:
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--json", default=None, help="write the rows to this file")
   p.add_argument("--only", default=None,
                  help="run only cases whose name ('rms_norm fwd+bwd "
-                 "32x512x1024', 'train step: seed CNN') contains one of "
+                 "32x512x1024', 'train step: example CNN') contains one of "
                  "these comma-separated strings")
   args = p.parse_args(argv)
   wanted = lambda name: not args.only or any(
