@@ -114,11 +114,7 @@ def layer_norm(
       negative ``epsilon``, a NaN or infinite ``scale_offset``, an unbound
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
-  return _row_norm("layer_norm", x, scale, bias, center=True,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _row_norm(_checks.caller("layer_norm"), center=True, **locals())
 
 
 def rms_norm(
@@ -176,18 +172,15 @@ def rms_norm(
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
-  return _row_norm("rms_norm", x, scale, None, center=False,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _row_norm(_checks.caller("rms_norm"), center=False, **locals())
 
 
 layer_norm.__doc__ = layer_norm.__doc__.replace("{conventions}", _CONVENTIONS)
 rms_norm.__doc__ = rms_norm.__doc__.replace("{conventions}", _CONVENTIONS)
 
 
-def _row_norm(fn, x, scale, bias, **options):
+def _row_norm(fn: str, x, scale, bias=None, **options) -> jax.Array:
+  """``layer_norm``/``rms_norm`` (``options``: their keyword arguments)."""
   x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
                                                       **options)
   return finish(_core.normalize(x, scale, bias, mask, **kw)[0])
@@ -250,7 +243,7 @@ def group_norm(
       shapes, negative ``epsilon``, an unbound ``axis_name``,
       ``axis_index_groups`` without ``axis_name``.
   """
-  fn = "group_norm"
+  fn = _checks.caller("group_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
       fn, x, epsilon, mask, axis_name, axis_index_groups)
   if x.ndim < 2:
@@ -347,10 +340,11 @@ def instance_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
     ValueError: bad axes (including axis 0 as a feature axis), no axis left
-      to reduce without ``allow_single``, shape mismatch, negative ``epsilon``, an unbound
-      ``axis_name``, ``axis_index_groups`` without ``axis_name``.
+      to reduce without ``allow_single``, shape mismatch, negative
+      ``epsilon``, an unbound ``axis_name``, ``axis_index_groups`` without
+      ``axis_name``.
   """
-  fn = "instance_norm"
+  fn = _checks.caller("instance_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
       fn, x, epsilon, mask, axis_name, axis_index_groups)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
