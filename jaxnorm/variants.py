@@ -92,12 +92,11 @@ def layer_norm(
     mask: optional boolean array broadcastable to ``x``; False elements are
       left out of the statistics.
     axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
-      ``shard_map`` axis over which ``reduction_axes`` are split: the
-      statistics of each row are merged over it, as if the shards were
-      concatenated. Use it when the normalized axis is sharded across
-      devices, e.g. ``d_model`` split by tensor parallelism (each device
-      holds ``x[..., d_model/k]`` and its slice of ``scale``/``bias``).
-      Unequal or masked shards are merged exactly, weighted by count.
+      ``shard_map`` axis over which ``reduction_axes`` are split (e.g. a
+      tensor-parallel ``d_model``, each device holding its slice of ``x``,
+      ``scale`` and ``bias``): each row's statistics are merged over it,
+      weighted by count, as for the unsplit row (see the distributed
+      guide, ``docs/guides/distributed.md``).
     axis_index_groups: optional replica groups (lists of axis indices)
       within which statistics are merged, as in ``jax.lax.psum``; needs
       ``axis_name``.
