@@ -5,8 +5,12 @@ from jaxnorm.batch_norm import BatchNormState as BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer as batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_init as batch_norm_init
 from jaxnorm.batch_norm import batch_norm_train as batch_norm_train
+from jaxnorm.batch_norm import (
+    batch_norm_train_skip_nonfinite as batch_norm_train_skip_nonfinite)
 from jaxnorm.batch_norm import batch_renorm_schedule as batch_renorm_schedule
 from jaxnorm.batch_norm import batch_renorm_train as batch_renorm_train
+from jaxnorm.batch_norm import (
+    batch_renorm_train_skip_nonfinite as batch_renorm_train_skip_nonfinite)
 from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
@@ -56,8 +60,10 @@ __all__ = [
     "batch_norm_infer",
     "batch_norm_init",
     "batch_norm_train",
+    "batch_norm_train_skip_nonfinite",
     "batch_renorm_schedule",
     "batch_renorm_train",
+    "batch_renorm_train_skip_nonfinite",
     "dyt",
     "fold_batch_norm",
     "group_norm",

@@ -106,8 +106,7 @@ def _fused(cfg: _core._Config, x, residual, scale, bias):
 
 def _shapes(h, scale, bias):
   """``_core._vjp``'s ``shapes`` for the normalization of ``h``."""
-  aval = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
-  return (h.dtype, *((aval(p), frozenset() if p is not None else None)
+  return (h.dtype, *((_core._aval(p), frozenset() if p is not None else None)
                      for p in (scale, bias)))
 
 
@@ -127,17 +126,15 @@ def _kernel_transpose(cfg, shapes, dtypes, res, cts):
   dy, dh = cts
   (_, (scale_aval, _), (bias_aval, _)) = shapes
   rows = functools.partial(_core._as_rows, cfg)
-  per_row = lambda a: a.reshape(h.shape[:h.ndim - len(cfg.axes)])
   g, dscale, dbias = _kernels.add_backward(
-      rows(h), per_row(hi), per_row(lo), per_row(rstd),
+      rows(h), *(_core._per_row(cfg, h, a) for a in (hi, lo, rstd)),
       _core._param_rows(scale, _core._width(cfg, h), 1.0),
       rows(dy), rows(dh.astype(h.dtype)), center=cfg.center)
   g = g.reshape(h.shape)
-  param = lambda d, aval: (None if aval is None else
-                           d.reshape(aval.shape).astype(aval.dtype))
   x_dtype, r_dtype = dtypes
-  return (g.astype(x_dtype), g.astype(r_dtype), param(dscale, scale_aval),
-          param(dbias, bias_aval))
+  return (g.astype(x_dtype), g.astype(r_dtype),
+          _core._as_param(dscale, scale_aval),
+          _core._as_param(dbias, bias_aval))
 
 
 @_kernel_transpose.defjvp

@@ -1,16 +1,19 @@
 """Trace-time validation shared by every public function.
 
 Every check raises at trace time (shapes and dtypes are static under ``jit``)
-with a message that names the function, the argument, what was expected,
-what came, and how to fix it.
+with a message that names the caller, the argument, what was expected,
+what came, and how to fix it. The caller is the public function, or the
+layer calling it: a layer wraps its call in ``raised_as(who)``, and each
+public function takes the name its messages start with from
+``caller(name)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +22,29 @@ import jax.numpy as jnp
 import numpy as np
 
 AxisName = Any  # a hashable name or a tuple of names
+
+# The layer whose call is being traced (set by ``raised_as``), or None.
+_CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "jaxnorm_caller", default=None)
+
+
+def caller(fn: str) -> str:
+  """The name an error of the public function ``fn`` starts with.
+
+  ``fn`` itself, or, inside ``raised_as(who)``, ``who``: the layer that
+  called it (e.g. ``"jaxnorm.nnx.BatchNorm(num_features=3)"``).
+  """
+  return _CALLER.get() or fn
+
+
+@contextlib.contextmanager
+def raised_as(who: str) -> Iterator[None]:
+  """Inside it, the public functions' errors name ``who`` as the caller."""
+  token = _CALLER.set(who)
+  try:
+    yield
+  finally:
+    _CALLER.reset(token)
 
 
 def _kind_ok(dtype: Any, kind: str) -> bool:
@@ -83,7 +109,8 @@ def as_array(fn: str, name: str, x: Any, *, kind: str = "floating",
   if a.ndim < min_ndim:
     raise ValueError(
         f"{fn}: `{name}` must have at least {min_ndim} dimension(s); got "
-        f"a {a.ndim}-d array{' (a scalar)' if a.ndim == 0 else ''}. Fix: give it its batch or feature axes, "
+        f"a {a.ndim}-d array{' (a scalar)' if a.ndim == 0 else ''}. Fix: "
+        f"give it its batch or feature axes, "
         f"e.g. `jnp.reshape({name}, (1, -1))` for one example of features."
     )
   return a
@@ -107,14 +134,23 @@ def concrete_value(a: Any) -> float | None:
 
 
 def canonicalize_axes(
-    fn: str, name: str, axes: int | Sequence[int], ndim: int
+    fn: str, name: str, axes: int | Sequence[int] | None, ndim: int, *,
+    empty_ok: bool = False
 ) -> tuple[int, ...]:
   """Turns ``axes`` into a sorted tuple of non-negative axis indices.
 
+  The one axes helper: an int or a sequence of ints, each in
+  ``[-ndim, ndim)``, none repeated. With ``empty_ok``, ``None`` and ``()``
+  mean no axis and give ``()``.
+
   Raises:
     TypeError: if an axis is not an integer.
-    ValueError: if an axis is out of range or repeated, or none is given.
+    ValueError: if an axis is out of range or repeated, or none is given
+      (without ``empty_ok``).
   """
+  if empty_ok and (axes is None or (isinstance(axes, (tuple, list))
+                                    and not axes)):
+    return ()
   if isinstance(axes, (numbers.Integral, np.integer)) and not isinstance(
       axes, bool
   ):
@@ -149,8 +185,13 @@ def canonicalize_axes(
   return tuple(sorted(out))
 
 
-def check_epsilon(fn: str, epsilon: Any) -> float:
-  """Checks that ``epsilon`` is a non-negative Python number."""
+def check_epsilon(fn: str, epsilon: Any, *, added_to: str = "the variance",
+                  typical: str = "Typical values are 1e-5 or 1e-6.") -> float:
+  """Checks that ``epsilon`` is a non-negative Python number.
+
+  ``added_to`` names what it is added to under the square root, and
+  ``typical`` ends the message of a negative value.
+  """
   if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
     raise TypeError(
         f"{fn}: `epsilon` must be a Python float; got {epsilon!r} of type "
@@ -158,8 +199,8 @@ def check_epsilon(fn: str, epsilon: Any) -> float:
     )
   if not epsilon >= 0.0:  # also rejects NaN
     raise ValueError(
-        f"{fn}: `epsilon` must be >= 0 (it is added to the variance under the "
-        f"square root); got {epsilon!r}. Typical values are 1e-5 or 1e-6."
+        f"{fn}: `epsilon` must be >= 0 (it is added to {added_to} under the "
+        f"square root); got {epsilon!r}. {typical}"
     )
   return float(epsilon)
 
@@ -280,8 +321,8 @@ def affine_params(fn: str, x: jax.Array, scale: Any, bias: Any,
   hint = param_shape_hint(fn, x.shape, feat)
   scale = check_param(fn, "scale", scale, fshape, hint)
   bias = check_param(fn, "bias", bias, fshape, hint)
-  rs = lambda p: None if p is None else p.reshape(bshape)
-  return rs(scale), rs(bias)
+  return (None if scale is None else scale.reshape(bshape),
+          None if bias is None else bias.reshape(bshape))
 
 
 def norm_inputs(fn: str, x: Any, epsilon: Any, mask: Any, axis_name: Any,
@@ -299,8 +340,8 @@ def check_bool(fn: str, name: str, v: Any, why: str = "") -> bool:
   """A Python bool (or NumPy bool): a switch chosen at trace time."""
   if not isinstance(v, (bool, np.bool_)):
     raise TypeError(
-        f"{fn}: `{name}` must be True or False{why}; got {v!r} of type "
-        f"{type(v).__name__}.")
+        f"{fn}: `{name}` must be True or False, a Python bool{why}; got "
+        f"{v!r} of type {type(v).__name__}.")
   return bool(v)
 
 
@@ -384,21 +425,3 @@ def check_float_dtype(fn: str, name: str, dtype: Any, *,
         f"{fn}: `{name}` must be a floating dtype (e.g. jnp.float32 or "
         f"jnp.bfloat16) or None; got {dtype!r}. {fix}")
   return dt
-
-
-@contextlib.contextmanager
-def raised_as(who: str) -> Iterator[None]:
-  """Re-raises a pure function's error phrased for the layer ``who``.
-
-  A ``ValueError``/``TypeError`` whose message starts with a function name
-  (``"batch_norm_train: ..."``) is raised again, of the same type and
-  chained to it, with ``who`` (e.g. ``"jaxnorm.nnx.BatchNorm(num_features=3)"``)
-  in place of that name; any other error passes through unchanged.
-  """
-  try:
-    yield
-  except (ValueError, TypeError) as e:
-    head, sep, rest = str(e).partition(": ")
-    if sep and re.fullmatch(r"[a-z_]+", head):
-      raise type(e)(f"{who}: {rest}") from e
-    raise

@@ -118,13 +118,20 @@ class _Config:
   kernel: str | None = None
 
 
-def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Sums ``a`` down to a same-rank broadcastable ``shape``."""
-  axes = tuple(
-      i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True))
-      if t == 1 and s != 1
-  )
-  return jnp.sum(a, axis=axes, keepdims=True) if axes else a
+def _aval(a: jax.Array | None) -> jax.ShapeDtypeStruct | None:
+  """A parameter's shape and dtype (None for an absent one)."""
+  return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
+
+
+def _as_param(g: jax.Array, aval: jax.ShapeDtypeStruct | None
+              ) -> jax.Array | None:
+  """A kernel's parameter gradient in the parameter's shape and dtype."""
+  return None if aval is None else g.reshape(aval.shape).astype(aval.dtype)
+
+
+def _per_row(cfg: Any, x: jax.Array, a: jax.Array) -> jax.Array:
+  """A per-row statistic of ``x`` as the row kernels take it (flat rows)."""
+  return a.reshape(x.shape[:x.ndim - len(cfg.axes)])
 
 
 def _per_group(shape: tuple[int, ...] | None, axes: tuple[int, ...]) -> bool:
@@ -304,8 +311,8 @@ def _sums_per_group(g: _Grads, inner: tuple[int, ...], sums):
   else:  # from the CPU kernel: sum g and sum g ((x - hi) - lo)
     sg, sgx = sums
   sgx = sgx * g.rstd  # sum g xhat
-  dbias = None if g.b_shape is None else _sum_to(sg, g.b_shape)
-  dscale = None if g.s is None else _sum_to(sgx, g.s_shape)
+  dbias = None if g.b_shape is None else _stats.sum_to(sg, g.b_shape)
+  dscale = None if g.s is None else _stats.sum_to(sgx, g.s_shape)
   if g.s is not None:
     sg, sgx = sg * g.s, sgx * g.s
   outer = tuple(a for a in cfg.axes if a not in inner)
@@ -325,8 +332,8 @@ def _sums_per_element(g: _Grads):
   """
   cfg, s, rstd = g.cfg, g.s, g.rstd
   flip = -1.0 if cfg.cpu else 1.0
-  dbias = None if g.b_shape is None else _sum_to(g.own(g.dy, _DBIAS),
-                                                 g.b_shape)
+  dbias = (None if g.b_shape is None
+           else _stats.sum_to(g.own(g.dy, _DBIAS), g.b_shape))
   dscale = None
   if s is not None:
     x = g.own(g.x, _DSCALE)
@@ -337,8 +344,8 @@ def _sums_per_element(g: _Grads):
       d = (x - c) - ((g.hi - c) + g.lo)
     else:
       d = (x - g.m) - g.delta
-    dscale = flip * _sum_to(g.own(g.dy, _DSCALE) * (d * (flip * rstd)),
-                            g.s_shape)
+    dscale = flip * _stats.sum_to(
+        g.own(g.dy, _DSCALE) * (d * (flip * rstd)), g.s_shape)
   g_sg, g_sgx = g.own(g.dy, _SG), g.own(g.dy, _SGX)
   if s is None:
     sg = jnp.sum(g_sg, axis=cfg.axes, keepdims=True)
@@ -478,15 +485,19 @@ def affine_channels(x: jax.Array, m: jax.Array, k: jax.Array,
   """
   b = jnp.zeros_like(k) if b is None else b.astype(k.dtype)
   per = (1,) * (x.ndim - 1) + x.shape[-1:]
-  plain = lambda x, m, k, b: ((x.astype(k.dtype) - m) * k + b).astype(
-      x.dtype)
+
+  def plain(x, m, k, b):
+    return ((x.astype(k.dtype) - m) * k + b).astype(x.dtype)
+
+  def kernel(x, m, k, b):
+    return _channel_kernel(x, m, jnp.zeros_like(m), k, b)
+
   if (jax.default_backend() != "cpu" or x.ndim < 2 or
       jnp.dtype(k.dtype) != jnp.dtype(jnp.float32) or
       any(tuple(v.shape) != per or _vma(v) for v in (m, k, b)) or
       _kernel_kind(tuple(range(x.ndim - 1)), x, None, None, None, None,
                    None) != "cols"):
     return plain(x, m, k, b)
-  kernel = lambda x, m, k, b: _channel_kernel(x, m, jnp.zeros_like(m), k, b)
   return jax.lax.platform_dependent(x, m, k, b, cpu=kernel, default=plain)
 
 
@@ -570,15 +581,12 @@ def _kernel_vjp(cfg: _Config, shapes, res, dy):
                              lo.reshape(c))
     return _vjp(cfg, shapes, res, dy,
                 sums=tuple(v.reshape(hi.shape) for v in sums))
-  per_row = lambda a: a.reshape(x.shape[:x.ndim - len(cfg.axes)])
   dx, dscale, dbias = _kernels.row_backward(
-      _as_rows(cfg, x), per_row(hi), per_row(lo), per_row(rstd),
+      _as_rows(cfg, x), *(_per_row(cfg, x, a) for a in (hi, lo, rstd)),
       _param_rows(scale, _width(cfg, x), 1.0),
       _as_rows(cfg, dy.astype(x.dtype)), center=cfg.center)
-  param = lambda g, aval: (None if aval is None else
-                           g.reshape(aval.shape).astype(aval.dtype))
-  return (dx.reshape(x.shape), param(dscale, scale_aval),
-          param(dbias, bias_aval))
+  return (dx.reshape(x.shape), _as_param(dscale, scale_aval),
+          _as_param(dbias, bias_aval))
 
 
 @_kernel_vjp.defjvp
@@ -620,8 +628,7 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   dx, dscale, dbias, _ = tangents
   outs, res = _forward(cfg, x, scale, bias, mask)
   y, mean, var, count = outs
-  aval = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
-  shapes = (x.dtype, *((aval(p), None if p is None else _vma(p))
+  shapes = (x.dtype, *((_aval(p), None if p is None else _vma(p))
                        for p in (scale, bias)))
   zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
   if cfg.kernel:

@@ -29,7 +29,9 @@ from jaxnorm import _scaling
 from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_train
+from jaxnorm.batch_norm import batch_norm_train_skip_nonfinite
 from jaxnorm.batch_norm import batch_renorm_train
+from jaxnorm.batch_norm import batch_renorm_train_skip_nonfinite
 
 
 def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
@@ -65,10 +67,10 @@ def _who(mdl: Any) -> str:
 
 @contextlib.contextmanager
 def _module_errors(mdl: Any) -> Iterator[None]:
-  """Raises a pure function's error again phrased for the module.
+  """Inside it, the pure functions' errors start with ``_who(mdl)``.
 
-  ``_who(mdl)`` takes the place of the function's name, so a module user
-  reads the module's name (and its options) in the message.
+  A module user reads the module's name (and its options) in the message,
+  where the function would name itself (``_checks.raised_as``).
   """
   with _checks.raised_as(_who(mdl)):
     yield
@@ -79,8 +81,8 @@ def _run(mdl: Any, x: ArrayLike, params: list[jax.Array | None], fn,
   """Casts x and params to the compute dtype, calls fn, casts the output.
 
   ``promote_with`` are further arrays whose dtypes take part in the output
-  dtype (flax.nnx.BatchNorm promotes with its running statistics). An
-  error of the pure function is raised again phrased for the module.
+  dtype (flax.nnx.BatchNorm promotes with its running statistics). The
+  pure function's errors name the module (``_module_errors``).
   """
   x = jnp.asarray(x)
   present = [p for p in params if p is not None]
@@ -264,17 +266,15 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
             mask=_as_mask(mask), running_var=mdl.running_var,
             debias=mdl.debias, virtual_batch_size=mdl.virtual_batch_size,
             allow_single=True)
-  train_fn = batch_norm_train
+  skip = _checks.check_bool(_who(mdl), "skip_nonfinite",
+                            getattr(mdl, "skip_nonfinite", False))
+  train_fn = batch_norm_train_skip_nonfinite if skip else batch_norm_train
   if _RECALIBRATING.get():
     kw.update(momentum=0.0, debias=False)
   elif mdl.renorm:
-    rmax, dmax = mdl.renorm_schedule(state.count)
-    train_fn = lambda *a, **k: batch_renorm_train(*a, rmax=rmax, dmax=dmax,
-                                                  **k)
-
-  skip = getattr(mdl, "skip_nonfinite", False)
-  if skip:
-    kw.update(skip_nonfinite=skip)
+    kw["rmax"], kw["dmax"] = mdl.renorm_schedule(state.count)
+    train_fn = (batch_renorm_train_skip_nonfinite if skip
+                else batch_renorm_train)
 
   def step(xc, s, b):
     y, out["state"], *skipped = train_fn(xc, state, s, b, **kw)
@@ -282,7 +282,7 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
     return y
 
   y = _run(mdl, x, params, step, promote_with)
-  if out["skipped"]:  # skip_nonfinite=True: report which features kept
+  if skip:  # report which features kept their running statistics
     if isinstance(mdl, nn.Module):
       mdl.sow("intermediates", "nonfinite_skipped", out["skipped"][0])
     else:  # nnx: the Intermediate made by the constructor

@@ -25,7 +25,6 @@ rounded:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,22 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm import _checks
+from jaxnorm import _stats
 
 
-def promote(*dtypes: Any) -> Any:
-  """JAX's promoted dtype of ``dtypes`` (bfloat16 and float32: float32).
-
-  Chosen on purpose, so also under ``jax_numpy_dtype_promotion="strict"``,
-  which refuses implicit promotion in the caller's computation.
-  """
-  with jax.numpy_dtype_promotion("standard"):
-    return jnp.dtype(functools.reduce(jnp.promote_types, dtypes))
-
-
-def compute_dtype(*dtypes: Any) -> Any:
-  """The promoted dtype of ``dtypes``, at least float32."""
-  dt = promote(*dtypes)
-  return dt if dt.itemsize >= 4 else jnp.dtype(jnp.float32)
+# The modules' residual dtype (jaxnorm._modules) reads it here.
+promote = _stats.promote
 
 
 def _identity(y: jax.Array) -> jax.Array:
@@ -61,12 +49,13 @@ def _split(scale: jax.Array | None, bias: jax.Array | None, x_dtype: Any, *,
   map applied to its output (see the module docstring)."""
   factor = scale
   if scale is not None and scale_offset != 0.0:
-    dt = compute_dtype(x_dtype, scale.dtype)
+    dt = _stats.compute_dtype(x_dtype, scale.dtype)
     factor = scale.astype(dt) + jnp.asarray(scale_offset, dt)
   if not cast_before_scale:
     return factor, bias, _identity
-  out = promote(x_dtype, *(p.dtype for p in (scale, bias) if p is not None))
-  dt = compute_dtype(out)
+  out = _stats.promote(x_dtype,
+                       *(p.dtype for p in (scale, bias) if p is not None))
+  dt = _stats.compute_dtype(out)
 
   def finish(x_hat: jax.Array) -> jax.Array:
     y = x_hat.astype(dt)

@@ -19,6 +19,7 @@ which is exact for unequal counts, masks and devices with no valid element.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -34,6 +35,31 @@ def stat_dtype(dtype: Any) -> Any:
   """
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def promote(*dtypes: Any) -> Any:
+  """JAX's promoted dtype of ``dtypes`` (bfloat16 and float32: float32).
+
+  Chosen on purpose, so also under ``jax_numpy_dtype_promotion="strict"``,
+  which refuses implicit promotion in the caller's computation.
+  """
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.dtype(functools.reduce(jnp.promote_types, dtypes))
+
+
+def compute_dtype(*dtypes: Any) -> Any:
+  """The promoted dtype of ``dtypes``, at least float32."""
+  return stat_dtype(promote(*dtypes))
+
+
+def sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums ``a`` down to a same-rank broadcastable ``shape`` (a parameter's
+  gradient from an activation-shaped one)."""
+  axes = tuple(
+      i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True))
+      if t == 1 and s != 1
+  )
+  return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
 
 def own_copy(a: jax.Array, reader: int) -> jax.Array:
@@ -248,12 +274,14 @@ def moments(
     count = jnp.full(stat_shape, float(n), dt)
     safe = count if n else jnp.ones_like(count)  # empty groups: mean 0
     w = None
-    valid = lambda v: v
   else:
     w = jnp.broadcast_to(mask, x.shape)
     count = group_sum(jnp.sum(w, dtype=dt, **keep), groups, c)
     safe = jnp.maximum(count, 1.0)
-    valid = lambda v: jnp.where(w, v, 0.0)
+
+  def valid(v):  # masked-out elements contribute 0
+    return v if w is None else jnp.where(w, v, 0.0)
+
   if center:
     # The pilot's slice reads its own copy of x (see own_copy).
     hi = _pilot(upcast(x, dt, _PILOT, cpu), axes, w, groups)

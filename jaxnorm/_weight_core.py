@@ -20,25 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-
-def promote(*dtypes) -> jnp.dtype:
-  """The widest of the floating ``dtypes`` (bfloat16 with float16: float32).
-
-  Written without type promotion so that it also holds under
-  ``jax_numpy_dtype_promotion="strict"``.
-  """
-  ds = {jnp.dtype(d) for d in dtypes}
-  if len(ds) == 1:
-    return ds.pop()
-  widest = max(ds, key=lambda d: d.itemsize)
-  if sum(d.itemsize == widest.itemsize for d in ds) > 1:
-    return jnp.dtype(jnp.float32)  # bfloat16 and float16
-  return widest
-
-
-def compute_dtype(*dtypes) -> jnp.dtype:
-  """The dtype of the arithmetic: ``promote(*dtypes)``, at least float32."""
-  return promote(jnp.float32, *dtypes)
+from jaxnorm import _stats
 
 
 def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
@@ -64,19 +46,14 @@ def power_iteration(w2d: jax.Array, u: jax.Array, n_steps: int,
 
 
 def _wn_forward(axes, eps, v, scale):
-  dt = compute_dtype(v.dtype, *(() if scale is None else (scale.dtype,)))
+  dtypes = (v.dtype,) if scale is None else (v.dtype, scale.dtype)
+  dt = _stats.compute_dtype(*dtypes)
   vf = v.astype(dt)
   r = jax.lax.rsqrt(jnp.sum(vf * vf, axis=axes, keepdims=True) + eps)
   w_hat = vf * r
-  out_dtype = v.dtype if scale is None else promote(v.dtype, scale.dtype)
+  out_dtype = _stats.promote(*dtypes)
   y = w_hat if scale is None else w_hat * scale.astype(dt)
   return y.astype(out_dtype), (v, r, scale)
-
-
-def _sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  axes = tuple(i for i, (s, t) in enumerate(zip(a.shape, shape))
-               if t == 1 and s != 1)
-  return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
 
 def _wn_vjp(axes, res, dy):
@@ -87,7 +64,7 @@ def _wn_vjp(axes, res, dy):
   w_hat = v.astype(dt) * r
   dscale = None
   if scale is not None:
-    dscale = _sum_to(g * w_hat, scale.shape).astype(scale.dtype)
+    dscale = _stats.sum_to(g * w_hat, scale.shape).astype(scale.dtype)
     g = g * scale.astype(dt)
   dv = r * (g - w_hat * jnp.sum(g * w_hat, axis=axes, keepdims=True))
   return dv.astype(v.dtype), dscale
@@ -117,7 +94,7 @@ weight_norm_jit = jax.jit(_weight_norm, static_argnums=(0, 1))
 
 
 def _sn_forward(w2d, u, v):
-  dt = compute_dtype(w2d.dtype, u.dtype, v.dtype)
+  dt = _stats.compute_dtype(w2d.dtype, u.dtype, v.dtype)
   wf, uf, vf = w2d.astype(dt), u.astype(dt), v.astype(dt)
   sigma = jnp.matmul(jnp.matmul(vf, wf), uf.T)[0, 0]
   nonzero = sigma != 0

@@ -42,8 +42,8 @@ def batch_norm_init(
       ``axis`` names several feature axes.
     dtype: floating dtype of ``mean`` and ``var``: float32 (default) or
       float64. bfloat16 and float16 are refused: a running average kept in
-      them cannot move (see :func:`batch_norm_train`, "Low-precision
-      state").
+      them cannot move (see the BatchNorm guide,
+      ``docs/guides/batchnorm.md``).
 
   Returns:
     ``BatchNormState(mean=zeros(shape), var=ones(shape), count=0)``.
@@ -54,7 +54,7 @@ def batch_norm_init(
     ValueError: if a feature size is not positive, or ``dtype`` is bfloat16
       or float16.
   """
-  fn = "batch_norm_init"
+  fn = _checks.caller("batch_norm_init")
   if isinstance(num_features, bool):
     raise TypeError(f"{fn}: `num_features` must be an int or tuple of ints; "
                     f"got {num_features!r}.")
@@ -157,8 +157,7 @@ def _prepare(fn, x, state, scale, bias, axis):
 
 def _check_momentum(fn: str, momentum: Any, debias: Any) -> float | None:
   """``momentum``: a float in [0, 1] or None (cumulative average)."""
-  if not isinstance(debias, bool):
-    raise TypeError(f"{fn}: `debias` must be True or False; got {debias!r}.")
+  debias = _checks.check_bool(fn, "debias", debias)
   if momentum is None:
     return None
   if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
@@ -247,6 +246,39 @@ def _check_clip(fn: str, name: str, v: Any, lower: float) -> Any:
   return a
 
 
+class _Options(NamedTuple):
+  """The training options both paths share, checked."""
+
+  momentum: float | None
+  debias: bool
+  running_var: str
+  epsilon: float
+  mask: jax.Array | None
+  names: tuple[Any, ...] | None  # axis_name as a tuple of names
+  axis_index_groups: Any
+  allow_single: bool
+  axis_name: Any  # as given (for messages)
+  virtual_batch_size: Any  # as given (checked against x's layout)
+
+
+def _check_options(fn: str, x_shape: tuple[int, ...], *, axis: Any,
+                   momentum: Any, epsilon: Any, axis_name: Any,
+                   axis_index_groups: Any, mask: Any, running_var: Any,
+                   debias: Any, virtual_batch_size: Any,
+                   allow_single: Any) -> _Options:
+  """Checks the training functions' keyword arguments (``axis`` apart)."""
+  del axis  # checked with x's layout (_feature_layout)
+  momentum = _check_momentum(fn, momentum, debias)
+  running_var = _check_running_var(fn, running_var)
+  epsilon = _checks.check_epsilon(fn, epsilon)
+  mask = _checks.check_mask(fn, mask, x_shape)
+  names = _checks.check_axis_name(fn, axis_name)
+  groups = _checks.check_axis_index_groups(fn, axis_index_groups, names)
+  allow_single = _checks.check_bool(fn, "allow_single", allow_single)
+  return _Options(momentum, debias, running_var, epsilon, mask, names,
+                  groups, allow_single, axis_name, virtual_batch_size)
+
+
 def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
                     dt: Any) -> tuple[Any, Any]:
   """``(keep, w)`` of the update ``new = keep * old + w * batch``.
@@ -262,16 +294,14 @@ def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
   # = a (1 - a^(t-1)) / (1 - a^t), with 1 - a^k = -expm1(k log a) accurate
   # for a near 1; keep_1 = 0 exactly (the first update is the batch value).
   t = count.astype(dt) + 1.0
-  log_a = math.log(momentum)
-  one_minus_pow = lambda k: -jnp.expm1(k * jnp.asarray(log_a, dt))
-  denom = one_minus_pow(t)
-  return (momentum * one_minus_pow(t - 1.0) / denom,
+  log_a = jnp.asarray(math.log(momentum), dt)
+  denom = -jnp.expm1(t * log_a)
+  return (momentum * -jnp.expm1((t - 1.0) * log_a) / denom,
           (1.0 - momentum) / denom)
 
 
 def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
-               count: jax.Array, *, momentum: float | None, debias: bool,
-               running_var: str, skip_nonfinite: bool = False
+               count: jax.Array, opts: _Options, skip_nonfinite: bool = False
                ) -> tuple[BatchNormState, jax.Array]:
   """Running-statistics update from per-virtual-batch ``(G, *F)`` stats.
 
@@ -285,7 +315,7 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
   """
   dt = mean.dtype
   n_var = count
-  if running_var == "unbiased":
+  if opts.running_var == "unbiased":
     var = var * count / jnp.maximum(count - 1.0, 1.0)
     n_var = jnp.where(count >= 2.0, count, 0.0)
   if mean.shape[0] == 1:
@@ -301,7 +331,7 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
     finite = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var)
     skipped = has_mean & ~finite
     has_mean, has_var = has_mean & finite, has_var & finite
-  keep, w = _update_weights(momentum, debias, state.count, dt)
+  keep, w = _update_weights(opts.momentum, opts.debias, state.count, dt)
   old_mean, old_var = state.mean.astype(dt), state.var.astype(dt)
   # In the statistics' dtype (>= float32, float64 for float64 x), then cast
   # back to the state's dtype: no implicit promotion between the two.
@@ -328,22 +358,20 @@ def _replicas(names: tuple[Any, ...] | None, axis_index_groups: Any) -> int:
   return math.prod(jax.lax.axis_size(n) for n in names)
 
 
-def _check_single(fn, x, feat, red, groups, names, axis_index_groups,
-                  allow_single, virtual_batch_size, axis_name) -> None:
+def _check_single(fn: str, x: jax.Array, feat: tuple[int, ...],
+                  red: tuple[int, ...], groups: int, opts: _Options) -> None:
   """The one check of a single element per feature (``allow_single``).
 
   Counts the elements of each feature's statistics across ``axis_name``
   (the global batch, known at trace time), per virtual batch.
   """
-  if not isinstance(allow_single, bool):
-    raise TypeError(f"{fn}: `allow_single` must be True or False; got "
-                    f"{allow_single!r}.")
   per_group = (math.prod(x.shape[i] for i in red) // groups
-               * _replicas(names, axis_index_groups))
-  if per_group <= 1 and not allow_single:
+               * _replicas(opts.names, opts.axis_index_groups))
+  if per_group <= 1 and not opts.allow_single:
     where = ("" if groups == 1 else
-             f" per virtual batch of {virtual_batch_size}")
-    across = "" if names is None else f" across axis_name={axis_name!r}"
+             f" per virtual batch of {opts.virtual_batch_size}")
+    across = ("" if opts.names is None
+              else f" across axis_name={opts.axis_name!r}")
     raise ValueError(
         f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
         f"{per_group} element(s) per feature{where}{across} to compute batch "
@@ -355,105 +383,124 @@ def _check_single(fn, x, feat, red, groups, names, axis_index_groups,
     )
 
 
-def _check_options(fn, x_shape, momentum, debias, running_var, epsilon,
-                   mask, axis_name):
-  """The options shared by the real and complex training paths, checked."""
-  return (_check_momentum(fn, momentum, debias),
-          _check_running_var(fn, running_var),
-          _checks.check_epsilon(fn, epsilon),
-          _checks.check_mask(fn, mask, x_shape),
-          _checks.check_axis_name(fn, axis_name))
+def _virtual_batches(x: jax.Array, mask: jax.Array | None,
+                     red: tuple[int, ...], bshape: tuple[int, ...],
+                     groups: int):
+  """``x`` and ``mask`` split into ``groups`` batches along axis 0.
+
+  Returns ``(xs, mask, axes, pshape)``: the reduced axes and the
+  parameters' broadcast shape in that layout (unchanged for one group).
+  """
+  if groups == 1:
+    return x, mask, red, bshape
+  xs = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  if mask is not None:
+    lead = (groups, mask.shape[0] // groups) if mask.shape[0] > 1 else (1, 1)
+    mask = mask.reshape(lead + mask.shape[1:])
+  return xs, mask, tuple(a + 1 for a in red), (1,) + bshape
 
 
-def _train(fn, x, state, scale, bias, *, axis, momentum, epsilon, axis_name,
-           axis_index_groups, mask, running_var, debias, virtual_batch_size,
-           skip_nonfinite, allow_single, renorm=None):
-  """Shared body of batch_norm_train and batch_renorm_train."""
-  complex_x = jnp.issubdtype(getattr(x, "dtype", jnp.float32),
-                             jnp.complexfloating)
-  if complex_x and skip_nonfinite:
-    raise ValueError(
-        f"{fn}: skip_nonfinite=True is not supported for complex x "
-        f"(got dtype {x.dtype}). Fix: pass skip_nonfinite=False.")
-  if complex_x:
-    return _train_complex(
-        fn, x, state, scale, bias, axis=axis, momentum=momentum,
-        epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask,
-        running_var=running_var, debias=debias,
-        virtual_batch_size=virtual_batch_size, allow_single=allow_single,
-        renorm=renorm)
+def _train(fn: str, x, state, scale, bias, *, renorm: bool,
+           skip_nonfinite: bool, rmax: Any = None, dmax: Any = None,
+           **options: Any):
+  """The training functions' shared body: ``(y, new_state, skipped)``.
+
+  ``options`` are their other keyword arguments (``axis``, ``momentum``,
+  ...). ``skipped`` flags the features whose running statistics were kept
+  because their batch statistics were not finite (all False without
+  ``skip_nonfinite``; None for complex ``x``).
+  """
+  if jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.complexfloating):
+    _check_complex(fn, x, renorm, skip_nonfinite,
+                   options["virtual_batch_size"])
+    return _train_complex(fn, x, state, scale, bias, **options) + (None,)
   x, state, feat, red, bshape, fshape, scale, bias = _prepare(
-      fn, x, state, scale, bias, axis)
+      fn, x, state, scale, bias, options["axis"])
   for name in ("mean", "var"):
-    _check_state_precision(fn, f"state.{name}",
-                           getattr(state, name).dtype)
-  if not isinstance(skip_nonfinite, bool):
-    raise TypeError(f"{fn}: `skip_nonfinite` must be True or False; got "
-                    f"{skip_nonfinite!r}.")
-  momentum, running_var, epsilon, mask, names = _check_options(
-      fn, x.shape, momentum, debias, running_var, epsilon, mask, axis_name)
-  axis_index_groups = _checks.check_axis_index_groups(
-      fn, axis_index_groups, names)
-  if renorm is not None:
-    renorm = (_check_clip(fn, "rmax", renorm[0], 1.0),
-              _check_clip(fn, "dmax", renorm[1], 0.0))
+    _check_state_precision(fn, f"state.{name}", getattr(state, name).dtype)
+  opts = _check_options(fn, x.shape, **options)
+  if renorm:
+    rmax = _check_clip(fn, "rmax", rmax, 1.0)
+    dmax = _check_clip(fn, "dmax", dmax, 0.0)
+  groups = _check_virtual_batch_size(fn, opts.virtual_batch_size, x.shape,
+                                     feat)
   if x.size == 0:  # an empty batch: as a fully masked one
-    _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
-    out = (jnp.zeros_like(x), state)
-    return out + (jnp.zeros(fshape, bool),) if skip_nonfinite else out
-  groups = _check_virtual_batch_size(fn, virtual_batch_size, x.shape, feat)
-  _check_single(fn, x, feat, red, groups, names, axis_index_groups,
-                allow_single, virtual_batch_size, axis_name)
-  if groups > 1:  # Ghost BatchNorm: (N, ...) -> (G, N / G, ...)
-    xs = x.reshape((groups, x.shape[0] // groups) + x.shape[1:])
-    if mask is not None:
-      lead = ((groups, mask.shape[0] // groups) if mask.shape[0] > 1
-              else (1, 1))
-      mask = mask.reshape(lead + mask.shape[1:])
-    axes = tuple(a + 1 for a in red)
-    pshape = (1,) + bshape
-  else:
-    xs, axes, pshape = x, red, bshape
-  reshape = lambda p: None if p is None else p.reshape(pshape)
+    return jnp.zeros_like(x), state, jnp.zeros(fshape, bool)
+  _check_single(fn, x, feat, red, groups, opts)
+  xs, mask, axes, pshape = _virtual_batches(x, opts.mask, red, bshape, groups)
+  if scale is not None:
+    scale = scale.reshape(pshape)
+  if bias is not None:
+    bias = bias.reshape(pshape)
   core = functools.partial(
-      _core.normalize, axes=axes, epsilon=epsilon, axis_name=names,
-      axis_index_groups=axis_index_groups)
-  if renorm is None:
-    y, mean, var, count = core(xs, reshape(scale), reshape(bias), mask)
+      _core.normalize, axes=axes, epsilon=opts.epsilon, axis_name=opts.names,
+      axis_index_groups=opts.axis_index_groups)
+  if not renorm:
+    y, mean, var, count = core(xs, scale, bias, mask)
   else:
     xhat, mean, var, count = core(xs, None, None, mask)
-    y = _renorm_affine(xhat, mean, var, count, state, reshape(scale),
-                       reshape(bias), pshape, epsilon, *renorm)
-  stat = lambda a: a.reshape((groups,) + fshape)
-  new_state, skipped = _new_state(
-      state, stat(mean), stat(var), stat(count), momentum=momentum,
-      debias=debias, running_var=running_var, skip_nonfinite=skip_nonfinite)
-  if skip_nonfinite:
-    return y.reshape(x.shape), new_state, skipped
-  return y.reshape(x.shape), new_state
+    y = _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
+                       opts.epsilon, rmax, dmax)
+  fstats = [a.reshape((groups,) + fshape) for a in (mean, var, count)]
+  new_state, skipped = _new_state(state, *fstats, opts, skip_nonfinite)
+  return y.reshape(x.shape), new_state, skipped
 
 
-def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
-                   axis_name, axis_index_groups, mask, running_var, debias,
-                   virtual_batch_size, allow_single, renorm):
-  """Complex ``x``: the plain-jnp reference path (flax's statistics).
-
-  ``mean = E[x]`` (complex), ``var = E[|x - mean|^2]`` (real), computed
-  two-pass in at least complex64 and differentiated by JAX itself (the
-  hand-derived backward pass is real-only). The running mean takes the
-  complex dtype of ``state.mean`` (as in flax, where it becomes complex
-  after the first update); the running variance stays real.
-  """
-  if renorm is not None or virtual_batch_size is not None:
+def _check_complex(fn: str, x: Any, renorm: bool, skip_nonfinite: bool,
+                   virtual_batch_size: Any) -> None:
+  """Complex ``x`` takes plain BatchNorm only."""
+  asked = [name for name, on in (
+      ("renorm", renorm), ("skip_nonfinite", skip_nonfinite),
+      ("virtual_batch_size", virtual_batch_size is not None)) if on]
+  if asked:
     raise ValueError(
         f"{fn}: `x` is complex ({x.dtype}); complex x is supported by "
-        f"plain BatchNorm only, but "
-        f"{'renorm' if renorm is not None else 'virtual_batch_size'} was "
-        f"asked for. Fix: drop that option for complex input, or pass the "
-        f"real and imaginary parts as separate features.")
+        f"plain BatchNorm only, but {asked[0]} was asked for. Fix: call "
+        f"batch_norm_train without that option for complex input, or pass "
+        f"the real and imaginary parts as separate features.")
+
+
+def _complex_stats(x: jax.Array, mask: jax.Array | None,
+                   red: tuple[int, ...], opts: _Options):
+  """``(xc, mean, var, n)`` of complex ``x``: two-pass, plain jnp.
+
+  ``mean = E[x]`` (complex), ``var = E[|x - mean|^2]`` (real) and the valid
+  count ``n``, reduced over ``red`` (kept as size 1) and merged across
+  ``axis_name``; ``xc`` is ``x`` in at least complex64.
+  """
+  wide = jnp.dtype(x.dtype).itemsize >= 16
+  cdt = jnp.dtype(jnp.complex128 if wide else jnp.complex64)
+  rdt = jnp.finfo(cdt).dtype
+  xc = x.astype(cdt)
+  w = (jnp.ones(x.shape, jnp.bool_) if mask is None
+       else jnp.broadcast_to(mask, x.shape))
+
+  def psum(a):
+    if opts.names is None:
+      return a
+    return jax.lax.psum(a, opts.names,
+                        axis_index_groups=opts.axis_index_groups)
+
+  n = psum(jnp.sum(w, red, keepdims=True, dtype=rdt))
+  n_safe = jnp.maximum(n, 1.0)
+  mean = (psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True))
+          / n_safe.astype(cdt))
+  d = jnp.where(w, xc - mean, 0.0)
+  var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red,
+                     keepdims=True)) / n_safe
+  return xc, mean, var, n
+
+
+def _train_complex(fn, x, state, scale, bias, **options):
+  """Complex ``x``: the plain-jnp reference path (flax's statistics).
+
+  Differentiated by JAX itself (the hand-derived backward pass is
+  real-only). The running mean takes the complex dtype of ``state.mean``
+  (as in flax, where it becomes complex after the first update); the
+  running variance stays real.
+  """
   x = jnp.asarray(x)
-  feat, red, bshape = _feature_layout(fn, x, axis)
+  feat, red, bshape = _feature_layout(fn, x, options["axis"])
   fshape = tuple(x.shape[i] for i in feat)
   if not isinstance(state, BatchNormState):
     _check_state(fn, state, fshape)  # raises the TypeError
@@ -464,45 +511,29 @@ def _train_complex(fn, x, state, scale, bias, *, axis, momentum, epsilon,
           f"{fn}: `{name}` must have the feature shape {fshape} of x "
           f"(shape {tuple(x.shape)}, axis {feat}); got "
           f"{tuple(jnp.shape(v))}.")
-  momentum, running_var, epsilon, mask, names = _check_options(
-      fn, x.shape, momentum, debias, running_var, epsilon, mask, axis_name)
-  _check_single(fn, x, feat, red, 1, names, axis_index_groups, allow_single,
-                None, axis_name)
-  wide = lambda dt: jnp.dtype(dt).itemsize >= (16 if jnp.issubdtype(
-      dt, jnp.complexfloating) else 8)
-  cdt = jnp.dtype(jnp.complex128 if wide(x.dtype) else jnp.complex64)
-  rdt = jnp.finfo(cdt).dtype
-  xc = x.astype(cdt)
-  w = (jnp.ones(x.shape, jnp.bool_) if mask is None
-       else jnp.broadcast_to(mask, x.shape))
-  psum = ((lambda a: a) if names is None else functools.partial(
-      jax.lax.psum, axis_name=names, axis_index_groups=axis_index_groups))
-  n = psum(jnp.sum(w, red, keepdims=True, dtype=rdt))
-  n_safe = jnp.maximum(n, 1.0)
-  mean = (psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True))
-          / n_safe.astype(cdt))
-  d = jnp.where(w, xc - mean, 0.0)
-  var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red,
-                     keepdims=True)) / n_safe
-  y = (xc - mean) * jax.lax.rsqrt(var + jnp.asarray(epsilon, rdt)).astype(
-      cdt)
+  opts = _check_options(fn, x.shape, **options)
+  _check_single(fn, x, feat, red, 1, opts)
+  xc, mean, var, n = _complex_stats(x, opts.mask, red, opts)
+  rsd = jax.lax.rsqrt(var + jnp.asarray(opts.epsilon, var.dtype))
+  y = (xc - mean) * rsd.astype(xc.dtype)
   if scale is not None:
-    y = y * jnp.asarray(scale).astype(cdt).reshape(bshape)
+    y = y * jnp.asarray(scale).astype(xc.dtype).reshape(bshape)
   if bias is not None:
-    y = y + jnp.asarray(bias).astype(cdt).reshape(bshape)
+    y = y + jnp.asarray(bias).astype(xc.dtype).reshape(bshape)
   # One update rule for both parts: the EMA is linear, so updating the real
   # and imaginary parts of the mean separately is the complex update.
   stop = jax.lax.stop_gradient
-  stat = lambda a: stop(a).reshape((1,) + fshape)
+
+  def part(old_part, batch_part):
+    stats = [stop(a).reshape((1,) + fshape) for a in (batch_part, var, n)]
+    return _new_state(BatchNormState(old_part, state.var, state.count),
+                      *stats, opts)[0]
+
   old = stop(jnp.asarray(state.mean))
-  part = lambda old_part, batch_part: _new_state(
-      BatchNormState(old_part, state.var, state.count), stat(batch_part),
-      stat(var), stat(n), momentum=momentum, debias=debias,
-      running_var=running_var)[0]
-  re = part(jnp.real(old), jnp.real(mean))
-  im = part(jnp.imag(old), jnp.imag(mean))
-  mdt = jnp.dtype(jnp.complex128 if wide(state.mean.dtype)
-                  else jnp.complex64)
+  re, im = (part(f(old), f(mean)) for f in (jnp.real, jnp.imag))
+  wide = jnp.dtype(state.mean.dtype).itemsize >= (
+      16 if jnp.issubdtype(state.mean.dtype, jnp.complexfloating) else 8)
+  mdt = jnp.dtype(jnp.complex128 if wide else jnp.complex64)
   new_mean = re.mean.astype(mdt) + 1j * im.mean.astype(mdt)
   return y.astype(x.dtype), re._replace(mean=new_mean.astype(mdt))
 
@@ -531,6 +562,56 @@ def _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
   return (xhat.astype(dt) * mul + add).astype(xhat.dtype)
 
 
+_TRAIN_ARGS = """
+    x: floating (or complex) array of any rank >= 1, e.g. (N, C) or
+      (N, H, W, C).
+    state: ``BatchNormState`` whose ``mean``/``var`` (float32 or float64)
+      have the feature shape ``tuple(x.shape[a] for a in axis)``.
+    scale: optional :math:`\\gamma` of the feature shape; None for none.
+    bias: optional :math:`\\beta` of the feature shape; None for none.
+    axis: feature axis or axes (kept); statistics reduce over all others.
+    momentum: weight on the old running value, in [0, 1], or None for the
+      cumulative moving average.
+    epsilon: non-negative constant added to the variance.
+    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
+      ``shard_map`` axis to compute statistics over the global batch.
+    axis_index_groups: optional replica groups for the collectives (pmap).
+    mask: optional boolean array broadcastable to ``x``; False elements are
+      left out of the statistics (their outputs are still normalized).
+    running_var: ``"biased"`` (default) or ``"unbiased"``: which variance
+      the running statistics average.
+    debias: with a float ``momentum``, use the zero-debiased EMA.
+    virtual_batch_size: Ghost BatchNorm: size of the virtual batches the
+      leading axis is split into (must divide ``x.shape[0]``); None for one
+      batch.
+    allow_single: False (default, as PyTorch) raises for a single element
+      per feature (per virtual batch, across ``axis_name``); True computes
+      as flax does, :math:`\\mu = x`, :math:`\\sigma^2 = 0`, so the output
+      is ``bias`` (0 without it)."""
+
+_TRAIN_RAISES = """
+    TypeError: non-floating ``x``/``scale``/``bias``, a ``state`` that is not
+      a ``BatchNormState``, a non-boolean ``mask``, a ``momentum`` that is
+      neither a float nor None, a non-bool ``debias`` or ``allow_single``, a
+      non-int ``virtual_batch_size``, ``x`` or a state field that is not
+      array-like (None, a string, a ragged list), a non-integer
+      ``state.count``, ``axis_index_groups`` that are not lists of ints.
+    ValueError: a 0-d ``x``, running statistics in bfloat16 or float16,
+      ``axis_index_groups`` that do not partition the named axis into equal
+      groups, bad ``axis`` (out of range, duplicated), shape mismatches of
+      ``scale``/``bias``/``state``/``mask``, ``momentum`` outside [0, 1],
+      ``debias=True`` with ``momentum=1``, negative ``epsilon``, an unknown
+      ``running_var``, a ``virtual_batch_size`` that does not divide the
+      batch (or with axis 0 as a feature axis), an unbound ``axis_name``, or
+      a single element per feature without ``allow_single``."""
+
+_SKIP_RETURNS = """
+    ``(y, new_state, skipped)``: ``y`` and ``new_state`` as
+    :func:`{plain}`;
+    ``skipped`` a bool array of the feature shape, True where the running
+    mean and variance were kept because the batch mean or variance was not
+    finite."""
+
 def batch_norm_train(
     x: ArrayLike,
     state: BatchNormState,
@@ -546,10 +627,8 @@ def batch_norm_train(
     running_var: str = "biased",
     debias: bool = False,
     virtual_batch_size: int | None = None,
-    skip_nonfinite: bool = False,
     allow_single: bool = False,
-) -> (tuple[jax.Array, BatchNormState]
-      | tuple[jax.Array, BatchNormState, jax.Array]):
+) -> tuple[jax.Array, BatchNormState]:
   """Training-mode batch normalization with a running-average update.
 
   Over the valid elements :math:`\\mathcal{B}` of each feature (all axes but
@@ -558,162 +637,97 @@ def batch_norm_train(
   .. math::
      \\mu = \\frac{1}{n}\\sum_{i \\in \\mathcal{B}} x_i, \\quad
      \\sigma^2 = \\frac{1}{n}\\sum_{i \\in \\mathcal{B}} (x_i - \\mu)^2, \\quad
-     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta.
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta,
 
-  The normalization always uses the biased :math:`\\sigma^2`, computed
-  centred (shifted sums around a pilot mean within 4 standard deviations of
-  the mean) in at least float32: stable for shifted data. The backward
-  pass is hand-derived (see ``jaxnorm._core``); no gradient flows into the
-  state. The running statistics then move towards the batch values
-  :math:`s \\in \\{\\mu, v\\}`, with :math:`v = \\sigma^2` (``running_var=
-  "biased"``, as flax, haiku, keras) or :math:`v = \\frac{n}{n-1}\\sigma^2`
-  (``"unbiased"``, as PyTorch; :math:`n` is the valid count across masks and
-  devices; a feature with :math:`n < 2` keeps its running variance), as
+  in at least float32; the backward pass is hand-derived and no gradient
+  flows into the state. Each running statistic then moves towards its
+  batch value :math:`s` (:math:`\\mu`, and :math:`\\sigma^2`, or
+  :math:`\\frac{n}{n-1}\\sigma^2` with ``running_var="unbiased"``):
 
   .. math::
      r_t = \\kappa_t\\, r_{t-1} + w_t\\, s, \\qquad t = \\text{count} + 1,
 
-  .. list-table::
+  with :math:`\\kappa_t = a, w_t = 1 - a` for ``momentum=a``;
+  :math:`\\kappa_t = \\frac{t-1}{t}, w_t = \\frac{1}{t}` for
+  ``momentum=None``; :math:`w_t = \\frac{1-a}{1-a^t}, \\kappa_t = 1 - w_t`
+  with ``debias=True``. ``count`` moves unless every feature was fully
+  masked. Ghost BatchNorm, complex ``x``, non-finite data, overflow, the
+  state's precision and empty batches are described in the BatchNorm
+  guide, ``docs/guides/batchnorm.md``.
 
-     * - ``momentum=a`` (float; flax's convention, PyTorch's ``m`` is
-         ``1 - m`` here)
-       - :math:`\\kappa_t = a,\\ w_t = 1 - a` (EMA)
-     * - ``momentum=None`` (PyTorch's ``momentum=None``)
-       - :math:`\\kappa_t = \\frac{t-1}{t},\\ w_t = \\frac{1}{t}`
-         (cumulative average: the running value is the plain mean of all
-         batch values so far)
-     * - ``momentum=a, debias=True`` (Haiku's zero-debiased EMA)
-       - :math:`w_t = \\frac{1-a}{1-a^t},\\ \\kappa_t = 1 - w_t`
+  Example::
 
-  The debiased EMA equals Haiku's ``ExponentialMovingAverage(zero_debias=
-  True)``, whose hidden accumulator :math:`h_t = a h_{t-1} + (1-a) s_t`,
-  :math:`h_0 = 0`, is reported as :math:`h_t / (1 - a^t)`. jaxnorm stores
-  that reported average itself (:math:`h_t = r_t (1 - a^t)` is implied by
-  ``count``), so ``state.mean``/``state.var`` are what inference uses from
-  the first step on (no inflated variance early, unlike a running variance
-  that starts at 1 and is divided by :math:`1 - a^t`), ``batch_norm_infer``
-  stays a pure function of ``(mean, var)``, and the state keeps its three
-  fields. The initial mean 0 / variance 1 get weight 0 after the first
-  update in both ``momentum=None`` and ``debias=True`` modes.
+    state = jaxnorm.batch_norm_init(16)
+    y, state = jaxnorm.batch_norm_train(x, state, scale, bias)  # x: (N, 16)
 
-  ``count`` increments by one per update (not if every feature was fully
-  masked). The ``momentum=None`` and ``debias=True`` modes depend on it:
-  thread it, and start from ``count=0`` only with a fresh state. A feature
-  fully masked in some batches is still weighted by the layer's ``count``.
-
-  Complex ``x`` (as flax accepts it): :math:`\\mu` is complex and
-  :math:`\\sigma^2 = \\frac{1}{n}\\sum |x_i - \\mu|^2` real; it runs a
-  plain-jnp reference path differentiated by JAX (the hand-derived backward
-  pass is real-only), without ``virtual_batch_size`` or renorm. The new
-  running mean is complex (flax keeps it so), the running variance real.
-
-  Ghost BatchNorm (``virtual_batch_size=v``): the leading axis is split into
-  :math:`G = N / v` virtual batches of :math:`v` consecutive examples; each is
-  normalized with its own statistics (gradients flow through each virtual
-  batch's statistics), and the running statistics move towards the average
-  of the :math:`G` virtual-batch values :math:`s_g` (weighted by the valid
-  counts, so the plain average without a mask). With ``axis_name``, virtual
-  batch :math:`g` spans the :math:`g`-th slice of every device.
-
-  Non-finite data. A NaN or inf in ``x`` makes its feature's batch
-  statistics non-finite: that feature's outputs are NaN, and by default its
-  running mean and variance become NaN (or inf) and stay so for good, as
-  in flax and PyTorch. With ``skip_nonfinite=True`` a feature whose batch
-  mean or variance is not finite keeps its previous running mean and
-  variance (as a fully masked feature does), and the function returns a
-  third result, a boolean array of the feature shape flagging those
-  features; ``count`` still moves if any feature was updated. Other
-  features are unaffected either way.
-
-  Overflow. The statistics are float32 for float32 input: where a feature's
-  values lie more than about 1.8e19 from its mean, :math:`\\sigma^2`
-  exceeds float32's range and is inf. Its outputs are then 0 (finite, as
-  are their gradients) and its running variance becomes inf, a non-finite
-  statistic that ``skip_nonfinite=True`` keeps out of the state and flags.
-  Values below that (squares up to 3e38) are handled exactly.
-
-  Low-precision state. ``state.mean``/``state.var`` must be float32 or
-  float64 (``x`` may be bfloat16 or float16): a running average kept in
-  bfloat16 or float16 cannot move, since an update smaller than about
-  :math:`\\frac{1}{2(1 - a)}` units in its last place (50 for
-  ``momentum=0.99``) rounds back to the old value (measured, 1,000 steps
-  of batches of 64 with mean 3 and std 2, against a float32 running
-  average of the same batches: a bfloat16 running mean is 0.11 std and its
-  variance 4% off; float16, with finer spacing, 0.003 std and 0.14%, and
-  the band of stuck values widens with ``momentum``). Promoting the state to float32 behind the caller's back
-  (flax's behaviour) changes a pytree's dtype, which breaks ``lax.scan``
-  carries and checkpoints; so such a state is refused with a ``ValueError``
-  that names the fix, at trace time.
-
-  An empty batch (a reduced axis of size 0) returns the empty output and
-  the state unchanged, as a fully masked batch does.
-
-  Args:
-    x: floating (or complex) array of any rank >= 1, e.g. (N, C) or
-      (N, H, W, C).
-    state: ``BatchNormState`` whose ``mean``/``var`` have the feature shape
-      ``tuple(x.shape[a] for a in axis)``.
-    scale: optional :math:`\\gamma` of the feature shape; None for none.
-    bias: optional :math:`\\beta` of the feature shape; None for none.
-    axis: feature axis or axes (kept); statistics reduce over all others.
-    momentum: weight on the old running value, in [0, 1], or None for the
-      cumulative moving average.
-    epsilon: non-negative constant added to the variance.
-    axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
-      ``shard_map`` axis to compute statistics over the global batch. The
-      per-device (count, mean, M2) are merged exactly in one collective.
-    axis_index_groups: optional replica groups for the collectives (pmap).
-    mask: optional boolean array broadcastable to ``x``; False elements are
-      left out of the statistics (their outputs are still normalized).
-    running_var: ``"biased"`` (default) or ``"unbiased"``: which variance
-      the running statistics average (see above).
-    debias: with a float ``momentum``, use the zero-debiased EMA.
-    virtual_batch_size: Ghost BatchNorm: size of the virtual batches the
-      leading axis is split into (must divide ``x.shape[0]``); None for one
-      batch.
-    skip_nonfinite: keep the running statistics of features whose batch
-      statistics are not finite, and return which (see above).
-    allow_single: what a single element per feature (per virtual batch,
-      counted across ``axis_name``) does: False (default, as PyTorch) raises
-      the ``ValueError`` below; True computes as flax does, :math:`\\mu = x`,
-      :math:`\\sigma^2 = 0`, so the output is ``bias`` (0 without it), the
-      input gradient is 0 and the running statistics move towards
-      :math:`(x, 0)`. jaxnorm's modules pass True (flax's behaviour).
+  Args:{args}
 
   Returns:
-    ``(y, new_state)``: ``y`` has ``x``'s shape and dtype; ``new_state`` is a
-    ``BatchNormState`` with the dtypes of ``state`` (array-like fields such
-    as a Python int ``count`` come back as arrays). With
-    ``skip_nonfinite=True``: ``(y, new_state, skipped)``, ``skipped`` a bool
-    array of the feature shape, True where the running statistics were kept
-    because the batch statistics were not finite.
+    ``(y, new_state)``: ``y`` of ``x``'s shape and dtype; ``new_state`` a
+    ``BatchNormState`` with the dtypes of ``state``.
 
-  Raises:
-    TypeError: non-floating ``x``/``scale``/``bias``, a ``state`` that is not
-      a ``BatchNormState``, a non-boolean ``mask``, a ``momentum`` that is
-      neither a float nor None, a non-bool ``debias`` or ``allow_single``, a non-int
-      ``virtual_batch_size``, a non-bool ``skip_nonfinite``, ``x`` or a
-      state field that is not array-like (None, a string, a ragged list),
-      a non-integer ``state.count``, ``axis_index_groups`` that are not
-      lists of ints.
-    ValueError: a 0-d ``x``, running statistics in bfloat16 or float16,
-      ``axis_index_groups`` that do not partition the named axis into equal
-      groups, bad ``axis`` (out of range, duplicated), shape mismatches of
-      ``scale``/``bias``/``state``/``mask``, ``momentum`` outside [0, 1],
-      ``debias=True`` with ``momentum=1``, negative ``epsilon``, an unknown
-      ``running_var``, a ``virtual_batch_size`` that does not divide the
-      batch (or with axis 0 as a feature axis), an unbound ``axis_name``, or
-      a single element per feature (per virtual batch, across
-      ``axis_name``) without ``allow_single``: a batch of one with no other
-      reduced axis normalizes every value to 0.
+  Raises:{raises}
   """
-  return _train(
-      "batch_norm_train", x, state, scale, bias, axis=axis,
-      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-      axis_index_groups=axis_index_groups, mask=mask,
-      running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite,
-      allow_single=allow_single)
+  return _train(_checks.caller("batch_norm_train"), renorm=False,
+                skip_nonfinite=False, **locals())[:2]
+
+
+def batch_norm_train_skip_nonfinite(
+    x: ArrayLike,
+    state: BatchNormState,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: ArrayLike | None = None,
+    running_var: str = "biased",
+    debias: bool = False,
+    virtual_batch_size: int | None = None,
+    allow_single: bool = False,
+) -> tuple[jax.Array, BatchNormState, jax.Array]:
+  """:func:`batch_norm_train`, keeping non-finite statistics out of the state.
+
+  ``y`` is :func:`batch_norm_train`'s,
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} + \\beta,
+
+  and the running statistics move as there, except that a feature whose
+  batch mean or variance is not finite (a NaN or inf in ``x``, or a
+  variance beyond float32's range) keeps its previous running mean and
+  variance, as a fully masked feature does, and is flagged in ``skipped``.
+  ``count`` moves if any feature was updated. Real ``x`` only. See the
+  BatchNorm guide, ``docs/guides/batchnorm.md``.
+
+  Example::
+
+    y, state, skipped = jaxnorm.batch_norm_train_skip_nonfinite(x, state)
+
+  Args:{args}
+
+  Returns:{returns}
+
+  Raises:{raises}
+    ValueError: also complex ``x``.
+  """
+  return _train(_checks.caller("batch_norm_train_skip_nonfinite"),
+                renorm=False, skip_nonfinite=True, **locals())
+
+
+_RENORM_ARGS = """
+    rmax: :math:`r_{max} \\ge 1`, a float or scalar array (e.g. from
+      :func:`batch_renorm_schedule`; may be traced).
+    dmax: :math:`d_{max} \\ge 0`, a float or scalar array."""
+
+_RENORM_RAISES = """
+    TypeError: also ``rmax``/``dmax`` that are not a real number or scalar
+      array.
+    ValueError: also an ``rmax`` < 1 or ``dmax`` < 0 (or NaN) known at
+      trace time (a Python number or a concrete array), or complex ``x``."""
 
 
 def batch_renorm_train(
@@ -733,10 +747,8 @@ def batch_renorm_train(
     running_var: str = "biased",
     debias: bool = False,
     virtual_batch_size: int | None = None,
-    skip_nonfinite: bool = False,
     allow_single: bool = False,
-) -> (tuple[jax.Array, BatchNormState]
-      | tuple[jax.Array, BatchNormState, jax.Array]):
+) -> tuple[jax.Array, BatchNormState]:
   """Batch Renormalization (Ioffe, 2017), training mode.
 
   With the batch statistics :math:`\\mu_B, \\sigma_B^2` of
@@ -753,63 +765,90 @@ def batch_renorm_train(
 
   with :math:`\\sigma_B = \\sqrt{\\sigma_B^2 + \\epsilon}`,
   :math:`\\sigma = \\sqrt{\\sigma^2 + \\epsilon}` and
-  :math:`\\operatorname{sg}` = stop_gradient: as in the paper, ``r`` and
-  ``d`` are treated as constants, so the gradient flows through
-  :math:`\\mu_B, \\sigma_B` in :math:`\\hat x` only (jaxnorm's hand-derived
-  backward of :math:`\\hat x`, then :math:`\\partial L/\\partial \\gamma =
-  \\sum \\partial L/\\partial y\\,(\\hat x r + d)`). Unclipped,
-  :math:`\\hat x r + d = (x - \\mu)/\\sigma` is the inference output;
-  ``rmax=1, dmax=0`` is plain BatchNorm. A feature with no valid element
-  (mask) uses :math:`r = 1, d = 0`.
+  :math:`\\operatorname{sg}` = stop_gradient (``r``, ``d`` are constants
+  of the derivative, as in the paper). ``rmax=1, dmax=0`` is plain
+  BatchNorm; a feature with no valid element uses :math:`r = 1, d = 0`.
+  The running statistics (:math:`\\sigma^2`, not the paper's
+  :math:`\\sigma`) are updated as by :func:`batch_norm_train`, so inference
+  is :func:`batch_norm_infer`. See the BatchNorm guide,
+  ``docs/guides/batchnorm.md``.
 
-  The running statistics are updated exactly as by :func:`batch_norm_train`
-  (same options). The paper averages :math:`\\sigma`; jaxnorm averages
-  :math:`\\sigma^2`, as every BatchNorm state does, so the state is the
-  same ``BatchNormState`` and inference is :func:`batch_norm_infer`.
+  Example::
 
-  ``rmax``/``dmax`` may be traced scalars, e.g. from
-  :func:`batch_renorm_schedule` (the paper relaxes them during training).
+    rmax, dmax = jaxnorm.batch_renorm_schedule(state.count)
+    y, state = jaxnorm.batch_renorm_train(x, state, rmax=rmax, dmax=dmax)
 
-  Args:
-    x: floating array, e.g. (N, C) or (N, H, W, C).
-    state: ``BatchNormState`` of the feature shape.
-    scale: optional :math:`\\gamma` of the feature shape.
-    bias: optional :math:`\\beta` of the feature shape.
-    rmax: :math:`r_{max} \\ge 1`, a float or scalar array.
-    dmax: :math:`d_{max} \\ge 0`, a float or scalar array.
-    axis: feature axis or axes.
-    momentum: as :func:`batch_norm_train` (float or None).
-    epsilon: non-negative constant added to both variances.
-    axis_name: as :func:`batch_norm_train`.
-    axis_index_groups: as :func:`batch_norm_train`.
-    mask: as :func:`batch_norm_train`.
-    running_var: as :func:`batch_norm_train`.
-    debias: as :func:`batch_norm_train`.
-    virtual_batch_size: as :func:`batch_norm_train` (``r``, ``d`` per
-      virtual batch).
-    skip_nonfinite: as :func:`batch_norm_train`.
-    allow_single: as :func:`batch_norm_train`.
+  Args:{args}{renorm_args}
 
   Returns:
-    ``(y, new_state)`` (or ``(y, new_state, skipped)``) as
-    :func:`batch_norm_train`; non-finite data, overflow, low-precision
-    state and empty batches are handled as there.
+    ``(y, new_state)`` as :func:`batch_norm_train`.
 
-  Raises:
-    TypeError: as :func:`batch_norm_train`; ``rmax``/``dmax`` that are not
-      a real number or scalar array.
-    ValueError: as :func:`batch_norm_train`; an ``rmax`` < 1 or ``dmax`` < 0
-      (or NaN) known at trace time: a Python number or a concrete array
-      (traced values are not checked).
+  Raises:{raises}{renorm_raises}
   """
-  return _train(
-      "batch_renorm_train", x, state, scale, bias, axis=axis,
-      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-      axis_index_groups=axis_index_groups, mask=mask,
-      running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, skip_nonfinite=skip_nonfinite,
-      allow_single=allow_single,
-      renorm=(rmax, dmax))
+  return _train(_checks.caller("batch_renorm_train"), renorm=True,
+                skip_nonfinite=False, **locals())[:2]
+
+
+def batch_renorm_train_skip_nonfinite(
+    x: ArrayLike,
+    state: BatchNormState,
+    scale: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    rmax: ArrayLike,
+    dmax: ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    mask: ArrayLike | None = None,
+    running_var: str = "biased",
+    debias: bool = False,
+    virtual_batch_size: int | None = None,
+    allow_single: bool = False,
+) -> tuple[jax.Array, BatchNormState, jax.Array]:
+  """:func:`batch_renorm_train`, keeping non-finite statistics out of the state.
+
+  ``y`` is :func:`batch_renorm_train`'s,
+
+  .. math::
+     y = \\gamma\\,(\\hat x\\, r + d) + \\beta,
+
+  and the running statistics move as there, except that a feature whose
+  batch mean or variance is not finite keeps its previous running mean and
+  variance and is flagged in ``skipped``, as in
+  :func:`batch_norm_train_skip_nonfinite`. Real ``x`` only. See the
+  BatchNorm guide, ``docs/guides/batchnorm.md``.
+
+  Example::
+
+    y, state, skipped = jaxnorm.batch_renorm_train_skip_nonfinite(
+        x, state, rmax=rmax, dmax=dmax)
+
+  Args:{args}{renorm_args}
+
+  Returns:{returns}
+
+  Raises:{raises}{renorm_raises}
+  """
+  return _train(_checks.caller("batch_renorm_train_skip_nonfinite"),
+                renorm=True, skip_nonfinite=True, **locals())
+
+
+def _fill_docs(f, plain: str = "") -> None:
+  """Writes the shared parts into the docstring of the training function ``f``."""
+  for key, text in (("{args}", _TRAIN_ARGS), ("{raises}", _TRAIN_RAISES),
+                    ("{renorm_args}", _RENORM_ARGS),
+                    ("{renorm_raises}", _RENORM_RAISES),
+                    ("{returns}", _SKIP_RETURNS.replace("{plain}", plain))):
+    f.__doc__ = f.__doc__.replace(key, text)
+
+
+_fill_docs(batch_norm_train)
+_fill_docs(batch_renorm_train)
+_fill_docs(batch_norm_train_skip_nonfinite, "batch_norm_train")
+_fill_docs(batch_renorm_train_skip_nonfinite, "batch_renorm_train")
 
 
 def batch_renorm_schedule(
@@ -853,7 +892,7 @@ def batch_renorm_schedule(
     ValueError: ``rmax`` < 1, ``dmax`` < 0, negative ``warmup_steps`` or an
       end step not after ``warmup_steps``.
   """
-  fn = "batch_renorm_schedule"
+  fn = _checks.caller("batch_renorm_schedule")
   _check_clip(fn, "rmax", float(rmax), 1.0)
   _check_clip(fn, "dmax", float(dmax), 0.0)
   if not warmup_steps >= 0:
@@ -866,8 +905,10 @@ def batch_renorm_schedule(
           f"{fn}: `{name}`={end!r} must be after warmup_steps="
           f"{warmup_steps!r} (the ramp runs from one to the other).")
   t = jnp.asarray(step).astype(jnp.float32)
-  ramp = lambda end: jnp.clip((t - warmup_steps) / (end - warmup_steps),
-                              0.0, 1.0)
+
+  def ramp(end):
+    return jnp.clip((t - warmup_steps) / (end - warmup_steps), 0.0, 1.0)
+
   return (1.0 + (rmax - 1.0) * ramp(rmax_end_step),
           dmax * ramp(dmax_end_step))
 
@@ -888,15 +929,14 @@ def batch_norm_infer(
          + \\beta
 
   computed as :math:`(x - \\mu_{run}) \\cdot m + \\beta` with
-  :math:`m = \\gamma / \\sqrt{\\sigma^2_{run} + \\epsilon}`: centred before it
-  is scaled, as training is, in at least float32 (and at least the state's
-  precision) and returned in ``x``'s dtype; one elementwise pass. For
-  shifted data (mean 1e6, std 1) :math:`x - \\mu_{run}` is exact, so
-  inference agrees with training up to the rounding of the stored float32
-  mean (half a float32 spacing of the mean, over the std), where scaling
-  first (:math:`x m - \\mu m`) would cancel two large terms. Nothing is
-  updated; the state is only read (a bfloat16/float16 state, refused for
-  training, is read exactly here).
+  :math:`m = \\gamma / \\sqrt{\\sigma^2_{run} + \\epsilon}` (centred
+  first, as in training) in at least float32 and the state's precision,
+  returned in ``x``'s dtype. The state is only read. See the BatchNorm
+  guide, ``docs/guides/batchnorm.md``.
+
+  Example::
+
+    y = jaxnorm.batch_norm_infer(x, state, scale, bias)
 
   Args:
     x: floating array, e.g. (N, C) or (N, H, W, C); any batch size.
@@ -916,13 +956,12 @@ def batch_norm_infer(
     ValueError: a 0-d ``x``, bad ``axis``, shape mismatches, negative
       ``epsilon``.
   """
-  fn = "batch_norm_infer"
+  fn = _checks.caller("batch_norm_infer")
   x, state, feat, red, bshape, fshape, scale, bias = _prepare(
       fn, x, state, scale, bias, axis)
   epsilon = _checks.check_epsilon(fn, epsilon)
   # At least float32, and at least the state's precision (float64 state).
-  dt = max(_stats.stat_dtype(x.dtype), _stats.stat_dtype(state.mean.dtype),
-           key=lambda d: d.itemsize)
+  dt = _stats.compute_dtype(x.dtype, state.mean.dtype)
   mean = jax.lax.stop_gradient(state.mean).astype(dt).reshape(bshape)
   var = jax.lax.stop_gradient(state.var).astype(dt).reshape(bshape)
   mul = jax.lax.rsqrt(var + jnp.asarray(epsilon, dt))

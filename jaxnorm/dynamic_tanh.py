@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
-from jaxnorm import _scaling
+from jaxnorm import _stats
 
 
 def _dtype(x, alpha, scale, bias):
   """The computation dtype: the promoted dtype of the inputs, >= float32."""
-  return _scaling.compute_dtype(
+  return _stats.compute_dtype(
       *(a.dtype for a in (x, alpha, scale, bias) if a is not None))
 
 
@@ -112,7 +112,7 @@ def dyt(
     ValueError: ``alpha`` not a scalar, bad or repeated ``feature_axes``,
       parameter shape mismatch.
   """
-  fn = "dyt"
+  fn = _checks.caller("dyt")
   x = _checks.as_float_array(fn, "x", x, min_ndim=1)
   alpha = _checks.as_float_array(fn, "alpha", alpha)
   if alpha.shape not in ((), (1,)):

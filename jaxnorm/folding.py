@@ -109,7 +109,7 @@ def fold_batch_norm(
       concrete: eagerly, or closed over under ``jit``; traced statistics
       cannot be checked, and a negative variance then gives NaN).
   """
-  fn = "fold_batch_norm"
+  fn = _checks.caller("fold_batch_norm")
   kernel = _checks.as_float_array(fn, "kernel", kernel)
   if kernel.ndim < 2:
     raise ValueError(f"{fn}: `kernel` must have rank >= 2 with the output "

@@ -689,10 +689,8 @@ def _recalibrate(fn: str, api: str, stats_fn, stats, batches, rest, check,
       return recalibration.recalibrate_batch_norm(
           stats_fn, stats, ((rest, b) for b in batches), check=check,
           jit=jit)
-    except ValueError as e:
-      if "depends on the running statistics" in str(e):
-        raise ValueError(_NOT_BATCH_STATS.format(fn=fn, api=api)) from None
-      raise
+    except recalibration.NotBatchStatisticsError:
+      raise ValueError(_NOT_BATCH_STATS.format(fn=fn, api=api)) from None
 
 
 def recalibrate_batch_norm(

@@ -9,9 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm import _checks
 from jaxnorm.batch_norm import BatchNormState
 
 __all__ = ["recalibrate_batch_norm"]
+
+
+class NotBatchStatisticsError(ValueError):
+  """``stats_fn``'s state depends on the running statistics passed in.
+
+  Raised by the ``check`` of :func:`recalibrate_batch_norm`; the module
+  front ends catch it to name their own fix.
+  """
 
 
 def _is_float_leaf(a: Any) -> bool:
@@ -22,13 +31,13 @@ def _check_batch_statistics(fn, f, treedef, leaves, is_float, out_leaves,
                             batch):
   """Raises unless ``f`` ignores the incoming floating state leaves."""
   shifted = treedef.unflatten(
-      [a + 1 if fl else a for a, fl in zip(leaves, is_float)])
+      [a + 1 if fl else a for a, fl in zip(leaves, is_float, strict=True)])
   alt = jax.tree.leaves(f(shifted, batch))
-  for a, b, fl in zip(out_leaves, alt, is_float):
+  for a, b, fl in zip(out_leaves, alt, is_float, strict=False):
     if fl and not np.allclose(np.asarray(a, np.float64),
                               np.asarray(b, np.float64), rtol=1e-6,
                               atol=1e-6):
-      raise ValueError(
+      raise NotBatchStatisticsError(
           f"{fn}: the state returned by `stats_fn` depends on the running "
           f"statistics passed in, so it does not hold batch statistics. "
           f"Fix: run the train-mode forward with momentum=0.0 in every "
@@ -108,7 +117,7 @@ def recalibrate_batch_norm(
       leaf's shape, or (with ``check``) depending on the incoming state.
     TypeError: a non-callable ``stats_fn``.
   """
-  fn = "recalibrate_batch_norm"
+  fn = _checks.caller("recalibrate_batch_norm")
   if not callable(stats_fn):
     raise TypeError(f"{fn}: `stats_fn` must be callable (state, batch) -> "
                     f"state; got {type(stats_fn).__name__}.")
@@ -118,7 +127,7 @@ def recalibrate_batch_norm(
   sums: list[np.ndarray | None] = [None] * len(leaves)
 
   def accumulate(out_leaves):
-    for i, (b, fl) in enumerate(zip(out_leaves, is_float)):
+    for i, (b, fl) in enumerate(zip(out_leaves, is_float, strict=True)):
       if fl:
         b = np.asarray(b, np.float64)
         sums[i] = b if sums[i] is None else sums[i] + b
@@ -132,7 +141,7 @@ def recalibrate_batch_norm(
           f"{fn}: `stats_fn` must return a state tree of the structure it "
           f"was given; got {out_def}, expected {treedef}."
       )
-    for i, (a, b) in enumerate(zip(leaves, out_leaves)):
+    for i, (a, b) in enumerate(zip(leaves, out_leaves, strict=True)):
       if np.shape(a) != np.shape(b):
         raise ValueError(f"{fn}: `stats_fn` changed the shape of state leaf "
                          f"{i} from {np.shape(a)} to {np.shape(b)}.")
@@ -149,7 +158,7 @@ def recalibrate_batch_norm(
   new = treedef.unflatten([
       jnp.asarray((s / k).astype(jax.dtypes.canonicalize_dtype(a.dtype)))
       if fl else b
-      for s, a, b, fl in zip(sums, leaves, pending, is_float)
+      for s, a, b, fl in zip(sums, leaves, pending, is_float, strict=True)
   ])
   return jax.tree.map(lambda n: _with_count(n, k), new,
                       is_leaf=_is_stats_node)

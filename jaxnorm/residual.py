@@ -24,6 +24,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxnorm import _checks
 from jaxnorm import _add_core
 from jaxnorm import _scaling
+from jaxnorm import _stats
 
 
 # The one call into the core op (validated inputs; see
@@ -32,8 +33,10 @@ from jaxnorm import _scaling
 _add_normalize = _add_core.add_normalize
 
 
-def _add_norm(fn: str, x, residual, scale, bias, *, residual_dtype,
+def _add_norm(fn: str, x, residual, scale, bias=None, *, residual_dtype,
               **options) -> tuple[jax.Array, jax.Array]:
+  """``add_layer_norm``/``add_rms_norm`` (``options``: their keyword
+  arguments)."""
   x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
                                                       **options)
   residual = _checks.as_float_array(fn, "residual", residual)
@@ -44,7 +47,7 @@ def _add_norm(fn: str, x, residual, scale, bias, *, residual_dtype,
         f"{tuple(residual.shape)}. Fix: pass the stream of the same batch, "
         f"sequence and feature sizes.")
   if residual_dtype is None:
-    residual_dtype = _scaling.promote(x.dtype, residual.dtype)
+    residual_dtype = _stats.promote(x.dtype, residual.dtype)
   else:
     residual_dtype = _checks.check_float_dtype(fn, "residual_dtype",
                                                residual_dtype)
@@ -135,12 +138,7 @@ def add_rms_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       scale (Llama).
 {args}"""
-  return _add_norm("add_rms_norm", x, residual, scale, None,
-                   residual_dtype=residual_dtype, center=False,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _add_norm(_checks.caller("add_rms_norm"), center=False, **locals())
 
 
 def add_layer_norm(
@@ -188,12 +186,8 @@ def add_layer_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       affine map.
 {args}"""
-  return _add_norm("add_layer_norm", x, residual, scale, bias,
-                   residual_dtype=residual_dtype, center=True,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _add_norm(_checks.caller("add_layer_norm"), center=True,
+                   **locals())
 
 
 for _f, _plain in ((add_rms_norm, "rms_norm"), (add_layer_norm, "layer_norm")):

@@ -92,12 +92,11 @@ def layer_norm(
     mask: optional boolean array broadcastable to ``x``; False elements are
       left out of the statistics.
     axis_name: optional name (or tuple of names) of a ``vmap``/``pmap``/
-      ``shard_map`` axis over which ``reduction_axes`` are split: the
-      statistics of each row are merged over it, as if the shards were
-      concatenated. Use it when the normalized axis is sharded across
-      devices, e.g. ``d_model`` split by tensor parallelism (each device
-      holds ``x[..., d_model/k]`` and its slice of ``scale``/``bias``).
-      Unequal or masked shards are merged exactly, weighted by count.
+      ``shard_map`` axis over which ``reduction_axes`` are split (e.g. a
+      tensor-parallel ``d_model``, each device holding its slice of ``x``,
+      ``scale`` and ``bias``): each row's statistics are merged over it,
+      weighted by count, as for the unsplit row (see the distributed
+      guide, ``docs/guides/distributed.md``).
     axis_index_groups: optional replica groups (lists of axis indices)
       within which statistics are merged, as in ``jax.lax.psum``; needs
       ``axis_name``.
@@ -114,11 +113,7 @@ def layer_norm(
       negative ``epsilon``, a NaN or infinite ``scale_offset``, an unbound
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
-  return _row_norm("layer_norm", x, scale, bias, center=True,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _row_norm(_checks.caller("layer_norm"), center=True, **locals())
 
 
 def rms_norm(
@@ -176,18 +171,15 @@ def rms_norm(
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
-  return _row_norm("rms_norm", x, scale, None, center=False,
-                   reduction_axes=reduction_axes, feature_axes=feature_axes,
-                   epsilon=epsilon, scale_offset=scale_offset,
-                   cast_before_scale=cast_before_scale, mask=mask,
-                   axis_name=axis_name, axis_index_groups=axis_index_groups)
+  return _row_norm(_checks.caller("rms_norm"), center=False, **locals())
 
 
 layer_norm.__doc__ = layer_norm.__doc__.replace("{conventions}", _CONVENTIONS)
 rms_norm.__doc__ = rms_norm.__doc__.replace("{conventions}", _CONVENTIONS)
 
 
-def _row_norm(fn, x, scale, bias, **options):
+def _row_norm(fn: str, x, scale, bias=None, **options) -> jax.Array:
+  """``layer_norm``/``rms_norm`` (``options``: their keyword arguments)."""
   x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
                                                       **options)
   return finish(_core.normalize(x, scale, bias, mask, **kw)[0])
@@ -250,7 +242,7 @@ def group_norm(
       shapes, negative ``epsilon``, an unbound ``axis_name``,
       ``axis_index_groups`` without ``axis_name``.
   """
-  fn = "group_norm"
+  fn = _checks.caller("group_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
       fn, x, epsilon, mask, axis_name, axis_index_groups)
   if x.ndim < 2:
@@ -347,10 +339,11 @@ def instance_norm(
   Raises:
     TypeError: non-floating ``x``/``scale``/``bias``, non-boolean ``mask``.
     ValueError: bad axes (including axis 0 as a feature axis), no axis left
-      to reduce without ``allow_single``, shape mismatch, negative ``epsilon``, an unbound
-      ``axis_name``, ``axis_index_groups`` without ``axis_name``.
+      to reduce without ``allow_single``, shape mismatch, negative
+      ``epsilon``, an unbound ``axis_name``, ``axis_index_groups`` without
+      ``axis_name``.
   """
-  fn = "instance_norm"
+  fn = _checks.caller("instance_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
       fn, x, epsilon, mask, axis_name, axis_index_groups)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)

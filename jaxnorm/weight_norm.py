@@ -25,6 +25,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
+from jaxnorm import _stats
 from jaxnorm import _weight_core
 
 
@@ -90,7 +91,7 @@ def spectral_norm_init(
   Raises:
     TypeError: ``shape`` not a tuple of ints, ``dtype`` not floating.
   """
-  fn = "spectral_norm_init"
+  fn = _checks.caller("spectral_norm_init")
   shape = _check_shape_arg(fn, shape)
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(
@@ -102,27 +103,9 @@ def spectral_norm_init(
   return SpectralNormState(u=u, sigma=jnp.ones((), dtype))
 
 
-def _check_eps(fn: str, epsilon: Any) -> float:
-  if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-    raise TypeError(
-        f"{fn}: `epsilon` must be a Python float; got {epsilon!r} of type "
-        f"{type(epsilon).__name__}."
-    )
-  if not epsilon >= 0.0:
-    raise ValueError(
-        f"{fn}: `epsilon` must be >= 0 (it is added to the squared L2 norm "
-        f"under the square root); got {epsilon!r}. The default is 1e-12."
-    )
-  return float(epsilon)
-
-
-def _check_bool(fn: str, name: str, b: Any) -> bool:
-  if not isinstance(b, (bool, np.bool_)):
-    raise TypeError(
-        f"{fn}: `{name}` must be a Python bool (it selects the computation at "
-        f"trace time); got {b!r} of type {type(b).__name__}."
-    )
-  return bool(b)
+_EPS_NOTE = {"added_to": "the squared L2 norm",
+             "typical": "The default is 1e-12."}
+_TRACE_TIME = " (it selects the computation at trace time)"
 
 
 def _check_state(fn: str, state: Any, w_shape: tuple[int, ...]):
@@ -207,7 +190,7 @@ def spectral_norm(
     ValueError: a state of the wrong shape, ``n_steps < 1``, negative
       ``epsilon``, a weight of rank > 2 with ``error_on_non_matrix``.
   """
-  fn = "spectral_norm"
+  fn = _checks.caller("spectral_norm")
   w = _checks.as_float_array(fn, "w", w)
   if isinstance(n_steps, bool) or not isinstance(
       n_steps, (numbers.Integral, np.integer)):
@@ -217,10 +200,11 @@ def spectral_norm(
         f"{fn}: `n_steps` must be >= 1 (power iterations per call); got "
         f"{n_steps}. To leave a weight unnormalized, use it as it is."
     )
-  epsilon = _check_eps(fn, epsilon)
-  update_stats = _check_bool(fn, "update_stats", update_stats)
-  error_on_non_matrix = _check_bool(fn, "error_on_non_matrix",
-                                    error_on_non_matrix)
+  epsilon = _checks.check_epsilon(fn, epsilon, **_EPS_NOTE)
+  update_stats = _checks.check_bool(fn, "update_stats", update_stats,
+                                    _TRACE_TIME)
+  error_on_non_matrix = _checks.check_bool(
+      fn, "error_on_non_matrix", error_on_non_matrix, _TRACE_TIME)
   if w.ndim <= 1:
     return w, state
   if w.ndim > 2 and error_on_non_matrix:
@@ -232,7 +216,7 @@ def spectral_norm(
     )
   u, sigma0 = _check_state(fn, state, tuple(w.shape))
   w2d = w.reshape(-1, w.shape[-1])
-  dt = _weight_core.compute_dtype(w.dtype, u.dtype)
+  dt = _stats.compute_dtype(w.dtype, u.dtype)
   u_new, v_new = _weight_core.power_iteration(
       jax.lax.stop_gradient(w2d).astype(dt), u.astype(dt), int(n_steps),
       epsilon)
@@ -244,13 +228,6 @@ def spectral_norm(
       u=u_new.astype(u.dtype),
       sigma=jax.lax.stop_gradient(sigma).astype(sigma0.dtype))
   return w_bar, new_state
-
-
-def _feature_axes(fn: str, feature_axes: Any, ndim: int) -> tuple[int, ...]:
-  if feature_axes is None or (isinstance(feature_axes, (tuple, list))
-                              and not feature_axes):
-    return ()
-  return _checks.canonicalize_axes(fn, "feature_axes", feature_axes, ndim)
 
 
 def weight_norm(
@@ -301,10 +278,11 @@ def weight_norm(
     ValueError: bad or repeated axes, ``scale`` of the wrong shape,
       negative ``epsilon``.
   """
-  fn = "weight_norm"
+  fn = _checks.caller("weight_norm")
   v = _checks.as_float_array(fn, "v", v)
-  epsilon = _check_eps(fn, epsilon)
-  feat = _feature_axes(fn, feature_axes, v.ndim)
+  epsilon = _checks.check_epsilon(fn, epsilon, **_EPS_NOTE)
+  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, v.ndim,
+                                   empty_ok=True)
   fshape = tuple(v.shape[a] for a in feat)
   scale = _checks.check_param(
       fn, "scale", scale, fshape,
@@ -377,7 +355,7 @@ def weight_norm_from_torch(
     TypeError: non-floating arrays, non-int ``dim``.
     ValueError: ``dim`` out of range, ``weight_g`` of the wrong shape.
   """
-  fn = "weight_norm_from_torch"
+  fn = _checks.caller("weight_norm_from_torch")
   v = _checks.as_float_array(fn, "weight_v", weight_v)
   g = _checks.as_float_array(fn, "weight_g", weight_g)
   d = _check_dim(fn, dim, v.ndim)
@@ -428,7 +406,7 @@ def weight_norm_to_torch(
     ValueError: ``feature_axes`` out of range or several axes, ``scale`` of
       the wrong shape.
   """
-  fn = "weight_norm_to_torch"
+  fn = _checks.caller("weight_norm_to_torch")
   v = _checks.as_float_array(fn, "v", v)
   if isinstance(feature_axes, (tuple, list)):
     raise ValueError(

@@ -16,8 +16,8 @@ the jitted function, so nothing is constant-folded) and asserts one of:
 
 Non-finite data and overflow follow the documented rules (README,
 "Reliability"; ``batch_norm_train``): a NaN/inf batch statistic reaches the
-running statistics unless ``skip_nonfinite=True``, which keeps them and
-flags the feature; a variance above float32's range (values ~1e19 from
+running statistics, except with ``batch_norm_train_skip_nonfinite``, which
+keeps them and flags the feature; a variance above float32's range (values ~1e19 from
 their mean) gives inf, so that feature's (or row's) output is 0, finite.
 """
 
@@ -122,6 +122,10 @@ def _ema(old, new):
 
 def bn(x, s, **kw):
   return jaxnorm.batch_norm_train(x, s, momentum=MOM, **kw)
+
+
+def bn_skip(x, s, **kw):
+  return jaxnorm.batch_norm_train_skip_nonfinite(x, s, momentum=MOM, **kw)
 
 
 def bn_ref(x, s):
@@ -231,7 +235,7 @@ CASES["bn-zero_size_virtual_batches"] = Ref(
     lambda x, s: jaxnorm.batch_norm_train(x, s, virtual_batch_size=2),
     (jnp.ones((0, 6)), STATE0), lambda x, s: (_f64(x), s))
 CASES["bn-zero_size_skip_nonfinite"] = Ref(
-    lambda x, s: bn(x, s, skip_nonfinite=True), (jnp.ones(EMPTY), STATE0),
+    bn_skip, (jnp.ones(EMPTY), STATE0),
     lambda x, s: (_f64(x), s, np.zeros(C, bool)))
 
 # --------------------------------------------------------------------------
@@ -276,11 +280,11 @@ for tag, xb, ref, bad in (
     ("all_nan", X_ALL_NAN, bn_ref, np.ones(C, bool))):
   CASES[f"bn-{tag}-default"] = Ref(bn, (xb, STATE0), ref)
   CASES[f"bn-{tag}-skip_nonfinite"] = Ref(
-      lambda x, s: bn(x, s, skip_nonfinite=True), (xb, STATE0),
+      bn_skip, (xb, STATE0),
       _skipped(ref, bad))
 CASES["renorm-nan-skip_nonfinite"] = Ref(
-    lambda x, s: jaxnorm.batch_renorm_train(
-        x, s, momentum=MOM, rmax=1.0, dmax=0.0, skip_nonfinite=True),
+    lambda x, s: jaxnorm.batch_renorm_train_skip_nonfinite(
+        x, s, momentum=MOM, rmax=1.0, dmax=0.0),
     (X_NAN, STATE0), _skipped(bn_ref, _flags(0)))
 CASES["bn-overflow-output_finite"] = Ref(
     lambda x, s: bn(x, s)[0][..., 2], (X_BIG, STATE0),
@@ -463,12 +467,6 @@ for tag, v, exc, parts in (
   CASES[f"rms-scale_offset_{tag}"] = Err(
       functools.partial(jaxnorm.rms_norm, X, jnp.ones(C), scale_offset=v),
       exc, ("rms_norm", "`scale_offset`") + parts)
-for fn_name, f in (("batch_norm_train", jaxnorm.batch_norm_train),
-                   ("batch_renorm_train", functools.partial(
-                       jaxnorm.batch_renorm_train, rmax=2.0, dmax=1.0))):
-  CASES[f"{fn_name}-skip_nonfinite_str"] = Err(
-      functools.partial(f, X, STATE0, skip_nonfinite="yes"), TypeError,
-      (fn_name, "`skip_nonfinite`", "'yes'", "True or False"))
 
 # --------------------------------------------------------------------------
 # Modules: what the changes above reach through them.

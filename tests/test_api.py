@@ -22,8 +22,7 @@ SIGNATURES = {
         ("axis", -1), ("momentum", 0.99), ("epsilon", 1e-5),
         ("axis_name", None), ("axis_index_groups", None), ("mask", None),
         ("running_var", "biased"), ("debias", False),
-        ("virtual_batch_size", None), ("skip_nonfinite", False),
-        ("allow_single", False)],
+        ("virtual_batch_size", None), ("allow_single", False)],
     "batch_norm_infer": [
         ("x", _E), ("state", _E), ("scale", None), ("bias", None), "*",
         ("axis", -1), ("epsilon", 1e-5)],
@@ -65,8 +64,7 @@ SIGNATURES = {
         ("rmax", _E), ("dmax", _E), ("axis", -1), ("momentum", 0.99),
         ("epsilon", 1e-5), ("axis_name", None), ("axis_index_groups", None),
         ("mask", None), ("running_var", "biased"), ("debias", False),
-        ("virtual_batch_size", None), ("skip_nonfinite", False),
-        ("allow_single", False)],
+        ("virtual_batch_size", None), ("allow_single", False)],
     "batch_renorm_schedule": [
         ("step", _E), "*", ("rmax", 3.0), ("dmax", 5.0),
         ("warmup_steps", 5000), ("rmax_end_step", 40000),
@@ -84,6 +82,9 @@ SIGNATURES = {
     "weight_norm_to_torch": [("v", _E), ("scale", None), "*",
                              ("feature_axes", -1)],
 }
+SIGNATURES["batch_norm_train_skip_nonfinite"] = SIGNATURES["batch_norm_train"]
+SIGNATURES["batch_renorm_train_skip_nonfinite"] = SIGNATURES[
+    "batch_renorm_train"]
 
 
 def _signature(fn):

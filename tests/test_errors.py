@@ -105,8 +105,6 @@ CASES = [
     ("bn_axis_index_groups_no_name",
      lambda: BN(X, ST, axis_index_groups=[[0]]), ValueError,
      ["batch_norm_train", "`axis_index_groups`", "axis_name"]),
-    ("bn_skip_nonfinite_type", lambda: BN(X, ST, skip_nonfinite=1),
-     TypeError, ["batch_norm_train", "`skip_nonfinite`", "1"]),
     # (a concrete array, made outside any trace; traced values are not
     # checkable and pass)
     ("renorm_rmax_array_below_one", lambda: jaxnorm.batch_renorm_train(
