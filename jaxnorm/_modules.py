@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import re
+import textwrap
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -30,13 +32,6 @@ from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_train
 from jaxnorm.batch_norm import batch_renorm_train
-
-
-def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
-  """Sorted non-negative axes (flax accepts an int or any iterable)."""
-  if isinstance(axes, int):
-    axes = (axes,)
-  return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
 
 
 def _dtypes_for(arrays: list[jax.Array], dtype: Dtype | None):
@@ -113,18 +108,48 @@ def _scale_init(who: str, init: Any, scale_offset: Any) -> Any:
   return init
 
 
-_TRANSFORMER_OPTIONS = """
-    scale_offset: Python float added to ``scale`` (jaxnorm only; default 0):
-      1.0 is Gemma's zero-centred ``(1 + scale)``, formed in at least
-      float32. With a nonzero offset the default ``scale_init`` gives
-      zeros, so a fresh layer is the plain normalization.
-    cast_before_scale: Llama's and T5's order (jaxnorm only; default
-      False): ``x_hat`` (at least float32) is rounded to the input's dtype,
-      then multiplied by the scale in the compute dtype.
-    residual_dtype: dtype of the residual stream ``h`` returned when the
-      call gets ``residual=`` (jaxnorm only); None for the promoted dtype of
-      the input and ``residual``, ``jnp.float32`` for a float32 stream under
-      bfloat16 activations."""
+#: The contracts of the options the linen and nnx modules share, by name.
+_OPTION_DOCS: dict[str, str] = {
+    "dtype": "output dtype (default: the promotion of the input and "
+             "parameter dtypes).",
+    "param_dtype": "dtype of the parameters (default float32).",
+    "use_bias": "add ``bias`` :math:`\\beta`.",
+    "use_scale": "multiply by ``scale`` :math:`\\gamma`.",
+    "bias_init": "initializer of ``bias`` (default zeros).",
+    "scale_init": "initializer of ``scale`` (default ones).",
+    "axis_name": "name(s) of a ``vmap``/``pmap``/``shard_map`` axis over "
+                 "which the reduced axes are split (e.g. a sharded hidden "
+                 "axis); the statistics merge exactly across it.",
+    "axis_index_groups": "replica groups within ``axis_name`` (ignored "
+                         "without it, as in flax).",
+    "use_fast_variance": "accepted for flax compatibility and ignored: the "
+                         "variance is always centred, in at least float32 "
+                         "(stable on shifted data).",
+    "force_float32_reductions": "accepted for flax compatibility; the "
+                                "reductions are always in at least float32.",
+    "promote_dtype": "as flax: a function ``(arrays, dtype=) -> arrays`` "
+                     "applied to the input and parameters (None: flax's "
+                     "default promotion).",
+    "rngs": "``nnx.Rngs`` for the parameter initializers.",
+    "bias_metadata": "metadata of the ``bias`` Param.",
+    "scale_metadata": "metadata of the ``scale`` Param.",
+    "scale_offset": "jaxnorm only: Python float :math:`o` added to "
+                    "``scale`` (default 0; "
+                    "1.0 is Gemma's zero-centred ``(1 + scale)``), formed in "
+                    "at least float32. With a nonzero offset the default "
+                    "``scale_init`` gives zeros, so a fresh layer is the "
+                    "plain normalization.",
+    "cast_before_scale": "jaxnorm only: Llama's and T5's order (default "
+                         "False): ``x_hat`` "
+                         "(at least float32) is rounded to the input's "
+                         "dtype, then multiplied by the scale in the compute "
+                         "dtype.",
+    "residual_dtype": "jaxnorm only: dtype of the residual stream ``h`` "
+                      "returned when the "
+                      "call gets ``residual=``; None for the promoted dtype "
+                      "of the input and ``residual``, ``jnp.float32`` for a "
+                      "float32 stream under bfloat16 activations.",
+}
 
 _TRANSFORMER_CALL = """
     Args:
@@ -146,12 +171,29 @@ _TRANSFORMER_CALL = """
 """
 
 
-def _document_transformer_options(cls: type, fused: str) -> None:
-  """Fills ``{options}`` (class) and ``{call}`` (``__call__``) in the
-  docstrings of a LayerNorm/RMSNorm module (linen and nnx share them)."""
-  cls.__doc__ = cls.__doc__.replace("{options}", _TRANSFORMER_OPTIONS)
-  cls.__call__.__doc__ = cls.__call__.__doc__.replace(
-      "{call}", _TRANSFORMER_CALL.replace("{fused}", fused))
+def _document(cls: type, names: Iterable[str], fused: str | None = None
+              ) -> type:
+  """Writes the shared parts into ``cls``'s docstrings.
+
+  The ``{shared}`` line of the class docstring becomes an entry of
+  ``_OPTION_DOCS`` for each of ``names`` (the fields or constructor
+  arguments, in order) that the docstring does not document itself; with
+  ``fused``, the ``{call}`` line of ``__call__``'s docstring becomes the
+  LayerNorm/RMSNorm call contract.
+  """
+  if cls.__doc__ is None:  # python -OO
+    return cls
+  own = set(re.findall(r"^    (\w+):", cls.__doc__, flags=re.M))
+  entries = [textwrap.fill(f"{n}: {_OPTION_DOCS[n]}", 79, initial_indent="    ",
+                           subsequent_indent="      ", break_on_hyphens=False,
+                           break_long_words=False)
+             for n in names if n in _OPTION_DOCS and n not in own]
+  cls.__doc__ = cls.__doc__.replace("    {shared}\n",
+                                    "".join(e + "\n" for e in entries))
+  if fused is not None:
+    cls.__call__.__doc__ = cls.__call__.__doc__.replace(
+        "{call}", _TRANSFORMER_CALL.replace("{fused}", fused))
+  return cls
 
 
 def _transformer_norm(mdl: Any, x: ArrayLike,
@@ -229,11 +271,13 @@ def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
     return batch_norm_infer(x, state, scale, bias, axis=axis,
                             epsilon=epsilon)
   mean = jnp.asarray(state.mean)
-  part = lambda f: batch_norm_infer(
-      f(x), state._replace(mean=f(mean)), axis=axis,
-      epsilon=epsilon).astype(x.dtype)
+
+  def part(f):
+    return batch_norm_infer(f(x), state._replace(mean=f(mean)), axis=axis,
+                            epsilon=epsilon).astype(x.dtype)
+
   y = part(jnp.real) + 1j * part(jnp.imag)
-  feat = _axes_tuple(x.ndim, axis)
+  feat = _checks.canonicalize_axes("batch_norm_infer", "axis", axis, x.ndim)
   bshape = tuple(d if i in feat else 1 for i, d in enumerate(x.shape))
   if scale is not None:
     y = y * scale.astype(x.dtype).reshape(bshape)
@@ -290,14 +334,36 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
   return y, out["state"]
 
 
-def _check_instance_axes(cls: str, ndim: int, feature_axes: Axes) -> None:
+def _param_shape(mdl: Any, x: jax.Array, axes: Axes, name: str
+                 ) -> tuple[int, ...]:
+  """The sizes of ``x`` at ``axes`` (the option ``name``): the parameters'
+  shape.
+
+  Raises:
+    TypeError, ValueError: ``axes`` that are not distinct axes of ``x``
+      (``_checks.canonicalize_axes``, phrased for the module).
+  """
+  feat = _checks.canonicalize_axes(_who(mdl), name, axes, x.ndim)
+  return tuple(x.shape[a] for a in feat)
+
+
+def _check_instance_axes(who: str, ndim: int, feature_axes: Axes) -> None:
   """InstanceNorm's batch axis 0 cannot be a feature axis (flax's words)."""
-  if 0 in _axes_tuple(ndim, feature_axes):
+  if 0 in _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim):
     raise ValueError(
-        f"{cls}: The channel axes cannot include the leading dimension as "
+        f"{who}: The channel axes cannot include the leading dimension as "
         f"this is assumed to be the batch axis; got feature_axes="
         f"{feature_axes!r} for input of rank {ndim}. Fix: set feature_axes "
         f"to the channel axes, e.g. -1 for (N, ..., C) input.")
+
+
+def _weight_axes(who: str, feature_axes: Axes | None, ndim: int
+                 ) -> tuple[int, ...]:
+  """WeightNorm's kept axes of one weight (None or (): one norm over it)."""
+  if feature_axes is None or (not isinstance(feature_axes, int)
+                              and not tuple(feature_axes)):
+    return ()
+  return _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim)
 
 
 def _named(mdl: Any) -> dict[str, Any]:
@@ -309,4 +375,5 @@ def _named(mdl: Any) -> dict[str, Any]:
 
 
 def _as_axes(axes: Axes) -> int | tuple[int, ...]:
+  """An int, or any iterable of axes as the tuple the pure functions take."""
   return axes if isinstance(axes, int) else tuple(axes)
