@@ -151,6 +151,70 @@ _OPTION_DOCS: dict[str, str] = {
                       "float32 stream under bfloat16 activations.",
 }
 
+_OFFSET_INIT = ("initializer of ``scale`` (ones; zeros with a nonzero "
+                "``scale_offset``).")
+
+#: The contracts of each layer's own options, the same in linen and nnx.
+_LAYER_DOCS: dict[str, dict[str, str]] = {
+    "BatchNorm": {
+        "axis": "feature axis or axes (default -1).",
+        "momentum": "weight of the old running value, in [0, 1] (default "
+                    "0.99; PyTorch's ``p`` is ``1 - p`` here), or None for "
+                    "the cumulative average (PyTorch's ``momentum=None``).",
+        "epsilon": "added to the variance (default 1e-5).",
+        "axis_name": "name(s) of a ``vmap``/``pmap``/``shard_map`` axis over "
+                     "which the batch is split: the per-device (count, mean, "
+                     "M2) merge exactly, also with masks.",
+        "axis_index_groups": "replica groups within ``axis_name``.",
+        "track_count": "keep a ``count`` even when no option needs it "
+                       "(jaxnorm only; default False: flax's variables).",
+        "running_var": '``"biased"`` (default, as flax) or ``"unbiased"`` '
+                       "(PyTorch's :math:`\\frac{n}{n-1}\\sigma^2_B`); the "
+                       "normalization always uses the biased variance.",
+        "debias": "zero-debiased EMA (Haiku's): right from the first update.",
+        "virtual_batch_size": "Ghost BatchNorm: statistics per virtual batch "
+                              "of this many examples (a divisor of the batch "
+                              "size); None for one batch.",
+        "renorm": "Batch Renormalization in training mode "
+                  "(``jaxnorm.batch_renorm_train``).",
+        "renorm_schedule": "``count -> (rmax, dmax)`` for ``renorm=True`` "
+                           "(default ``jaxnorm.batch_renorm_schedule``, the "
+                           "paper's).",
+    },
+    "LayerNorm": {
+        "epsilon": "added to the variance (default 1e-6).",
+        "scale_init": _OFFSET_INIT,
+        "reduction_axes": "axes of the statistics (default -1).",
+        "feature_axes": "axes the parameters vary along (default -1).",
+    },
+    "RMSNorm": {
+        "epsilon": "added to the mean square (default 1e-6).",
+        "scale_init": _OFFSET_INIT,
+        "reduction_axes": "axes of the mean square (default -1).",
+        "feature_axes": "axes ``scale`` varies along (default -1).",
+        "use_fast_variance": "accepted for flax compatibility (no variance "
+                             "here).",
+    },
+    "DyT": {
+        "alpha_init_value": "initial :math:`\\alpha` (default 0.5, the "
+                            "paper's for non-LLM models; it suggests smaller "
+                            "values for wide LLMs).",
+        "feature_axes": "axes ``scale`` and ``bias`` vary along (default -1).",
+    },
+    "GroupNorm": {
+        "num_groups": "number of groups (default 32); None when "
+                      "``group_size`` is given.",
+        "group_size": "channels per group.",
+        "epsilon": "added to the variance (default 1e-6).",
+        "reduction_axes": "axes of the statistics, including the last; None "
+                          "for all axes but the first.",
+    },
+    "InstanceNorm": {
+        "epsilon": "added to the variance (default 1e-6).",
+        "feature_axes": "axes kept (default -1); axis 0 is the batch.",
+    },
+}
+
 _TRANSFORMER_CALL = """
     Args:
       x: floating array, e.g. (batch, seq, d_model); with ``residual``, the
@@ -170,29 +234,70 @@ _TRANSFORMER_CALL = """
         phrased for the module.
 """
 
+_MASKED_CALL = """
+    Args:
+      x: floating array {x}.
+      mask: optional array broadcastable to ``x``, cast to bool; False
+        elements are left out of the statistics.
 
-def _document(cls: type, names: Iterable[str], fused: str | None = None
-              ) -> type:
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+
+    Raises:
+      TypeError, ValueError: the errors of ``jaxnorm.{fn}``, phrased for
+        the module.
+"""
+
+#: The call contracts of the layers (``{call}`` in ``__call__``'s
+#: docstring), the same in linen and nnx.
+_CALL_DOCS: dict[str, str] = {
+    "LayerNorm": _TRANSFORMER_CALL.replace("{fused}", "add_layer_norm"),
+    "RMSNorm": _TRANSFORMER_CALL.replace("{fused}", "add_rms_norm"),
+    "DyT": _MASKED_CALL.replace("{x}", "of features last, e.g. (batch, "
+                                "seq, d_model)").replace(
+        "      mask: optional array broadcastable to ``x``, cast to bool; "
+        "False\n        elements are left out of the statistics.\n",
+        "").replace("{fn}", "dyt"),
+    "GroupNorm": _MASKED_CALL.replace("{x}", "(N, ..., C)").replace(
+        "{fn}", "group_norm"),
+    "InstanceNorm": _MASKED_CALL.replace(
+        "{x}", "(N, ..., C) with at least one spatial axis").replace(
+            "{fn}", "instance_norm"),
+}
+
+
+def _document(cls: type, names: Iterable[str]) -> type:
   """Writes the shared parts into ``cls``'s docstrings.
 
-  The ``{shared}`` line of the class docstring becomes an entry of
-  ``_OPTION_DOCS`` for each of ``names`` (the fields or constructor
-  arguments, in order) that the docstring does not document itself; with
-  ``fused``, the ``{call}`` line of ``__call__``'s docstring becomes the
-  LayerNorm/RMSNorm call contract.
+  The ``{shared}`` line of the class docstring becomes the entries of
+  ``names`` (the fields or constructor arguments), in their order: the
+  entries the docstring writes itself, moved there, and the others from
+  ``_LAYER_DOCS`` (the layer's own options) or ``_OPTION_DOCS`` (the
+  options the layers share). The ``{call}`` line of ``__call__``'s
+  docstring becomes the layer's ``_CALL_DOCS`` entry.
   """
   if cls.__doc__ is None:  # python -OO
     return cls
-  own = set(re.findall(r"^    (\w+):", cls.__doc__, flags=re.M))
-  entries = [textwrap.fill(f"{n}: {_OPTION_DOCS[n]}", 79, initial_indent="    ",
-                           subsequent_indent="      ", break_on_hyphens=False,
-                           break_long_words=False)
-             for n in names if n in _OPTION_DOCS and n not in own]
-  cls.__doc__ = cls.__doc__.replace("    {shared}\n",
-                                    "".join(e + "\n" for e in entries))
-  if fused is not None:
+  names = list(names)
+  docs = {**_OPTION_DOCS, **_LAYER_DOCS.get(cls.__name__, {})}
+  own = {}
+
+  def take(m: re.Match) -> str:
+    if m.group(1) not in names:
+      return m.group(0)
+    own[m.group(1)] = m.group(0)
+    return ""
+
+  doc = re.sub(r"^    (\w+): .*\n(?:^      .*\n)*", take, cls.__doc__,
+               flags=re.M)
+  entries = [own.get(n) or textwrap.fill(
+      f"{n}: {docs[n]}", 79, initial_indent="    ", subsequent_indent="      ",
+      break_on_hyphens=False, break_long_words=False) + "\n"
+             for n in names if n in own or n in docs]
+  cls.__doc__ = doc.replace("    {shared}\n", "".join(entries))
+  if cls.__name__ in _CALL_DOCS:
     cls.__call__.__doc__ = cls.__call__.__doc__.replace(
-        "{call}", _TRANSFORMER_CALL.replace("{fused}", fused))
+        "    {call}\n", _CALL_DOCS[cls.__name__])
   return cls
 
 

@@ -108,7 +108,51 @@ class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
     Exception.__init__(self, message)
 
 
-class BatchNorm(nn.Module):
+# Field groups of the linen modules. A linen module is a dataclass whose
+# fields are its bases' (the last base's first) followed by its own, so a
+# class lists its groups in reverse order; flax's field order is kept.
+class _Norm(nn.Module):
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+  use_scale: bool = True
+  bias_init: Initializer = initializers.zeros
+  scale_init: Initializer = initializers.ones
+
+
+class _ScaleNorm(nn.Module):
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = ones_unless_offset
+
+
+class _RowNorm(nn.Module):
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  cast_before_scale: bool = False
+  residual_dtype: Dtype | None = None
+
+
+class _BatchNormMode(nn.Module):
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float | None = 0.99
+
+
+class _Groups(nn.Module):
+  num_groups: int | None = 32
+  group_size: int | None = None
+
+
+class BatchNorm(_Norm, _BatchNormMode):
   """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
 
   In training mode (``use_running_average=False``), over all axes but
@@ -141,29 +185,9 @@ class BatchNorm(nn.Module):
   Attributes:
     use_running_average: use the stored ``batch_stats`` instead of the batch
       statistics; given here or at call time (exactly one of the two).
-    axis: feature axis or axes (default -1).
-    momentum: weight of the old running value, in [0, 1] (default 0.99;
-      PyTorch's ``p`` is ``1 - p`` here), or None for the cumulative
-      average (PyTorch's ``momentum=None``).
-    epsilon: added to the variance (default 1e-5).
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
-      the batch is split: the per-device (count, mean, M2) merge exactly.
-    axis_index_groups: replica groups within ``axis_name``.
     force_float32_reductions: as flax: if False the ``batch_stats`` are
       stored in ``param_dtype``; the reductions are always in at least
       float32.
-    track_count: keep ``batch_stats/count`` even when no option needs it
-      (jaxnorm only; default False: flax's tree).
-    running_var: ``"biased"`` (default, flax's) or ``"unbiased"``
-      (PyTorch's :math:`\\frac{n}{n-1}\\sigma^2_B`); the normalization always
-      uses the biased variance.
-    debias: zero-debiased EMA (Haiku's).
-    virtual_batch_size: Ghost BatchNorm: statistics per virtual batch of
-      this many examples (a divisor of the batch size); None for one batch.
-    renorm: Batch Renormalization in training mode
-      (``jaxnorm.batch_renorm_train``).
-    renorm_schedule: ``count -> (rmax, dmax)`` for ``renorm=True`` (default
-      ``jaxnorm.batch_renorm_schedule``, the paper's).
     skip_nonfinite: keep the running statistics of a feature whose batch
       statistics are not finite; the flags of the features kept are sown
       as ``intermediates/nonfinite_skipped`` (bool, the feature shape).
@@ -180,16 +204,7 @@ class BatchNorm(nn.Module):
       ``axis_name``), phrased for the module.
   """
 
-  use_running_average: bool | None = None
-  axis: int | tuple[int, ...] = -1
-  momentum: float | None = 0.99
   epsilon: float = 1e-5
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
@@ -270,39 +285,6 @@ class BatchNorm(nn.Module):
     return y
 
 
-# Field groups of the linen modules. A linen module is a dataclass whose
-# fields are its bases' (the last base's first) followed by its own, so a
-# class lists its groups in reverse; flax's field order is kept.
-class _Norm(nn.Module):
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
-
-
-class _ScaleNorm(nn.Module):
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_scale: bool = True
-  scale_init: Initializer = ones_unless_offset
-
-
-class _RowNorm(nn.Module):
-  reduction_axes: Axes = -1
-  feature_axes: Axes = -1
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  scale_offset: float = 0.0
-  cast_before_scale: bool = False
-  residual_dtype: Dtype | None = None
-
-
 def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
               residual: ArrayLike | None, plain, fused, *,
               use_bias: bool | None):
@@ -334,11 +316,6 @@ class LayerNorm(_RowNorm, _Norm):
     y = jaxnorm.linen.LayerNorm().apply(variables, x)
 
   Attributes:
-    epsilon: added to the variance (default 1e-6).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the statistics (default -1).
-    feature_axes: axes the parameters vary along (default -1).
     {shared}
 
   Raises:
@@ -353,7 +330,8 @@ class LayerNorm(_RowNorm, _Norm):
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     return _row_norm(self, x, mask, residual, layer_norm, add_layer_norm,
                      use_bias=self.use_bias)
 
@@ -374,12 +352,6 @@ class RMSNorm(_RowNorm, _ScaleNorm):
     y = jaxnorm.linen.RMSNorm(scale_offset=1.0).apply(variables, x)
 
   Attributes:
-    epsilon: added to the mean square (default 1e-6).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the mean square (default -1).
-    feature_axes: axes ``scale`` varies along (default -1).
-    use_fast_variance: accepted for flax compatibility (no variance here).
     {shared}
 
   Raises:
@@ -392,7 +364,8 @@ class RMSNorm(_RowNorm, _ScaleNorm):
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     return _row_norm(self, x, mask, residual, rms_norm, add_rms_norm,
                      use_bias=None)
 
@@ -412,9 +385,6 @@ class DyT(nn.Module):
     y = jaxnorm.linen.DyT().apply(variables, x)
 
   Attributes:
-    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
-      for non-LLM models; it suggests smaller values for wide LLMs).
-    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
     {shared}
 
   Raises:
@@ -434,12 +404,7 @@ class DyT(nn.Module):
   @nn.compact
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
-
-    Args:
-      x: floating array, e.g. (batch, seq, d_model).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     shape = _param_shape(self, x, self.feature_axes, "feature_axes")
@@ -450,7 +415,7 @@ class DyT(nn.Module):
         xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_Norm, _Groups):
   """Group normalization, a drop-in for ``flax.linen.GroupNorm``.
 
   The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
@@ -467,12 +432,6 @@ class GroupNorm(nn.Module):
     y = jaxnorm.linen.GroupNorm(num_groups=8).apply(variables, x)
 
   Attributes:
-    num_groups: number of groups (default 32); None when ``group_size`` is
-      given.
-    group_size: channels per group.
-    epsilon: added to the variance (default 1e-6).
-    reduction_axes: axes of the statistics; must include the last axis;
-      None = all axes but the first.
     {shared}
 
   Raises:
@@ -482,15 +441,6 @@ class GroupNorm(nn.Module):
       for the module.
   """
 
-  num_groups: int | None = 32
-  group_size: int | None = None
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   reduction_axes: Axes | None = None
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -501,13 +451,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies group normalization.
-
-    Args:
-      x: floating array (N, ..., C).
-      mask: optional array broadcastable to ``x``, cast to bool.
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
@@ -534,8 +478,6 @@ class InstanceNorm(_Norm):
     y = jaxnorm.linen.InstanceNorm().apply(variables, x)
 
   Attributes:
-    epsilon: added to the variance (default 1e-6).
-    feature_axes: axes kept (default -1); axis 0 is the batch.
     {shared}
 
   Raises:
@@ -553,13 +495,7 @@ class InstanceNorm(_Norm):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies instance normalization.
-
-    Args:
-      x: floating array (N, ..., C) with at least one spatial axis.
-      mask: optional array broadcastable to ``x``, cast to bool.
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     _check_instance_axes(_who(self), x.ndim, self.feature_axes)
@@ -572,9 +508,7 @@ class InstanceNorm(_Norm):
 
 
 for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
-  _document(_cls, [f.name for f in dataclasses.fields(_cls)],
-            fused={LayerNorm: "add_layer_norm",
-                   RMSNorm: "add_rms_norm"}.get(_cls))
+  _document(_cls, [f.name for f in dataclasses.fields(_cls)])
 del _cls
 
 

@@ -194,27 +194,10 @@ class BatchNorm(_Affine):
     num_features: size of the feature axis (or a tuple for several axes).
     use_running_average: default mode (False = training); overridden by the
       call argument, ``model.train()``/``model.eval()`` or ``nnx.view``.
-    axis: feature axis or axes (default -1).
-    momentum: weight of the old running value, in [0, 1] (default 0.99),
-      or None for the cumulative moving average (PyTorch's momentum=None).
-    epsilon: added to the variance (default 1e-5).
     dtype: output dtype (default: promotion of input, params and stats).
-    axis_name: name(s) of a mapped axis over which the batch is split
-      (count-weighted exact merge).
-    axis_index_groups: replica groups within ``axis_name``.
     promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
       to ``(x, mean, var, scale, bias)`` before normalizing (None: flax's
       default promotion); the running statistics keep their own dtype.
-    track_count: keep a ``count`` BatchStat even when no option needs it
-      (default False: flax's state).
-    running_var: ``"biased"`` (default) or ``"unbiased"`` (PyTorch's
-      :math:`\\frac{n}{n-1}\\sigma^2_B` in the running variance).
-    debias: zero-debiased EMA (Haiku's).
-    virtual_batch_size: Ghost BatchNorm virtual batch size (a divisor of
-      the batch size) or None.
-    renorm: Batch Renormalization in training mode.
-    renorm_schedule: ``count -> (rmax, dmax)`` for ``renorm=True`` (default
-      the paper's ``jaxnorm.batch_renorm_schedule``).
     skip_nonfinite: keep the running statistics of a feature whose batch
       statistics are not finite; the flags of the features kept in the
       last training call are in the ``nnx.Intermediate``
@@ -331,11 +314,6 @@ class LayerNorm(_Affine):
 
   Args:
     num_features: size of the feature axis (or a tuple for several).
-    epsilon: added to the variance (default 1e-6).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the statistics (default -1).
-    feature_axes: axes the params vary along (default -1).
     {shared}
 
   Raises:
@@ -364,7 +342,8 @@ class LayerNorm(_Affine):
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale, bias = _promote(self, x, _value(self.scale),
@@ -392,12 +371,6 @@ class RMSNorm(_Affine):
 
   Args:
     num_features: size of the feature axis (or a tuple).
-    epsilon: added to the mean square (default 1e-6).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the mean square (default -1).
-    feature_axes: axes ``scale`` varies along (default -1).
-    use_fast_variance: accepted for flax compatibility (no variance here).
     {shared}
 
   Raises:
@@ -424,7 +397,8 @@ class RMSNorm(_Affine):
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale = _promote(self, x, _value(self.scale))
@@ -450,9 +424,6 @@ class DyT(_Affine):
 
   Args:
     num_features: size of the feature axis (or a tuple for several).
-    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
-      for non-LLM models; it suggests smaller values for wide LLMs).
-    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
     {shared}
 
   Raises:
@@ -471,12 +442,7 @@ class DyT(_Affine):
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
-
-    Args:
-      x: floating array, e.g. (batch, seq, num_features).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
@@ -523,10 +489,6 @@ class GroupNorm(_Affine):
 
   Args:
     num_features: number of channels ``C``.
-    num_groups: number of groups (default 32); None with ``group_size``.
-    group_size: channels per group.
-    epsilon: added to the variance (default 1e-6).
-    reduction_axes: statistics axes incl. the last; None = all but axis 0.
     {shared}
 
   Raises:
@@ -557,13 +519,7 @@ class GroupNorm(_Affine):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies group normalization.
-
-    Args:
-      x: floating array (N, ..., num_features).
-      mask: optional array broadcastable to ``x`` (cast to bool).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     red = (None if self.reduction_axes is None
            else _as_axes(self.reduction_axes))
@@ -592,8 +548,6 @@ class InstanceNorm(_Affine):
 
   Args:
     num_features: size of the feature axis (or a tuple).
-    epsilon: added to the variance (default 1e-6).
-    feature_axes: feature axes (default -1); axis 0 is the batch.
     {shared}
 
   Raises:
@@ -615,13 +569,7 @@ class InstanceNorm(_Affine):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies instance normalization.
-
-    Args:
-      x: floating array (N, ..., num_features) with a spatial axis.
-      mask: optional array broadcastable to ``x`` (cast to bool).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     _check_instance_axes(_who(self), x.ndim, self.feature_axes)
@@ -636,9 +584,7 @@ class InstanceNorm(_Affine):
 
 
 for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
-  _document(_cls, inspect.signature(_cls.__init__).parameters,
-            fused={LayerNorm: "add_layer_norm",
-                   RMSNorm: "add_rms_norm"}.get(_cls))
+  _document(_cls, inspect.signature(_cls.__init__).parameters)
 del _cls
 
 
