@@ -4,7 +4,11 @@ The one BatchNorm step both ``BatchNorm`` modules run (``_batch_norm``: the
 pure functions with the modules' options, ``allow_single=True`` for flax's
 degenerate-batch result, the recalibration switch), which variables they
 keep (``_keeps_count``), the dtype rule and module-phrased errors
-(``_run``, ``_who``), and the small argument conversions. The modules
+(``_run``, ``_who``), the small argument conversions (``_param_shape``,
+``_as_axes``, ``_as_mask``), and the documentation both frameworks' layers
+share, written once: each layer's formula (``_FORMULAS``), option
+contracts (``_LAYER_DOCS``, ``_OPTION_DOCS``) and call contract
+(``_CALL_DOCS``), filled into the docstrings by ``_document``. The modules
 (``jaxnorm.linen``, ``jaxnorm.nnx``) keep only the flax API: attributes,
 variables and call signatures.
 """
@@ -151,6 +155,74 @@ _OPTION_DOCS: dict[str, str] = {
                       "float32 stream under bfloat16 activations.",
 }
 
+#: Each layer's formula and the pure function it calls (``{formula}`` in the
+#: class docstring), the same in linen and nnx.
+_FORMULAS: dict[str, str] = {
+    "BatchNorm": """\
+  In training mode (``use_running_average=False``), over all axes but
+  ``axis`` (and across ``axis_name``),
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
+     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
+     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
+
+  with the biased batch variance :math:`\\sigma^2_B` and :math:`m` =
+  ``momentum``; in eval mode the running statistics replace the batch ones
+  (``jaxnorm.batch_norm_train`` / ``batch_norm_infer``). The research and
+  convention options are those of ``jaxnorm.batch_norm_train``; variables,
+  loading flax's and edge cases: ``docs/guides/batchnorm.md``.
+""",
+    "LayerNorm": """\
+  .. math::
+     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
+       + \\beta
+
+  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
+  float32) and :math:`o` = ``scale_offset`` (default 0); calls
+  ``jaxnorm.layer_norm``, or ``jaxnorm.add_layer_norm`` when called with
+  ``residual=`` (``docs/guides/transformers.md``).
+""",
+    "RMSNorm": """\
+  .. math::
+     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}
+
+  over the :math:`H` elements of ``reduction_axes`` :math:`R`, with
+  :math:`o` = ``scale_offset`` (default 0); calls ``jaxnorm.rms_norm``, or
+  ``jaxnorm.add_rms_norm`` when called with ``residual=``
+  (``docs/guides/transformers.md``).
+""",
+    "DyT": """\
+  .. math::
+     y = \\gamma \\tanh(\\alpha x) + \\beta
+
+  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
+  derivative).
+""",
+    "GroupNorm": """\
+  The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
+  channels; each example's group is normalized over its channels and the
+  other ``reduction_axes`` (default: all axes but the first):
+
+  .. math::
+     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
+       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+
+  Calls ``jaxnorm.group_norm``.
+""",
+    "InstanceNorm": """\
+  Each example (axis 0) and feature is normalized over the remaining axes:
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
+         + \\beta.
+
+  Calls ``jaxnorm.instance_norm``.
+""",
+}
+
+
 _OFFSET_INIT = ("initializer of ``scale`` (ones; zeros with a nonzero "
                 "``scale_offset``).")
 
@@ -273,7 +345,8 @@ def _document(cls: type, names: Iterable[str]) -> type:
   ``names`` (the fields or constructor arguments), in their order: the
   entries the docstring writes itself, moved there, and the others from
   ``_LAYER_DOCS`` (the layer's own options) or ``_OPTION_DOCS`` (the
-  options the layers share). The ``{call}`` line of ``__call__``'s
+  options the layers share); its ``{formula}`` line becomes the layer's
+  ``_FORMULAS`` entry. The ``{call}`` line of ``__call__``'s
   docstring becomes the layer's ``_CALL_DOCS`` entry.
   """
   if cls.__doc__ is None:  # python -OO
@@ -294,7 +367,8 @@ def _document(cls: type, names: Iterable[str]) -> type:
       f"{n}: {docs[n]}", 79, initial_indent="    ", subsequent_indent="      ",
       break_on_hyphens=False, break_long_words=False) + "\n"
              for n in names if n in own or n in docs]
-  cls.__doc__ = doc.replace("    {shared}\n", "".join(entries))
+  cls.__doc__ = doc.replace("    {shared}\n", "".join(entries)).replace(
+      "  {formula}\n", _FORMULAS[cls.__name__])
   if cls.__name__ in _CALL_DOCS:
     cls.__call__.__doc__ = cls.__call__.__doc__.replace(
         "    {call}\n", _CALL_DOCS[cls.__name__])

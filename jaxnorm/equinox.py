@@ -328,6 +328,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
   ``momentum=None`` or ``debias=True`` the state holds the average itself
   and inference uses it as it is.
 
+  Example::
+
+    bn, state = eqx.nn.make_with_state(jaxnorm.equinox.BatchNorm)(
+        64, "batch", mode="batch")
+    y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None),
+                        out_axes=(0, None))(x, state)  # x: (N, 64, H, W)
+
   Args:
     input_size: the number of channels ``C`` (first axis of an example).
     axis_name: the name (or a sequence of names) of the mapped batch axis
@@ -835,6 +842,10 @@ class GroupNorm(_Stateless):
   Runs :func:`jaxnorm.group_norm` on the channels-last view of the example;
   the output has ``x``'s dtype, as Equinox's.
 
+  Example::
+
+    y = jax.vmap(jaxnorm.equinox.GroupNorm(8, 64))(x)  # x: (N, 64, H, W)
+
   Args:
     groups: the number of groups.
     channels: the number of channels ``C`` (may be None without
@@ -1000,6 +1011,12 @@ class SpectralNorm(eqx.nn.StatefulLayer):
   :math:`u, v` as Equinox does (the same key gives the same draw) and runs
   15 steps.
 
+  Example::
+
+    layer, state = eqx.nn.make_with_state(jaxnorm.equinox.SpectralNorm)(
+        eqx.nn.Linear(4, 8, key=key1), "weight", key=key2)
+    y, state = layer(x, state)
+
   Args:
     layer: the wrapped layer, e.g. ``eqx.nn.Linear`` or a convolution.
     weight_name: the name of its parameter to normalize.
@@ -1112,6 +1129,10 @@ class WeightNorm(eqx.Module):
   from the direction ``v`` (the layer's own parameter). Runs
   :func:`jaxnorm.weight_norm` (at least float32, hand-derived
   derivatives).
+
+  Example::
+
+    y = jaxnorm.equinox.WeightNorm(eqx.nn.Linear(4, 8, key=key))(x)
 
   Args:
     layer: the wrapped layer, e.g. ``eqx.nn.Linear`` or a convolution.

@@ -155,19 +155,7 @@ class _Groups(nn.Module):
 class BatchNorm(_Norm, _BatchNormMode):
   """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
 
-  In training mode (``use_running_average=False``), over all axes but
-  ``axis`` (and across ``axis_name``),
-
-  .. math::
-     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
-     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
-     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
-
-  with the biased batch variance :math:`\\sigma^2_B` and :math:`m` =
-  ``momentum``; in eval mode the running statistics replace the batch ones
-  (``jaxnorm.batch_norm_train`` / ``batch_norm_infer``). The research and
-  convention options are those of ``jaxnorm.batch_norm_train``
-  (``docs/guides/batchnorm.md``).
+  {formula}
 
   Variables (flax's): ``params/scale``, ``params/bias`` of the feature shape
   ``[x.shape[a] for a in axis]`` in ``param_dtype``; ``batch_stats/mean``
@@ -175,8 +163,7 @@ class BatchNorm(_Norm, _BatchNormMode):
   (``param_dtype`` if ``force_float32_reductions=False``); with
   ``track_count=True`` or an option that needs it (``momentum=None``,
   ``debias=True``, ``renorm=True``) also ``batch_stats/count`` (int32
-  scalar). Loading flax trees, single-element batches and complex input:
-  ``docs/guides/batchnorm.md``. Example::
+  scalar). Example::
 
     bn = jaxnorm.linen.BatchNorm(use_running_average=False)
     variables = bn.init(jax.random.key(0), x)
@@ -302,18 +289,13 @@ def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
 class LayerNorm(_RowNorm, _Norm):
   """Layer normalization, a drop-in for ``flax.linen.LayerNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
-       + \\beta
+  {formula}
 
-  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
-  float32) and :math:`o` = ``scale_offset`` (default 0); calls
-  ``jaxnorm.layer_norm``, or ``jaxnorm.add_layer_norm`` when called with
-  ``residual=`` (``docs/guides/transformers.md``). Variables:
-  ``params/scale`` and ``params/bias`` of shape
+  Variables: ``params/scale`` and ``params/bias`` of shape
   ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``. Example::
 
-    y = jaxnorm.linen.LayerNorm().apply(variables, x)
+    ln = jaxnorm.linen.LayerNorm()
+    y = ln.apply(ln.init(jax.random.key(0), x), x)
 
   Attributes:
     {shared}
@@ -339,17 +321,13 @@ class LayerNorm(_RowNorm, _Norm):
 class RMSNorm(_RowNorm, _ScaleNorm):
   """RMS normalization, a drop-in for ``flax.linen.RMSNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
-         + \\epsilon}}
+  {formula}
 
-  over the :math:`H` elements of ``reduction_axes`` :math:`R`, with
-  :math:`o` = ``scale_offset`` (default 0); calls ``jaxnorm.rms_norm``, or
-  ``jaxnorm.add_rms_norm`` when called with ``residual=``
-  (``docs/guides/transformers.md``). Variable: ``params/scale`` of shape
-  ``[x.shape[a] for a in feature_axes]``. Example::
+  Variable: ``params/scale`` of shape ``[x.shape[a] for a in feature_axes]``
+  in ``param_dtype``. Example::
 
-    y = jaxnorm.linen.RMSNorm(scale_offset=1.0).apply(variables, x)
+    rms = jaxnorm.linen.RMSNorm(scale_offset=1.0)
+    y = rms.apply(rms.init(jax.random.key(0), x), x)
 
   Attributes:
     {shared}
@@ -373,16 +351,15 @@ class RMSNorm(_RowNorm, _ScaleNorm):
 class DyT(nn.Module):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
-  .. math::
-     y = \\gamma \\tanh(\\alpha x) + \\beta
+  {formula}
 
-  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
-  derivative). Variables: ``params/alpha`` (shape ``()``, initialized to
+  Variables: ``params/alpha`` (shape ``()``, initialized to
   ``alpha_init_value``), ``params/scale`` (ones) and ``params/bias`` (zeros)
   of shape ``[x.shape[a] for a in feature_axes]``, all in ``param_dtype``.
   Example::
 
-    y = jaxnorm.linen.DyT().apply(variables, x)
+    dyt = jaxnorm.linen.DyT()
+    y = dyt.apply(dyt.init(jax.random.key(0), x), x)
 
   Attributes:
     {shared}
@@ -418,18 +395,13 @@ class DyT(nn.Module):
 class GroupNorm(_Norm, _Groups):
   """Group normalization, a drop-in for ``flax.linen.GroupNorm``.
 
-  The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
-  channels; each example's group is normalized over its channels and the
-  other ``reduction_axes`` (default: all axes but the first):
+  {formula}
 
-  .. math::
-     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
-       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+  Variables: ``params/scale``, ``params/bias`` of shape (C,) in
+  ``param_dtype``. Example::
 
-  Calls ``jaxnorm.group_norm``. Variables: ``params/scale``, ``params/bias``
-  of shape (C,). Example::
-
-    y = jaxnorm.linen.GroupNorm(num_groups=8).apply(variables, x)
+    gn = jaxnorm.linen.GroupNorm(num_groups=8)
+    y = gn.apply(gn.init(jax.random.key(0), x), x)
 
   Attributes:
     {shared}
@@ -465,17 +437,13 @@ class GroupNorm(_Norm, _Groups):
 class InstanceNorm(_Norm):
   """Instance normalization, a drop-in for ``flax.linen.InstanceNorm``.
 
-  Each example (axis 0) and feature is normalized over the remaining axes:
+  {formula}
 
-  .. math::
-     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
-         + \\beta.
+  Variables: ``params/scale``, ``params/bias`` of shape
+  ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``. Example::
 
-  Calls ``jaxnorm.instance_norm``. Variables: ``params/scale``,
-  ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]``.
-  Example::
-
-    y = jaxnorm.linen.InstanceNorm().apply(variables, x)
+    inorm = jaxnorm.linen.InstanceNorm()
+    y = inorm.apply(inorm.init(jax.random.key(0), x), x)
 
   Attributes:
     {shared}
@@ -648,6 +616,13 @@ class SpectralNorm(nn.Module):
   ``u`` and ``v`` carry no derivative (flax's convention; the formula is in
   :func:`jaxnorm.spectral_norm`).
 
+  Example::
+
+    sn = jaxnorm.linen.SpectralNorm(nn.Dense(8))
+    variables = sn.init(jax.random.key(0), x, update_stats=False)
+    y, updates = sn.apply(variables, x, update_stats=True,
+                          mutable=["batch_stats"])
+
   Attributes:
     layer_instance: the wrapped module (Dense, Conv, DenseGeneral, Embed, a
       nested module, ...).
@@ -734,6 +709,11 @@ class WeightNorm(nn.Module):
   (flax's name, shape and initializer; absent when ``use_scale=False``).
   Variables that flax created load unchanged and give the same outputs; the
   derivative is jaxnorm's hand-derived one.
+
+  Example::
+
+    wn = jaxnorm.linen.WeightNorm(nn.Dense(8))
+    y = wn.apply(wn.init(jax.random.key(0), x), x)
 
   Attributes:
     layer_instance: the wrapped module.

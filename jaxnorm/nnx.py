@@ -168,18 +168,7 @@ class _Affine(nnx.Module):
 class BatchNorm(_Affine):
   """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
 
-  Training mode (``use_running_average=False``):
-
-  .. math::
-     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
-     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
-     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
-
-  over all axes but ``axis`` (and across ``axis_name``), :math:`m` =
-  ``momentum``; eval mode uses the running statistics
-  (``jaxnorm.batch_norm_train`` / ``batch_norm_infer``). The research and
-  convention options are those of ``jaxnorm.batch_norm_train``
-  (``docs/guides/batchnorm.md``).
+  {formula}
 
   Variables: ``scale``, ``bias`` (``nnx.Param``, shape ``(num_features,)``,
   ``param_dtype``); ``mean`` (zeros), ``var`` (ones) (``nnx.BatchStat``,
@@ -300,15 +289,10 @@ class BatchNorm(_Affine):
 class LayerNorm(_Affine):
   """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
-       + \\beta
+  {formula}
 
-  over ``reduction_axes`` (centred, at least float32), with :math:`o` =
-  ``scale_offset`` (default 0); calls ``jaxnorm.layer_norm``, or
-  ``jaxnorm.add_layer_norm`` when called with ``residual=``
-  (``docs/guides/transformers.md``). Params ``scale``/``bias`` of shape
-  ``(num_features,)`` (or the tuple given). Example::
+  Params ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple
+  given) in ``param_dtype``. Example::
 
     y = jaxnorm.nnx.LayerNorm(512, rngs=nnx.Rngs(0))(x)
 
@@ -357,15 +341,10 @@ class LayerNorm(_Affine):
 class RMSNorm(_Affine):
   """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
-         + \\epsilon}}
+  {formula}
 
-  over the :math:`H` elements of ``reduction_axes`` :math:`R`, with
-  :math:`o` = ``scale_offset`` (default 0); calls ``jaxnorm.rms_norm``, or
-  ``jaxnorm.add_rms_norm`` when called with ``residual=``
-  (``docs/guides/transformers.md``). Param ``scale`` of shape
-  ``(num_features,)``. Example::
+  Param ``scale`` of shape ``(num_features,)`` (or the tuple given) in
+  ``param_dtype``. Example::
 
     y = jaxnorm.nnx.RMSNorm(512, scale_offset=1.0, rngs=nnx.Rngs(0))(x)
 
@@ -411,14 +390,11 @@ class RMSNorm(_Affine):
 class DyT(_Affine):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
-  .. math::
-     y = \\gamma \\tanh(\\alpha x) + \\beta
+  {formula}
 
-  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
-  derivative). Params: ``alpha`` (shape ``()``, initialized to
-  ``alpha_init_value``), ``scale`` (ones) and ``bias`` (zeros) of shape
-  ``(num_features,)`` (or the tuple given), all in ``param_dtype``.
-  Example::
+  Params: ``alpha`` (shape ``()``, initialized to ``alpha_init_value``),
+  ``scale`` (ones) and ``bias`` (zeros) of shape ``(num_features,)`` (or the
+  tuple given), all in ``param_dtype``. Example::
 
     y = jaxnorm.nnx.DyT(512, rngs=nnx.Rngs(0))(x)
 
@@ -477,13 +453,10 @@ def _groups(num_features: int, num_groups: int | None,
 class GroupNorm(_Affine):
   """Group normalization, a drop-in for ``flax.nnx.GroupNorm``.
 
-  .. math::
-     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
-       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c
+  {formula}
 
-  with ``num_groups`` groups of consecutive channels (last axis) reduced
-  with ``reduction_axes`` (default all but the batch axis 0); calls
-  ``jaxnorm.group_norm``. Example::
+  Params ``scale``/``bias`` of shape ``(num_features,)`` in
+  ``param_dtype``. Example::
 
     y = jaxnorm.nnx.GroupNorm(64, num_groups=8, rngs=nnx.Rngs(0))(x)
 
@@ -537,12 +510,10 @@ class GroupNorm(_Affine):
 class InstanceNorm(_Affine):
   """Instance normalization, a drop-in for ``flax.nnx.InstanceNorm``.
 
-  .. math::
-     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
-         + \\beta
+  {formula}
 
-  with statistics per example (axis 0) and feature over the other axes;
-  calls ``jaxnorm.instance_norm``. Example::
+  Params ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple
+  given) in ``param_dtype``. Example::
 
     y = jaxnorm.nnx.InstanceNorm(64, rngs=nnx.Rngs(0))(x)
 
@@ -680,6 +651,11 @@ class SpectralNorm(nnx.Module):
   wrapped layer's ``nnx.Param`` before calling it. ``u`` and ``v`` carry no
   derivative (the formula is in :func:`jaxnorm.spectral_norm`).
 
+  Example::
+
+    rngs = nnx.Rngs(0)
+    y = jaxnorm.nnx.SpectralNorm(nnx.Linear(4, 8, rngs=rngs), rngs=rngs)(x)
+
   Args:
     layer_instance: the wrapped module.
     n_steps: power iterations per call.
@@ -786,9 +762,13 @@ class WeightNorm(nnx.Module):
   (:math:`R` the axes not in ``feature_axes``) into the selected variables
   of the wrapped layer before calling it. The scales :math:`g` are
   ``nnx.Param`` objects, so ``nnx.grad`` and ``nnx.Optimizer(wrt=nnx.Param)``
-  train them, as in flax >= 0.12.9 and the paper; flax 0.12.8 kept them as
-  plain arrays that no optimizer updated (the one deviation from that
-  version).
+  train them, as in flax >= 0.12.9 (flax 0.12.8 keeps plain arrays:
+  ``docs/guides/flax-conformance.md``).
+
+  Example::
+
+    rngs = nnx.Rngs(0)
+    y = jaxnorm.nnx.WeightNorm(nnx.Linear(4, 8, rngs=rngs), rngs=rngs)(x)
 
   Args:
     layer_instance: the wrapped module.
