@@ -112,6 +112,8 @@ class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
 # fields are its bases' (the last base's first) followed by its own, so a
 # class lists its groups in reverse order; flax's field order is kept.
 class _Norm(nn.Module):
+  """The normalizer fields of LayerNorm, GroupNorm, InstanceNorm, BatchNorm."""
+
   epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -122,6 +124,8 @@ class _Norm(nn.Module):
 
 
 class _ScaleNorm(nn.Module):
+  """RMSNorm's normalizer fields (a scale, no bias)."""
+
   epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
@@ -130,6 +134,8 @@ class _ScaleNorm(nn.Module):
 
 
 class _RowNorm(nn.Module):
+  """LayerNorm's and RMSNorm's axes, reduction and transformer options."""
+
   reduction_axes: Axes = -1
   feature_axes: Axes = -1
   axis_name: Any = None
@@ -142,12 +148,16 @@ class _RowNorm(nn.Module):
 
 
 class _BatchNormMode(nn.Module):
+  """BatchNorm's leading fields."""
+
   use_running_average: bool | None = None
   axis: int | tuple[int, ...] = -1
   momentum: float | None = 0.99
 
 
 class _Groups(nn.Module):
+  """GroupNorm's leading fields."""
+
   num_groups: int | None = 32
   group_size: int | None = None
 

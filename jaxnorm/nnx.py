@@ -85,6 +85,7 @@ _KERNEL = nnx.PathContains("kernel")  # flax's default variable_filter
 
 
 def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
+  """``num_features`` as the parameters' shape (an int or a tuple of them)."""
   shape = (num_features,) if isinstance(num_features, int) else num_features
   if (isinstance(num_features, bool) or not isinstance(shape, tuple)
       or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
@@ -96,6 +97,7 @@ def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
 
 
 def _value(v: Any) -> jax.Array | None:
+  """The array of an ``nnx.Variable``, or None."""
   return None if v is None else v[...]
 
 
@@ -138,7 +140,7 @@ _NOT_KEPT = frozenset({"self", "rngs", "scale_init", "bias_init",
 class _Affine(nnx.Module):
   """The constructor part the nnx modules share."""
 
-  def _init_affine(self, shape: tuple[int, ...], args: dict[str, Any],
+  def _init_from_args(self, shape: tuple[int, ...], args: dict[str, Any],
                    not_kept: tuple[str, ...] = ()) -> None:
     """Makes the Params and keeps the options, as flax does.
 
@@ -218,7 +220,7 @@ class BatchNorm(_Affine):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self._init_affine(shape, locals())
+    self._init_from_args(shape, locals())
     self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
     self.nonfinite_skipped = (nnx.Intermediate(jnp.zeros(shape, jnp.bool_))
                               if skip_nonfinite else nnx.data(None))
@@ -320,7 +322,7 @@ class LayerNorm(_Affine):
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("LayerNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.LayerNorm", scale_init, scale_offset)
-    self._init_affine(shape, locals())
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                residual: ArrayLike | None = None
@@ -370,7 +372,7 @@ class RMSNorm(_Affine):
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("RMSNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
-    self._init_affine(shape, locals())
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, mask: ArrayLike | None = None, *,
                residual: ArrayLike | None = None
@@ -414,7 +416,7 @@ class DyT(_Affine):
                rngs: nnx.Rngs):
     shape = _feature_shape("DyT", num_features)
     self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
-    self._init_affine(shape, locals())
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
@@ -486,7 +488,7 @@ class GroupNorm(_Affine):
     self.feature_axis = -1
     self.num_groups = g
     self.group_size = c // g
-    self._init_affine((c,), locals(),
+    self._init_from_args((c,), locals(),
                       not_kept=("num_groups", "group_size"))
 
   def __call__(self, x: ArrayLike, *,
@@ -535,7 +537,7 @@ class InstanceNorm(_Affine):
                rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
     shape = _feature_shape("InstanceNorm", num_features)
-    self._init_affine(shape, locals())
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
