@@ -4,7 +4,11 @@ The one BatchNorm step both ``BatchNorm`` modules run (``_batch_norm``: the
 pure functions with the modules' options, ``allow_single=True`` for flax's
 degenerate-batch result, the recalibration switch), which variables they
 keep (``_keeps_count``), the dtype rule and module-phrased errors
-(``_run``, ``_who``), and the small argument conversions. The modules
+(``_run``, ``_who``), the small argument conversions (``_param_shape``,
+``_as_axes``, ``_as_mask``), and the documentation both frameworks' layers
+share, written once: each layer's formula (``_FORMULAS``), option
+contracts (``_LAYER_DOCS``, ``_OPTION_DOCS``) and call contract
+(``_CALL_DOCS``), filled into the docstrings by ``_document``. The modules
 (``jaxnorm.linen``, ``jaxnorm.nnx``) keep only the flax API: attributes,
 variables and call signatures.
 """
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import re
+import textwrap
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -32,13 +38,6 @@ from jaxnorm.batch_norm import batch_norm_train
 from jaxnorm.batch_norm import batch_norm_train_skip_nonfinite
 from jaxnorm.batch_norm import batch_renorm_train
 from jaxnorm.batch_norm import batch_renorm_train_skip_nonfinite
-
-
-def _axes_tuple(ndim: int, axes: Axes) -> tuple[int, ...]:
-  """Sorted non-negative axes (flax accepts an int or any iterable)."""
-  if isinstance(axes, int):
-    axes = (axes,)
-  return tuple(sorted({a % ndim if -ndim <= a < ndim else a for a in axes}))
 
 
 def _dtypes_for(arrays: list[jax.Array], dtype: Dtype | None):
@@ -115,18 +114,180 @@ def _scale_init(who: str, init: Any, scale_offset: Any) -> Any:
   return init
 
 
-_TRANSFORMER_OPTIONS = """
-    scale_offset: Python float added to ``scale`` (jaxnorm only; default 0):
-      1.0 is Gemma's zero-centred ``(1 + scale)``, formed in at least
-      float32. With a nonzero offset the default ``scale_init`` gives
-      zeros, so a fresh layer is the plain normalization.
-    cast_before_scale: Llama's and T5's order (jaxnorm only; default
-      False): ``x_hat`` (at least float32) is rounded to the input's dtype,
-      then multiplied by the scale in the compute dtype.
-    residual_dtype: dtype of the residual stream ``h`` returned when the
-      call gets ``residual=`` (jaxnorm only); None for the promoted dtype of
-      the input and ``residual``, ``jnp.float32`` for a float32 stream under
-      bfloat16 activations."""
+#: The contracts of the options the linen and nnx modules share, by name.
+_OPTION_DOCS: dict[str, str] = {
+    "dtype": "output dtype (default: the promotion of the input and "
+             "parameter dtypes).",
+    "param_dtype": "dtype of the parameters (default float32).",
+    "use_bias": "add ``bias`` :math:`\\beta`.",
+    "use_scale": "multiply by ``scale`` :math:`\\gamma`.",
+    "bias_init": "initializer of ``bias`` (default zeros).",
+    "scale_init": "initializer of ``scale`` (default ones).",
+    "axis_name": "name(s) of a ``vmap``/``pmap``/``shard_map`` axis over "
+                 "which the reduced axes are split (e.g. a sharded hidden "
+                 "axis); the statistics merge exactly across it.",
+    "axis_index_groups": "replica groups within ``axis_name`` (ignored "
+                         "without it, as in flax).",
+    "use_fast_variance": "accepted for flax compatibility and ignored: the "
+                         "variance is always centred, in at least float32 "
+                         "(stable on shifted data).",
+    "force_float32_reductions": "accepted for flax compatibility; the "
+                                "reductions are always in at least float32.",
+    "promote_dtype": "as flax: a function ``(arrays, dtype=) -> arrays`` "
+                     "applied to the input and parameters (None: flax's "
+                     "default promotion).",
+    "rngs": "``nnx.Rngs`` for the parameter initializers.",
+    "bias_metadata": "metadata of the ``bias`` Param.",
+    "scale_metadata": "metadata of the ``scale`` Param.",
+    "scale_offset": "jaxnorm only: Python float :math:`o` added to "
+                    "``scale`` (default 0; "
+                    "1.0 is Gemma's zero-centred ``(1 + scale)``), formed in "
+                    "at least float32. With a nonzero offset the default "
+                    "``scale_init`` gives zeros, so a fresh layer is the "
+                    "plain normalization.",
+    "cast_before_scale": "jaxnorm only: Llama's and T5's order (default "
+                         "False): ``x_hat`` "
+                         "(at least float32) is rounded to the input's "
+                         "dtype, then multiplied by the scale in the compute "
+                         "dtype.",
+    "residual_dtype": "jaxnorm only: dtype of the residual stream ``h`` "
+                      "returned when the "
+                      "call gets ``residual=``; None for the promoted dtype "
+                      "of the input and ``residual``, ``jnp.float32`` for a "
+                      "float32 stream under bfloat16 activations.",
+}
+
+#: Each layer's formula and the pure function it calls (``{formula}`` in the
+#: class docstring), the same in linen and nnx.
+_FORMULAS: dict[str, str] = {
+    "BatchNorm": """\
+  In training mode (``use_running_average=False``), over all axes but
+  ``axis`` (and across ``axis_name``),
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
+     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
+     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
+
+  with the biased batch variance :math:`\\sigma^2_B` and :math:`m` =
+  ``momentum``; in eval mode the running statistics replace the batch ones
+  (``jaxnorm.batch_norm_train`` / ``batch_norm_infer``). The research and
+  convention options are those of ``jaxnorm.batch_norm_train``; variables,
+  loading flax's and edge cases: ``docs/guides/batchnorm.md``.
+""",
+    "LayerNorm": """\
+  .. math::
+     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
+       + \\beta
+
+  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
+  float32) and :math:`o` = ``scale_offset`` (default 0); calls
+  ``jaxnorm.layer_norm``, or ``jaxnorm.add_layer_norm`` when called with
+  ``residual=`` (``docs/guides/transformers.md``).
+""",
+    "RMSNorm": """\
+  .. math::
+     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
+         + \\epsilon}}
+
+  over the :math:`H` elements of ``reduction_axes`` :math:`R`, with
+  :math:`o` = ``scale_offset`` (default 0); calls ``jaxnorm.rms_norm``, or
+  ``jaxnorm.add_rms_norm`` when called with ``residual=``
+  (``docs/guides/transformers.md``).
+""",
+    "DyT": """\
+  .. math::
+     y = \\gamma \\tanh(\\alpha x) + \\beta
+
+  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
+  derivative).
+""",
+    "GroupNorm": """\
+  The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
+  channels; each example's group is normalized over its channels and the
+  other ``reduction_axes`` (default: all axes but the first):
+
+  .. math::
+     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
+       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+
+  Calls ``jaxnorm.group_norm``.
+""",
+    "InstanceNorm": """\
+  Each example (axis 0) and feature is normalized over the remaining axes:
+
+  .. math::
+     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
+         + \\beta.
+
+  Calls ``jaxnorm.instance_norm``.
+""",
+}
+
+
+_OFFSET_INIT = ("initializer of ``scale`` (ones; zeros with a nonzero "
+                "``scale_offset``).")
+
+#: The contracts of each layer's own options, the same in linen and nnx.
+_LAYER_DOCS: dict[str, dict[str, str]] = {
+    "BatchNorm": {
+        "axis": "feature axis or axes (default -1).",
+        "momentum": "weight of the old running value, in [0, 1] (default "
+                    "0.99; PyTorch's ``p`` is ``1 - p`` here), or None for "
+                    "the cumulative average (PyTorch's ``momentum=None``).",
+        "epsilon": "added to the variance (default 1e-5).",
+        "axis_name": "name(s) of a ``vmap``/``pmap``/``shard_map`` axis over "
+                     "which the batch is split: the per-device (count, mean, "
+                     "M2) merge exactly, also with masks.",
+        "axis_index_groups": "replica groups within ``axis_name``.",
+        "track_count": "keep a ``count`` even when no option needs it "
+                       "(jaxnorm only; default False: flax's variables).",
+        "running_var": '``"biased"`` (default, as flax) or ``"unbiased"`` '
+                       "(PyTorch's :math:`\\frac{n}{n-1}\\sigma^2_B`); the "
+                       "normalization always uses the biased variance.",
+        "debias": "zero-debiased EMA (Haiku's): right from the first update.",
+        "virtual_batch_size": "Ghost BatchNorm: statistics per virtual batch "
+                              "of this many examples (a divisor of the batch "
+                              "size); None for one batch.",
+        "renorm": "Batch Renormalization in training mode "
+                  "(``jaxnorm.batch_renorm_train``).",
+        "renorm_schedule": "``count -> (rmax, dmax)`` for ``renorm=True`` "
+                           "(default ``jaxnorm.batch_renorm_schedule``, the "
+                           "paper's).",
+    },
+    "LayerNorm": {
+        "epsilon": "added to the variance (default 1e-6).",
+        "scale_init": _OFFSET_INIT,
+        "reduction_axes": "axes of the statistics (default -1).",
+        "feature_axes": "axes the parameters vary along (default -1).",
+    },
+    "RMSNorm": {
+        "epsilon": "added to the mean square (default 1e-6).",
+        "scale_init": _OFFSET_INIT,
+        "reduction_axes": "axes of the mean square (default -1).",
+        "feature_axes": "axes ``scale`` varies along (default -1).",
+        "use_fast_variance": "accepted for flax compatibility (no variance "
+                             "here).",
+    },
+    "DyT": {
+        "alpha_init_value": "initial :math:`\\alpha` (default 0.5, the "
+                            "paper's for non-LLM models; it suggests smaller "
+                            "values for wide LLMs).",
+        "feature_axes": "axes ``scale`` and ``bias`` vary along (default -1).",
+    },
+    "GroupNorm": {
+        "num_groups": "number of groups (default 32); None when "
+                      "``group_size`` is given.",
+        "group_size": "channels per group.",
+        "epsilon": "added to the variance (default 1e-6).",
+        "reduction_axes": "axes of the statistics, including the last; None "
+                          "for all axes but the first.",
+    },
+    "InstanceNorm": {
+        "epsilon": "added to the variance (default 1e-6).",
+        "feature_axes": "axes kept (default -1); axis 0 is the batch.",
+    },
+}
 
 _TRANSFORMER_CALL = """
     Args:
@@ -147,13 +308,73 @@ _TRANSFORMER_CALL = """
         phrased for the module.
 """
 
+_MASKED_CALL = """
+    Args:
+      x: floating array {x}.
+      mask: optional array broadcastable to ``x``, cast to bool; False
+        elements are left out of the statistics.
 
-def _document_transformer_options(cls: type, fused: str) -> None:
-  """Fills ``{options}`` (class) and ``{call}`` (``__call__``) in the
-  docstrings of a LayerNorm/RMSNorm module (linen and nnx share them)."""
-  cls.__doc__ = cls.__doc__.replace("{options}", _TRANSFORMER_OPTIONS)
-  cls.__call__.__doc__ = cls.__call__.__doc__.replace(
-      "{call}", _TRANSFORMER_CALL.replace("{fused}", fused))
+    Returns:
+      Array of ``x``'s shape in the output dtype.
+
+    Raises:
+      TypeError, ValueError: the errors of ``jaxnorm.{fn}``, phrased for
+        the module.
+"""
+
+#: The call contracts of the layers (``{call}`` in ``__call__``'s
+#: docstring), the same in linen and nnx.
+_CALL_DOCS: dict[str, str] = {
+    "LayerNorm": _TRANSFORMER_CALL.replace("{fused}", "add_layer_norm"),
+    "RMSNorm": _TRANSFORMER_CALL.replace("{fused}", "add_rms_norm"),
+    "DyT": _MASKED_CALL.replace("{x}", "of features last, e.g. (batch, "
+                                "seq, d_model)").replace(
+        "      mask: optional array broadcastable to ``x``, cast to bool; "
+        "False\n        elements are left out of the statistics.\n",
+        "").replace("{fn}", "dyt"),
+    "GroupNorm": _MASKED_CALL.replace("{x}", "(N, ..., C)").replace(
+        "{fn}", "group_norm"),
+    "InstanceNorm": _MASKED_CALL.replace(
+        "{x}", "(N, ..., C) with at least one spatial axis").replace(
+            "{fn}", "instance_norm"),
+}
+
+
+def _document(cls: type, names: Iterable[str]) -> type:
+  """Writes the shared parts into ``cls``'s docstrings.
+
+  The ``{shared}`` line of the class docstring becomes the entries of
+  ``names`` (the fields or constructor arguments), in their order: the
+  entries the docstring writes itself, moved there, and the others from
+  ``_LAYER_DOCS`` (the layer's own options) or ``_OPTION_DOCS`` (the
+  options the layers share); its ``{formula}`` line becomes the layer's
+  ``_FORMULAS`` entry. The ``{call}`` line of ``__call__``'s
+  docstring becomes the layer's ``_CALL_DOCS`` entry.
+  """
+  if cls.__doc__ is None:  # python -OO
+    return cls
+  names = list(names)
+  docs = {**_OPTION_DOCS, **_LAYER_DOCS.get(cls.__name__, {})}
+  own = {}
+
+  def take(m: re.Match) -> str:
+    if m.group(1) not in names:
+      return m.group(0)
+    own[m.group(1)] = m.group(0)
+    return ""
+
+  doc = re.sub(r"^    (\w+): .*\n(?:^      .*\n)*", take, cls.__doc__,
+               flags=re.M)
+  entries = [own.get(n) or textwrap.fill(
+      f"{n}: {docs[n]}", 79, initial_indent="    ", subsequent_indent="      ",
+      break_on_hyphens=False, break_long_words=False) + "\n"
+             for n in names if n in own or n in docs]
+  cls.__doc__ = doc.replace("    {shared}\n", "".join(entries)).replace(
+      "  {formula}\n", _FORMULAS[cls.__name__])
+  if cls.__name__ in _CALL_DOCS:
+    cls.__call__.__doc__ = cls.__call__.__doc__.replace(
+        "    {call}\n", _CALL_DOCS[cls.__name__])
+  return cls
 
 
 def _transformer_norm(mdl: Any, x: ArrayLike,
@@ -231,11 +452,13 @@ def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
     return batch_norm_infer(x, state, scale, bias, axis=axis,
                             epsilon=epsilon)
   mean = jnp.asarray(state.mean)
-  part = lambda f: batch_norm_infer(
-      f(x), state._replace(mean=f(mean)), axis=axis,
-      epsilon=epsilon).astype(x.dtype)
+
+  def part(f):
+    return batch_norm_infer(f(x), state._replace(mean=f(mean)), axis=axis,
+                            epsilon=epsilon).astype(x.dtype)
+
   y = part(jnp.real) + 1j * part(jnp.imag)
-  feat = _axes_tuple(x.ndim, axis)
+  feat = _checks.canonicalize_axes("batch_norm_infer", "axis", axis, x.ndim)
   bshape = tuple(d if i in feat else 1 for i, d in enumerate(x.shape))
   if scale is not None:
     y = y * scale.astype(x.dtype).reshape(bshape)
@@ -290,14 +513,36 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
   return y, out["state"]
 
 
-def _check_instance_axes(cls: str, ndim: int, feature_axes: Axes) -> None:
+def _param_shape(mdl: Any, x: jax.Array, axes: Axes, name: str
+                 ) -> tuple[int, ...]:
+  """The sizes of ``x`` at ``axes`` (the option ``name``): the parameters'
+  shape.
+
+  Raises:
+    TypeError, ValueError: ``axes`` that are not distinct axes of ``x``
+      (``_checks.canonicalize_axes``, phrased for the module).
+  """
+  feat = _checks.canonicalize_axes(_who(mdl), name, axes, x.ndim)
+  return tuple(x.shape[a] for a in feat)
+
+
+def _check_instance_axes(who: str, ndim: int, feature_axes: Axes) -> None:
   """InstanceNorm's batch axis 0 cannot be a feature axis (flax's words)."""
-  if 0 in _axes_tuple(ndim, feature_axes):
+  if 0 in _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim):
     raise ValueError(
-        f"{cls}: The channel axes cannot include the leading dimension as "
+        f"{who}: The channel axes cannot include the leading dimension as "
         f"this is assumed to be the batch axis; got feature_axes="
         f"{feature_axes!r} for input of rank {ndim}. Fix: set feature_axes "
         f"to the channel axes, e.g. -1 for (N, ..., C) input.")
+
+
+def _weight_axes(who: str, feature_axes: Axes | None, ndim: int
+                 ) -> tuple[int, ...]:
+  """WeightNorm's kept axes of one weight (None or (): one norm over it)."""
+  if feature_axes is None or (not isinstance(feature_axes, int)
+                              and not tuple(feature_axes)):
+    return ()
+  return _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim)
 
 
 def _named(mdl: Any) -> dict[str, Any]:
@@ -309,4 +554,5 @@ def _named(mdl: Any) -> dict[str, Any]:
 
 
 def _as_axes(axes: Axes) -> int | tuple[int, ...]:
+  """An int, or any iterable of axes as the tuple the pure functions take."""
   return axes if isinstance(axes, int) else tuple(axes)

@@ -63,7 +63,11 @@ __all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm", "SpectralNorm",
 
 _State = eqx.nn.State
 _StateIndex = eqx.nn.StateIndex
-_static = lambda: eqx.field(static=True)  # noqa: E731
+
+
+def _static() -> Any:
+  """A static (non-leaf) Equinox field."""
+  return eqx.field(static=True)
 
 
 class _NoState:
@@ -219,6 +223,69 @@ def _cast(a: jax.Array | None, dtype: Any) -> jax.Array | None:
   return None if a is None else a.astype(dtype)
 
 
+def _bn_mode(who: str, mode: Any) -> str:
+  """BatchNorm's ``mode``; unspecified, ``"ema"`` with Equinox's warning."""
+  if mode == "legacy":
+    mode = "ema"
+    warnings.warn(
+        "When `BatchNorm(..., mode=...)` is unspecified it defaults to "
+        "'ema', as eqx.nn.BatchNorm's does; new code should pass "
+        "mode='batch' (jaxnorm.batch_norm_train's statistics and "
+        "derivatives throughout).", UserWarning, stacklevel=3)
+  if mode not in ("ema", "batch"):
+    raise ValueError(f"{who}: `mode` must be 'ema' or 'batch'; got "
+                     f"{mode!r}. Fix: mode='batch'.")
+  return mode
+
+
+def _bn_momentum(who: str, mode: str, momentum: Any, running_var: Any,
+                 debias: Any) -> float | None:
+  """BatchNorm's running-average options, checked; returns ``momentum``."""
+  if running_var not in ("biased", "unbiased"):
+    raise ValueError(
+        f"{who}: `running_var` must be 'biased' (Equinox's) or 'unbiased' "
+        f"(PyTorch's n/(n-1) times it); got {running_var!r}.")
+  if not isinstance(debias, bool):
+    raise TypeError(f"{who}: `debias` must be True or False; got "
+                    f"{debias!r}.")
+  extras = [text for text, used in (
+      ("momentum=None", momentum is None),
+      (f"running_var={running_var!r}", running_var != "biased"),
+      ("debias=True", debias)) if used]
+  if mode == "ema" and extras:
+    raise ValueError(
+        f"{who}: {', '.join(extras)} needs mode='batch' (mode='ema' keeps "
+        f"Equinox's running averages). Fix: pass mode='batch'.")
+  if momentum is None:
+    return None
+  momentum = _checks.check_momentum(who, momentum)
+  if mode == "batch" and momentum == 1.0 and not debias:
+    raise ValueError(
+        f"{who}: momentum=1.0 never moves the running averages, and "
+        f"with mode='batch' inference divides them by "
+        f"1 - momentum**count = 0. Fix: a momentum in [0, 1), e.g. "
+        f"0.99.")
+  if debias and momentum == 1.0:
+    raise ValueError(
+        f"{who}: debias=True with momentum=1.0 divides 0 by 0; its "
+        f"limit is the cumulative average. Fix: momentum=None.")
+  return momentum
+
+
+def _bn_dtype(who: str, dtype: Any) -> jnp.dtype:
+  """BatchNorm's parameter and statistics dtype: floating, >= 32 bits."""
+  dt = _floating_dtype(who, dtype)
+  if dt.itemsize < 4:
+    raise ValueError(
+        f"{who}: dtype={dt} would keep the running statistics in {dt}, "
+        f"where a running average cannot move (an update smaller than "
+        f"about 1/(2 (1 - momentum)) units in the last place rounds back "
+        f"to the old value). Fix: build it with dtype=jnp.float32; x may "
+        f"stay {dt} (the output is then float32, as eqx.nn.BatchNorm's "
+        f"with float32 parameters; cast it back with .astype).")
+  return dt
+
+
 class BatchNorm(eqx.nn.StatefulLayer):
   """Batch normalization, a drop-in for ``eqx.nn.BatchNorm``.
 
@@ -260,6 +327,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
   average :math:`r_t = r_{t-1} + \\frac{1-m}{1-m^t}(s - r_{t-1})`); with
   ``momentum=None`` or ``debias=True`` the state holds the average itself
   and inference uses it as it is.
+
+  Example::
+
+    bn, state = eqx.nn.make_with_state(jaxnorm.equinox.BatchNorm)(
+        64, "batch", mode="batch")
+    y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None),
+                        out_axes=(0, None))(x, state)  # x: (N, 64, H, W)
 
   Args:
     input_size: the number of channels ``C`` (first axis of an example).
@@ -307,90 +381,29 @@ class BatchNorm(eqx.nn.StatefulLayer):
   debias: bool = _static()
 
   def __init__(
-      self,
-      input_size: int,
-      axis_name: Hashable | Sequence[Hashable],
-      eps: float = 1e-5,
-      channelwise_affine: bool = True,
-      momentum: float | None = 0.99,
-      inference: bool = False,
-      dtype: Any = None,
-      mode: Literal["ema", "batch", "legacy"] = "legacy",
-      *,
-      running_var: str = "biased",
-      debias: bool = False,
-  ):
+      self, input_size: int, axis_name: Hashable | Sequence[Hashable],
+      eps: float = 1e-5, channelwise_affine: bool = True,
+      momentum: float | None = 0.99, inference: bool = False,
+      dtype: Any = None, mode: Literal["ema", "batch", "legacy"] = "legacy",
+      *, running_var: str = "biased", debias: bool = False):
     who = f"jaxnorm.equinox.BatchNorm(input_size={input_size!r})"
-    if mode == "legacy":
-      mode = "ema"
-      warnings.warn(
-          "When `BatchNorm(..., mode=...)` is unspecified it defaults to "
-          "'ema', as eqx.nn.BatchNorm's does; new code should pass "
-          "mode='batch' (jaxnorm.batch_norm_train's statistics and "
-          "derivatives throughout).", UserWarning, stacklevel=2)
-    if mode not in ("ema", "batch"):
-      raise ValueError(f"{who}: `mode` must be 'ema' or 'batch'; got "
-                       f"{mode!r}. Fix: mode='batch'.")
+    self.mode = _bn_mode(who, mode)
     self.input_size = _positive_int(who, "input_size", input_size)
     self.eps = _eps(who, eps)
+    self.momentum = _bn_momentum(who, self.mode, momentum, running_var,
+                                 debias)
     self.running_var = running_var
-    if running_var not in ("biased", "unbiased"):
-      raise ValueError(
-          f"{who}: `running_var` must be 'biased' (Equinox's) or 'unbiased' "
-          f"(PyTorch's n/(n-1) times it); got {running_var!r}.")
-    if not isinstance(debias, bool):
-      raise TypeError(f"{who}: `debias` must be True or False; got "
-                      f"{debias!r}.")
-    extras = [text for text, used in (
-        ("momentum=None", momentum is None),
-        (f"running_var={running_var!r}", running_var != "biased"),
-        ("debias=True", debias)) if used]
-    if mode == "ema" and extras:
-      raise ValueError(
-          f"{who}: {', '.join(extras)} needs mode='batch' (mode='ema' keeps "
-          f"Equinox's running averages). Fix: pass mode='batch'.")
-    if momentum is not None:
-      momentum = _checks.check_momentum(who, momentum)
-      if mode == "batch" and momentum == 1.0 and not debias:
-        raise ValueError(
-            f"{who}: momentum=1.0 never moves the running averages, and "
-            f"with mode='batch' inference divides them by "
-            f"1 - momentum**count = 0. Fix: a momentum in [0, 1), e.g. "
-            f"0.99.")
-      if debias and momentum == 1.0:
-        raise ValueError(
-            f"{who}: debias=True with momentum=1.0 divides 0 by 0; its "
-            f"limit is the cumulative average. Fix: momentum=None.")
-    self.momentum = momentum
     self.debias = debias
-    dt = _floating_dtype(who, dtype)
-    if dt.itemsize < 4:
-      raise ValueError(
-          f"{who}: dtype={dt} would keep the running statistics in {dt}, "
-          f"where a running average cannot move (an update smaller than "
-          f"about 1/(2 (1 - momentum)) units in the last place rounds back "
-          f"to the old value). Fix: build it with dtype=jnp.float32; x may "
-          f"stay {dt} (the output is then float32, as eqx.nn.BatchNorm's "
-          f"with float32 parameters; cast it back with .astype).")
-    self.mode = mode
+    dt = _bn_dtype(who, dtype)
     self.channelwise_affine = channelwise_affine
-    if channelwise_affine:
-      self.weight = jnp.ones((input_size,), dt)
-      self.bias = jnp.zeros((input_size,), dt)
-    else:
-      self.weight = None
-      self.bias = None
+    self.weight = jnp.ones((input_size,), dt) if channelwise_affine else None
+    self.bias = jnp.zeros((input_size,), dt) if channelwise_affine else None
     zeros, ones = jnp.zeros((input_size,), dt), jnp.ones((input_size,), dt)
-    if mode == "ema":
-      self.ema_first_time_index = _StateIndex(jnp.array(True))
-      self.ema_state_index = _StateIndex((zeros, zeros))
-      self.batch_counter = None
-      self.batch_state_index = None
-    else:
-      self.batch_counter = _StateIndex(jnp.array(0))
-      self.batch_state_index = _StateIndex((zeros, ones))
-      self.ema_first_time_index = None
-      self.ema_state_index = None
+    ema = self.mode == "ema"
+    self.ema_first_time_index = _StateIndex(jnp.array(True)) if ema else None
+    self.ema_state_index = _StateIndex((zeros, zeros)) if ema else None
+    self.batch_counter = None if ema else _StateIndex(jnp.array(0))
+    self.batch_state_index = None if ema else _StateIndex((zeros, ones))
     self.inference = inference
     self.axis_name = axis_name
 
@@ -398,15 +411,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     return (f"jaxnorm.equinox.BatchNorm(input_size={self.input_size}, "
             f"axis_name={self.axis_name!r})")
 
-  def __call__(
-      self,
-      x: ArrayLike,
-      state: eqx.nn.State,
-      *,
-      key: jax.Array | None = None,
-      inference: bool | None = None,
-      mask: ArrayLike | None = None,
-  ) -> tuple[jax.Array, eqx.nn.State]:
+  def __call__(self, x: ArrayLike, state: eqx.nn.State, *,
+               key: jax.Array | None = None, inference: bool | None = None,
+               mask: ArrayLike | None = None
+               ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates ``state``.
 
     Args:
@@ -446,53 +454,61 @@ class BatchNorm(eqx.nn.StatefulLayer):
     mask = _mask(who, mask, x.shape)
     with jax.named_scope("jaxnorm.equinox.BatchNorm"):
       if self.mode == "batch":
-        return self._batch_mode(who, x, state, bool(inference), mask)
-      return self._ema_mode(who, x, state, bool(inference))
+        return _batch_mode(self, who, x, state, bool(inference), mask)
+      return _ema_mode(self, who, x, state, bool(inference))
 
-  def _dtypes(self, x: jax.Array, stats: jax.Array) -> tuple[Any, Any]:
-    """(compute dtype, output dtype): Equinox's promotion, >= float32."""
-    params = [] if self.weight is None else [self.weight, self.bias]
-    out = _promoted(x.dtype, stats.dtype, *(p.dtype for p in params))
-    return _promoted(out, jnp.float32), out
 
-  def _batch_mode(self, who, x, state, inference, mask):
-    counter = _get(who, state, self.batch_counter)
-    mean, var = _get(who, state, self.batch_state_index)
-    compute, out = self._dtypes(x, mean)
-    options = dict(eps=self.eps, momentum=self.momentum, debias=self.debias,
-                   compute=compute)
-    if inference:
-      y = _batch_infer(x, counter, mean, var, self.weight, self.bias,
-                       **options)
-      return y.astype(out), state
-    names = _check_bound(who, self.axis_name)
-    with _checks.raised_as(who):
-      y, counter, new = _batch_train(
-          x, counter, mean, var, self.weight, self.bias, mask, names=names,
-          running_var=self.running_var, **options)
-    state = state.set(self.batch_counter, counter)
-    state = state.set(self.batch_state_index, new)
+def _bn_dtypes(bn: BatchNorm, x: jax.Array, stats: jax.Array
+               ) -> tuple[Any, Any]:
+  """(compute dtype, output dtype): Equinox's promotion, >= float32."""
+  params = [] if bn.weight is None else [bn.weight, bn.bias]
+  out = _promoted(x.dtype, stats.dtype, *(p.dtype for p in params))
+  return _promoted(out, jnp.float32), out
+
+
+def _batch_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
+                inference: bool, mask: jax.Array | None
+                ) -> tuple[jax.Array, _State]:
+  """``BatchNorm``'s call with ``mode="batch"``."""
+  counter = _get(who, state, bn.batch_counter)
+  mean, var = _get(who, state, bn.batch_state_index)
+  compute, out = _bn_dtypes(bn, x, mean)
+  options = dict(eps=bn.eps, momentum=bn.momentum, debias=bn.debias,
+                 compute=compute)
+  if inference:
+    y = _batch_infer(x, counter, mean, var, bn.weight, bn.bias, **options)
     return y.astype(out), state
+  names = _check_bound(who, bn.axis_name)
+  with _checks.raised_as(who):
+    y, counter, new = _batch_train(
+        x, counter, mean, var, bn.weight, bn.bias, mask, names=names,
+        running_var=bn.running_var, **options)
+  state = state.set(bn.batch_counter, counter)
+  state = state.set(bn.batch_state_index, new)
+  return y.astype(out), state
 
-  def _ema_mode(self, who, x, state, inference):
-    first = _get(who, state, self.ema_first_time_index)
-    run_mean, run_var = _get(who, state, self.ema_state_index)
-    compute, out = self._dtypes(x, run_mean)
-    if inference:
-      y = batch_norm_infer(
-          x.astype(compute)[None], BatchNormState(run_mean, run_var, 0),
-          _cast(self.weight, compute), _cast(self.bias, compute), axis=1,
-          epsilon=self.eps)
-      return y[0].astype(out), state
-    names = _check_bound(who, self.axis_name)
-    with _checks.raised_as(who):
-      y, mean, var = _ema_train(
-          x, first, run_mean, run_var, self.weight, self.bias, names=names,
-          momentum=self.momentum, eps=self.eps, compute=compute)
-    state = state.set(self.ema_first_time_index, jnp.array(False))
-    state = state.set(self.ema_state_index, (mean.astype(run_mean.dtype),
-                                             var.astype(run_var.dtype)))
-    return y.astype(out), state
+
+def _ema_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
+              inference: bool) -> tuple[jax.Array, _State]:
+  """``BatchNorm``'s call with ``mode="ema"``."""
+  first = _get(who, state, bn.ema_first_time_index)
+  run_mean, run_var = _get(who, state, bn.ema_state_index)
+  compute, out = _bn_dtypes(bn, x, run_mean)
+  if inference:
+    y = batch_norm_infer(
+        x.astype(compute)[None], BatchNormState(run_mean, run_var, 0),
+        _cast(bn.weight, compute), _cast(bn.bias, compute), axis=1,
+        epsilon=bn.eps)
+    return y[0].astype(out), state
+  names = _check_bound(who, bn.axis_name)
+  with _checks.raised_as(who):
+    y, mean, var = _ema_train(
+        x, first, run_mean, run_var, bn.weight, bn.bias, names=names,
+        momentum=bn.momentum, eps=bn.eps, compute=compute)
+  state = state.set(bn.ema_first_time_index, jnp.array(False))
+  state = state.set(bn.ema_state_index, (mean.astype(run_mean.dtype),
+                                         var.astype(run_var.dtype)))
+  return y.astype(out), state
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "momentum", "debias",
@@ -556,7 +572,10 @@ def _ema_train(x, first, run_mean, run_var, weight, bias, *, names, momentum,
                               epsilon=eps, axis_name=names, allow_single=True)
   shift = jax.lax.stop_gradient(batch.mean.astype(compute))
   spatial = tuple(range(1, x.ndim))
-  pmean = lambda a: jax.lax.pmean(a, names)  # noqa: E731
+
+  def pmean(a):
+    return jax.lax.pmean(a, names)
+
   centred = xc - shift.reshape(bshape)
   residual = pmean(jnp.mean(centred, axis=spatial))  # batch mean - shift
   deviation = centred - residual.reshape(bshape)  # x - batch mean
@@ -641,9 +660,11 @@ class _WholeExample(_Stateless):
   cast_before_scale: bool = _static()
   axis_name: Any = _static()
 
-  def _init_whole(self, shape, eps, use_weight, use_bias, dtype, *,
-                  scale_offset, cast_before_scale, axis_name) -> None:
-    """Sets Equinox's fields, then jaxnorm's."""
+  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5,
+               use_weight: bool = True, use_bias: bool = True,
+               dtype: Any = None, *, scale_offset: float = 0.0,
+               cast_before_scale: bool = False, axis_name: Any = None):
+    """Sets Equinox's fields, then jaxnorm's (see the class docstring)."""
     who = f"jaxnorm.equinox.{type(self).__name__}(shape={shape!r})"
     self.shape = _shape_arg(who, shape)
     self.eps = _eps(who, eps)
@@ -676,16 +697,25 @@ class _WholeExample(_Stateless):
     shape = x.shape or (1,)  # a scalar is normalized as shape (1,)
     params = [None if p is None else p.reshape(shape)
               for p in (self.weight, self.bias)]
-    fn = lambda xc, w, b: self._apply(  # noqa: E731
-        xc, w, b, tuple(range(len(shape))),
-        None if mask is None else mask.reshape(shape))
+
+    def fn(xc, w, b):
+      return self._apply(xc, w, b, tuple(range(len(shape))),
+                         None if mask is None else mask.reshape(shape))
+
     if self.cast_before_scale:  # x and the parameters in their own dtypes
       with _checks.raised_as(who):
         return fn(x.reshape(shape), *params).reshape(x.shape)
     return self._run(who, x.reshape(shape), fn, params).reshape(x.shape)
 
 
-_TRANSFORMER_ARGS = """
+# The end of LayerNorm's and RMSNorm's docstrings: their shared arguments
+# and errors.
+_WHOLE_EXAMPLE_DOC = """\
+    shape: the shape of one example (an int or a sequence of ints).
+    use_weight: learn ``weight`` (ones).
+    use_bias: learn ``bias`` (zeros).
+    dtype: floating dtype of ``weight``/``bias`` (default float32, float64
+      under ``jax_enable_x64``).
     scale_offset: jaxnorm's addition: a finite Python float :math:`o` added
       to ``weight`` in at least float32 (1.0 gives Gemma's zero-centred
       :math:`1 + \\gamma`).
@@ -696,6 +726,12 @@ _TRANSFORMER_ARGS = """
     axis_name: jaxnorm's addition: the name(s) of a mapped axis over which
       each example's elements are split (e.g. ``d_model`` sharded by tensor
       parallelism); the statistics merge exactly across it.
+
+  Raises:
+    TypeError: ``shape`` that is not ints, a non-floating ``dtype``, a
+      non-numeric ``eps`` or ``scale_offset``, a non-bool
+      ``cast_before_scale``.
+    ValueError: a negative ``eps``, a non-finite ``scale_offset``.
 """
 
 
@@ -717,42 +753,29 @@ class LayerNorm(_WholeExample):
   Equinox's. To normalize over some axes only, ``vmap`` over the others, as
   in Equinox.
 
+  Example::
+
+    y = jax.vmap(jaxnorm.equinox.LayerNorm(512))(x)  # x: (batch, 512)
+
   Args:
-    shape: the shape of one example (an int or a sequence of ints).
     eps: non-negative, added to the variance.
-    use_weight: learn ``weight`` (ones).
-    use_bias: learn ``bias`` (zeros).
-    dtype: floating dtype of ``weight``/``bias`` (default float32, float64
-      under ``jax_enable_x64``).
     elementwise_affine: deprecated alternative to ``use_weight`` and
-      ``use_bias`` (Equinox's ``UserWarning``).{transformer_args}
-  Raises:
-    TypeError: ``shape`` that is not ints, a non-floating ``dtype``, a
-      non-numeric ``eps`` or ``scale_offset``, a non-bool
-      ``cast_before_scale``.
-    ValueError: a negative ``eps``, a non-finite ``scale_offset``.
+      ``use_bias`` (Equinox's ``UserWarning``).
+    {shared}
   """
 
-  def __init__(
-      self,
-      shape: int | Sequence[int],
-      eps: float = 1e-5,
-      use_weight: bool = True,
-      use_bias: bool = True,
-      dtype: Any = None,
-      *,
-      elementwise_affine: bool | None = None,
-      scale_offset: float = 0.0,
-      cast_before_scale: bool = False,
-      axis_name: Any = None,
-  ):
+  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5,
+               use_weight: bool = True, use_bias: bool = True,
+               dtype: Any = None, *, elementwise_affine: bool | None = None,
+               scale_offset: float = 0.0, cast_before_scale: bool = False,
+               axis_name: Any = None):
     if elementwise_affine is not None:
       use_weight = use_bias = elementwise_affine
       warnings.warn(
           "LayerNorm(elementwise_affine=...) is deprecated in favour of "
           "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)",
           UserWarning, stacklevel=2)
-    self._init_whole(shape, eps, use_weight, use_bias, dtype,
+    super().__init__(shape, eps, use_weight, use_bias, dtype,
                      scale_offset=scale_offset,
                      cast_before_scale=cast_before_scale, axis_name=axis_name)
 
@@ -779,36 +802,16 @@ class RMSNorm(_WholeExample):
   Equinox). Runs :func:`jaxnorm.rms_norm` (mean square in at least float32,
   hand-derived derivatives); the output has ``x``'s dtype, as Equinox's.
 
+  Example::
+
+    y = jax.vmap(jaxnorm.equinox.RMSNorm(512, use_bias=False))(x)
+
   Args:
-    shape: the shape of one example (an int or a sequence of ints).
     eps: non-negative, added to the mean square.
-    use_weight: learn ``weight`` (ones).
-    use_bias: learn ``bias`` (zeros).
-    dtype: floating dtype of ``weight``/``bias`` (default float32, float64
-      under ``jax_enable_x64``).{transformer_args}
-  Raises:
-    TypeError: ``shape`` that is not ints, a non-floating ``dtype``, a
-      non-numeric ``eps`` or ``scale_offset``, a non-bool
-      ``cast_before_scale``.
-    ValueError: a negative ``eps``, a non-finite ``scale_offset``.
+    {shared}
   """
 
-  def __init__(
-      self,
-      shape: int | Sequence[int],
-      eps: float = 1e-5,
-      use_weight: bool = True,
-      use_bias: bool = True,
-      dtype: Any = None,
-      *,
-      scale_offset: float = 0.0,
-      cast_before_scale: bool = False,
-      axis_name: Any = None,
-  ):
-    self._init_whole(shape, eps, use_weight, use_bias, dtype,
-                     scale_offset=scale_offset,
-                     cast_before_scale=cast_before_scale, axis_name=axis_name)
-
+  __init__ = _WholeExample.__init__
   __call__ = _Stateless.__call__
 
   def _apply(self, x, w, b, axes, mask):
@@ -820,7 +823,8 @@ class RMSNorm(_WholeExample):
 
 
 for _cls in (LayerNorm, RMSNorm):
-  _cls.__doc__ = _cls.__doc__.replace("{transformer_args}", _TRANSFORMER_ARGS)
+  if _cls.__doc__ is not None:  # None under python -OO
+    _cls.__doc__ = _cls.__doc__.replace("    {shared}\n", _WHOLE_EXAMPLE_DOC)
 
 
 class GroupNorm(_Stateless):
@@ -837,6 +841,10 @@ class GroupNorm(_Stateless):
   :math:`\\gamma` = ``weight``, :math:`\\beta` = ``bias`` of shape ``(C,)``.
   Runs :func:`jaxnorm.group_norm` on the channels-last view of the example;
   the output has ``x``'s dtype, as Equinox's.
+
+  Example::
+
+    y = jax.vmap(jaxnorm.equinox.GroupNorm(8, 64))(x)  # x: (N, 64, H, W)
 
   Args:
     groups: the number of groups.
@@ -912,8 +920,9 @@ class GroupNorm(_Stateless):
           f"channel axis first (`jnp.moveaxis(x, -1, 0)`).")
 
   def _normalize(self, who, x, mask):
-    # jaxnorm.group_norm takes a batch, channels last: (1, *spatial, C).
-    last = lambda a: jnp.moveaxis(a, 0, -1)[None]  # noqa: E731
+    def last(a):  # jaxnorm.group_norm takes (1, *spatial, C)
+      return jnp.moveaxis(a, 0, -1)[None]
+
     mask = None if mask is None else last(mask)
     return self._run(who, x, lambda xc, w, b: jnp.moveaxis(group_norm(
         last(xc), w, b, num_groups=self.groups, epsilon=self.eps, mask=mask,
@@ -1001,6 +1010,12 @@ class SpectralNorm(eqx.nn.StatefulLayer):
   pair, without iterating, as in Equinox. The constructor draws
   :math:`u, v` as Equinox does (the same key gives the same draw) and runs
   15 steps.
+
+  Example::
+
+    layer, state = eqx.nn.make_with_state(jaxnorm.equinox.SpectralNorm)(
+        eqx.nn.Linear(4, 8, key=key1), "weight", key=key2)
+    y, state = layer(x, state)
 
   Args:
     layer: the wrapped layer, e.g. ``eqx.nn.Linear`` or a convolution.
@@ -1114,6 +1129,10 @@ class WeightNorm(eqx.Module):
   from the direction ``v`` (the layer's own parameter). Runs
   :func:`jaxnorm.weight_norm` (at least float32, hand-derived
   derivatives).
+
+  Example::
+
+    y = jaxnorm.equinox.WeightNorm(eqx.nn.Linear(4, 8, key=key))(x)
 
   Args:
     layer: the wrapped layer, e.g. ``eqx.nn.Linear`` or a convolution.

@@ -53,16 +53,17 @@ from jaxnorm import recalibration
 from jaxnorm._modules import _RECALIBRATING
 from jaxnorm._modules import _as_axes
 from jaxnorm._modules import _as_mask
-from jaxnorm._modules import _axes_tuple
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
-from jaxnorm._modules import _document_transformer_options
+from jaxnorm._modules import _document
 from jaxnorm._modules import _keeps_count
 from jaxnorm._modules import _named
+from jaxnorm._modules import _param_shape
 from jaxnorm._modules import _recalibrating
 from jaxnorm._modules import _run
 from jaxnorm._modules import _scale_init
 from jaxnorm._modules import _transformer_norm
+from jaxnorm._modules import _weight_axes
 from jaxnorm._modules import _who
 from jaxnorm._modules import ones_unless_offset
 from jaxnorm.batch_norm import BatchNormState
@@ -107,121 +108,100 @@ class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
     Exception.__init__(self, message)
 
 
-class BatchNorm(nn.Module):
-  """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
+# Field groups of the linen modules. A linen module is a dataclass whose
+# fields are its bases' (the last base's first) followed by its own, so a
+# class lists its groups in reverse order; flax's field order is kept.
+class _Norm(nn.Module):
+  """The normalizer fields of LayerNorm, GroupNorm, InstanceNorm, BatchNorm."""
 
-  In training mode (``use_running_average=False``), over all axes but
-  ``axis`` (and across ``axis_name``),
-
-  .. math::
-     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
-     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
-     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
-
-  with the biased batch variance :math:`\\sigma^2_B` and :math:`m` =
-  ``momentum``; in eval mode the running statistics replace the batch ones.
-  It calls ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
-
-  Research and convention options, all as in
-  ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
-  PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
-  (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),
-  and ``renorm=True`` (Batch Renormalization, ``batch_renorm_train``, with
-  ``rmax, dmax = renorm_schedule(count)``). ``recalibrate_batch_norm``
-  recomputes the statistics of a trained model ("precise BN").
-
-  Variables (as flax): ``params/scale`` and ``params/bias`` of the feature
-  shape ``[x.shape[a] for a in axis]`` in ``param_dtype``;
-  ``batch_stats/mean`` (zeros) and ``batch_stats/var`` (ones) of the feature
-  shape in float32 (``param_dtype`` if ``force_float32_reductions=False``).
-  By default that is the whole tree, exactly flax's. With
-  ``track_count=True``, or an option whose running average depends on the
-  number of updates (``momentum=None``, ``debias=True``, ``renorm=True``),
-  there is also ``batch_stats/count`` (int32 scalar, starts at 0).
-
-  Loading a flax variable tree into a layer with ``count``: in eval mode
-  the module reads ``mean``/``var`` only and adds nothing (eval never adds
-  variables). In training mode with ``mutable=['batch_stats']`` the
-  returned ``batch_stats`` gain ``count``, started at 0 at the first update
-  made by jaxnorm; ``momentum=None``, ``debias=True`` and the renorm
-  schedule depend on it (with ``count=0`` the first update replaces the
-  loaded statistics), so set ``count`` when loading a tree for them.
-
-  A training batch with a single element per feature (e.g. a batch of one,
-  as ``nnx.tabulate`` or a dummy ``init`` batch sends) gives flax's result:
-  the batch mean is the input and the variance 0, so the output is ``bias``
-  and the running statistics move towards ``(x, 0)``. Complex input (e.g.
-  ``dtype=jnp.complex64``) is normalized as flax does (see
-  ``jaxnorm.batch_norm_train``); the running mean then becomes complex.
-
-  Statistics are not updated during ``init`` (``self.is_initializing()``),
-  and ``axis_name`` is not used during ``init``, as in flax.
-
-  Attributes:
-    use_running_average: if True, use the stored ``batch_stats`` instead of
-      batch statistics; may instead be given at call time (``nn.merge_param``:
-      exactly one of the two must be set).
-    axis: feature axis or axes (default -1).
-    momentum: weight of the old running value, in [0, 1] (default 0.99;
-      PyTorch's momentum ``p`` is ``1 - p`` here), or None for the
-      cumulative moving average (PyTorch's ``momentum=None``).
-    epsilon: added to the variance (default 1e-5).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of ``scale``/``bias`` (default float32).
-    use_bias: add ``bias`` (beta).
-    use_scale: multiply by ``scale`` (gamma).
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis to compute
-      the statistics over the global batch; the per-device (count, mean, M2)
-      are merged exactly (count-weighted, also with masks).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance centred (around a pilot mean
-      within 4 std of the mean) in at least float32, which is stable on
-      shifted data (flax's default E[x^2]-E[x]^2 is not).
-    force_float32_reductions: as flax: if False the ``batch_stats`` are stored
-      in ``param_dtype``. The reductions are always done in at least float32.
-    track_count: keep ``batch_stats/count`` even when no option needs it
-      (jaxnorm only; default False: flax's tree).
-    running_var: ``"biased"`` (default, as flax) or ``"unbiased"`` (store
-      :math:`\\frac{n}{n-1}\\sigma^2_B`, as PyTorch); the normalization
-      always uses the biased variance.
-    debias: zero-debiased EMA (as Haiku): correct from the first update.
-    virtual_batch_size: Ghost BatchNorm: statistics per virtual batch of
-      this many examples (a divisor of the batch size); None for one batch.
-    renorm: Batch Renormalization in training mode (Ioffe, 2017).
-    renorm_schedule: ``count -> (rmax, dmax)`` used when ``renorm=True``
-      (default ``jaxnorm.batch_norm.batch_renorm_schedule``, the paper's
-      schedule; e.g. ``lambda count: (3.0, 5.0)`` for fixed clips).
-    skip_nonfinite: keep the running mean and variance of a feature whose
-      batch statistics are not finite (a NaN or inf in the batch) instead
-      of letting them become NaN for good; the flags of the features kept
-      are sown as ``intermediates/nonfinite_skipped`` (a bool array of the
-      feature shape; ``mutable=['batch_stats', 'intermediates']`` to read
-      them). Default False: as flax, one bad batch poisons its features.
-
-  Raises:
-    flax.errors.ScopeParamShapeError / ScopeVariableError: as flax, for
-      variables of the wrong shape or a missing ``mean``/``var``.
-    ImmutableBatchStatsError: training mode without ``batch_stats`` in
-      ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``
-      whose message names the fix).
-    ValueError: the errors of ``jaxnorm.batch_norm_train`` (bad axis,
-      momentum, epsilon, mask shape, running_var, virtual_batch_size,
-      unbound ``axis_name``), phrased for the module.
-  """
-
-  use_running_average: bool | None = None
-  axis: int | tuple[int, ...] = -1
-  momentum: float | None = 0.99
-  epsilon: float = 1e-5
+  epsilon: float = 1e-6
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   use_bias: bool = True
   use_scale: bool = True
   bias_init: Initializer = initializers.zeros
   scale_init: Initializer = initializers.ones
+
+
+class _ScaleNorm(nn.Module):
+  """RMSNorm's normalizer fields (a scale, no bias)."""
+
+  epsilon: float = 1e-6
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  use_scale: bool = True
+  scale_init: Initializer = ones_unless_offset
+
+
+class _RowNorm(nn.Module):
+  """LayerNorm's and RMSNorm's axes, reduction and transformer options."""
+
+  reduction_axes: Axes = -1
+  feature_axes: Axes = -1
+  axis_name: Any = None
+  axis_index_groups: Any = None
+  use_fast_variance: bool = True
+  force_float32_reductions: bool = True
+  scale_offset: float = 0.0
+  cast_before_scale: bool = False
+  residual_dtype: Dtype | None = None
+
+
+class _BatchNormMode(nn.Module):
+  """BatchNorm's leading fields."""
+
+  use_running_average: bool | None = None
+  axis: int | tuple[int, ...] = -1
+  momentum: float | None = 0.99
+
+
+class _Groups(nn.Module):
+  """GroupNorm's leading fields."""
+
+  num_groups: int | None = 32
+  group_size: int | None = None
+
+
+class BatchNorm(_Norm, _BatchNormMode):
+  """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
+
+  {formula}
+
+  Variables (flax's): ``params/scale``, ``params/bias`` of the feature shape
+  ``[x.shape[a] for a in axis]`` in ``param_dtype``; ``batch_stats/mean``
+  (zeros), ``batch_stats/var`` (ones) of that shape in float32
+  (``param_dtype`` if ``force_float32_reductions=False``); with
+  ``track_count=True`` or an option that needs it (``momentum=None``,
+  ``debias=True``, ``renorm=True``) also ``batch_stats/count`` (int32
+  scalar). Example::
+
+    bn = jaxnorm.linen.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)
+    y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+
+  Attributes:
+    use_running_average: use the stored ``batch_stats`` instead of the batch
+      statistics; given here or at call time (exactly one of the two).
+    force_float32_reductions: as flax: if False the ``batch_stats`` are
+      stored in ``param_dtype``; the reductions are always in at least
+      float32.
+    skip_nonfinite: keep the running statistics of a feature whose batch
+      statistics are not finite; the flags of the features kept are sown
+      as ``intermediates/nonfinite_skipped`` (bool, the feature shape).
+      Default False: as flax, one bad batch poisons its features.
+    {shared}
+
+  Raises:
+    flax.errors.ScopeParamShapeError / ScopeVariableError: as flax, for
+      variables of the wrong shape or a missing ``mean``/``var``.
+    ImmutableBatchStatsError: training mode without ``batch_stats`` in
+      ``mutable`` (a flax ``ModifyScopeVariableError`` and ``ValueError``).
+    ValueError: the errors of ``jaxnorm.batch_norm_train`` (axis, momentum,
+      epsilon, mask shape, running_var, virtual_batch_size, unbound
+      ``axis_name``), phrased for the module.
+  """
+
+  epsilon: float = 1e-5
   axis_name: Any = None
   axis_index_groups: Any = None
   use_fast_variance: bool = True
@@ -236,24 +216,18 @@ class BatchNorm(nn.Module):
   skip_nonfinite: bool = False
 
   @nn.compact
-  def __call__(
-      self,
-      x: ArrayLike,
-      use_running_average: bool | None = None,
-      *,
-      mask: ArrayLike | None = None,
-  ) -> jax.Array:
+  def __call__(self, x: ArrayLike, use_running_average: bool | None = None,
+               *, mask: ArrayLike | None = None) -> jax.Array:
     """Normalizes ``x`` with batch (training) or running (eval) statistics.
 
     Args:
       x: floating array, e.g. (N, C) or (N, H, W, C).
-      use_running_average: overrides nothing: it must be given here if and
-        only if it was not given at construction.
+      use_running_average: the mode, if not given at construction.
       mask: optional array broadcastable to ``x``, cast to bool; False
         elements are left out of the batch statistics (training mode only).
 
     Returns:
-      Array of ``x``'s shape in the output dtype (see module docstring).
+      Array of ``x``'s shape in the output dtype.
 
     Raises:
       ValueError: see the class docstring.
@@ -261,8 +235,7 @@ class BatchNorm(nn.Module):
     use_running_average = nn.merge_param(
         "use_running_average", self.use_running_average, use_running_average)
     x = jnp.asarray(x)
-    feat = _axes_tuple(x.ndim, self.axis)
-    fshape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    fshape = _param_shape(self, x, self.axis, "axis")
     stat_dtype = (jnp.float32 if self.force_float32_reductions
                   else self.param_dtype)
     ra_mean = self.variable("batch_stats", "mean",
@@ -314,8 +287,7 @@ def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
               use_bias: bool | None):
   """LayerNorm's and RMSNorm's call (``use_bias=None``: no bias at all)."""
   x = jnp.asarray(x)
-  feat = _axes_tuple(x.ndim, mdl.feature_axes)
-  shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+  shape = _param_shape(mdl, x, mdl.feature_axes, "feature_axes")
   init = _scale_init(_who(mdl), mdl.scale_init, mdl.scale_offset)
   params = _affine(mdl, shape, mdl.use_scale, bool(use_bias), init)
   return _transformer_norm(
@@ -324,165 +296,87 @@ def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
       feature_axes=_as_axes(mdl.feature_axes), mask=_as_mask(mask))
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_RowNorm, _Norm):
   """Layer normalization, a drop-in for ``flax.linen.LayerNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
-       + \\beta
+  {formula}
 
-  with :math:`\\mu, \\sigma^2` over ``reduction_axes`` (centred, at least
-  float32) and :math:`o` = ``scale_offset`` (default 0); calls
-  ``jaxnorm.layer_norm``, or ``jaxnorm.add_layer_norm`` when called with
-  ``residual=``. Variables: ``params/scale`` and ``params/bias`` of shape
-  ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``.
+  Variables: ``params/scale`` and ``params/bias`` of shape
+  ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``. Example::
+
+    ln = jaxnorm.linen.LayerNorm()
+    y = ln.apply(ln.init(jax.random.key(0), x), x)
 
   Attributes:
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the statistics (default -1).
-    feature_axes: axes the parameters vary along (default -1).
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
-      the *reduced* axes are split (e.g. a sharded hidden axis): the
-      statistics are merged exactly over it (``jaxnorm.layer_norm``).
-    axis_index_groups: replica groups within ``axis_name`` (ignored without
-      it, as in flax).
-    use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance centred (around a pilot mean
-      within 4 std of the mean) in at least float32, which is stable on
-      shifted data (flax's default E[x^2]-E[x]^2 is not).
-    force_float32_reductions: accepted for compatibility; jaxnorm always
-      reduces in at least float32.{options}
+    {shared}
 
   Raises:
-    TypeError: the type errors of ``jaxnorm.layer_norm``.
-    ValueError: the value errors of ``jaxnorm.layer_norm``.
+    TypeError, ValueError: the errors of ``jaxnorm.layer_norm``, phrased
+      for the module.
   """
 
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
   scale_init: Initializer = ones_unless_offset
-  reduction_axes: Axes = -1
-  feature_axes: Axes = -1
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  scale_offset: float = 0.0
-  cast_before_scale: bool = False
-  residual_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     return _row_norm(self, x, mask, residual, layer_norm, add_layer_norm,
                      use_bias=self.use_bias)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(_RowNorm, _ScaleNorm):
   """RMS normalization, a drop-in for ``flax.linen.RMSNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
-         + \\epsilon}}
+  {formula}
 
-  over ``reduction_axes`` :math:`R`, with :math:`o` = ``scale_offset``
-  (default 0); calls ``jaxnorm.rms_norm``, or ``jaxnorm.add_rms_norm`` when
-  called with ``residual=``. Variable: ``params/scale`` of shape
-  ``[x.shape[a] for a in feature_axes]``.
+  Variable: ``params/scale`` of shape ``[x.shape[a] for a in feature_axes]``
+  in ``param_dtype``. Example::
+
+    rms = jaxnorm.linen.RMSNorm(scale_offset=1.0)
+    y = rms.apply(rms.init(jax.random.key(0), x), x)
 
   Attributes:
-    epsilon: added to the mean square (default 1e-6).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of ``scale`` (default float32).
-    use_scale: multiply by ``scale``.
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the mean square (default -1).
-    feature_axes: axes ``scale`` varies along (default -1).
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
-      the *reduced* axes are split (e.g. a sharded hidden axis): the
-      statistics are merged exactly over it (``jaxnorm.rms_norm``).
-    axis_index_groups: replica groups within ``axis_name`` (ignored without
-      it, as in flax).
-    use_fast_variance: accepted for compatibility (no variance here).
-    force_float32_reductions: accepted; jaxnorm always reduces in at least
-      float32.{options}
+    {shared}
 
   Raises:
-    TypeError: the type errors of ``jaxnorm.rms_norm``.
-    ValueError: the value errors of ``jaxnorm.rms_norm``.
+    TypeError, ValueError: the errors of ``jaxnorm.rms_norm``, phrased for
+      the module.
   """
-
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_scale: bool = True
-  scale_init: Initializer = ones_unless_offset
-  reduction_axes: Axes = -1
-  feature_axes: Axes = -1
-  axis_name: Any = None
-  axis_index_groups: Any = None
-  use_fast_variance: bool = True
-  force_float32_reductions: bool = True
-  scale_offset: float = 0.0
-  cast_before_scale: bool = False
-  residual_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     return _row_norm(self, x, mask, residual, rms_norm, add_rms_norm,
                      use_bias=None)
-
-
-for _cls, _fused in ((LayerNorm, "add_layer_norm"), (RMSNorm, "add_rms_norm")):
-  _document_transformer_options(_cls, _fused)
-del _cls, _fused
 
 
 class DyT(nn.Module):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
-  .. math::
-     y = \\gamma \\tanh(\\alpha x) + \\beta
+  {formula}
 
-  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
-  derivative). Variables: ``params/alpha`` (a scalar, shape ``()``,
-  initialized to ``alpha_init_value``), ``params/scale`` (ones) and
-  ``params/bias`` (zeros) of shape ``[x.shape[a] for a in feature_axes]``,
-  all in ``param_dtype``.
+  Variables: ``params/alpha`` (shape ``()``, initialized to
+  ``alpha_init_value``), ``params/scale`` (ones) and ``params/bias`` (zeros)
+  of shape ``[x.shape[a] for a in feature_axes]``, all in ``param_dtype``.
+  Example::
+
+    dyt = jaxnorm.linen.DyT()
+    y = dyt.apply(dyt.init(jax.random.key(0), x), x)
 
   Attributes:
-    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
-      for non-LLM models; it suggests smaller values for wide LLMs).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
+    {shared}
 
   Raises:
-    TypeError: the type errors of ``jaxnorm.dyt``.
-    ValueError: the value errors of ``jaxnorm.dyt``.
+    TypeError, ValueError: the errors of ``jaxnorm.dyt``, phrased for the
+      module.
   """
 
   alpha_init_value: float = 0.5
@@ -497,16 +391,10 @@ class DyT(nn.Module):
   @nn.compact
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
-
-    Args:
-      x: floating array, e.g. (batch, seq, d_model).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
-    feat = _axes_tuple(x.ndim, self.feature_axes)
-    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    shape = _param_shape(self, x, self.feature_axes, "feature_axes")
     alpha = self.param("alpha", initializers.constant(self.alpha_init_value),
                        (), self.param_dtype)
     params = [alpha, *_affine(self, shape, self.use_scale, self.use_bias)]
@@ -514,61 +402,27 @@ class DyT(nn.Module):
         xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(_Norm, _Groups):
   """Group normalization, a drop-in for ``flax.linen.GroupNorm``.
 
-  The ``C`` channels (last axis) form ``G`` groups of ``C/G`` consecutive
-  channels; each example's group is normalized over its channels and the
-  other ``reduction_axes`` (default: all axes but the first):
+  {formula}
 
-  .. math::
-     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
-       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c.
+  Variables: ``params/scale``, ``params/bias`` of shape (C,) in
+  ``param_dtype``. Example::
 
-  Calls ``jaxnorm.group_norm``. Variables: ``params/scale``, ``params/bias``
-  of shape (C,).
+    gn = jaxnorm.linen.GroupNorm(num_groups=8)
+    y = gn.apply(gn.init(jax.random.key(0), x), x)
 
   Attributes:
-    num_groups: number of groups (default 32); None when ``group_size`` is
-      given.
-    group_size: channels per group.
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    reduction_axes: axes of the statistics; must include the last axis;
-      None = all axes but the first.
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
-      the *reduced* axes are split (e.g. a sharded hidden axis): the
-      statistics are merged exactly over it (``jaxnorm.group_norm``).
-    axis_index_groups: replica groups within ``axis_name`` (ignored without
-      it, as in flax).
-    use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance centred (around a pilot mean
-      within 4 std of the mean) in at least float32, which is stable on
-      shifted data (flax's default E[x^2]-E[x]^2 is not).
-    force_float32_reductions: accepted; jaxnorm always reduces in at least
-      float32.
+    {shared}
 
   Raises:
-    TypeError: the type errors of ``jaxnorm.group_norm``.
-    ValueError: the value errors of ``jaxnorm.group_norm`` (groups
+    TypeError, ValueError: the errors of ``jaxnorm.group_norm`` (groups
       that do not divide the channels, both or neither of ``num_groups`` and
-      ``group_size``, ``reduction_axes`` without the last axis).
+      ``group_size``, ``reduction_axes`` without the last axis), phrased
+      for the module.
   """
 
-  num_groups: int | None = 32
-  group_size: int | None = None
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   reduction_axes: Axes | None = None
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -579,13 +433,7 @@ class GroupNorm(nn.Module):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies group normalization.
-
-    Args:
-      x: floating array (N, ..., C).
-      mask: optional array broadcastable to ``x``, cast to bool.
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
@@ -596,51 +444,25 @@ class GroupNorm(nn.Module):
         **_named(self)))
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(_Norm):
   """Instance normalization, a drop-in for ``flax.linen.InstanceNorm``.
 
-  Each example (axis 0) and feature is normalized over the remaining axes:
+  {formula}
 
-  .. math::
-     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
-         + \\beta.
+  Variables: ``params/scale``, ``params/bias`` of shape
+  ``[x.shape[a] for a in feature_axes]`` in ``param_dtype``. Example::
 
-  Calls ``jaxnorm.instance_norm``. Variables: ``params/scale``,
-  ``params/bias`` of shape ``[x.shape[a] for a in feature_axes]``.
+    inorm = jaxnorm.linen.InstanceNorm()
+    y = inorm.apply(inorm.init(jax.random.key(0), x), x)
 
   Attributes:
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and parameter dtypes).
-    param_dtype: dtype of the parameters (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    feature_axes: axes kept (default -1); axis 0 is the batch.
-    axis_name: name(s) of a ``vmap``/``pmap``/``shard_map`` axis over which
-      the *reduced* axes are split (e.g. a sharded hidden axis): the
-      statistics are merged exactly over it (``jaxnorm.instance_norm``).
-    axis_index_groups: replica groups within ``axis_name`` (ignored without
-      it, as in flax).
-    use_fast_variance: accepted for compatibility with flax and ignored:
-      jaxnorm always computes the variance centred (around a pilot mean
-      within 4 std of the mean) in at least float32, which is stable on
-      shifted data (flax's default E[x^2]-E[x]^2 is not).
-    force_float32_reductions: accepted; jaxnorm always reduces in at least
-      float32.
+    {shared}
 
   Raises:
-    TypeError: the type errors of ``jaxnorm.instance_norm``.
-    ValueError: the value errors of ``jaxnorm.instance_norm``.
+    TypeError, ValueError: the errors of ``jaxnorm.instance_norm``, phrased
+      for the module; a ``feature_axes`` that includes axis 0.
   """
 
-  epsilon: float = 1e-6
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  use_bias: bool = True
-  use_scale: bool = True
-  bias_init: Initializer = initializers.zeros
-  scale_init: Initializer = initializers.ones
   feature_axes: Axes = -1
   axis_name: Any = None
   axis_index_groups: Any = None
@@ -651,24 +473,21 @@ class InstanceNorm(nn.Module):
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies instance normalization.
-
-    Args:
-      x: floating array (N, ..., C) with at least one spatial axis.
-      mask: optional array broadcastable to ``x``, cast to bool.
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
-    _check_instance_axes("jaxnorm.linen.InstanceNorm", x.ndim,
-                         self.feature_axes)
-    feat = _axes_tuple(x.ndim, self.feature_axes)
-    shape = tuple(x.shape[a] for a in feat if 0 <= a < x.ndim)
+    _check_instance_axes(_who(self), x.ndim, self.feature_axes)
+    shape = _param_shape(self, x, self.feature_axes, "feature_axes")
     params = _affine(self, shape, self.use_scale, self.use_bias)
     return _run(self, x, params, lambda xc, s, b: instance_norm(
         xc, s, b, feature_axes=_as_axes(self.feature_axes),
         epsilon=self.epsilon, mask=_as_mask(mask), allow_single=True,
         **_named(self)))
+
+
+for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
+  _document(_cls, [f.name for f in dataclasses.fields(_cls)])
+del _cls
 
 
 _NOT_BATCH_STATS = (
@@ -805,6 +624,13 @@ class SpectralNorm(nn.Module):
   ``u`` and ``v`` carry no derivative (flax's convention; the formula is in
   :func:`jaxnorm.spectral_norm`).
 
+  Example::
+
+    sn = jaxnorm.linen.SpectralNorm(nn.Dense(8))
+    variables = sn.init(jax.random.key(0), x, update_stats=False)
+    y, updates = sn.apply(variables, x, update_stats=True,
+                          mutable=["batch_stats"])
+
   Attributes:
     layer_instance: the wrapped module (Dense, Conv, DenseGeneral, Embed, a
       nested module, ...).
@@ -892,6 +718,11 @@ class WeightNorm(nn.Module):
   Variables that flax created load unchanged and give the same outputs; the
   derivative is jaxnorm's hand-derived one.
 
+  Example::
+
+    wn = jaxnorm.linen.WeightNorm(nn.Dense(8))
+    y = wn.apply(wn.init(jax.random.key(0), x), x)
+
   Attributes:
     layer_instance: the wrapped module.
     epsilon: added to the squared norm.
@@ -935,17 +766,8 @@ class WeightNorm(nn.Module):
     if self.variable_filter and not any(f in name
                                         for f in self.variable_filter):
       return value
-    axes = self.feature_axes
-    axes = () if axes is None else (
-        tuple(axes) if isinstance(axes, Iterable) else (axes,))
-    feat = tuple(sorted({a + value.ndim if a < 0 else a for a in axes}))
-    for a in feat:
-      if not 0 <= a < value.ndim:
-        raise ValueError(
-            f"jaxnorm.linen.WeightNorm: feature_axes={self.feature_axes!r} "
-            f"is out of range for the variable {name!r} of shape "
-            f"{tuple(value.shape)}. Fix: pass axes of that variable, or "
-            f"narrow variable_filter to the variables they fit.")
+    feat = _weight_axes(f"jaxnorm.linen.WeightNorm (variable {name!r})",
+                        self.feature_axes, value.ndim)
     scale = None
     if self.use_scale:
       scale = self.param(name + "/scale", self.scale_init,

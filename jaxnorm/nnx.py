@@ -33,9 +33,10 @@ which fuses the residual add and returns ``(y, h)``; ``DyT`` is Dynamic Tanh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +51,16 @@ from jaxnorm.batch_norm import batch_renorm_schedule
 from jaxnorm._modules import _RECALIBRATING
 from jaxnorm._modules import _as_axes
 from jaxnorm._modules import _as_mask
-from jaxnorm._modules import _axes_tuple
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
-from jaxnorm._modules import _document_transformer_options
+from jaxnorm._modules import _document
 from jaxnorm._modules import _keeps_count
 from jaxnorm._modules import _named
+from jaxnorm._modules import _param_shape
 from jaxnorm._modules import _run
 from jaxnorm._modules import _scale_init
 from jaxnorm._modules import _transformer_norm
+from jaxnorm._modules import _weight_axes
 from jaxnorm._modules import _who
 from jaxnorm._modules import ones_unless_offset
 from jaxnorm.dynamic_tanh import dyt
@@ -79,9 +81,11 @@ __all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNor
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+_KERNEL = nnx.PathContains("kernel")  # flax's default variable_filter
 
 
 def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
+  """``num_features`` as the parameters' shape (an int or a tuple of them)."""
   shape = (num_features,) if isinstance(num_features, int) else num_features
   if (isinstance(num_features, bool) or not isinstance(shape, tuple)
       or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
@@ -93,17 +97,18 @@ def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
 
 
 def _value(v: Any) -> jax.Array | None:
+  """The array of an ``nnx.Variable``, or None."""
   return None if v is None else v[...]
 
 
 def _check_features(mdl: Any, x: jax.Array, axes: Any,
                     attr: str | None) -> None:
-  """x's features at ``axes`` (the attribute ``attr``) are the layer's
-  ``num_features``."""
-  feat = _axes_tuple(x.ndim, axes)
-  if not all(0 <= a < x.ndim for a in feat):
-    return  # the pure function names the bad axis
-  got = tuple(x.shape[a] for a in feat)
+  """x's features at ``axes`` (the option ``attr``; None: the last axis)
+  are the layer's ``num_features``."""
+  if attr is None and not x.ndim:
+    return  # the pure function names the missing channel axis
+  got = (tuple(x.shape[-1:]) if attr is None
+         else _param_shape(mdl, x, axes, attr))
   want = _feature_shape(type(mdl).__name__, mdl.num_features)
   if got != want:
     where = "the last axis" if attr is None else f"{attr}={axes!r}"
@@ -127,164 +132,95 @@ def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
   return tuple(mdl.promote_dtype(arrays, dtype=mdl.dtype))
 
 
-class _Affine(nnx.Module):
-  """Shared constructor part: ``scale``/``bias`` params and options."""
+# Constructor arguments that are not kept as attributes (as flax).
+_NOT_KEPT = frozenset({"self", "rngs", "scale_init", "bias_init",
+                       "scale_metadata", "bias_metadata"})
 
-  def _init_affine(self, shape, *, use_scale, use_bias, scale_init,
-                   bias_init, param_dtype, rngs, scale_metadata,
-                   bias_metadata):
-    self.scale: nnx.Param[jax.Array] | None
-    if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
-                             **scale_metadata)
-    else:
-      self.scale = nnx.data(None)
-    self.bias: nnx.Param[jax.Array] | None
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype),
-                            **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
+
+class _Affine(nnx.Module):
+  """The constructor part the nnx modules share."""
+
+  def _init_from_args(self, shape: tuple[int, ...], args: dict[str, Any],
+                   not_kept: tuple[str, ...] = ()) -> None:
+    """Makes the Params and keeps the options, as flax does.
+
+    ``args`` is the constructor's ``locals()``: ``scale`` (when the layer
+    has a ``use_scale``) and ``bias`` (when it has a ``use_bias``) become
+    ``nnx.Param`` objects of ``shape`` from ``scale_init``/``bias_init``
+    and ``rngs.params()``, or None when switched off; every other
+    argument of the constructor but ``not_kept`` is kept as the attribute
+    of its name.
+    """
+    cls = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+    names = inspect.signature(cls.__init__).parameters  # jaxnorm's own
+    for name in ("scale", "bias"):
+      if f"use_{name}" not in args:
+        continue
+      value = nnx.data(None)
+      if args[f"use_{name}"]:
+        init = args[f"{name}_init"](args["rngs"].params(), shape,
+                                    args["param_dtype"])
+        value = nnx.Param(init, **args.get(f"{name}_metadata", _EMPTY))
+      setattr(self, name, value)
+    for name in names:
+      if name not in _NOT_KEPT and name not in not_kept:
+        setattr(self, name, args[name])
 
 
 class BatchNorm(_Affine):
   """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
 
-  Training mode (``use_running_average=False``):
-
-  .. math::
-     y = \\gamma \\frac{x - \\mu_B}{\\sqrt{\\sigma^2_B + \\epsilon}} + \\beta,
-     \\quad \\mu_{run} \\leftarrow m \\mu_{run} + (1 - m) \\mu_B, \\quad
-     \\sigma^2_{run} \\leftarrow m \\sigma^2_{run} + (1 - m) \\sigma^2_B
-
-  over all axes but ``axis`` (and across ``axis_name``), :math:`m` =
-  ``momentum``; eval mode uses the running statistics. Calls
-  ``jaxnorm.batch_norm_train`` / ``batch_norm_infer``.
-
-  Research and convention options, as in
-  ``jaxnorm.batch_norm_train``: ``momentum=None`` (cumulative average, as
-  PyTorch), ``running_var="unbiased"`` (as PyTorch), ``debias=True``
-  (zero-debiased EMA, as Haiku), ``virtual_batch_size`` (Ghost BatchNorm),
-  ``renorm=True`` (Batch Renormalization with ``rmax, dmax =
-  renorm_schedule(count)``). ``jaxnorm.nnx.recalibrate_batch_norm``
-  recomputes the statistics of a trained model ("precise BN").
+  {formula}
 
   Variables: ``scale``, ``bias`` (``nnx.Param``, shape ``(num_features,)``,
   ``param_dtype``); ``mean`` (zeros), ``var`` (ones) (``nnx.BatchStat``,
-  float32): exactly flax's state. ``count`` (``nnx.BatchStat``, int32
-  scalar, 0) is added with ``track_count=True`` or an option that needs it
-  (``momentum=None``, ``debias=True``, ``renorm=True``); loading a
-  ``flax.nnx.BatchNorm`` state into such a layer with ``nnx.update`` keeps
-  ``count``'s value: set it when loading statistics for those options. A
-  training batch of one outputs ``bias`` (flax's result); complex input is
-  normalized as flax does.
+  float32): flax's state. ``count`` (``nnx.BatchStat``, int32 scalar, 0)
+  is added with ``track_count=True`` or an option that needs it
+  (``momentum=None``, ``debias=True``, ``renorm=True``). Example::
+
+    bn = jaxnorm.nnx.BatchNorm(16, rngs=nnx.Rngs(0))
+    y = bn(x)  # training mode: updates bn.mean, bn.var
 
   Args:
     num_features: size of the feature axis (or a tuple for several axes).
     use_running_average: default mode (False = training); overridden by the
       call argument, ``model.train()``/``model.eval()`` or ``nnx.view``.
-    axis: feature axis or axes (default -1).
-    momentum: weight of the old running value, in [0, 1] (default 0.99),
-      or None for the cumulative moving average (PyTorch's momentum=None).
-    epsilon: added to the variance (default 1e-5).
     dtype: output dtype (default: promotion of input, params and stats).
-    param_dtype: dtype of ``scale``/``bias`` (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    axis_name: name(s) of a mapped axis for global-batch statistics
-      (count-weighted exact merge).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted for compatibility and ignored: jaxnorm always
-      uses the stable centred variance in at least float32.
     promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
       to ``(x, mean, var, scale, bias)`` before normalizing (None: flax's
-      default promotion); the running statistics are updated in their own
-      dtype.
-    rngs: ``nnx.Rngs`` for the parameter initializers.
-    bias_metadata: metadata of the ``bias`` Param.
-    scale_metadata: metadata of the ``scale`` Param.
-    track_count: keep a ``count`` BatchStat even when no option needs it
-      (default False: flax's state).
-    running_var: ``"biased"`` (default) or ``"unbiased"`` (PyTorch's
-      :math:`\\frac{n}{n-1}\\sigma^2_B` in the running variance).
-    debias: zero-debiased EMA (as Haiku): correct from the first update.
-    virtual_batch_size: Ghost BatchNorm virtual batch size (a divisor of
-      the batch size) or None.
-    renorm: Batch Renormalization in training mode (Ioffe, 2017).
-    renorm_schedule: ``count -> (rmax, dmax)`` for ``renorm=True`` (default
-      the paper's ``jaxnorm.batch_norm.batch_renorm_schedule``).
-    skip_nonfinite: keep the running mean and variance of a feature whose
-      batch statistics are not finite (a NaN or inf in the batch) instead
-      of letting them become NaN for good; the flags of the features kept
-      of the last training call are in the ``nnx.Intermediate``
-      ``nonfinite_skipped`` (a bool array of the feature shape; None without
-      this option). Default False: as flax, one bad batch poisons its
-      features.
+      default promotion); the running statistics keep their own dtype.
+    skip_nonfinite: keep the running statistics of a feature whose batch
+      statistics are not finite; the flags of the features kept in the
+      last training call are in the ``nnx.Intermediate``
+      ``nonfinite_skipped`` (None without this option). Default False: as
+      flax, one bad batch poisons its features.
+    {shared}
 
   Raises:
     TypeError: ``num_features`` is not a positive int or tuple of them.
   """
 
   def __init__(
-      self,
-      num_features: int | tuple[int, ...],
-      *,
+      self, num_features: int | tuple[int, ...], *,
       use_running_average: bool | None = False,
-      axis: int | tuple[int, ...] = -1,
-      momentum: float | None = 0.99,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      use_bias: bool = True,
-      use_scale: bool = True,
-      bias_init: Initializer = _zeros,
-      scale_init: Initializer = _ones,
-      axis_name: Any = None,
-      axis_index_groups: Any = None,
-      use_fast_variance: bool = True,
-      promote_dtype: Any = None,
-      rngs: nnx.Rngs,
+      axis: int | tuple[int, ...] = -1, momentum: float | None = 0.99,
+      epsilon: float = 1e-5, dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32, use_bias: bool = True,
+      use_scale: bool = True, bias_init: Initializer = _zeros,
+      scale_init: Initializer = _ones, axis_name: Any = None,
+      axis_index_groups: Any = None, use_fast_variance: bool = True,
+      promote_dtype: Any = None, rngs: nnx.Rngs,
       bias_metadata: Mapping[str, Any] = _EMPTY,
-      scale_metadata: Mapping[str, Any] = _EMPTY,
-      track_count: bool = False,
-      running_var: str = "biased",
-      debias: bool = False,
-      virtual_batch_size: int | None = None,
-      renorm: bool = False,
+      scale_metadata: Mapping[str, Any] = _EMPTY, track_count: bool = False,
+      running_var: str = "biased", debias: bool = False,
+      virtual_batch_size: int | None = None, renorm: bool = False,
       renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
           batch_renorm_schedule),
-      skip_nonfinite: bool = False,
-  ):
+      skip_nonfinite: bool = False):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
-                      scale_init=scale_init, bias_init=bias_init,
-                      param_dtype=param_dtype, rngs=rngs,
-                      scale_metadata=scale_metadata,
-                      bias_metadata=bias_metadata)
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.track_count = track_count
-    self.running_var = running_var
-    self.debias = debias
-    self.virtual_batch_size = virtual_batch_size
-    self.renorm = renorm
-    self.renorm_schedule = renorm_schedule
-    self.skip_nonfinite = skip_nonfinite
+    self._init_from_args(shape, locals())
     self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
     self.nonfinite_skipped = (nnx.Intermediate(jnp.zeros(shape, jnp.bool_))
                               if skip_nonfinite else nnx.data(None))
@@ -292,13 +228,8 @@ class BatchNorm(_Affine):
     self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32))
                   if _keeps_count(self) else nnx.data(None))
 
-  def __call__(
-      self,
-      x: ArrayLike,
-      use_running_average: bool | None = None,
-      *,
-      mask: ArrayLike | None = None,
-  ) -> jax.Array:
+  def __call__(self, x: ArrayLike, use_running_average: bool | None = None,
+               *, mask: ArrayLike | None = None) -> jax.Array:
     """Normalizes ``x``; in training mode also updates the BatchStats.
 
     Args:
@@ -357,59 +288,19 @@ class BatchNorm(_Affine):
       self.use_running_average = use_running_average
 
 
-def _common_attrs(self, num_features, epsilon, dtype, param_dtype,
-                  axis_name, axis_index_groups, use_fast_variance,
-                  promote_dtype):
-  self.num_features = num_features
-  self.epsilon = epsilon
-  self.dtype = dtype
-  self.param_dtype = param_dtype
-  self.axis_name = axis_name
-  self.axis_index_groups = axis_index_groups
-  self.use_fast_variance = use_fast_variance
-  self.promote_dtype = promote_dtype
-
-
-def _transformer_attrs(self, scale_offset, cast_before_scale,
-                       residual_dtype):
-  self.scale_offset = scale_offset
-  self.cast_before_scale = cast_before_scale
-  self.residual_dtype = residual_dtype
-
-
 class LayerNorm(_Affine):
   """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}
-       + \\beta
+  {formula}
 
-  over ``reduction_axes`` (centred, at least float32), with :math:`o` =
-  ``scale_offset`` (default 0); calls ``jaxnorm.layer_norm``, or
-  ``jaxnorm.add_layer_norm`` when called with ``residual=``. Params
-  ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple given).
+  Params ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple
+  given) in ``param_dtype``. Example::
+
+    y = jaxnorm.nnx.LayerNorm(512, rngs=nnx.Rngs(0))(x)
 
   Args:
     num_features: size of the feature axis (or a tuple for several).
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and params).
-    param_dtype: dtype of the params (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the statistics (default -1).
-    feature_axes: axes the params vary along (default -1).
-    axis_name: name(s) of a mapped axis over which the reduced axes are
-      split; statistics merged exactly over it (``jaxnorm.layer_norm``).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
-      to the input and parameters (None: flax's default promotion).
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata of the ``bias`` Param.
-    scale_metadata: metadata of the ``scale`` Param.{options}
+    {shared}
 
   Raises:
     TypeError: bad ``num_features`` or ``scale_offset``.
@@ -430,26 +321,15 @@ class LayerNorm(_Affine):
                scale_offset: float = 0.0, cast_before_scale: bool = False,
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("LayerNorm", num_features)
-    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
-                      scale_init=_scale_init("jaxnorm.nnx.LayerNorm",
-                                             scale_init, scale_offset),
-                      bias_init=bias_init,
-                      param_dtype=param_dtype, rngs=rngs,
-                      scale_metadata=scale_metadata,
-                      bias_metadata=bias_metadata)
-    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
-                  axis_index_groups, use_fast_variance, promote_dtype)
-    _transformer_attrs(self, scale_offset, cast_before_scale, residual_dtype)
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
+    scale_init = _scale_init("jaxnorm.nnx.LayerNorm", scale_init, scale_offset)
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale, bias = _promote(self, x, _value(self.scale),
@@ -463,32 +343,16 @@ class LayerNorm(_Affine):
 class RMSNorm(_Affine):
   """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
 
-  .. math::
-     y = (\\gamma + o) \\frac{x}{\\sqrt{\\frac{1}{H}\\sum_{j \\in R} x_j^2
-         + \\epsilon}}
+  {formula}
 
-  over ``reduction_axes`` :math:`R`, with :math:`o` = ``scale_offset``
-  (default 0); calls ``jaxnorm.rms_norm``, or ``jaxnorm.add_rms_norm`` when
-  called with ``residual=``. Param ``scale`` of shape ``(num_features,)``.
+  Param ``scale`` of shape ``(num_features,)`` (or the tuple given) in
+  ``param_dtype``. Example::
+
+    y = jaxnorm.nnx.RMSNorm(512, scale_offset=1.0, rngs=nnx.Rngs(0))(x)
 
   Args:
     num_features: size of the feature axis (or a tuple).
-    epsilon: added to the mean square (default 1e-6).
-    dtype: output dtype (default: promotion of input and ``scale``).
-    param_dtype: dtype of ``scale`` (default float32).
-    use_scale: multiply by ``scale``.
-    scale_init: initializer of ``scale`` (ones; zeros with a nonzero
-      ``scale_offset``).
-    reduction_axes: axes of the mean square (default -1).
-    feature_axes: axes ``scale`` varies along (default -1).
-    axis_name: name(s) of a mapped axis over which the reduced axes are
-      split; statistics merged exactly over it (``jaxnorm.rms_norm``).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted; no variance is computed.
-    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
-      to the input and parameters (None: flax's default promotion).
-    rngs: ``nnx.Rngs`` for the initializer.
-    scale_metadata: metadata of the ``scale`` Param.{options}
+    {shared}
 
   Raises:
     TypeError: bad ``num_features`` or ``scale_offset``.
@@ -508,24 +372,14 @@ class RMSNorm(_Affine):
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("RMSNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
-    self.scale: nnx.Param[jax.Array] | None
-    if use_scale:
-      self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype),
-                             **scale_metadata)
-    else:
-      self.scale = nnx.data(None)
-    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
-                  axis_index_groups, use_fast_variance, promote_dtype)
-    _transformer_attrs(self, scale_offset, cast_before_scale, residual_dtype)
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, mask: ArrayLike | None = None, *,
                residual: ArrayLike | None = None
                ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
-{call}"""
+    {call}
+    """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale = _promote(self, x, _value(self.scale))
@@ -535,34 +389,20 @@ class RMSNorm(_Affine):
         feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
 
 
-for _cls, _fused in ((LayerNorm, "add_layer_norm"), (RMSNorm, "add_rms_norm")):
-  _document_transformer_options(_cls, _fused)
-del _cls, _fused
-
-
 class DyT(_Affine):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
-  .. math::
-     y = \\gamma \\tanh(\\alpha x) + \\beta
+  {formula}
 
-  elementwise (``jaxnorm.dyt``: computed in at least float32, hand-derived
-  derivative). Params: ``alpha`` (a scalar, shape ``()``, initialized to
-  ``alpha_init_value``), ``scale`` (ones) and ``bias`` (zeros) of shape
-  ``(num_features,)`` (or the tuple given), all in ``param_dtype``.
+  Params: ``alpha`` (shape ``()``, initialized to ``alpha_init_value``),
+  ``scale`` (ones) and ``bias`` (zeros) of shape ``(num_features,)`` (or the
+  tuple given), all in ``param_dtype``. Example::
+
+    y = jaxnorm.nnx.DyT(512, rngs=nnx.Rngs(0))(x)
 
   Args:
     num_features: size of the feature axis (or a tuple for several).
-    alpha_init_value: initial :math:`\\alpha` (default 0.5, the paper's
-      for non-LLM models; it suggests smaller values for wide LLMs).
-    dtype: output dtype (default: promotion of input and params).
-    param_dtype: dtype of the params (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
-    rngs: ``nnx.Rngs`` for the initializers.
+    {shared}
 
   Raises:
     TypeError: bad ``num_features``.
@@ -576,26 +416,11 @@ class DyT(_Affine):
                rngs: nnx.Rngs):
     shape = _feature_shape("DyT", num_features)
     self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
-    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
-                      scale_init=scale_init, bias_init=bias_init,
-                      param_dtype=param_dtype, rngs=rngs,
-                      scale_metadata=_EMPTY, bias_metadata=_EMPTY)
-    self.num_features = num_features
-    self.alpha_init_value = alpha_init_value
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
-
-    Args:
-      x: floating array, e.g. (batch, seq, num_features).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
@@ -604,38 +429,42 @@ class DyT(_Affine):
         xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
 
 
+def _groups(num_features: int, num_groups: int | None,
+            group_size: int | None) -> tuple[int, int]:
+  """(channels, groups), with flax's constructor checks in flax's words."""
+  (c,) = _feature_shape("GroupNorm", num_features)
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        f"jaxnorm.nnx.GroupNorm: exactly one of `num_groups` and "
+        f"`group_size` must be set; got num_groups={num_groups!r}, "
+        f"group_size={group_size!r}. num_groups defaults to 32: pass "
+        f"num_groups=None with group_size.")
+  if group_size is not None:
+    if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
+      raise ValueError(
+          f"jaxnorm.nnx.GroupNorm: group_size={group_size!r} must be a "
+          f"positive divisor of num_features={c}.")
+    return c, c // group_size
+  if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
+    raise ValueError(
+        f"jaxnorm.nnx.GroupNorm: num_groups={num_groups!r} must be a "
+        f"positive divisor of num_features={c}.")
+  return c, num_groups
+
+
 class GroupNorm(_Affine):
   """Group normalization, a drop-in for ``flax.nnx.GroupNorm``.
 
-  .. math::
-     y_{n,\\ldots,c} = \\gamma_c \\frac{x_{n,\\ldots,c} - \\mu_{n,g(c)}}
-       {\\sqrt{\\sigma^2_{n,g(c)} + \\epsilon}} + \\beta_c
+  {formula}
 
-  with ``num_groups`` groups of consecutive channels (last axis) reduced
-  with ``reduction_axes`` (default all but the batch axis 0); calls
-  ``jaxnorm.group_norm``.
+  Params ``scale``/``bias`` of shape ``(num_features,)`` in
+  ``param_dtype``. Example::
+
+    y = jaxnorm.nnx.GroupNorm(64, num_groups=8, rngs=nnx.Rngs(0))(x)
 
   Args:
     num_features: number of channels ``C``.
-    num_groups: number of groups (default 32); None with ``group_size``.
-    group_size: channels per group.
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and params).
-    param_dtype: dtype of the params (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    reduction_axes: statistics axes incl. the last; None = all but axis 0.
-    axis_name: name(s) of a mapped axis over which the reduced axes are
-      split; statistics merged exactly over it (``jaxnorm.group_norm``).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
-      to the input and parameters (None: flax's default promotion).
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata of the ``bias`` Param.
-    scale_metadata: metadata of the ``scale`` Param.
+    {shared}
 
   Raises:
     ValueError: both or neither of ``num_groups``/``group_size`` set, or a
@@ -655,48 +484,17 @@ class GroupNorm(_Affine):
                promote_dtype: Any = None, rngs: nnx.Rngs,
                bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
-    (c,) = _feature_shape("GroupNorm", num_features)
-    if (num_groups is None) == (group_size is None):
-      raise ValueError(
-          f"jaxnorm.nnx.GroupNorm: exactly one of `num_groups` and "
-          f"`group_size` must be set; got num_groups={num_groups!r}, "
-          f"group_size={group_size!r}. num_groups defaults to 32: pass "
-          f"num_groups=None with group_size.")
-    g = num_groups if group_size is None else None
-    if group_size is not None:
-      if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
-        raise ValueError(
-            f"jaxnorm.nnx.GroupNorm: group_size={group_size!r} must be a "
-            f"positive divisor of num_features={c}.")
-      g = c // group_size
-    elif not isinstance(g, int) or g <= 0 or c % g:
-      raise ValueError(
-          f"jaxnorm.nnx.GroupNorm: num_groups={num_groups!r} must be a "
-          f"positive divisor of num_features={c}.")
+    c, g = _groups(num_features, num_groups, group_size)
     self.feature_axis = -1
     self.num_groups = g
     self.group_size = c // g
-    self._init_affine((c,), use_scale=use_scale, use_bias=use_bias,
-                      scale_init=scale_init, bias_init=bias_init,
-                      param_dtype=param_dtype, rngs=rngs,
-                      scale_metadata=scale_metadata,
-                      bias_metadata=bias_metadata)
-    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
-                  axis_index_groups, use_fast_variance, promote_dtype)
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
+    self._init_from_args((c,), locals(),
+                      not_kept=("num_groups", "group_size"))
 
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies group normalization.
-
-    Args:
-      x: floating array (N, ..., num_features).
-      mask: optional array broadcastable to ``x`` (cast to bool).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     red = (None if self.reduction_axes is None
            else _as_axes(self.reduction_axes))
@@ -714,32 +512,16 @@ class GroupNorm(_Affine):
 class InstanceNorm(_Affine):
   """Instance normalization, a drop-in for ``flax.nnx.InstanceNorm``.
 
-  .. math::
-     y = \\gamma \\frac{x - \\mu_{n,c}}{\\sqrt{\\sigma^2_{n,c} + \\epsilon}}
-         + \\beta
+  {formula}
 
-  with statistics per example (axis 0) and feature over the other axes;
-  calls ``jaxnorm.instance_norm``.
+  Params ``scale``/``bias`` of shape ``(num_features,)`` (or the tuple
+  given) in ``param_dtype``. Example::
+
+    y = jaxnorm.nnx.InstanceNorm(64, rngs=nnx.Rngs(0))(x)
 
   Args:
     num_features: size of the feature axis (or a tuple).
-    epsilon: added to the variance (default 1e-6).
-    dtype: output dtype (default: promotion of input and params).
-    param_dtype: dtype of the params (default float32).
-    use_bias: add ``bias``.
-    use_scale: multiply by ``scale``.
-    bias_init: initializer of ``bias`` (zeros).
-    scale_init: initializer of ``scale`` (ones).
-    feature_axes: feature axes (default -1); axis 0 is the batch.
-    axis_name: name(s) of a mapped axis over which the reduced axes are
-      split; statistics merged exactly over it (``jaxnorm.instance_norm``).
-    axis_index_groups: replica groups within ``axis_name``.
-    use_fast_variance: accepted and ignored (jaxnorm is always stable).
-    promote_dtype: as flax: a function ``(arrays, dtype=) -> arrays`` applied
-      to the input and parameters (None: flax's default promotion).
-    rngs: ``nnx.Rngs`` for the initializers.
-    bias_metadata: metadata of the ``bias`` Param.
-    scale_metadata: metadata of the ``scale`` Param.
+    {shared}
 
   Raises:
     TypeError: bad ``num_features``.
@@ -755,32 +537,15 @@ class InstanceNorm(_Affine):
                rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
     shape = _feature_shape("InstanceNorm", num_features)
-    self._init_affine(shape, use_scale=use_scale, use_bias=use_bias,
-                      scale_init=scale_init, bias_init=bias_init,
-                      param_dtype=param_dtype, rngs=rngs,
-                      scale_metadata=scale_metadata,
-                      bias_metadata=bias_metadata)
-    _common_attrs(self, num_features, epsilon, dtype, param_dtype, axis_name,
-                  axis_index_groups, use_fast_variance, promote_dtype)
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
+    self._init_from_args(shape, locals())
 
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
     """Applies instance normalization.
-
-    Args:
-      x: floating array (N, ..., num_features) with a spatial axis.
-      mask: optional array broadcastable to ``x`` (cast to bool).
-
-    Returns:
-      Array of ``x``'s shape in the output dtype.
+    {call}
     """
     x = jnp.asarray(x)
-    _check_instance_axes(
-        f"jaxnorm.nnx.InstanceNorm(num_features={self.num_features!r})",
-        x.ndim, self.feature_axes)
+    _check_instance_axes(_who(self), x.ndim, self.feature_axes)
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale, bias = _promote(self, x, _value(self.scale),
                               _value(self.bias))
@@ -789,6 +554,11 @@ class InstanceNorm(_Affine):
                     xc, s, b, feature_axes=_as_axes(self.feature_axes),
                     epsilon=self.epsilon, mask=_as_mask(mask),
                     allow_single=True, **_named(self)))
+
+
+for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
+  _document(_cls, inspect.signature(_cls.__init__).parameters)
+del _cls
 
 
 def recalibrate_batch_norm(
@@ -882,6 +652,11 @@ class SpectralNorm(nnx.Module):
   higher-rank kernels flattened; scalars and vectors unchanged) into the
   wrapped layer's ``nnx.Param`` before calling it. ``u`` and ``v`` carry no
   derivative (the formula is in :func:`jaxnorm.spectral_norm`).
+
+  Example::
+
+    rngs = nnx.Rngs(0)
+    y = jaxnorm.nnx.SpectralNorm(nnx.Linear(4, 8, rngs=rngs), rngs=rngs)(x)
 
   Args:
     layer_instance: the wrapped module.
@@ -989,9 +764,13 @@ class WeightNorm(nnx.Module):
   (:math:`R` the axes not in ``feature_axes``) into the selected variables
   of the wrapped layer before calling it. The scales :math:`g` are
   ``nnx.Param`` objects, so ``nnx.grad`` and ``nnx.Optimizer(wrt=nnx.Param)``
-  train them, as in flax >= 0.12.9 and the paper; flax 0.12.8 kept them as
-  plain arrays that no optimizer updated (the one deviation from that
-  version).
+  train them, as in flax >= 0.12.9 (flax 0.12.8 keeps plain arrays:
+  ``docs/guides/flax-conformance.md``).
+
+  Example::
+
+    rngs = nnx.Rngs(0)
+    y = jaxnorm.nnx.WeightNorm(nnx.Linear(4, 8, rngs=rngs), rngs=rngs)(x)
 
   Args:
     layer_instance: the wrapped module.
@@ -1019,7 +798,7 @@ class WeightNorm(nnx.Module):
       epsilon: float = 1e-12,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
-      variable_filter: Any = nnx.PathContains("kernel"),
+      variable_filter: Any = _KERNEL,
       promote_dtype: Any = nnx_dtypes.promote_dtype,
       rngs: nnx.Rngs,
   ):
@@ -1042,16 +821,8 @@ class WeightNorm(nnx.Module):
           if self.variable_filter(path, param)})
 
   def _axes(self, path, ndim: int) -> tuple[int, ...]:
-    axes = self.feature_axes
-    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-    feat = tuple(sorted({a + ndim if a < 0 else a for a in axes}))
-    if any(not 0 <= a < ndim for a in feat):
-      raise ValueError(
-          f"jaxnorm.nnx.WeightNorm: feature_axes={self.feature_axes!r} is "
-          f"out of range for the parameter {'/'.join(map(str, path))} with "
-          f"{ndim} dimensions. Fix: pass axes of that parameter, or narrow "
-          f"variable_filter.")
-    return feat
+    return _weight_axes(f"jaxnorm.nnx.WeightNorm (parameter "
+                        f"{'/'.join(map(str, path))})", self.feature_axes, ndim)
 
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Normalizes the selected weights in place, then calls the layer.
