@@ -135,13 +135,14 @@ def concrete_value(a: Any) -> float | None:
 
 def canonicalize_axes(
     fn: str, name: str, axes: int | Sequence[int] | None, ndim: int, *,
-    empty_ok: bool = False
+    empty_ok: bool = False, repeats_ok: bool = False
 ) -> tuple[int, ...]:
   """Turns ``axes`` into a sorted tuple of non-negative axis indices.
 
   The one axes helper: an int or a sequence of ints, each in
   ``[-ndim, ndim)``, none repeated. With ``empty_ok``, ``None`` and ``()``
-  mean no axis and give ``()``.
+  mean no axis and give ``()``; with ``repeats_ok`` an axis named twice
+  counts once (flax's modules merge repeated axes).
 
   Raises:
     TypeError: if an axis is not an integer.
@@ -177,12 +178,12 @@ def canonicalize_axes(
           f"{ndim} dimensions: each axis must be in [{-ndim}, {ndim - 1}]."
       )
     out.append(int(a) % ndim)
-  if len(set(out)) != len(out):
+  if len(set(out)) != len(out) and not repeats_ok:
     raise ValueError(
         f"{fn}: `{name}`={axes!r} names the same axis more than once "
         f"(canonical form {tuple(out)}). Fix: list each axis once."
     )
-  return tuple(sorted(out))
+  return tuple(sorted(set(out)))
 
 
 def check_epsilon(fn: str, epsilon: Any, *, added_to: str = "the variance",

@@ -458,7 +458,8 @@ def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
                             epsilon=epsilon).astype(x.dtype)
 
   y = part(jnp.real) + 1j * part(jnp.imag)
-  feat = _checks.canonicalize_axes("batch_norm_infer", "axis", axis, x.ndim)
+  feat = _checks.canonicalize_axes(_checks.caller("batch_norm_infer"), "axis",
+                                   axis, x.ndim)
   bshape = tuple(d if i in feat else 1 for i, d in enumerate(x.shape))
   if scale is not None:
     y = y * scale.astype(x.dtype).reshape(bshape)
@@ -519,16 +520,23 @@ def _param_shape(mdl: Any, x: jax.Array, axes: Axes, name: str
   shape.
 
   Raises:
-    TypeError, ValueError: ``axes`` that are not distinct axes of ``x``
-      (``_checks.canonicalize_axes``, phrased for the module).
+    TypeError, ValueError: ``axes`` that are not axes of ``x``
+      (``_flax_axes``).
   """
-  feat = _checks.canonicalize_axes(_who(mdl), name, axes, x.ndim)
-  return tuple(x.shape[a] for a in feat)
+  return tuple(x.shape[a] for a in _flax_axes(_who(mdl), name, axes, x.ndim))
+
+
+def _flax_axes(who: str, name: str, axes: Axes, ndim: int
+               ) -> tuple[int, ...]:
+  """``axes`` (an int or any iterable, as flax takes them) as sorted
+  non-negative axes, a repeated axis counted once as flax does."""
+  return _checks.canonicalize_axes(who, name, _as_axes(axes), ndim,
+                                   repeats_ok=True)
 
 
 def _check_instance_axes(who: str, ndim: int, feature_axes: Axes) -> None:
   """InstanceNorm's batch axis 0 cannot be a feature axis (flax's words)."""
-  if 0 in _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim):
+  if 0 in _flax_axes(who, "feature_axes", feature_axes, ndim):
     raise ValueError(
         f"{who}: The channel axes cannot include the leading dimension as "
         f"this is assumed to be the batch axis; got feature_axes="
@@ -542,7 +550,7 @@ def _weight_axes(who: str, feature_axes: Axes | None, ndim: int
   if feature_axes is None or (not isinstance(feature_axes, int)
                               and not tuple(feature_axes)):
     return ()
-  return _checks.canonicalize_axes(who, "feature_axes", feature_axes, ndim)
+  return _flax_axes(who, "feature_axes", feature_axes, ndim)
 
 
 def _named(mdl: Any) -> dict[str, Any]:
