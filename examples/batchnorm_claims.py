@@ -1,13 +1,13 @@
-"""Measure the seed's three claims about BatchNorm on real images.
+"""Measure three common claims about BatchNorm on real images.
 
-The seed documents claim that BatchNorm (1) allows higher learning rates,
-(2) reduces the dependence on initialization and (3) stabilizes the
+BatchNorm is said to (1) allow higher learning rates,
+(2) reduce the dependence on initialization and (3) stabilize the
 distribution of layer inputs ("internal covariate shift"). Each experiment
 trains with and without BatchNorm (``jaxnorm.linen.BatchNorm``) on the same
 data, in the same order, from the same seed, and plots the curves on shared
 axes:
 
-1. ``claim1_learning_rate.png``: the seed's CNN with Adam at the seed's lr
+1. ``claim1_learning_rate.png``: the example CNN with Adam at its default lr
    (1e-3) and at 10x and 30x it.
 2. ``claim2_initialization.png``: the CNN at lr 1e-3 with every kernel's
    initial standard deviation multiplied by 0.1 / 1 / 10 (and more with
@@ -49,7 +49,7 @@ PERCENTILES = (15, 50, 85)
 
 
 # ----------------------------------------------------------------------------
-# Experiments 1 and 2: the seed's CNN.
+# Experiments 1 and 2: the example CNN.
 
 
 def _silent(_: str) -> None:
@@ -363,7 +363,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  "(default: all)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the initialization and data order")
-  p.add_argument("--lr", type=float, default=1e-3, help="the seed's Adam lr")
+  p.add_argument("--lr", type=float, default=1e-3, help="Adam's lr (the example CNN's default)")
   p.add_argument("--lr-multipliers", type=float, nargs="+", default=[1, 10, 30])
   p.add_argument("--init-scales", type=float, nargs="+", default=[0.1, 1, 10])
   p.add_argument("--cnn-steps", type=int, default=150)
@@ -432,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for bn in (True, False)]
     summary["claim1_learning_rate"] = runs
     plot_grid(os.path.join(args.out, "claim1_learning_rate.png"), runs, "lr", "Adam lr",
-              f"Claim 1: higher learning rates. Seed CNN on {args.dataset}, "
+              f"Claim 1: higher learning rates. Example CNN on {args.dataset}, "
               f"batch {args.batch_size}, {args.cnn_steps} steps")
     md.append(markdown_table("Claim 1: learning rate (CNN, Adam)", runs, ["lr"]))
   if 2 in args.experiments:
@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["claim2_initialization"] = runs
     plot_grid(os.path.join(args.out, "claim2_initialization.png"), runs,
               "init_scale", "init std x",
-              f"Claim 2: badly scaled init. Seed CNN on {args.dataset}, Adam lr "
+              f"Claim 2: badly scaled init. Example CNN on {args.dataset}, Adam lr "
               f"{args.lr:g}, {args.cnn_steps} steps")
     md.append(markdown_table("Claim 2: initialization scale (CNN, Adam lr "
                              f"{args.lr:g})", runs, ["init_scale"]))

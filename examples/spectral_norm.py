@@ -1,6 +1,6 @@
-"""Spectral normalization of the seed's CNN: per-layer sigmas and a Lipschitz bound.
+"""Spectral normalization of the example CNN: per-layer sigmas and a Lipschitz bound.
 
-Trains the seed's CNN (conv 32, conv 64, dense 128, dense 10, without
+Trains the example CNN (conv 32, conv 64, dense 128, dense 10, without
 BatchNorm; Adam, lr 1e-3) on mnist5k twice, once plain and once with every
 Conv/Dense kernel wrapped in ``jaxnorm.linen.SpectralNorm`` (one power
 iteration per training step, flax's drop-in), and records over training
@@ -66,7 +66,7 @@ LAYERS = (("Conv_0", (3, 3), (28, 28, 1)), ("Conv_1", (3, 3), (14, 14, 32)),
 
 
 class CNN(nn.Module):
-  """The seed's CNN without BatchNorm, channels-last, optionally spectrally
+  """The example CNN without BatchNorm, channels-last, optionally spectrally
   normalized: ``conv3x3(32) -> relu -> maxpool2 -> conv3x3(64) -> relu ->
   maxpool2 -> dense(128) -> relu -> dense(10)``.
 

@@ -25,18 +25,12 @@ from jaxnorm.weight_norm import weight_norm as weight_norm
 from jaxnorm.weight_norm import weight_norm_from_torch as weight_norm_from_torch
 from jaxnorm.weight_norm import weight_norm_to_torch as weight_norm_to_torch
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
-from jaxnorm.pytorch import jaxnorm_momentum_to_torch as jaxnorm_momentum_to_torch
 from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
-from jaxnorm.pytorch import torch_momentum_to_jaxnorm as torch_momentum_to_jaxnorm
 
-# Submodules: Flax modules (linen, nnx), PyTorch state dicts (pytorch),
-# BatchNorm folding (folding), statistics recalibration (recalibration), and
-# interop, which re-exports the last three. Equinox modules (equinox) are
-# imported on first use (__getattr__ below).
-from jaxnorm import folding as folding
-from jaxnorm import interop as interop
+# Submodules: Flax modules (linen, nnx) and PyTorch state dicts and
+# conventions (pytorch). Equinox modules (equinox) are imported on first use
+# (__getattr__ below).
 from jaxnorm import pytorch as pytorch
-from jaxnorm import recalibration as recalibration
 from jaxnorm import linen as linen
 from jaxnorm import nnx as nnx
 
@@ -68,13 +62,11 @@ __all__ = [
     "fold_batch_norm",
     "group_norm",
     "instance_norm",
-    "jaxnorm_momentum_to_torch",
     "layer_norm",
     "recalibrate_batch_norm",
     "rms_norm",
     "spectral_norm",
     "spectral_norm_init",
-    "torch_momentum_to_jaxnorm",
     "weight_norm",
     "weight_norm_from_torch",
     "weight_norm_to_torch",

@@ -14,8 +14,6 @@ from jaxnorm import _checks
 from jaxnorm import _stats
 from jaxnorm.batch_norm import BatchNormState
 
-__all__ = ["fold_batch_norm"]
-
 
 def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
   """(mean, var, count or None) of a BatchNormState or flax batch_stats."""
@@ -27,7 +25,6 @@ def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
       f"{fn}: `state` must be a jaxnorm.BatchNormState or a flax batch_stats "
       f"mapping with 'mean' and 'var'; got {type(state).__name__}."
   )
-
 
 
 def _concrete(a: jax.Array) -> np.ndarray | None:

@@ -26,8 +26,9 @@ Conventions bridged (PyTorch -> jaxnorm / flax):
   reordered from PyTorch's NCHW flatten order to the NHWC one when the
   layer follows a flattened feature map (``flatten_chw``).
 
-BatchNorm folding lives in :mod:`jaxnorm.folding`, statistics recalibration
-in :mod:`jaxnorm.recalibration`; :mod:`jaxnorm.interop` re-exports all three.
+BatchNorm folding (:func:`jaxnorm.fold_batch_norm`) and statistics
+recalibration (:func:`jaxnorm.recalibrate_batch_norm`) are in the package's
+top level.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.folding import _state_fields
 
 __all__ = [
-    "SEED_CNN_LAYERS",
+    "EXAMPLE_CNN_LAYERS",
     "TorchLayer",
     "batch_norm_from_torch",
     "batch_norm_to_torch",
@@ -981,12 +982,12 @@ class TorchLayer:
       object.__setattr__(self, "flatten_chw", tuple(self.flatten_chw))
 
 
-#: The seed CNN of the project's seed documents, with its first Linear
-#: fixed to its real input size 64*7*7 (two 2x2 poolings of 28x28):
+#: The example CNN (examples/train_cnn.py); its first Linear takes
+#: 64*7*7 inputs (two 2x2 poolings of 28x28):
 #: conv1 (1->32, 3x3, pad 1) - bn1 - relu - maxpool 2 - conv2 (32->64) -
 #: bn2 - relu - maxpool 2 - flatten - fc1 (3136->128) - bn_fc1 - relu -
 #: fc2 (128->10).
-SEED_CNN_LAYERS: dict[str, TorchLayer] = {
+EXAMPLE_CNN_LAYERS: dict[str, TorchLayer] = {
     "conv1": TorchLayer("conv"),
     "bn1": TorchLayer("batch_norm"),
     "conv2": TorchLayer("conv"),
@@ -1057,7 +1058,7 @@ def from_torch(
   Args:
     state_dict: ``model.state_dict()`` (tensors or arrays).
     layers: module name -> ``TorchLayer`` or kind string; e.g.
-      :data:`SEED_CNN_LAYERS`. Nested names (``"block.0.conv"``) are used as
+      :data:`EXAMPLE_CNN_LAYERS`. Nested names (``"block.0.conv"``) are used as
       flat keys.
     running_var: ``"copy"`` or ``"convert"``, for every BatchNorm layer (see
       :func:`batch_norm_from_torch`).

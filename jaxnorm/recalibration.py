@@ -12,8 +12,6 @@ import numpy as np
 from jaxnorm import _checks
 from jaxnorm.batch_norm import BatchNormState
 
-__all__ = ["recalibrate_batch_norm"]
-
 
 class NotBatchStatisticsError(ValueError):
   """``stats_fn``'s state depends on the running statistics passed in.

@@ -334,7 +334,7 @@ def weight_norm_from_torch(
   which is ``weight_norm(v, scale, feature_axes=dim)`` (``dim=None``: one
   norm over the whole tensor). The layout is kept: a torch Linear weight
   is (out, in), so ``dim=0`` becomes ``feature_axes=0`` here; transpose
-  ``v`` (``jaxnorm.interop.linear_from_torch``'s layout) and use
+  ``v`` (``jaxnorm.pytorch.linear_from_torch``'s layout) and use
   ``feature_axes=-1`` for a flax kernel. PyTorch adds no epsilon; with
   jaxnorm's 1e-12 the results differ by about :math:`10^{-12} /
   \\lVert v \\rVert^2` relatively.

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jaxnorm as jn  # noqa: E402
-from jaxnorm import reference as jn_reference  # noqa: E402
+import _reference as jn_reference  # noqa: E402
 
 MOMENTUM = 0.9
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",

@@ -1,4 +1,4 @@
-"""Inference time of the seed CNN with and without folded BatchNorm.
+"""Inference time of the example CNN with and without folded BatchNorm.
 
 Run: .venv/bin/python tests/_torch_bench_fold.py [batch] [repeats]
 Prints, per jitted forward pass (params passed as arguments, as in a
@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-import _torch_seed_cnn as seed
+import _torch_example_cnn as cnn
 
 
 def _times(f, *args, repeats):
@@ -31,11 +31,11 @@ def _times(f, *args, repeats):
 
 
 def main(batch: int = 256, repeats: int = 30) -> None:
-  v = seed.random_seed_cnn_variables(0)
+  v = cnn.random_example_cnn_variables(0)
   x = np.random.default_rng(0).normal(size=(batch, 28, 28, 1)).astype(
       np.float32)
-  folded = seed.fold_seed_cnn(v)
-  f_bn, f_fold = jax.jit(seed.seed_cnn), jax.jit(seed.seed_cnn_folded)
+  folded = cnn.fold_example_cnn(v)
+  f_bn, f_fold = jax.jit(cnn.example_cnn), jax.jit(cnn.example_cnn_folded)
   diff = float(np.abs(f_bn(v, x) - f_fold(folded, x)).max())
   # Interleave the two to share the machine's load fairly.
   t_bn, t_fold = [], []

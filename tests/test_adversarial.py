@@ -619,9 +619,9 @@ def test_inference_agrees_with_training_to_its_own_accuracy(
                                          (1e8, jnp.float32),
                                          (1e4, jnp.bfloat16)])
 def test_inference_is_shift_stable(shift, dtype):
-  # The figures: before, x * mul - mean * mul cancelled (3e-4,
-  # 3.5e-2, 1.4e3 and, in bfloat16, 0.2 from training); now inference is
-  # off by no more than the float32 rounding of the stored mean.
+  # Scaling first (x * mul - mean * mul) would cancel two large terms (3e-4,
+  # 3.5e-2, 1.4e3 and, in bfloat16, 0.2 from training); centring first,
+  # inference is off by no more than the float32 rounding of the stored mean.
   x = _data((256, 8), shift=shift, dtype=dtype, seed=3)
   ones, zeros = jnp.ones(8), jnp.zeros(8)
   e_train, e_infer, state_rounding, _ = _train_infer_errors(x, ones, zeros)

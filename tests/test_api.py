@@ -1,4 +1,4 @@
-"""The public API: names, signatures (as the issues state them), docstrings."""
+"""The public API: names, signatures, docstrings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jaxnorm
 pytestmark = pytest.mark.strict_promotion
 
 _E = inspect.Parameter.empty
-# name -> [(argument, default or _E)], exactly as in issues 2, 3, 7 and 8; "*"
+# name -> [(argument, default or _E)], the documented signatures; "*"
 # marks the start of the keyword-only arguments.
 SIGNATURES = {
     "batch_norm_init": [("num_features", _E), "*", ("dtype", jnp.float32)],
@@ -69,7 +69,7 @@ SIGNATURES = {
         ("step", _E), "*", ("rmax", 3.0), ("dmax", 5.0),
         ("warmup_steps", 5000), ("rmax_end_step", 40000),
         ("dmax_end_step", 25000)],
-    # issue 15
+    # weight normalization
     "spectral_norm_init": [("shape", _E), ("key", _E), "*",
                            ("dtype", jnp.float32)],
     "spectral_norm": [
@@ -107,7 +107,7 @@ def test_all_lists_exactly_the_public_names():
 
 
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
-def test_signature_matches_issue(name):
+def test_signature_matches_documented(name):
   assert _signature(getattr(jaxnorm, name)) == SIGNATURES[name]
 
 

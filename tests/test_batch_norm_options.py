@@ -79,7 +79,7 @@ def test_running_stats_match_torch_with_unbiased_var(torch_momentum):
   torch = pytest.importorskip("torch")
   bn = torch.nn.BatchNorm2d(3, momentum=torch_momentum)
   momentum = (None if torch_momentum is None
-              else jaxnorm.torch_momentum_to_jaxnorm(torch_momentum))
+              else jaxnorm.pytorch.torch_momentum_to_jaxnorm(torch_momentum))
   state = jaxnorm.batch_norm_init(3)
   for x in _batches(3, shape=(2, 3, 2, 3), seed=1):
     yt = bn(torch.tensor(x))
@@ -96,7 +96,7 @@ def test_running_stats_match_torch_with_unbiased_var(torch_momentum):
 def test_momentum_none_error_of_torch_converter_points_here():
   with pytest.raises(TypeError, match=r"batch_norm_train\(\.\.\., "
                      r"momentum=None\)"):
-    jaxnorm.torch_momentum_to_jaxnorm(None)
+    jaxnorm.pytorch.torch_momentum_to_jaxnorm(None)
 
 
 # --------------------------------------------------------------------------

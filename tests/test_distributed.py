@@ -1,4 +1,4 @@
-"""Synchronized statistics across devices and processes (issue 7).
+"""Synchronized statistics across devices and processes.
 
 Every distributed run must equal ONE call of ``batch_norm_train`` on the
 concatenated global batch: outputs, new running state and gradients with

@@ -151,7 +151,7 @@ def test_every_public_name_has_a_docstring():
   assert api_names.missing_docstrings() == []
   names = api_names.public_names()
   assert {"jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.equinox",
-          "jaxnorm.interop"} <= set(names)
+          "jaxnorm.pytorch"} <= set(names)
   assert "BatchNormState" in names["jaxnorm"]
 
 
@@ -227,7 +227,7 @@ BROWSER_PAGES = [
     "api/generated/jaxnorm.group_norm.html",
     "api/generated/jaxnorm.linen.BatchNorm.html",
     "api/generated/jaxnorm.nnx.RMSNorm.html",
-    "api/generated/jaxnorm.interop.unbiased_running_var_to_torch.html",
+    "api/generated/jaxnorm.pytorch.unbiased_running_var_to_torch.html",
     "guides/derivatives.html",
     "guides/batchnorm.html",
 ]

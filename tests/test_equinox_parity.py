@@ -382,7 +382,7 @@ def _error_vs_float64(y, ref64):
 
 
 def test_shifted_data_is_exact_where_equinox_is_not():
-  """The issue's case: 64 examples of 3 features, mean 1e4, std 1.
+  """Shifted data: 64 examples of 3 features, mean 1e4, std 1.
 
   jaxnorm's output is within a few float32 roundings of float64 (the bound
   asserted); eqx.nn's carries the rounding error of its float32 mean, of

@@ -1,7 +1,7 @@
 """Every bad input gives a clear error at trace time.
 
 Each case asserts the exception type and that the message names the
-function, the argument and the received value (and, where the issue asks,
+function, the argument and the received value (and, where it helps,
 the expected value). Every case also runs under ``jax.jit`` to show the
 error comes at trace time, before any XLA compilation.
 """
@@ -79,7 +79,7 @@ CASES = [
      ValueError, ["batch_norm_train", "`axis_name`", "'batch'", "vmap"]),
     ("bn_axis_name_empty", lambda: BN(X, ST, axis_name=()), ValueError,
      ["batch_norm_train", "`axis_name`", "()"]),
-    # The issue's misleading messages (issue 13, point 6), now clear:
+    # Messages for inputs that XLA or Python would reject obscurely:
     ("bn_x_0d", lambda: BN(jnp.float32(1.0), ST), ValueError,
      ["batch_norm_train", "`x`", "at least 1 dimension", "0-d", "Fix"]),
     ("bn_x_str", lambda: BN("abc", ST), TypeError,

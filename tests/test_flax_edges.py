@@ -1,4 +1,4 @@
-"""flax's behaviour at the edges, in jaxnorm's modules (issue 12).
+"""flax's behaviour at the edges, in jaxnorm's modules.
 
 Degenerate inputs (a training batch of one, an InstanceNorm with nothing to
 reduce) give flax's results through the pure functions' one switch

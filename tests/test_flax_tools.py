@@ -1,4 +1,4 @@
-"""flax's tools work unchanged with jaxnorm's modules (issue 12).
+"""flax's tools work unchanged with jaxnorm's modules.
 
 Each test is a real-world use that broke while jaxnorm's BatchNorm kept an
 extra ``count`` variable or raised on a batch of one: strict orbax restore

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import interop
+from jaxnorm import pytorch
 
-import _torch_seed_cnn as seed
+import _torch_example_cnn as cnn
 
 
 @pytest.fixture(autouse=True)
@@ -51,11 +51,11 @@ def _nhwc(a):
 
 
 def test_momentum_conversion_is_one_minus_and_inverse():
-  assert interop.torch_momentum_to_jaxnorm(0.1) == pytest.approx(0.9)
-  assert interop.jaxnorm_momentum_to_torch(0.99) == pytest.approx(0.01)
+  assert pytorch.torch_momentum_to_jaxnorm(0.1) == pytest.approx(0.9)
+  assert pytorch.jaxnorm_momentum_to_torch(0.99) == pytest.approx(0.01)
   for m in (0.0, 0.1, 0.37, 1.0):
-    back = interop.jaxnorm_momentum_to_torch(
-        interop.torch_momentum_to_jaxnorm(m))
+    back = pytorch.jaxnorm_momentum_to_torch(
+        pytorch.torch_momentum_to_jaxnorm(m))
     assert back == pytest.approx(m, abs=1e-15)
 
 
@@ -65,12 +65,12 @@ def test_momentum_conversion_is_one_minus_and_inverse():
                                      (float("nan"), ValueError)])
 def test_momentum_conversion_rejects_bad_values(bad, err):
   with pytest.raises(err, match="torch_momentum_to_jaxnorm"):
-    interop.torch_momentum_to_jaxnorm(bad)
+    pytorch.torch_momentum_to_jaxnorm(bad)
 
 
 def test_momentum_none_error_explains_cumulative_average():
   with pytest.raises(TypeError, match="cumulative"):
-    interop.torch_momentum_to_jaxnorm(None)
+    pytorch.torch_momentum_to_jaxnorm(None)
 
 
 @pytest.mark.parametrize("torch_momentum", [0.1, 0.3, None])
@@ -87,18 +87,18 @@ def test_running_var_conversion_matches_simulated_emas(torch_momentum):
     m = 1.0 / t if torch_momentum is None else torch_momentum
     r = (1 - m) * r + m * biased * n / (n - 1)
     v = (1 - m) * v + m * biased
-    got = interop.biased_running_var_from_torch(
+    got = pytorch.biased_running_var_from_torch(
         r, elements_per_batch=n, num_batches_tracked=t,
         torch_momentum=torch_momentum)
     np.testing.assert_allclose(got, v, rtol=1e-12)
-    back = interop.unbiased_running_var_to_torch(
+    back = pytorch.unbiased_running_var_to_torch(
         v, elements_per_batch=n, count=t, torch_momentum=torch_momentum)
     np.testing.assert_allclose(back, r, rtol=1e-12)
     assert not np.allclose(r, v)  # the conversion is not the identity
 
 
 def test_running_var_conversion_at_count_zero_is_identity():
-  got = interop.biased_running_var_from_torch(
+  got = pytorch.biased_running_var_from_torch(
       np.ones(3), elements_per_batch=4, num_batches_tracked=0)
   np.testing.assert_array_equal(got, np.ones(3))
 
@@ -112,7 +112,7 @@ def test_running_var_conversion_at_count_zero_is_identity():
 def test_running_var_conversion_rejects_bad_arguments(kw, err):
   kw = {"num_batches_tracked": 3, **kw}
   with pytest.raises(err, match="biased_running_var_from_torch"):
-    interop.biased_running_var_from_torch(np.ones(3), **kw)
+    pytorch.biased_running_var_from_torch(np.ones(3), **kw)
 
 
 # --------------------------------------------------------------------------
@@ -132,13 +132,13 @@ def test_conv_kernel_layout_matches_channels_first_convolution(spatial):
       x, w, (1,) * nd, [(1, 1)] * nd, feature_group_count=groups,
       dimension_numbers=(f"NC{sp}", f"OI{sp}", f"NC{sp}"),
       precision="highest") + b.reshape(1, o, *(1,) * nd)
-  p = interop.conv_from_torch({"weight": w, "bias": b})
+  p = pytorch.conv_from_torch({"weight": w, "bias": b})
   assert p["kernel"].shape == (*(3,) * nd, i // groups, o)
   conv = nn.Conv(o, (3,) * nd, padding=1, feature_group_count=groups,
                  precision="highest")
   y = conv.apply({"params": p}, _nhwc(x))
   np.testing.assert_allclose(y, _nhwc(ref), **TOL)
-  back = interop.conv_to_torch(p)
+  back = pytorch.conv_to_torch(p)
   np.testing.assert_array_equal(back["weight"], w)
   np.testing.assert_array_equal(back["bias"], b)
 
@@ -150,25 +150,25 @@ def test_linear_flatten_chw_reorders_kernel_rows(chw):
   x = rng.normal(size=(3, *chw))  # channels first
   w = rng.normal(size=(7, in_f))
   ref = x.reshape(3, -1) @ w.T  # PyTorch: x.view(N, -1) then Linear
-  p = interop.linear_from_torch({"weight": w}, flatten_chw=chw)
+  p = pytorch.linear_from_torch({"weight": w}, flatten_chw=chw)
   x_last = np.moveaxis(x, 1, -1).reshape(3, -1)  # Flax: NHWC flatten
   np.testing.assert_allclose(x_last @ np.asarray(p["kernel"]), ref, **TOL)
-  back = interop.linear_to_torch(p, flatten_chw=chw)
+  back = pytorch.linear_to_torch(p, flatten_chw=chw)
   np.testing.assert_array_equal(back["weight"], w.astype(np.float32))
-  plain = interop.linear_from_torch({"weight": w})["kernel"]
+  plain = pytorch.linear_from_torch({"weight": w})["kernel"]
   np.testing.assert_array_equal(plain, w.T.astype(np.float32))
 
 
-def test_seed_cnn_layers_round_trip_exactly_without_torch():
-  v = seed.random_seed_cnn_variables(0, count=7)
-  sd = interop.to_torch(v, interop.SEED_CNN_LAYERS)
+def test_example_cnn_layers_round_trip_exactly_without_torch():
+  v = cnn.random_example_cnn_variables(0, count=7)
+  sd = pytorch.to_torch(v, pytorch.EXAMPLE_CNN_LAYERS)
   assert sd["fc1.weight"].shape == (128, 64 * 7 * 7)
   assert sd["conv1.weight"].shape == (32, 1, 3, 3)
   assert sd["bn1.num_batches_tracked"].dtype == np.int64
   assert int(sd["bn1.num_batches_tracked"]) == 7
-  v2 = interop.from_torch(sd, interop.SEED_CNN_LAYERS)
+  v2 = pytorch.from_torch(sd, pytorch.EXAMPLE_CNN_LAYERS)
   jax.tree.map(np.testing.assert_array_equal, v2, v)
-  sd2 = interop.to_torch(v2, interop.SEED_CNN_LAYERS)
+  sd2 = pytorch.to_torch(v2, pytorch.EXAMPLE_CNN_LAYERS)
   assert list(sd2) == list(sd)
   jax.tree.map(np.testing.assert_array_equal, sd2, sd)
 
@@ -187,13 +187,13 @@ def test_from_torch_dispatches_every_kind_and_round_trips():
   layers = {"c": "conv", "ln": "layer_norm", "gn": "group_norm",
             "inorm": "instance_norm", "rms": "rms_norm",
             "inorm_tracked": "batch_norm"}
-  v = interop.from_torch(sd, layers)
+  v = pytorch.from_torch(sd, layers)
   assert v["params"]["c"]["kernel"].shape == (3, 2, 4)
   assert set(v["params"]["rms"]) == {"scale"}
   assert v["params"]["ln"]["scale"].shape == (5, 4)
   assert "inorm_tracked" not in v["params"]
   assert int(v["batch_stats"]["inorm_tracked"].count) == 2
-  back = interop.to_torch(v, layers)
+  back = pytorch.to_torch(v, layers)
   assert set(back) == set(sd)
   for k, a in sd.items():
     np.testing.assert_array_equal(back[k], a)
@@ -201,13 +201,13 @@ def test_from_torch_dispatches_every_kind_and_round_trips():
 
 
 def test_from_torch_flax_format_and_convert_mode():
-  v = seed.random_seed_cnn_variables(1, count=3)
+  v = cnn.random_example_cnn_variables(1, count=3)
   n = {"bn1": 8 * 28 * 28, "bn2": 8 * 14 * 14, "bn_fc1": 8}
-  sd = interop.to_torch(v, interop.SEED_CNN_LAYERS, running_var="convert",
+  sd = pytorch.to_torch(v, pytorch.EXAMPLE_CNN_LAYERS, running_var="convert",
                         elements_per_batch=n)
   assert not np.allclose(sd["bn_fc1.running_var"],
                          v["batch_stats"]["bn_fc1"].var)
-  v2 = interop.from_torch(sd, interop.SEED_CNN_LAYERS, running_var="convert",
+  v2 = pytorch.from_torch(sd, pytorch.EXAMPLE_CNN_LAYERS, running_var="convert",
                           elements_per_batch=n, batch_stats_format="flax")
   assert set(v2["batch_stats"]["bn1"]) == {"mean", "var"}
   for name in n:
@@ -216,37 +216,37 @@ def test_from_torch_flax_format_and_convert_mode():
 
 
 def test_from_torch_errors_name_the_fix():
-  v = seed.random_seed_cnn_variables(2)
-  sd = interop.to_torch(v, interop.SEED_CNN_LAYERS)
-  layers = dict(interop.SEED_CNN_LAYERS)
+  v = cnn.random_example_cnn_variables(2)
+  sd = pytorch.to_torch(v, pytorch.EXAMPLE_CNN_LAYERS)
+  layers = dict(pytorch.EXAMPLE_CNN_LAYERS)
   del layers["fc2"]
   with pytest.raises(ValueError, match=r"fc2\.weight.*strict=False"):
-    interop.from_torch(sd, layers)
-  assert "fc2" not in interop.from_torch(sd, layers, strict=False)["params"]
+    pytorch.from_torch(sd, layers)
+  assert "fc2" not in pytorch.from_torch(sd, layers, strict=False)["params"]
   bad = dict(sd)
   del bad["bn2.running_var"]
   with pytest.raises(KeyError, match=r"bn2\.running_var"):
-    interop.from_torch(bad, interop.SEED_CNN_LAYERS)
+    pytorch.from_torch(bad, pytorch.EXAMPLE_CNN_LAYERS)
   with pytest.raises(ValueError, match="in_features=3136"):
-    interop.from_torch(sd, {**interop.SEED_CNN_LAYERS,
-                            "fc1": interop.TorchLayer("linear", (64, 28, 28))})
+    pytorch.from_torch(sd, {**pytorch.EXAMPLE_CNN_LAYERS,
+                            "fc1": pytorch.TorchLayer("linear", (64, 28, 28))})
   with pytest.raises(ValueError, match="kind"):
-    interop.TorchLayer("dense")
+    pytorch.TorchLayer("dense")
   with pytest.raises(KeyError, match="bn1"):
-    interop.from_torch(sd, interop.SEED_CNN_LAYERS, running_var="convert",
+    pytorch.from_torch(sd, pytorch.EXAMPLE_CNN_LAYERS, running_var="convert",
                        elements_per_batch={"bn2": 4})
   with pytest.raises(TypeError, match="elements_per_batch"):
-    interop.batch_norm_from_torch(sd, prefix="bn1.", running_var="convert")
+    pytorch.batch_norm_from_torch(sd, prefix="bn1.", running_var="convert")
   with pytest.raises(ValueError, match="'copy'"):
-    interop.batch_norm_from_torch(sd, prefix="bn1.", running_var="unbiased")
+    pytorch.batch_norm_from_torch(sd, prefix="bn1.", running_var="unbiased")
   bad = dict(sd, **{"bn1.running_mean": np.zeros(5, np.float32)})
   with pytest.raises(ValueError, match=r"\(32,\)"):
-    interop.batch_norm_from_torch(bad, prefix="bn1.")
+    pytorch.batch_norm_from_torch(bad, prefix="bn1.")
   no_count = {k: a for k, a in sd.items() if "num_batches" not in k}
-  _, st = interop.batch_norm_from_torch(no_count, prefix="bn1.")
+  _, st = pytorch.batch_norm_from_torch(no_count, prefix="bn1.")
   assert int(st.count) == 0
   with pytest.raises(KeyError, match="running_var='copy'"):
-    interop.batch_norm_from_torch(no_count, prefix="bn1.",
+    pytorch.batch_norm_from_torch(no_count, prefix="bn1.",
                                   running_var="convert",
                                   elements_per_batch=4)
 
@@ -257,7 +257,7 @@ def test_converted_arrays_do_not_alias_torch_parameters():
   optimizer step) would leak into the converted arrays."""
   torch = _torch()
   lin = torch.nn.Linear(3, 4)
-  p = interop.linear_from_torch(lin.state_dict())
+  p = pytorch.linear_from_torch(lin.state_dict())
   before = np.array(p["bias"])
   jax.jit(lambda q: q["bias"] * 1)(p)
   with torch.no_grad():
@@ -267,20 +267,20 @@ def test_converted_arrays_do_not_alias_torch_parameters():
 
 def test_norm_converters_keys_and_errors():
   w, b = np.arange(4.0), -np.arange(4.0)
-  p = interop.norm_from_torch({"ln.weight": w, "ln.bias": b},
+  p = pytorch.norm_from_torch({"ln.weight": w, "ln.bias": b},
                               kind="layer_norm", prefix="ln.")
   np.testing.assert_array_equal(p["scale"], w)
   np.testing.assert_array_equal(p["bias"], b)
-  sd = interop.norm_to_torch(p, kind="layer_norm", prefix="ln.")
+  sd = pytorch.norm_to_torch(p, kind="layer_norm", prefix="ln.")
   assert set(sd) == {"ln.weight", "ln.bias"}
   with pytest.raises(ValueError, match="track_running_stats"):
-    interop.norm_from_torch({"weight": w, "running_mean": w},
+    pytorch.norm_from_torch({"weight": w, "running_mean": w},
                             kind="instance_norm")
   with pytest.raises(ValueError, match="RMSNorm has no bias"):
-    interop.norm_from_torch({"weight": w, "bias": b}, kind="rms_norm")
+    pytorch.norm_from_torch({"weight": w, "bias": b}, kind="rms_norm")
   with pytest.raises(ValueError, match="kind"):
-    interop.norm_from_torch({"weight": w}, kind="batch_norm")
-  assert interop.norm_from_torch({}, kind="group_norm") == {}
+    pytorch.norm_from_torch({"weight": w}, kind="batch_norm")
+  assert pytorch.norm_from_torch({}, kind="group_norm") == {}
 
 
 # --------------------------------------------------------------------------
@@ -296,9 +296,9 @@ def test_batch_norm2d_three_training_steps_and_eval_match_torch():
   with torch.no_grad():
     bn.weight.copy_(torch.tensor(rng.uniform(0.5, 1.5, c), dtype=torch.float32))
     bn.bias.copy_(torch.tensor(rng.normal(size=c), dtype=torch.float32))
-  params, state = interop.batch_norm_from_torch(bn.state_dict())
+  params, state = pytorch.batch_norm_from_torch(bn.state_dict())
   assert int(state.count) == 0
-  momentum = interop.torch_momentum_to_jaxnorm(m)
+  momentum = pytorch.torch_momentum_to_jaxnorm(m)
 
   @jax.jit
   def step(x, g, state, p):
@@ -329,8 +329,8 @@ def test_batch_norm2d_three_training_steps_and_eval_match_torch():
 
   sd = bn.state_dict()
   # Copy keeps PyTorch's unbiased average; convert gives jaxnorm's biased one.
-  p_copy, st_copy = interop.batch_norm_from_torch(sd)
-  _, st_conv = interop.batch_norm_from_torch(
+  p_copy, st_copy = pytorch.batch_norm_from_torch(sd)
+  _, st_conv = pytorch.batch_norm_from_torch(
       sd, running_var="convert", elements_per_batch=n * h * w)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
                p_copy, params)
@@ -339,7 +339,7 @@ def test_batch_norm2d_three_training_steps_and_eval_match_torch():
   np.testing.assert_allclose(st_conv.var, state.var, **TOL)
   np.testing.assert_array_equal(st_copy.var, _np(bn.running_var))
   assert np.abs(np.asarray(st_copy.var) - state.var).max() > 1e-3
-  back = interop.batch_norm_to_torch(
+  back = pytorch.batch_norm_to_torch(
       params, state, running_var="convert", elements_per_batch=n * h * w)
   np.testing.assert_allclose(back["running_var"], _np(bn.running_var), **TOL)
 
@@ -360,7 +360,7 @@ def test_batch_norm1d_3d_eval_match_torch(dims):
   for _ in range(2):
     bn(torch.tensor(rng.normal(size=shape) * 3 + 2, dtype=torch.float32))
   bn.eval()
-  params, state = interop.batch_norm_from_torch(bn.state_dict())
+  params, state = pytorch.batch_norm_from_torch(bn.state_dict())
   assert int(state.count) == 2
   x = rng.normal(size=shape).astype(np.float32)
   y = jaxnorm.batch_norm_infer(_nhwc(x), state, params["scale"],
@@ -386,7 +386,7 @@ def test_convert_recovers_biased_average_of_torch_batches(momentum):
     bn(torch.tensor(x))
     a = 1.0 / t if momentum is None else momentum
     v = (1 - a) * v + a * x.astype(np.float64).var(axis=(0, 2))
-  _, state = interop.batch_norm_from_torch(
+  _, state = pytorch.batch_norm_from_torch(
       bn.state_dict(), running_var="convert", elements_per_batch=4 * 5,
       torch_momentum=momentum)
   np.testing.assert_allclose(state.var, v, rtol=1e-5)
@@ -432,7 +432,7 @@ def test_norm_forward_and_backward_match_torch(case):
   with torch.no_grad():
     for prm in module.parameters():
       prm.copy_(torch.tensor(rng.normal(size=prm.shape), dtype=torch.float32))
-  params = interop.norm_from_torch(module.state_dict(), kind=kind)
+  params = pytorch.norm_from_torch(module.state_dict(), kind=kind)
   channels_first = kind in ("group_norm", "instance_norm")
   to_jax = _nhwc if channels_first else np.asarray
   x = (rng.normal(size=shape) * 2 + 3).astype(np.float32)
@@ -446,12 +446,12 @@ def test_norm_forward_and_backward_match_torch(case):
   np.testing.assert_allclose(dp["scale"], _np(module.weight.grad), **TOL)
   if "bias" in params:
     np.testing.assert_allclose(dp["bias"], _np(module.bias.grad), **TOL)
-  back = interop.norm_to_torch(params, kind=kind, as_torch=True)
+  back = pytorch.norm_to_torch(params, kind=kind, as_torch=True)
   module.load_state_dict(back)  # strict: names and shapes match PyTorch's
 
 
-def _train_torch_seed_cnn(torch, rng, steps=3, batch=16):
-  model = seed.torch_seed_cnn()
+def _train_torch_example_cnn(torch, rng, steps=3, batch=16):
+  model = cnn.torch_example_cnn()
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   for _ in range(steps):
     x = torch.tensor(rng.normal(size=(batch, 1, 28, 28)), dtype=torch.float32)
@@ -462,36 +462,36 @@ def _train_torch_seed_cnn(torch, rng, steps=3, batch=16):
   return model.eval()
 
 
-def test_trained_torch_seed_cnn_converts_to_same_flax_eval_logits():
+def test_trained_torch_example_cnn_converts_to_same_flax_eval_logits():
   torch = _torch()
   rng = np.random.default_rng(6)
-  model = _train_torch_seed_cnn(torch, rng)
-  variables = interop.from_torch(model.state_dict(), interop.SEED_CNN_LAYERS)
+  model = _train_torch_example_cnn(torch, rng)
+  variables = pytorch.from_torch(model.state_dict(), pytorch.EXAMPLE_CNN_LAYERS)
   assert int(variables["batch_stats"]["bn_fc1"].count) == 3
   x = rng.normal(size=(8, 1, 28, 28)).astype(np.float32)
   with torch.no_grad():
     ref = _np(model(torch.tensor(x)))
-  logits = jax.jit(seed.seed_cnn)(variables, _nhwc(x))
+  logits = jax.jit(cnn.example_cnn)(variables, _nhwc(x))
   np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["linen", "flax"])
-def test_torch_seed_cnn_loads_into_linen_modules(fmt):
+def test_torch_example_cnn_loads_into_linen_modules(fmt):
   """``batch_stats_format`` 'linen' fits jaxnorm.linen.BatchNorm (with the
   count), 'flax' fits flax.linen.BatchNorm; both give PyTorch's logits."""
   torch = _torch()
   jaxnorm_linen = pytest.importorskip("jaxnorm.linen")
   rng = np.random.default_rng(12)
-  model = seed.torch_seed_cnn().eval()
-  model.load_state_dict(interop.to_torch(
-      seed.random_seed_cnn_variables(12, count=2), interop.SEED_CNN_LAYERS,
+  model = cnn.torch_example_cnn().eval()
+  model.load_state_dict(pytorch.to_torch(
+      cnn.random_example_cnn_variables(12, count=2), pytorch.EXAMPLE_CNN_LAYERS,
       as_torch=True))
-  variables = interop.from_torch(model.state_dict(), interop.SEED_CNN_LAYERS,
+  variables = pytorch.from_torch(model.state_dict(), pytorch.EXAMPLE_CNN_LAYERS,
                                  batch_stats_format=fmt)
   # from_torch's "linen" format keeps num_batches_tracked as `count`.
   bn_cls = (functools.partial(jaxnorm_linen.BatchNorm, track_count=True)
             if fmt == "linen" else nn.BatchNorm)
-  net = seed.LinenSeedCNN(bn_cls)
+  net = cnn.LinenExampleCNN(bn_cls)
   init = jax.eval_shape(net.init, jax.random.key(0),
                         jnp.zeros((1, 28, 28, 1)))
   assert (jax.tree.map(lambda a: (a.shape, a.dtype), init)
@@ -503,26 +503,26 @@ def test_torch_seed_cnn_loads_into_linen_modules(fmt):
     ref = _np(model(torch.tensor(x)))
   np.testing.assert_allclose(jax.jit(net.apply)(variables, _nhwc(x)), ref,
                              rtol=1e-4, atol=1e-4)
-  sd = interop.to_torch(variables, interop.SEED_CNN_LAYERS, as_torch=True)
+  sd = pytorch.to_torch(variables, pytorch.EXAMPLE_CNN_LAYERS, as_torch=True)
   if fmt == "flax":  # no count in flax's tree
     assert int(sd["bn1.num_batches_tracked"]) == 0
   model.load_state_dict(sd)
 
 
-def test_jax_seed_cnn_to_torch_and_back_is_exact():
+def test_jax_example_cnn_to_torch_and_back_is_exact():
   torch = _torch()
-  v = seed.random_seed_cnn_variables(3, count=11)
-  sd = interop.to_torch(v, interop.SEED_CNN_LAYERS, as_torch=True)
+  v = cnn.random_example_cnn_variables(3, count=11)
+  sd = pytorch.to_torch(v, pytorch.EXAMPLE_CNN_LAYERS, as_torch=True)
   assert all(isinstance(t, torch.Tensor) for t in sd.values())
-  model = seed.torch_seed_cnn()
+  model = cnn.torch_example_cnn()
   model.load_state_dict(sd)  # strict: every name and shape is PyTorch's
   model.eval()
-  v2 = interop.from_torch(model.state_dict(), interop.SEED_CNN_LAYERS)
+  v2 = pytorch.from_torch(model.state_dict(), pytorch.EXAMPLE_CNN_LAYERS)
   jax.tree.map(np.testing.assert_array_equal, v2, v)
   x = np.random.default_rng(7).normal(size=(4, 1, 28, 28)).astype(np.float32)
   with torch.no_grad():
     ref = _np(model(torch.tensor(x)))
-  np.testing.assert_allclose(jax.jit(seed.seed_cnn)(v, _nhwc(x)), ref,
+  np.testing.assert_allclose(jax.jit(cnn.example_cnn)(v, _nhwc(x)), ref,
                              rtol=1e-4, atol=1e-4)
 
 
@@ -553,7 +553,7 @@ def test_fold_batch_norm_into_conv(use_bias, affine, groups):
   p = {"kernel": kernel, **({"bias": kb} if use_bias else {})}
   ref = jaxnorm.batch_norm_infer(conv.apply({"params": p}, x), state, scale,
                                  bias)
-  kf, bf = interop.fold_batch_norm(kernel, kb, state, scale, bias)
+  kf, bf = jaxnorm.fold_batch_norm(kernel, kb, state, scale, bias)
   assert kf.shape == kernel.shape and kf.dtype == jnp.float32
   folded = nn.Conv(6, (3, 3), padding=1, feature_group_count=groups)
   y = folded.apply({"params": {"kernel": kf, "bias": bf}}, x)
@@ -568,22 +568,22 @@ def test_fold_batch_norm_into_dense_with_flax_batch_stats_under_jit():
   ref = jaxnorm.batch_norm_infer(x @ kernel + kb, state, scale, bias,
                                  epsilon=1e-3)
   flax_stats = {"mean": state.mean, "var": state.var}
-  kf, bf = jax.jit(lambda *a: interop.fold_batch_norm(*a, epsilon=1e-3))(
+  kf, bf = jax.jit(lambda *a: jaxnorm.fold_batch_norm(*a, epsilon=1e-3))(
       kernel, kb, flax_stats, scale, bias)
   np.testing.assert_allclose(x @ kf + bf[None], ref, **TOL)
-  kb16, bb16 = interop.fold_batch_norm(jnp.asarray(kernel, jnp.bfloat16), kb,
+  kb16, bb16 = jaxnorm.fold_batch_norm(jnp.asarray(kernel, jnp.bfloat16), kb,
                                        state, scale, bias, epsilon=1e-3)
   assert kb16.dtype == bb16.dtype == jnp.bfloat16  # computed in float32
   np.testing.assert_allclose(kb16.astype(jnp.float32), kf, rtol=1e-2)
 
 
-def test_folded_seed_cnn_gives_same_logits():
-  v = seed.random_seed_cnn_variables(6)
+def test_folded_example_cnn_gives_same_logits():
+  v = cnn.random_example_cnn_variables(6)
   x = np.random.default_rng(10).normal(size=(8, 28, 28, 1)).astype(np.float32)
-  ref = jax.jit(seed.seed_cnn)(v, x)
-  folded = seed.fold_seed_cnn(v)
+  ref = jax.jit(cnn.example_cnn)(v, x)
+  folded = cnn.fold_example_cnn(v)
   assert "bn1" not in folded
-  y = jax.jit(seed.seed_cnn_folded)(folded, x)
+  y = jax.jit(cnn.example_cnn_folded)(folded, x)
   np.testing.assert_allclose(y, ref, **TOL)
 
 
@@ -591,16 +591,16 @@ def test_fold_batch_norm_errors():
   kernel = jnp.ones((3, 3, 2, 4))
   state = jaxnorm.batch_norm_init(4)
   with pytest.raises(ValueError, match=r"fold_batch_norm: `scale`.*\(4,\)"):
-    interop.fold_batch_norm(kernel, None, state, jnp.ones(3), None)
+    jaxnorm.fold_batch_norm(kernel, None, state, jnp.ones(3), None)
   with pytest.raises(ValueError, match="state.mean"):
-    interop.fold_batch_norm(kernel, None, jaxnorm.batch_norm_init(2), None,
+    jaxnorm.fold_batch_norm(kernel, None, jaxnorm.batch_norm_init(2), None,
                             None)
   with pytest.raises(ValueError, match="rank >= 2"):
-    interop.fold_batch_norm(jnp.ones(4), None, state, None, None)
+    jaxnorm.fold_batch_norm(jnp.ones(4), None, state, None, None)
   with pytest.raises(TypeError, match="BatchNormState"):
-    interop.fold_batch_norm(kernel, None, (state.mean, state.var), None, None)
+    jaxnorm.fold_batch_norm(kernel, None, (state.mean, state.var), None, None)
   with pytest.raises(ValueError, match="epsilon"):
-    interop.fold_batch_norm(kernel, None, state, None, None, epsilon=-1.0)
+    jaxnorm.fold_batch_norm(kernel, None, state, None, None, epsilon=-1.0)
 
 
 # --------------------------------------------------------------------------
@@ -643,7 +643,7 @@ def test_recalibrate_equals_exact_average_of_batch_statistics(mlp_setup):
   # Some EMA-trained state that recalibration must replace.
   for x in batches[:2]:
     state = _mlp(params, state, x, 0.9)[1]
-  new = interop.recalibrate_batch_norm(
+  new = jaxnorm.recalibrate_batch_norm(
       lambda s, x: _mlp(params, s, x, 0.0)[1], state, iter(batches))
   ref = [np.mean(a, axis=0)
          for a in zip(*_mlp_batch_stats_reference(params, batches))]
@@ -654,7 +654,7 @@ def test_recalibrate_equals_exact_average_of_batch_statistics(mlp_setup):
     assert int(new[name].count) == len(batches)
     assert new[name].mean.dtype == jnp.float32
   # One batch: the statistics of that batch.
-  one = interop.recalibrate_batch_norm(
+  one = jaxnorm.recalibrate_batch_norm(
       lambda s, x: _mlp(params, s, x, 0.0)[1], state, batches[:1])
   ref1 = _mlp_batch_stats_reference(params, batches[:1])[0]
   np.testing.assert_allclose(one["bn2"].var, ref1[3], rtol=1e-5)
@@ -685,7 +685,7 @@ def test_recalibrate_linen_batch_stats(mlp_setup, bn_module):
                               "batch_stats": batch_stats}, x,
                              mutable=["batch_stats"])[1]["batch_stats"]
 
-  new = interop.recalibrate_batch_norm(stats_fn, variables["batch_stats"],
+  new = jaxnorm.recalibrate_batch_norm(stats_fn, variables["batch_stats"],
                                        batches)
   kern = variables["params"]["Dense_0"]
   h = [np.asarray(x, np.float64) @ np.asarray(kern["kernel"], np.float64)
@@ -703,13 +703,13 @@ def test_recalibrate_errors(mlp_setup):
   params, batches = mlp_setup
   state = {"bn1": jaxnorm.batch_norm_init(4), "bn2": jaxnorm.batch_norm_init(3)}
   with pytest.raises(ValueError, match="momentum=0.0"):
-    interop.recalibrate_batch_norm(
+    jaxnorm.recalibrate_batch_norm(
         lambda s, x: _mlp(params, s, x, 0.9)[1], state, batches)
   with pytest.raises(ValueError, match="no batch"):
-    interop.recalibrate_batch_norm(
+    jaxnorm.recalibrate_batch_norm(
         lambda s, x: _mlp(params, s, x, 0.0)[1], state, [])
   with pytest.raises(ValueError, match="structure"):
-    interop.recalibrate_batch_norm(
+    jaxnorm.recalibrate_batch_norm(
         lambda s, x: _mlp(params, s, x, 0.0)[1]["bn1"], state, batches)
   with pytest.raises(TypeError, match="callable"):
-    interop.recalibrate_batch_norm(None, state, batches)
+    jaxnorm.recalibrate_batch_norm(None, state, batches)

@@ -1,6 +1,6 @@
 """Interop refuses what it cannot convert, with a message that says why.
 
-Table-driven: each case calls a converter (``jaxnorm.interop``) or
+Table-driven: each case calls a converter (``jaxnorm.pytorch``) or
 ``fold_batch_norm`` with one bad input and asserts the exception type and
 that the message names the function, the argument (or state-dict key),
 what came, and the fix. The converters run on the host (NumPy), so they
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm import interop
+from jaxnorm import pytorch
 
 C = 3
 BN_SD = {
@@ -29,7 +29,7 @@ BN_SD = {
     "running_var": np.ones(C, np.float32),
     "num_batches_tracked": np.asarray(5, np.int64),
 }
-LAYERS = {"bn": interop.TorchLayer("batch_norm")}
+LAYERS = {"bn": pytorch.TorchLayer("batch_norm")}
 NESTED = {f"bn.{k}": v for k, v in BN_SD.items()}
 STATE = jaxnorm.batch_norm_init(C)
 KERNEL = jnp.ones((4, C))
@@ -54,100 +54,100 @@ COUNT_FIX = "number of training batches"
 # (id, thunk, exception, substrings of the message)
 CASES = [
     # --- the state dict itself
-    ("bn_sd_none", lambda: interop.batch_norm_from_torch(None), TypeError,
+    ("bn_sd_none", lambda: pytorch.batch_norm_from_torch(None), TypeError,
      ["batch_norm_from_torch", "`state_dict`", "NoneType",
       "model.state_dict()"]),
-    ("bn_sd_pairs", lambda: interop.batch_norm_from_torch(
+    ("bn_sd_pairs", lambda: pytorch.batch_norm_from_torch(
         list(BN_SD.items())), TypeError,
      ["batch_norm_from_torch", "`state_dict`", "list", "dict(pairs)"]),
-    ("bn_sd_tuple_pairs", lambda: interop.batch_norm_from_torch(
+    ("bn_sd_tuple_pairs", lambda: pytorch.batch_norm_from_torch(
         tuple(BN_SD.items())), TypeError,
      ["batch_norm_from_torch", "`state_dict`", "tuple", "dict(pairs)"]),
-    ("bn_sd_array", lambda: interop.batch_norm_from_torch(np.ones(3)),
+    ("bn_sd_array", lambda: pytorch.batch_norm_from_torch(np.ones(3)),
      TypeError, ["batch_norm_from_torch", "`state_dict`", "ndarray",
                  "model.state_dict()"]),
-    ("from_torch_none", lambda: interop.from_torch(None, LAYERS), TypeError,
+    ("from_torch_none", lambda: pytorch.from_torch(None, LAYERS), TypeError,
      ["from_torch", "`state_dict`", "NoneType", "model.state_dict()"]),
-    ("from_torch_pairs", lambda: interop.from_torch(
+    ("from_torch_pairs", lambda: pytorch.from_torch(
         list(NESTED.items()), LAYERS), TypeError,
      ["from_torch", "`state_dict`", "list", "dict(pairs)"]),
-    ("conv_sd_none", lambda: interop.conv_from_torch(None), TypeError,
+    ("conv_sd_none", lambda: pytorch.conv_from_torch(None), TypeError,
      ["conv_from_torch", "`state_dict`", "NoneType"]),
-    ("linear_sd_pairs", lambda: interop.linear_from_torch(
+    ("linear_sd_pairs", lambda: pytorch.linear_from_torch(
         [("weight", np.ones((2, 3)))]), TypeError,
      ["linear_from_torch", "`state_dict`", "list", "dict(pairs)"]),
-    ("norm_sd_none", lambda: interop.norm_from_torch(
+    ("norm_sd_none", lambda: pytorch.norm_from_torch(
         None, kind="layer_norm"), TypeError,
      ["norm_from_torch", "`state_dict`", "NoneType"]),
-    ("to_torch_none", lambda: interop.to_torch(None, LAYERS), TypeError,
+    ("to_torch_none", lambda: pytorch.to_torch(None, LAYERS), TypeError,
      ["to_torch", "`variables`", "NoneType", "model.init"]),
     # --- running statistics read from PyTorch
-    ("bn_var_negative", lambda: interop.batch_norm_from_torch(
+    ("bn_var_negative", lambda: pytorch.batch_norm_from_torch(
         _sd(running_var=np.float32(NEG_VAR))), ValueError,
      ["batch_norm_from_torch", "running_var", ">= 0", "-1.0", "feature 1",
       RESET_FIX]),
-    ("bn_var_nan", lambda: interop.batch_norm_from_torch(
+    ("bn_var_nan", lambda: pytorch.batch_norm_from_torch(
         _sd(running_var=np.float32(NAN_VAR))), ValueError,
      ["batch_norm_from_torch", "running_var", "finite", "nan", RESET_FIX]),
-    ("bn_var_inf", lambda: interop.batch_norm_from_torch(
+    ("bn_var_inf", lambda: pytorch.batch_norm_from_torch(
         _sd(running_var=np.float32((np.inf, 1, 1)))), ValueError,
      ["batch_norm_from_torch", "running_var", "finite", "inf", "feature 0"]),
-    ("bn_mean_nan", lambda: interop.batch_norm_from_torch(
+    ("bn_mean_nan", lambda: pytorch.batch_norm_from_torch(
         _sd(running_mean=np.float32((0, 0, np.nan)))), ValueError,
      ["batch_norm_from_torch", "running_mean", "finite", "nan", "feature 2",
       RESET_FIX]),
-    ("from_torch_var_negative", lambda: interop.from_torch(
+    ("from_torch_var_negative", lambda: pytorch.from_torch(
         {**NESTED, "bn.running_var": np.float32(NEG_VAR)}, LAYERS),
      ValueError, ["bn.running_var", ">= 0", "-1.0", RESET_FIX]),
-    ("bn_nbt_nan", lambda: interop.batch_norm_from_torch(
+    ("bn_nbt_nan", lambda: pytorch.batch_norm_from_torch(
         _sd(num_batches_tracked=np.float32(np.nan))), ValueError,
      ["batch_norm_from_torch", "num_batches_tracked", "whole number", "nan",
       COUNT_FIX]),
-    ("bn_nbt_negative", lambda: interop.batch_norm_from_torch(
+    ("bn_nbt_negative", lambda: pytorch.batch_norm_from_torch(
         _sd(num_batches_tracked=np.int64(-3))), ValueError,
      ["batch_norm_from_torch", "num_batches_tracked", ">= 0", "-3",
       COUNT_FIX]),
-    ("bn_nbt_fraction", lambda: interop.batch_norm_from_torch(
+    ("bn_nbt_fraction", lambda: pytorch.batch_norm_from_torch(
         _sd(num_batches_tracked=np.float64(2.5))), ValueError,
      ["batch_norm_from_torch", "num_batches_tracked", "whole number", "2.5"]),
-    ("bn_nbt_too_big", lambda: interop.batch_norm_from_torch(
+    ("bn_nbt_too_big", lambda: pytorch.batch_norm_from_torch(
         _sd(num_batches_tracked=np.int64(2**31))), ValueError,
      ["batch_norm_from_torch", "num_batches_tracked", "2147483648", "int32",
       "cap it"]),
-    ("bn_nbt_convert_nan", lambda: interop.batch_norm_from_torch(
+    ("bn_nbt_convert_nan", lambda: pytorch.batch_norm_from_torch(
         _sd(num_batches_tracked=np.float32(np.nan)), running_var="convert",
         elements_per_batch=8), ValueError,
      ["batch_norm_from_torch", "num_batches_tracked", "nan"]),
     # --- the running-variance converters
-    ("biased_var_negative", lambda: interop.biased_running_var_from_torch(
+    ("biased_var_negative", lambda: pytorch.biased_running_var_from_torch(
         np.float32(NEG_VAR), elements_per_batch=8, num_batches_tracked=5),
      ValueError, ["biased_running_var_from_torch", "`running_var`", "-1.0",
                   RESET_FIX]),
-    ("biased_nbt_nan", lambda: interop.biased_running_var_from_torch(
+    ("biased_nbt_nan", lambda: pytorch.biased_running_var_from_torch(
         np.ones(C), elements_per_batch=8, num_batches_tracked=float("nan")),
      ValueError, ["biased_running_var_from_torch", "`num_batches_tracked`",
                   "nan", COUNT_FIX]),
-    ("biased_nbt_negative", lambda: interop.biased_running_var_from_torch(
+    ("biased_nbt_negative", lambda: pytorch.biased_running_var_from_torch(
         np.ones(C), elements_per_batch=8, num_batches_tracked=-1),
      ValueError, ["biased_running_var_from_torch", "`num_batches_tracked`",
                   "-1"]),
-    ("unbiased_var_nan", lambda: interop.unbiased_running_var_to_torch(
+    ("unbiased_var_nan", lambda: pytorch.unbiased_running_var_to_torch(
         np.float32(NAN_VAR), elements_per_batch=8, count=5), ValueError,
      ["unbiased_running_var_to_torch", "`var`", "nan", RESET_FIX]),
-    ("unbiased_count_negative", lambda: interop.unbiased_running_var_to_torch(
+    ("unbiased_count_negative", lambda: pytorch.unbiased_running_var_to_torch(
         np.ones(C), elements_per_batch=8, count=-2), ValueError,
      ["unbiased_running_var_to_torch", "`count`", "-2", COUNT_FIX]),
     # --- jaxnorm state written for PyTorch
-    ("bn_to_torch_var_negative", lambda: interop.batch_norm_to_torch(
+    ("bn_to_torch_var_negative", lambda: pytorch.batch_norm_to_torch(
         {}, _state(var=NEG_VAR)), ValueError,
      ["batch_norm_to_torch", "state.var", ">= 0", "-1.0", RESET_FIX]),
-    ("bn_to_torch_mean_nan", lambda: interop.batch_norm_to_torch(
+    ("bn_to_torch_mean_nan", lambda: pytorch.batch_norm_to_torch(
         {}, _state(mean=(np.nan, 0, 0))), ValueError,
      ["batch_norm_to_torch", "state.mean", "finite", "nan"]),
-    ("bn_to_torch_count_negative", lambda: interop.batch_norm_to_torch(
+    ("bn_to_torch_count_negative", lambda: pytorch.batch_norm_to_torch(
         {}, _state(count=-1)), ValueError,
      ["batch_norm_to_torch", "state.count", ">= 0", "-1"]),
-    ("to_torch_var_negative", lambda: interop.to_torch(
+    ("to_torch_var_negative", lambda: pytorch.to_torch(
         {"params": {}, "batch_stats": {"bn": _state(var=NEG_VAR)}}, LAYERS),
      ValueError, ["batch_norm_to_torch", "state.var", "-1.0"]),
 ]
@@ -214,7 +214,7 @@ def test_fold_accepts_zero_variance_eager_and_jit():
 def test_from_torch_accepts_whole_float_count_and_zero_variance():
   """A float ``num_batches_tracked`` holding a whole number, and a zero
   variance, are converted as they are."""
-  params, state = interop.batch_norm_from_torch(
+  params, state = pytorch.batch_norm_from_torch(
       _sd(num_batches_tracked=np.float32(7.0),
           running_var=np.float32((0.0, 2.0, 3.0))))
   assert int(state.count) == 7 and state.count.dtype == jnp.int32

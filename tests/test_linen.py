@@ -564,7 +564,7 @@ def test_layernorm_axis_name_merges_a_sharded_hidden_axis_under_vmap():
   assert float(jnp.abs(ys_local - ys).max()) > 1e-2
 
 
-# ----------------------------------------- issue 8: BatchNorm options
+# ----------------------------------------- BatchNorm options
 
 
 def _functional_steps(opts, xs, scale, bias):

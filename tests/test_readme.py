@@ -36,8 +36,8 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
   assert "pytest" in tests and "pip install" in tests
   ci = [line.strip() for line in
         (ROOT / ".ci" / "run").read_text().strip().splitlines()]
-  # The main job is the README's command, then the newest-versions suite
-  # and the wheel's check.
+  # The main job is the README's command, then the linters, the
+  # newest-versions suite and the wheel's check.
   assert tests in ci and ci[ci.index(tests) + 1:] == [
-      "", "bash .ci/newest", "bash .ci/wheel"]
+      "", "bash .ci/lint", "bash .ci/newest", "bash .ci/wheel"]
   assert "-c .ci/oldest.txt" in tests

@@ -15,7 +15,7 @@ import pytest
 
 import jaxnorm
 from jaxnorm import residual as residual_module
-from jaxnorm.reference import normalize_reference as ref_norm
+from _reference import normalize_reference as ref_norm
 
 import _bf16
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import jaxnorm
-from jaxnorm.reference import normalize_numpy
-from jaxnorm.reference import normalize_reference as ref_norm
+from _reference import normalize_numpy
+from _reference import normalize_reference as ref_norm
 
 import _bf16
 

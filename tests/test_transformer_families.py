@@ -17,7 +17,7 @@ from flax import nnx
 import jaxnorm
 import jaxnorm.linen as jl
 import jaxnorm.nnx as jn
-from jaxnorm.reference import normalize_numpy
+from _reference import normalize_numpy
 
 import _bf16
 

@@ -1,7 +1,7 @@
 """Every JAX transformation on every public function, and the derivative design.
 
 Derivatives of the jaxnorm functions are compared with JAX's own derivatives
-of the plain-jnp references in ``jaxnorm.reference`` (in float64, so the
+of the plain-jnp references in ``tests/_reference.py`` (in float64, so the
 comparison is tight), with a loss that is not a plain sum (the x-gradient of
 ``sum(normalize(x))`` is zero and would hide bugs).
 
@@ -28,7 +28,7 @@ from jax.test_util import check_grads
 import jaxnorm
 from jaxnorm import _core
 from jaxnorm import _kernels
-from jaxnorm.reference import normalize_reference as ref_norm
+from _reference import normalize_reference as ref_norm
 
 pytestmark = pytest.mark.strict_promotion
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxnorm
-from jaxnorm.reference import normalize_numpy
+from _reference import normalize_numpy
 
 pytestmark = pytest.mark.strict_promotion
 
@@ -220,7 +220,7 @@ def test_shifted_float32_input_is_stable(name):
   x = _x(shape, seed=5, loc=1e4, std=1.0)
   y = jax.jit(f)(x, None, None)
   err = np.abs(np.asarray(y, np.float64) - _numpy_variant(name, x)).max()
-  assert err < 1e-5, err  # issue: 1e-3; flax's default is off by ~3e3
+  assert err < 1e-5, err  # flax's default is off by ~3e3
 
 
 @pytest.mark.parametrize("name", VARIANTS)

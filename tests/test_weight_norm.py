@@ -1,4 +1,4 @@
-"""Pure functions of issue 15: spectral_norm, weight_norm, torch helpers.
+"""Pure functions: spectral_norm, weight_norm, torch helpers.
 
 References are float64 NumPy (values) and plain-jnp functions (gradients,
 with flax's stop_gradient convention for the power-iteration vectors).

@@ -1,11 +1,10 @@
-"""The seed CNN in PyTorch and as a reference Flax model (jaxnorm functions).
+"""The example CNN in PyTorch and as a reference Flax model (jaxnorm functions).
 
 conv1 (1->32, 3x3, pad 1) - BN - relu - maxpool 2 - conv2 (32->64) - BN -
 relu - maxpool 2 - flatten - fc1 (64*7*7 -> 128) - BN1d - relu - fc2 (10).
-The seed document wrote fc1 as 64*28*28; after two 2x2 poolings of a 28x28
-input it is 64*7*7. PyTorch runs NCHW, the Flax model NHWC; the variables
-are converted with ``jaxnorm.interop.from_torch(sd, SEED_CNN_LAYERS)``.
-torch is imported only by ``torch_seed_cnn``.
+fc1's input is 64*7*7 (two 2x2 poolings of a 28x28 input). PyTorch runs NCHW, the Flax model NHWC; the variables
+are converted with ``jaxnorm.pytorch.from_torch(sd, EXAMPLE_CNN_LAYERS)``.
+torch is imported only by ``torch_example_cnn``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from jaxnorm import interop
+from jaxnorm import pytorch
 
 CONV1 = nn.Conv(32, (3, 3), padding=1)
 CONV2 = nn.Conv(64, (3, 3), padding=1)
@@ -25,8 +24,8 @@ FC2 = nn.Dense(10)
 BN_AFTER = {"conv1": "bn1", "conv2": "bn2", "fc1": "bn_fc1"}
 
 
-def torch_seed_cnn():
-  """The seed's ``CNNWithBatchNorm`` (fc1 fixed to 64*7*7)."""
+def torch_example_cnn():
+  """The example ``CNNWithBatchNorm`` in PyTorch."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn as tnn  # pylint: disable=g-import-not-at-top
 
@@ -58,8 +57,8 @@ def _pool(h):
   return nn.max_pool(h, (2, 2), strides=(2, 2))
 
 
-def seed_cnn(variables, x, *, train=False, momentum=0.9, epsilon=1e-5):
-  """Seed CNN on NHWC ``x`` (N, 28, 28, 1) with jaxnorm batch norm.
+def example_cnn(variables, x, *, train=False, momentum=0.9, epsilon=1e-5):
+  """Example CNN on NHWC ``x`` (N, 28, 28, 1) with jaxnorm batch norm.
 
   Returns logits (N, 10) in eval mode, ``(logits, new_batch_stats)`` with
   ``train=True``.
@@ -84,20 +83,20 @@ def seed_cnn(variables, x, *, train=False, momentum=0.9, epsilon=1e-5):
   return (logits, new) if train else logits
 
 
-def fold_seed_cnn(variables, *, epsilon=1e-5):
+def fold_example_cnn(variables, *, epsilon=1e-5):
   """Params of the BN-free CNN: each BatchNorm folded into its conv/dense."""
   p, s = variables["params"], variables["batch_stats"]
   out = {"fc2": p["fc2"]}
   for layer, bn in BN_AFTER.items():
-    k, b = interop.fold_batch_norm(
+    k, b = jaxnorm.fold_batch_norm(
         p[layer]["kernel"], p[layer].get("bias"), s[bn], p[bn]["scale"],
         p[bn]["bias"], epsilon=epsilon)
     out[layer] = {"kernel": k, "bias": b}
   return out
 
 
-def seed_cnn_folded(params, x):
-  """Eval-mode seed CNN with folded BatchNorm (no normalization layers)."""
+def example_cnn_folded(params, x):
+  """Eval-mode example CNN with folded BatchNorm (no normalization layers)."""
   h = _pool(jax.nn.relu(CONV1.apply({"params": params["conv1"]}, x)))
   h = _pool(jax.nn.relu(CONV2.apply({"params": params["conv2"]}, h)))
   h = h.reshape(h.shape[0], -1)
@@ -105,10 +104,10 @@ def seed_cnn_folded(params, x):
   return FC2.apply({"params": params["fc2"]}, h)
 
 
-class LinenSeedCNN(nn.Module):
-  """The seed CNN as a linen module with a given BatchNorm class (flax's or
+class LinenExampleCNN(nn.Module):
+  """The example CNN as a linen module with a given BatchNorm class (flax's or
   jaxnorm.linen's); submodule names are PyTorch's, so
-  ``from_torch(sd, SEED_CNN_LAYERS, batch_stats_format=...)`` loads."""
+  ``from_torch(sd, EXAMPLE_CNN_LAYERS, batch_stats_format=...)`` loads."""
 
   bn_cls: type
 
@@ -127,7 +126,7 @@ class LinenSeedCNN(nn.Module):
     return nn.Dense(10, name="fc2")(h)
 
 
-def random_seed_cnn_variables(seed=0, *, count=0):
+def random_example_cnn_variables(seed=0, *, count=0):
   """Random params and non-trivial running statistics for the Flax CNN
   (NumPy RNG: no tracing or compilation)."""
   rng = np.random.default_rng(seed)

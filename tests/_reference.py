@@ -64,7 +64,7 @@ def normalize_numpy(
     mask=None,
     center: bool = True,
 ) -> np.ndarray:
-  """Float64 NumPy version of :func:`normalize_reference` (the seed formulas).
+  """Float64 NumPy version of :func:`normalize_reference`.
 
   Args:
     x: array-like; converted to float64.
