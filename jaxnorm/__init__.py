@@ -25,7 +25,8 @@ from jaxnorm.weight_norm import weight_norm as weight_norm
 from jaxnorm.weight_norm import weight_norm_from_torch as weight_norm_from_torch
 from jaxnorm.weight_norm import weight_norm_to_torch as weight_norm_to_torch
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
-from jaxnorm.recalibration import recalibrate_batch_norm as recalibrate_batch_norm
+from jaxnorm.recalibration import (
+    recalibrate_batch_norm as recalibrate_batch_norm)
 
 # Submodules: Flax modules (linen, nnx) and PyTorch state dicts and
 # conventions (pytorch). Equinox modules (equinox) are imported on first use

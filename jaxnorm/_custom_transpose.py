@@ -1,4 +1,5 @@
-"""A linear map with a hand-written transpose: jaxnorm's one use of JAX internals.
+"""A linear map with a hand-written transpose: jaxnorm's one use of JAX
+internals.
 
 JAX's public API defines a derivative either by its forward rule
 (``jax.custom_jvp``; reverse mode then transposes the rule's tangent map)
@@ -101,16 +102,16 @@ def _transpose(cts, *args, rule: _Rule):
   ct = jax.tree.unflatten(jax.tree.structure(rule.out), cts)
   cts = rule.lin_tree.flatten_up_to(rule.transpose(res, ct))
   return [None] * n + [c if ad.is_undefined_primal(a) else None
-                       for a, c in zip(args[n:], cts)]
+                       for a, c in zip(args[n:], cts, strict=True)]
 
 
 def _batch(args, dims, *, rule: _Rule):
   n = rule.res_tree.num_leaves
-  size = next(a.shape[d] for a, d in zip(args, dims)
+  size = next(a.shape[d] for a, d in zip(args, dims, strict=True)
               if d is not None)
   axes = [None if d is None else 0 for d in dims]
   moved = [a if d is None else jnp.moveaxis(a, d, 0)
-           for a, d in zip(args, dims)]
+           for a, d in zip(args, dims, strict=True)]
   res_axes = rule.res_tree.unflatten(axes[:n])
   lin_axes = rule.lin_tree.unflatten(axes[n:])
 
@@ -122,7 +123,7 @@ def _batch(args, dims, *, rule: _Rule):
     # An unbatched linear input is shared by every batch: its cotangent is
     # the sum over the batch.
     leaves = [c if ax == 0 else jnp.sum(c, 0) for c, ax in
-              zip(rule.lin_tree.flatten_up_to(cts), axes[n:])]
+              zip(rule.lin_tree.flatten_up_to(cts), axes[n:], strict=True)]
     return rule.lin_tree.unflatten(leaves)
 
   out = jax.tree.map(

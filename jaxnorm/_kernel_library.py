@@ -140,9 +140,8 @@ def _writable_dir() -> pathlib.Path:
   for d in cache_dirs():
     try:
       d.mkdir(parents=True, exist_ok=True)
-      probe = tempfile.NamedTemporaryFile(dir=d)
-      probe.close()
-      return d
+      with tempfile.NamedTemporaryFile(dir=d):
+        return d
     except OSError:
       continue
   return pathlib.Path(tempfile.mkdtemp(prefix="jaxnorm-"))
@@ -185,6 +184,7 @@ _FIX = ("install a C++ compiler (e.g. `apt-get install g++`) and run "
         "use XLA ops without this warning")
 _LOCK = threading.Lock()
 _STATE: dict[str, Status] = {}
+_LIBRARIES: list[ctypes.CDLL] = []  # kept loaded
 
 
 def _register(path: pathlib.Path) -> None:
@@ -192,7 +192,7 @@ def _register(path: pathlib.Path) -> None:
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(
         target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-  _STATE["lib"] = lib  # keeps the library loaded
+  _LIBRARIES.append(lib)
 
 
 def loaded() -> Status | None:

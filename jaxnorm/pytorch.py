@@ -37,7 +37,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,7 @@ __all__ = [
     "unbiased_running_var_to_torch",
 ]
 
+NormKind = Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"]
 StateDict = Mapping[str, Any]  # values: torch.Tensor, np.ndarray or jax.Array
 
 # --------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def _check_unit_interval(fn: str, name: str, m: Any) -> float:
   if isinstance(m, bool) or not isinstance(m, numbers.Real):
     raise TypeError(f"{fn}: `{name}` must be a Python float in [0, 1]; got "
                     f"{m!r} of type {type(m).__name__}.")
+  m = float(m)
   if not 0.0 <= m <= 1.0:  # also rejects NaN
     raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {m!r}.")
   return float(m)
@@ -227,7 +229,7 @@ def biased_running_var_from_torch(
                                     num_batches_tracked, "num_batches_tracked")
   w = _init_weight(fn, t, torch_momentum)
   r = _to_numpy(fn, "running_var", running_var).astype(np.float64)
-  _check_statistics(fn, None, None, "`running_var`", r)
+  _check_statistics(fn, "", None, "`running_var`", r)
   return w + (n - 1) / n * (r - w)
 
 
@@ -268,7 +270,7 @@ def unbiased_running_var_to_torch(
   n, t = _check_var_conversion_args(fn, elements_per_batch, count, "count")
   w = _init_weight(fn, t, torch_momentum)
   v = _to_numpy(fn, "var", var).astype(np.float64)
-  _check_statistics(fn, None, None, "`var`", v)
+  _check_statistics(fn, "", None, "`var`", v)
   return w + n / (n - 1) * (v - w)
 
 
@@ -338,7 +340,7 @@ _RESET_STATS_FIX = (
     "torch.optim.swa_utils.update_bn) or reset them (mean 0, variance 1).")
 
 
-def _check_statistics(fn: str, what_mean: str | None, mean: np.ndarray | None,
+def _check_statistics(fn: str, what_mean: str, mean: np.ndarray | None,
                       what_var: str, var: np.ndarray) -> None:
   """Raises unless the running mean (if given) is finite and the variance
   finite and non-negative (a negative one makes inference output NaN)."""
@@ -382,21 +384,26 @@ def _key(prefix: str, name: str) -> str:
   return f"{prefix}{name}"
 
 
-def _take(fn: str, sd: StateDict, prefix: str, name: str, *,
-          required: bool = True) -> np.ndarray | None:
+def _find(fn: str, sd: StateDict, prefix: str, name: str
+          ) -> np.ndarray | None:
+  """The tensor ``prefix + name`` as a NumPy array, or None if absent."""
   _check_state_dict(fn, sd)
   key = _key(prefix, name)
-  if key not in sd:
-    if not required:
-      return None
+  return _to_numpy(fn, key, sd[key]) if key in sd else None
+
+
+def _take(fn: str, sd: StateDict, prefix: str, name: str) -> np.ndarray:
+  """The tensor ``prefix + name`` as a NumPy array; KeyError if absent."""
+  a = _find(fn, sd, prefix, name)
+  if a is None:
     near = sorted(k for k in sd if k.startswith(prefix))[:12]
     raise KeyError(
-        f"{fn}: the state dict has no key {key!r}. Keys starting with "
-        f"{prefix!r}: {near}. Fix: check `prefix` (PyTorch names keys "
-        f"'<module name>.<tensor>', e.g. 'bn1.weight'; strip a DataParallel "
-        f"'module.' prefix first)."
+        f"{fn}: the state dict has no key {_key(prefix, name)!r}. Keys "
+        f"starting with {prefix!r}: {near}. Fix: check `prefix` (PyTorch "
+        f"names keys '<module name>.<tensor>', e.g. 'bn1.weight'; strip a "
+        f"DataParallel 'module.' prefix first)."
     )
-  return _to_numpy(fn, key, sd[key])
+  return a
 
 
 def _check_shape(fn: str, what: str, a: np.ndarray, shape) -> None:
@@ -492,11 +499,11 @@ def batch_norm_from_torch(
   params: dict[str, jax.Array] = {}
   c = None
   for src, dst in (("weight", "scale"), ("bias", "bias")):
-    a = _take(fn, state_dict, prefix, src, required=False)
+    a = _find(fn, state_dict, prefix, src)
     if a is not None:
       c = _check_vector(fn, f"{prefix}{src}", a, c)
       params[dst] = _float_out(a, dtype)
-  mean = _take(fn, state_dict, prefix, "running_mean", required=False)
+  mean = _find(fn, state_dict, prefix, "running_mean")
   if mean is None:
     if _key(prefix, "running_var") in state_dict:
       _take(fn, state_dict, prefix, "running_mean")  # raises KeyError
@@ -509,7 +516,7 @@ def batch_norm_from_torch(
   _check_vector(fn, f"{prefix}running_var", var, c)
   _check_statistics(fn, f"{prefix}running_mean", mean, f"{prefix}running_var",
                     var)
-  nbt = _take(fn, state_dict, prefix, "num_batches_tracked", required=False)
+  nbt = _find(fn, state_dict, prefix, "num_batches_tracked")
   if nbt is None:
     if running_var == "convert":
       raise KeyError(
@@ -635,7 +642,7 @@ def _check_norm_kind(fn: str, kind: Any) -> None:
 def norm_from_torch(
     state_dict: StateDict,
     *,
-    kind: Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"],
+    kind: NormKind,
     prefix: str = "",
     dtype: Any = jnp.float32,
 ) -> dict[str, jax.Array]:
@@ -685,7 +692,7 @@ def norm_from_torch(
                      f"{prefix}bias. Check `kind` and `prefix`.")
   out = {}
   for src, dst in (("weight", "scale"), ("bias", "bias")):
-    a = _take(fn, state_dict, prefix, src, required=False)
+    a = _find(fn, state_dict, prefix, src)
     if a is not None:
       out[dst] = _float_out(a, dtype)
   if "scale" in out and "bias" in out:
@@ -697,7 +704,7 @@ def norm_from_torch(
 def norm_to_torch(
     params: Mapping[str, ArrayLike] | None,
     *,
-    kind: Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"],
+    kind: NormKind,
     prefix: str = "",
     as_torch: bool = False,
 ) -> dict[str, Any]:
@@ -747,7 +754,7 @@ def _conv_perms(nd: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def _bias_in(fn, sd, prefix, out_features, dtype, params):
-  b = _take(fn, sd, prefix, "bias", required=False)
+  b = _find(fn, sd, prefix, "bias")
   if b is not None:
     _check_vector(fn, f"{prefix}bias", b, out_features)
     params["bias"] = _float_out(b, dtype)
@@ -1107,8 +1114,8 @@ def from_torch(
       if st is not None:
         stats[name] = _batch_stats_entry(st, batch_stats_format)
     else:
-      p = norm_from_torch(state_dict, kind=spec.kind, prefix=prefix,
-                          dtype=dtype)
+      p = norm_from_torch(state_dict, kind=cast(NormKind, spec.kind),
+                          prefix=prefix, dtype=dtype)
     if p:
       params[name] = p
   unread = sorted(set(state_dict) - read)
@@ -1177,8 +1184,10 @@ def to_torch(
                        f"for the {spec.kind} layer; got {sorted(params)}.")
       p = {}
     if spec.kind == "conv":
+      assert p is not None  # a missing entry raised above
       out.update(conv_to_torch(p, prefix=prefix, as_torch=as_torch))
     elif spec.kind == "linear":
+      assert p is not None  # a missing entry raised above
       out.update(linear_to_torch(p, prefix=prefix, as_torch=as_torch,
                                  flatten_chw=spec.flatten_chw))
     elif spec.kind == "batch_norm":
@@ -1189,6 +1198,6 @@ def to_torch(
           torch_momentum=_per_layer(fn, torch_momentum, name),
           as_torch=as_torch))
     else:
-      out.update(norm_to_torch(p, kind=spec.kind, prefix=prefix,
-                               as_torch=as_torch))
+      out.update(norm_to_torch(p, kind=cast(NormKind, spec.kind),
+                               prefix=prefix, as_torch=as_torch))
   return out
