@@ -338,7 +338,9 @@ def affine_params(fn: str, x: jax.Array, scale: Any, bias: Any,
 
 
 def norm_inputs(fn: str, x: Any, epsilon: Any, mask: Any, axis_name: Any,
-                axis_index_groups: Any):
+                axis_index_groups: Any
+                ) -> tuple[jax.Array, float, jax.Array | None,
+                           tuple[Any, ...] | None]:
   """The checks every normalizer shares: ``(x, epsilon, mask, names)``."""
   x = as_float_array(fn, "x", x, min_ndim=1)
   epsilon = check_epsilon(fn, epsilon)
