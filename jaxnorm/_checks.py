@@ -133,6 +133,17 @@ def concrete_value(a: Any) -> float | None:
   return float(np.asarray(a))
 
 
+def is_int(v: Any) -> bool:
+  """Whether ``v`` is a Python or NumPy integer (not a bool)."""
+  return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(
+      v, bool)
+
+
+def is_real(v: Any) -> bool:
+  """Whether ``v`` is a real Python or NumPy number (not a bool)."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def canonicalize_axes(
     fn: str, name: str, axes: int | Sequence[int] | None, ndim: int, *,
     empty_ok: bool = False, repeats_ok: bool = False
@@ -164,7 +175,7 @@ def canonicalize_axes(
         f"{axes!r} of type {type(axes).__name__}."
     )
   for a in axes_t:
-    if isinstance(a, bool) or not isinstance(a, (numbers.Integral, np.integer)):
+    if not is_int(a):
       raise TypeError(
           f"{fn}: `{name}` must contain only ints; got {axes!r}."
       )
@@ -193,7 +204,7 @@ def check_epsilon(fn: str, epsilon: Any, *, added_to: str = "the variance",
   ``added_to`` names what it is added to under the square root, and
   ``typical`` ends the message of a negative value.
   """
-  if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+  if not is_real(epsilon):
     raise TypeError(
         f"{fn}: `epsilon` must be a Python float; got {epsilon!r} of type "
         f"{type(epsilon).__name__}."
@@ -208,7 +219,7 @@ def check_epsilon(fn: str, epsilon: Any, *, added_to: str = "the variance",
 
 def check_momentum(fn: str, momentum: Any) -> float:
   """Checks that ``momentum`` is a Python number in [0, 1]."""
-  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+  if not is_real(momentum):
     raise TypeError(
         f"{fn}: `momentum` must be a Python float in [0, 1]; got "
         f"{momentum!r} of type {type(momentum).__name__}."
@@ -327,7 +338,9 @@ def affine_params(fn: str, x: jax.Array, scale: Any, bias: Any,
 
 
 def norm_inputs(fn: str, x: Any, epsilon: Any, mask: Any, axis_name: Any,
-                axis_index_groups: Any):
+                axis_index_groups: Any
+                ) -> tuple[jax.Array, float, jax.Array | None,
+                           tuple[Any, ...] | None]:
   """The checks every normalizer shares: ``(x, epsilon, mask, names)``."""
   x = as_float_array(fn, "x", x, min_ndim=1)
   epsilon = check_epsilon(fn, epsilon)
@@ -374,9 +387,8 @@ def check_axis_index_groups(fn: str, groups: Any,
   out = []
   if ok_types:
     for g in groups:
-      if (not isinstance(g, Sequence) or isinstance(g, str) or not all(
-          isinstance(i, (numbers.Integral, np.integer))
-          and not isinstance(i, bool) for i in g)):
+      if (not isinstance(g, Sequence) or isinstance(g, str)
+          or not all(is_int(i) for i in g)):
         ok_types = False
         break
       out.append(tuple(int(i) for i in g))
@@ -398,7 +410,7 @@ def check_axis_index_groups(fn: str, groups: Any,
 def check_real(fn: str, name: str, v: Any, *, lower: float | None = None,
                why: str = "") -> float:
   """A finite Python real (not bool), optionally ``>= lower``."""
-  if isinstance(v, bool) or not isinstance(v, numbers.Real):
+  if not is_real(v):
     raise TypeError(
         f"{fn}: `{name}` must be a Python float; got {v!r} of type "
         f"{type(v).__name__}. Fix: pass float(value)."

@@ -20,9 +20,10 @@ The backward pass is written by hand in :func:`_vjp`. With
 .. math::
    \\frac{\\partial L}{\\partial x} = r \\left(g - \\frac{w}{n}
      \\Big(\\sum_A g + \\hat x \\sum_A g \\hat x\\Big)\\right), \\quad
-   \\frac{\\partial L}{\\partial \\gamma} = \\sum \\frac{\\partial L}{\\partial y}
-     \\hat x, \\quad
-   \\frac{\\partial L}{\\partial \\beta} = \\sum \\frac{\\partial L}{\\partial y},
+   \\frac{\\partial L}{\\partial \\gamma} = \\sum
+     \\frac{\\partial L}{\\partial y} \\hat x, \\quad
+   \\frac{\\partial L}{\\partial \\beta} = \\sum
+     \\frac{\\partial L}{\\partial y},
 
 where the sums over ``A`` also run over the named device axis (``psum``) and
 the first sum is absent without centering. With a mask the sums run over
@@ -280,7 +281,7 @@ class _Grads:
   delta: jax.Array
   rstd: jax.Array
   s: jax.Array | None  # the scale in the statistics' dtype
-  s_shape: tuple[int, ...] | None
+  s_shape: tuple[int, ...] | None  # None exactly when s is None
   b_shape: tuple[int, ...] | None
 
   def own(self, a: jax.Array, reader: int) -> jax.Array:
@@ -312,7 +313,7 @@ def _sums_per_group(g: _Grads, inner: tuple[int, ...], sums):
     sg, sgx = sums
   sgx = sgx * g.rstd  # sum g xhat
   dbias = None if g.b_shape is None else _stats.sum_to(sg, g.b_shape)
-  dscale = None if g.s is None else _stats.sum_to(sgx, g.s_shape)
+  dscale = None if g.s_shape is None else _stats.sum_to(sgx, g.s_shape)
   if g.s is not None:
     sg, sgx = sg * g.s, sgx * g.s
   outer = tuple(a for a in cfg.axes if a not in inner)
@@ -335,7 +336,7 @@ def _sums_per_element(g: _Grads):
   dbias = (None if g.b_shape is None
            else _stats.sum_to(g.own(g.dy, _DBIAS), g.b_shape))
   dscale = None
-  if s is not None:
+  if g.s_shape is not None:  # with a scale
     x = g.own(g.x, _DSCALE)
     if not cfg.center:
       d = x
@@ -581,8 +582,9 @@ def _kernel_vjp(cfg: _Config, shapes, res, dy):
                              lo.reshape(c))
     return _vjp(cfg, shapes, res, dy,
                 sums=tuple(v.reshape(hi.shape) for v in sums))
+  hi_r, lo_r, rstd_r = (_per_row(cfg, x, a) for a in (hi, lo, rstd))
   dx, dscale, dbias = _kernels.row_backward(
-      _as_rows(cfg, x), *(_per_row(cfg, x, a) for a in (hi, lo, rstd)),
+      _as_rows(cfg, x), hi_r, lo_r, rstd_r,
       _param_rows(scale, _width(cfg, x), 1.0),
       _as_rows(cfg, dy.astype(x.dtype)), center=cfg.center)
   return (dx.reshape(x.shape), _as_param(dscale, scale_aval),

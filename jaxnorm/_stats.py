@@ -185,7 +185,7 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   which data parallelism shards. With ``groups`` the per-channel sums are
   summed over each group.
   """
-  keep = {"axis": axes, "keepdims": True}
+  keep: dict[str, Any] = {"axis": axes, "keepdims": True}
   head = xf
   along = [a for a in axes if a != 0]
   if along and w is None:
@@ -197,9 +197,9 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
         1 if groups is None else c // groups)
     # max: an empty group (a reduced axis of size 0) has pilot 0.
     return group_sum(jnp.sum(head * (1.0 / max(n, 1)), **keep), groups, c)
-  n = group_sum(jnp.sum(w, dtype=xf.dtype, **keep), groups, c)
+  count = group_sum(jnp.sum(w, dtype=xf.dtype, **keep), groups, c)
   total = group_sum(jnp.sum(jnp.where(w, xf, 0.0), **keep), groups, c)
-  return total / jnp.maximum(n, 1.0)
+  return total / jnp.maximum(count, 1.0)
 
 
 def _shifted_sums(xf, x2, k, keep, valid, groups, cpu):
@@ -265,7 +265,7 @@ def moments(
   """
   dt = stat_dtype(x.dtype)
   xf = x.astype(dt)
-  keep = dict(axis=axes, keepdims=True)
+  keep: dict[str, Any] = {"axis": axes, "keepdims": True}
   stat_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
   c = x.shape[-1]
   if mask is None:

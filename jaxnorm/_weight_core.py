@@ -39,6 +39,7 @@ def power_iteration(w2d: jax.Array, u: jax.Array, n_steps: int,
   for _ in range(n_steps):
     v = l2_normalize(jnp.matmul(u, w2d.T), eps)
     u = l2_normalize(jnp.matmul(v, w2d), eps)
+  assert v is not None  # n_steps >= 1, checked by the caller
   return jax.lax.stop_gradient(u), jax.lax.stop_gradient(v)
 
 

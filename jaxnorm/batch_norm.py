@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jaxnorm import _checks
@@ -29,7 +27,8 @@ class BatchNormState(NamedTuple):
 
   mean: jax.Array
   var: jax.Array
-  count: jax.Array
+  # The field shadows tuple.count, which mypy reports as an override.
+  count: jax.Array  # type: ignore[assignment]
 
 
 def batch_norm_init(
@@ -144,7 +143,14 @@ def _check_state(fn: str, state: Any, fshape: tuple[int, ...]
   return BatchNormState(count=count, **fields)
 
 
-def _prepare(fn, x, state, scale, bias, axis):
+_Prepared = tuple[jax.Array, BatchNormState, tuple[int, ...], tuple[int, ...],
+                  tuple[int, ...], tuple[int, ...], jax.Array | None,
+                  jax.Array | None]
+
+
+def _prepare(fn: str, x: Any, state: Any, scale: Any, bias: Any,
+             axis: Any) -> _Prepared:
+  """``(x, state, feat, red, bshape, fshape, scale, bias)``, checked."""
   x = _checks.as_float_array(fn, "x", x, min_ndim=1)
   feat, red, bshape = _feature_layout(fn, x, axis)
   fshape = tuple(x.shape[i] for i in feat)
@@ -160,7 +166,7 @@ def _check_momentum(fn: str, momentum: Any, debias: Any) -> float | None:
   debias = _checks.check_bool(fn, "debias", debias)
   if momentum is None:
     return None
-  if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+  if not _checks.is_real(momentum):
     raise TypeError(
         f"{fn}: `momentum` must be a Python float in [0, 1] (weight on the "
         f"old running value) or None (cumulative moving average, PyTorch's "
@@ -193,8 +199,7 @@ def _check_virtual_batch_size(fn: str, vbs: Any, shape: tuple[int, ...],
   """Returns the number of virtual batches (1 without ``vbs``)."""
   if vbs is None:
     return 1
-  if isinstance(vbs, bool) or not isinstance(vbs, (numbers.Integral,
-                                                   np.integer)):
+  if not _checks.is_int(vbs):
     raise TypeError(
         f"{fn}: `virtual_batch_size` must be a positive int or None; got "
         f"{vbs!r} of type {type(vbs).__name__}."
@@ -221,7 +226,7 @@ def _check_clip(fn: str, name: str, v: Any, lower: float) -> Any:
   if isinstance(v, bool) or v is None:
     raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "
                     f"{v!r}.")
-  if isinstance(v, numbers.Real):
+  if _checks.is_real(v):
     if not v >= lower:  # also rejects NaN
       raise ValueError(
           f"{fn}: `{name}` must be >= {lower} (r is clipped to [1/rmax, "
@@ -441,8 +446,10 @@ def _train(fn: str, x, state, scale, bias, *, renorm: bool,
     xhat, mean, var, count = core(xs, None, None, mask)
     y = _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
                        opts.epsilon, rmax, dmax)
-  fstats = [a.reshape((groups,) + fshape) for a in (mean, var, count)]
-  new_state, skipped = _new_state(state, *fstats, opts, skip_nonfinite)
+  mean, var, count = (a.reshape((groups,) + fshape)
+                      for a in (mean, var, count))
+  new_state, skipped = _new_state(state, mean, var, count, opts,
+                                  skip_nonfinite)
   return y.reshape(x.shape), new_state, skipped
 
 
@@ -668,8 +675,12 @@ def batch_norm_train(
 
   Raises:{raises}
   """
-  return _train(_checks.caller("batch_norm_train"), renorm=False,
-                skip_nonfinite=False, **locals())[:2]
+  return _train(
+      _checks.caller("batch_norm_train"), x, state, scale, bias, renorm=False,
+      skip_nonfinite=False, axis=axis, momentum=momentum, epsilon=epsilon,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
+      running_var=running_var, debias=debias,
+      virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
 
 
 def batch_norm_train_skip_nonfinite(
@@ -714,8 +725,12 @@ def batch_norm_train_skip_nonfinite(
   Raises:{raises}
     ValueError: also complex ``x``.
   """
-  return _train(_checks.caller("batch_norm_train_skip_nonfinite"),
-                renorm=False, skip_nonfinite=True, **locals())
+  return _train(
+      _checks.caller("batch_norm_train_skip_nonfinite"), x, state, scale, bias,
+      renorm=False, skip_nonfinite=True, axis=axis, momentum=momentum,
+      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      mask=mask, running_var=running_var, debias=debias,
+      virtual_batch_size=virtual_batch_size, allow_single=allow_single)
 
 
 _RENORM_ARGS = """
@@ -785,8 +800,12 @@ def batch_renorm_train(
 
   Raises:{raises}{renorm_raises}
   """
-  return _train(_checks.caller("batch_renorm_train"), renorm=True,
-                skip_nonfinite=False, **locals())[:2]
+  return _train(
+      _checks.caller("batch_renorm_train"), x, state, scale, bias, renorm=True,
+      skip_nonfinite=False, rmax=rmax, dmax=dmax, axis=axis, momentum=momentum,
+      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
+      mask=mask, running_var=running_var, debias=debias,
+      virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
 
 
 def batch_renorm_train_skip_nonfinite(
@@ -832,12 +851,17 @@ def batch_renorm_train_skip_nonfinite(
 
   Raises:{raises}{renorm_raises}
   """
-  return _train(_checks.caller("batch_renorm_train_skip_nonfinite"),
-                renorm=True, skip_nonfinite=True, **locals())
+  return _train(
+      _checks.caller("batch_renorm_train_skip_nonfinite"), x, state, scale,
+      bias, renorm=True, skip_nonfinite=True, rmax=rmax, dmax=dmax, axis=axis,
+      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask, running_var=running_var,
+      debias=debias, virtual_batch_size=virtual_batch_size,
+      allow_single=allow_single)
 
 
 def _fill_docs(f, plain: str = "") -> None:
-  """Writes the shared parts into the docstring of the training function ``f``."""
+  """Writes the shared parts into the training function ``f``'s docstring."""
   for key, text in (("{args}", _TRAIN_ARGS), ("{raises}", _TRAIN_RAISES),
                     ("{renorm_args}", _RENORM_ARGS),
                     ("{renorm_raises}", _RENORM_RAISES),

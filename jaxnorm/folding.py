@@ -27,6 +27,16 @@ def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
   )
 
 
+def _statistic(fn: str, name: str, a: Any, fshape: tuple[int, ...],
+               hint: str) -> jax.Array:
+  """A running statistic of shape ``fshape`` (required, unlike a parameter)."""
+  checked = _checks.check_param(fn, name, a, fshape, hint)
+  if checked is None:
+    raise TypeError(f"{fn}: `{name}` must be an array of shape {fshape} "
+                    f"({hint}); got None.")
+  return checked
+
+
 def _concrete(a: jax.Array) -> np.ndarray | None:
   """``a``'s values, or None if it is traced (values unknown until run)."""
   try:
@@ -115,8 +125,8 @@ def fold_batch_norm(
   fshape = (kernel.shape[-1],)
   hint = f"the output features of kernel.shape={tuple(kernel.shape)}"
   mean, var, _ = _state_fields(fn, state)
-  mean = _checks.check_param(fn, "state.mean", mean, fshape, hint)
-  var = _checks.check_param(fn, "state.var", var, fshape, hint)
+  mean = _statistic(fn, "state.mean", mean, fshape, hint)
+  var = _statistic(fn, "state.var", var, fshape, hint)
   kernel_bias = _checks.check_param(fn, "kernel_bias", kernel_bias, fshape,
                                     hint)
   scale = _checks.check_param(fn, "scale", scale, fshape, hint)

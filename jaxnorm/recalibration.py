@@ -120,6 +120,10 @@ def recalibrate_batch_norm(
     raise TypeError(f"{fn}: `stats_fn` must be callable (state, batch) -> "
                     f"state; got {type(stats_fn).__name__}.")
   f = jax.jit(stats_fn) if jit else stats_fn
+  # jax's PyTreeDef is an alias mypy cannot resolve: the tree structures
+  # are typed Any.
+  treedef: Any
+  out_def: Any
   leaves, treedef = jax.tree.flatten(state)
   is_float = [_is_float_leaf(a) for a in leaves]
   sums: list[np.ndarray | None] = [None] * len(leaves)
@@ -154,9 +158,9 @@ def recalibrate_batch_norm(
     raise ValueError(f"{fn}: `batches` yielded no batch; give at least one.")
   accumulate(pending)
   new = treedef.unflatten([
-      jnp.asarray((s / k).astype(jax.dtypes.canonicalize_dtype(a.dtype)))
-      if fl else b
-      for s, a, b, fl in zip(sums, leaves, pending, is_float, strict=True)
+      b if s is None  # not a floating leaf
+      else jnp.asarray((s / k).astype(jax.dtypes.canonicalize_dtype(a.dtype)))
+      for s, a, b in zip(sums, leaves, pending, strict=True)
   ])
   return jax.tree.map(lambda n: _with_count(n, k), new,
                       is_leaf=_is_stats_node)

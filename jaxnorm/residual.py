@@ -138,7 +138,12 @@ def add_rms_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       scale (Llama).
 {args}"""
-  return _add_norm(_checks.caller("add_rms_norm"), center=False, **locals())
+  return _add_norm(
+      _checks.caller("add_rms_norm"), x, residual, scale, center=False,
+      reduction_axes=reduction_axes, feature_axes=feature_axes,
+      epsilon=epsilon, scale_offset=scale_offset,
+      cast_before_scale=cast_before_scale, residual_dtype=residual_dtype,
+      mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def add_layer_norm(
@@ -186,11 +191,16 @@ def add_layer_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       affine map.
 {args}"""
-  return _add_norm(_checks.caller("add_layer_norm"), center=True,
-                   **locals())
+  return _add_norm(
+      _checks.caller("add_layer_norm"), x, residual, scale, bias, center=True,
+      reduction_axes=reduction_axes, feature_axes=feature_axes,
+      epsilon=epsilon, scale_offset=scale_offset,
+      cast_before_scale=cast_before_scale, residual_dtype=residual_dtype,
+      mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 for _f, _plain in ((add_rms_norm, "rms_norm"), (add_layer_norm, "layer_norm")):
-  _f.__doc__ = _f.__doc__.replace("{options}", _OPTIONS).replace(
-      "{args}", _ARGS).replace("{plain}", _plain)
+  if _f.__doc__:  # None under python -OO
+    _f.__doc__ = _f.__doc__.replace("{options}", _OPTIONS).replace(
+        "{args}", _ARGS).replace("{plain}", _plain)
 del _f, _plain

@@ -1,10 +1,11 @@
 """Layer, RMS, group and instance normalization: thin layers over one core.
 
 Each function only chooses the reduction axes (and, for group norm, the
-number of channel groups) and the parameter layout; statistics, normalization and the
-hand-derived derivatives all live in ``jaxnorm._core``. Names, axis meanings
-and defaults follow the ``flax.linen`` layers of the same name (channels
-last; for group and instance norm axis 0 is the batch).
+number of channel groups) and the parameter layout; statistics,
+normalization and the hand-derived derivatives all live in
+``jaxnorm._core``. Names, axis meanings and defaults follow the
+``flax.linen`` layers of the same name (channels last; for group and
+instance norm axis 0 is the batch).
 
 Every function takes ``axis_name`` (and ``axis_index_groups``): when the
 *reduced* axes are split across devices, e.g. a LayerNorm whose hidden axis
@@ -113,7 +114,12 @@ def layer_norm(
       negative ``epsilon``, a NaN or infinite ``scale_offset``, an unbound
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
-  return _row_norm(_checks.caller("layer_norm"), center=True, **locals())
+  return _row_norm(
+      _checks.caller("layer_norm"), x, scale, bias, center=True,
+      reduction_axes=reduction_axes, feature_axes=feature_axes,
+      epsilon=epsilon, scale_offset=scale_offset,
+      cast_before_scale=cast_before_scale, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
 
 
 def rms_norm(
@@ -171,11 +177,17 @@ def rms_norm(
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
-  return _row_norm(_checks.caller("rms_norm"), center=False, **locals())
+  return _row_norm(
+      _checks.caller("rms_norm"), x, scale, center=False,
+      reduction_axes=reduction_axes, feature_axes=feature_axes,
+      epsilon=epsilon, scale_offset=scale_offset,
+      cast_before_scale=cast_before_scale, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups)
 
 
-layer_norm.__doc__ = layer_norm.__doc__.replace("{conventions}", _CONVENTIONS)
-rms_norm.__doc__ = rms_norm.__doc__.replace("{conventions}", _CONVENTIONS)
+for _f in (layer_norm, rms_norm):
+  if _f.__doc__:  # None under python -OO
+    _f.__doc__ = _f.__doc__.replace("{conventions}", _CONVENTIONS)
 
 
 def _row_norm(fn: str, x, scale, bias=None, **options) -> jax.Array:
@@ -267,11 +279,13 @@ def group_norm(
           f"of x (shape {tuple(x.shape)}). Pick a divisor of {c}."
       )
     num_groups = c // group_size
-  elif c % num_groups:
-    raise ValueError(
-        f"{fn}: num_groups={num_groups} does not divide the {c} channels of "
-        f"x (shape {tuple(x.shape)}). Pick a divisor of {c}."
-    )
+  else:
+    assert num_groups is not None  # exactly one of the two is set
+    if c % num_groups:
+      raise ValueError(
+          f"{fn}: num_groups={num_groups} does not divide the {c} channels "
+          f"of x (shape {tuple(x.shape)}). Pick a divisor of {c}."
+      )
   if reduction_axes is None:
     red = tuple(range(1, x.ndim))
   else:

@@ -16,7 +16,6 @@ PyTorch's ``weight_g``/``weight_v`` split converts with
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -49,12 +48,10 @@ class SpectralNormState(NamedTuple):
 
 
 def _check_shape_arg(fn: str, shape: Any) -> tuple[int, ...]:
-  if isinstance(shape, (numbers.Integral, np.integer)) and not isinstance(
-      shape, bool):
+  if _checks.is_int(shape):
     shape = (int(shape),)
   if not isinstance(shape, (tuple, list)) or not all(
-      isinstance(d, (numbers.Integral, np.integer)) and not isinstance(
-          d, bool) and d >= 0 for d in shape):
+      _checks.is_int(d) and d >= 0 for d in shape):
     raise TypeError(
         f"{fn}: `shape` must be the weight's shape, a tuple of non-negative "
         f"ints such as `kernel.shape`; got {shape!r}."
@@ -192,8 +189,7 @@ def spectral_norm(
   """
   fn = _checks.caller("spectral_norm")
   w = _checks.as_float_array(fn, "w", w)
-  if isinstance(n_steps, bool) or not isinstance(
-      n_steps, (numbers.Integral, np.integer)):
+  if not _checks.is_int(n_steps):
     raise TypeError(f"{fn}: `n_steps` must be an int >= 1; got {n_steps!r}.")
   if n_steps < 1:
     raise ValueError(
@@ -298,8 +294,7 @@ def _check_dim(fn: str, dim: Any, ndim: int) -> int | None:
   """PyTorch's ``dim``: an axis in [0, ndim), or None/-1 (whole tensor)."""
   if dim is None:
     return None
-  if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral,
-                                                   np.integer)):
+  if not _checks.is_int(dim):
     raise TypeError(
         f"{fn}: `dim` must be an int or None (PyTorch's convention: the one "
         f"axis kept by the norm, None for the whole tensor); got {dim!r}."
@@ -420,5 +415,6 @@ def weight_norm_to_torch(
     scale = jnp.ones(fshape, v.dtype)
   scale = _checks.check_param(fn, "scale", scale, fshape,
                               f"v.shape={tuple(v.shape)}, feature_axes={d}")
+  assert scale is not None  # ones when not given
   keep = tuple(v.shape[i] if i == d else 1 for i in range(v.ndim))
   return scale.reshape(keep), v, d
