@@ -1,4 +1,4 @@
-"""Equinox modules over jaxnorm's pure functions (the extra ``jaxnorm[equinox]``).
+"""Equinox modules over jaxnorm's pure functions (extra ``jaxnorm[equinox]``).
 
 Drop-ins for ``eqx.nn.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, ``SpectralNorm`` and ``WeightNorm`` (equinox 0.13): the same
@@ -736,7 +736,7 @@ _WHOLE_EXAMPLE_DOC = """\
 
 
 class LayerNorm(_WholeExample):
-  """Layer normalization over a whole example, a drop-in for ``eqx.nn.LayerNorm``.
+  """Layer normalization over a whole example (drop-in: ``eqx.nn.LayerNorm``).
 
   For an example :math:`x` of shape ``shape`` with :math:`H` elements,
 
@@ -988,7 +988,7 @@ def _divide_by_stored_sigma(w2d: jax.Array, u: jax.Array, v: jax.Array
 
 
 class SpectralNorm(eqx.nn.StatefulLayer):
-  """Spectral normalization of a wrapped layer's weight (``eqx.nn.SpectralNorm``).
+  """Spectral normalization of a wrapped weight (``eqx.nn.SpectralNorm``).
 
   The weight is read as the matrix :math:`W` of shape ``(out, rest)``
   (its first axis kept, the others flattened, as Equinox does); the state

@@ -1,9 +1,9 @@
 """``flax.nnx`` modules over jaxnorm's pure functions.
 
 Drop-in replacements for ``flax.nnx.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
-``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm`` and
-``WeightNorm`` (over :func:`jaxnorm.spectral_norm` / :func:`jaxnorm.weight_norm`)
-(flax 0.12.8): the same constructor
+``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm``
+and ``WeightNorm`` (over :func:`jaxnorm.spectral_norm` /
+:func:`jaxnorm.weight_norm`) (flax 0.12.8): the same constructor
 (``num_features``, keyword options, ``rngs``), the same variables
 (``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``), the
 same ``use_running_average`` handling (constructor attribute, call-time
@@ -75,8 +75,8 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
+__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm",
+           "RMSNorm", "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
