@@ -468,7 +468,7 @@ def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
   return y
 
 
-def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
+def _batch_norm(mdl: Any, x: ArrayLike, state: BatchNormState,
                 params: list[jax.Array | None], *, train: bool,
                 axis_name: Any, mask: ArrayLike | None,
                 promote_with: tuple[jax.Array, ...] = ()
