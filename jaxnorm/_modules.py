@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import re
 import textwrap
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -372,7 +372,7 @@ def _document(cls: type, names: Iterable[str]) -> type:
   cls.__doc__ = doc.replace("    {shared}\n", "".join(entries)).replace(
       "  {formula}\n", _FORMULAS[cls.__name__])
   if cls.__name__ in _CALL_DOCS:
-    cls.__call__.__doc__ = cls.__call__.__doc__.replace(
+    cls.__call__.__doc__ = (cls.__call__.__doc__ or "").replace(
         "    {call}\n", _CALL_DOCS[cls.__name__])
   return cls
 
@@ -468,7 +468,7 @@ def _infer(x: jax.Array, state: BatchNormState, scale: jax.Array | None,
   return y
 
 
-def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
+def _batch_norm(mdl: Any, x: ArrayLike, state: BatchNormState,
                 params: list[jax.Array | None], *, train: bool,
                 axis_name: Any, mask: ArrayLike | None,
                 promote_with: tuple[jax.Array, ...] = ()
@@ -492,7 +492,8 @@ def _batch_norm(mdl: Any, x: jax.Array, state: BatchNormState,
             allow_single=True)
   skip = _checks.check_bool(_who(mdl), "skip_nonfinite",
                             getattr(mdl, "skip_nonfinite", False))
-  train_fn = batch_norm_train_skip_nonfinite if skip else batch_norm_train
+  train_fn: Callable[..., tuple[Any, ...]] = (
+      batch_norm_train_skip_nonfinite if skip else batch_norm_train)
   if _RECALIBRATING.get():
     kw.update(momentum=0.0, debias=False)
   elif mdl.renorm:

@@ -1,4 +1,4 @@
-"""Equinox modules over jaxnorm's pure functions (the extra ``jaxnorm[equinox]``).
+"""Equinox modules over jaxnorm's pure functions (extra ``jaxnorm[equinox]``).
 
 Drop-ins for ``eqx.nn.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, ``SpectralNorm`` and ``WeightNorm`` (equinox 0.13): the same
@@ -31,6 +31,7 @@ figures.
 
 from __future__ import annotations
 
+import abc
 import functools
 import math
 import warnings
@@ -65,11 +66,6 @@ _State = eqx.nn.State
 _StateIndex = eqx.nn.StateIndex
 
 
-def _static() -> Any:
-  """A static (non-leaf) Equinox field."""
-  return eqx.field(static=True)
-
-
 class _NoState:
   """The default of ``state`` in the stateless layers' calls (Equinox's
   ``sentinel``: without a state the call returns ``y`` alone)."""
@@ -83,7 +79,7 @@ _NO_STATE = _NoState()
 
 def _default_dtype() -> Any:
   """Equinox's default parameter dtype: float64 under x64, else float32."""
-  return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
 def _promoted(*dtypes: Any) -> jnp.dtype:
@@ -223,7 +219,7 @@ def _cast(a: jax.Array | None, dtype: Any) -> jax.Array | None:
   return None if a is None else a.astype(dtype)
 
 
-def _bn_mode(who: str, mode: Any) -> str:
+def _bn_mode(who: str, mode: Any) -> Literal["ema", "batch"]:
   """BatchNorm's ``mode``; unspecified, ``"ema"`` with Equinox's warning."""
   if mode == "legacy":
     mode = "ema"
@@ -372,13 +368,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
   batch_state_index: _StateIndex | None
   axis_name: Hashable | Sequence[Hashable]
   inference: bool
-  input_size: int = _static()
-  eps: float = _static()
-  channelwise_affine: bool = _static()
-  momentum: float | None = _static()
-  mode: Literal["ema", "batch"] = _static()
-  running_var: str = _static()
-  debias: bool = _static()
+  input_size: int = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
+  channelwise_affine: bool = eqx.field(static=True)
+  momentum: float | None = eqx.field(static=True)
+  mode: Literal["ema", "batch"] = eqx.field(static=True)
+  running_var: str = eqx.field(static=True)
+  debias: bool = eqx.field(static=True)
 
   def __init__(
       self, input_size: int, axis_name: Hashable | Sequence[Hashable],
@@ -461,7 +457,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
 def _bn_dtypes(bn: BatchNorm, x: jax.Array, stats: jax.Array
                ) -> tuple[Any, Any]:
   """(compute dtype, output dtype): Equinox's promotion, >= float32."""
-  params = [] if bn.weight is None else [bn.weight, bn.bias]
+  params = [p for p in (bn.weight, bn.bias) if p is not None]
   out = _promoted(x.dtype, stats.dtype, *(p.dtype for p in params))
   return _promoted(out, jnp.float32), out
 
@@ -483,6 +479,8 @@ def _batch_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
     y, counter, new = _batch_train(
         x, counter, mean, var, bn.weight, bn.bias, mask, names=names,
         running_var=bn.running_var, **options)
+  # mode="batch": the batch indices are set, the ema ones are None
+  assert bn.batch_counter is not None and bn.batch_state_index is not None
   state = state.set(bn.batch_counter, counter)
   state = state.set(bn.batch_state_index, new)
   return y.astype(out), state
@@ -495,16 +493,19 @@ def _ema_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
   run_mean, run_var = _get(who, state, bn.ema_state_index)
   compute, out = _bn_dtypes(bn, x, run_mean)
   if inference:
+    stats = BatchNormState(run_mean, run_var, jnp.asarray(0))
     y = batch_norm_infer(
-        x.astype(compute)[None], BatchNormState(run_mean, run_var, 0),
-        _cast(bn.weight, compute), _cast(bn.bias, compute), axis=1,
-        epsilon=bn.eps)
+        x.astype(compute)[None], stats, _cast(bn.weight, compute),
+        _cast(bn.bias, compute), axis=1, epsilon=bn.eps)
     return y[0].astype(out), state
   names = _check_bound(who, bn.axis_name)
   with _checks.raised_as(who):
     y, mean, var = _ema_train(
         x, first, run_mean, run_var, bn.weight, bn.bias, names=names,
         momentum=bn.momentum, eps=bn.eps, compute=compute)
+  # mode="ema": the ema indices are set, the batch ones are None
+  assert bn.ema_first_time_index is not None
+  assert bn.ema_state_index is not None
   state = state.set(bn.ema_first_time_index, jnp.array(False))
   state = state.set(bn.ema_state_index, (mean.astype(run_mean.dtype),
                                          var.astype(run_var.dtype)))
@@ -598,6 +599,19 @@ class _Stateless(eqx.Module):
   out. Subclasses set ``_who()``, ``_check(who, x)`` and
   ``_normalize(who, x, mask)``."""
 
+  @abc.abstractmethod
+  def _who(self) -> str:
+    """The layer as the messages name it."""
+
+  @abc.abstractmethod
+  def _check(self, who: str, x: jax.Array) -> None:
+    """Raises ValueError for an ``x`` that is not one example."""
+
+  @abc.abstractmethod
+  def _normalize(self, who: str, x: jax.Array,
+                 mask: jax.Array | None) -> jax.Array:
+    """``y``: ``x`` normalized, of ``x``'s shape and dtype."""
+
   def __call__(
       self,
       x: ArrayLike,
@@ -650,15 +664,15 @@ class _WholeExample(_Stateless):
   Subclasses set ``_apply(x, weight, bias, axes, mask)``.
   """
 
-  shape: tuple[int, ...] = _static()
-  eps: float = _static()
-  use_weight: bool = _static()
-  use_bias: bool = _static()
+  shape: tuple[int, ...] = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
+  use_weight: bool = eqx.field(static=True)
+  use_bias: bool = eqx.field(static=True)
   weight: jax.Array | None
   bias: jax.Array | None
-  scale_offset: float = _static()
-  cast_before_scale: bool = _static()
-  axis_name: Any = _static()
+  scale_offset: float = eqx.field(static=True)
+  cast_before_scale: bool = eqx.field(static=True)
+  axis_name: Any = eqx.field(static=True)
 
   def __init__(self, shape: int | Sequence[int], eps: float = 1e-5,
                use_weight: bool = True, use_bias: bool = True,
@@ -736,7 +750,7 @@ _WHOLE_EXAMPLE_DOC = """\
 
 
 class LayerNorm(_WholeExample):
-  """Layer normalization over a whole example, a drop-in for ``eqx.nn.LayerNorm``.
+  """Layer normalization over a whole example (drop-in: ``eqx.nn.LayerNorm``).
 
   For an example :math:`x` of shape ``shape`` with :math:`H` elements,
 
@@ -864,13 +878,13 @@ class GroupNorm(_Stateless):
       None with ``channelwise_affine``; a negative ``eps``.
   """
 
-  groups: int = _static()
-  channels: int | None = _static()
-  eps: float = _static()
-  channelwise_affine: bool = _static()
+  groups: int = eqx.field(static=True)
+  channels: int | None = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
+  channelwise_affine: bool = eqx.field(static=True)
   weight: jax.Array | None
   bias: jax.Array | None
-  axis_name: Any = _static()
+  axis_name: Any = eqx.field(static=True)
 
   def __init__(
       self,
@@ -988,7 +1002,7 @@ def _divide_by_stored_sigma(w2d: jax.Array, u: jax.Array, v: jax.Array
 
 
 class SpectralNorm(eqx.nn.StatefulLayer):
-  """Spectral normalization of a wrapped layer's weight (``eqx.nn.SpectralNorm``).
+  """Spectral normalization of a wrapped weight (``eqx.nn.SpectralNorm``).
 
   The weight is read as the matrix :math:`W` of shape ``(out, rest)``
   (its first axis kept, the others flattened, as Equinox does); the state
@@ -1036,10 +1050,10 @@ class SpectralNorm(eqx.nn.StatefulLayer):
   """
 
   layer: Any
-  weight_name: str = _static()
+  weight_name: str = eqx.field(static=True)
   uv_index: _StateIndex
-  num_power_iterations: int = _static()
-  eps: float = _static()
+  num_power_iterations: int = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
   inference: bool
 
   def __init__(
@@ -1150,9 +1164,9 @@ class WeightNorm(eqx.Module):
 
   layer: Any
   g: jax.Array
-  weight_name: str = _static()
-  axis: int | None = _static()
-  eps: float = _static()
+  weight_name: str = eqx.field(static=True)
+  axis: int | None = eqx.field(static=True)
+  eps: float = eqx.field(static=True)
 
   def __init__(
       self,

@@ -1,9 +1,9 @@
 """``flax.linen`` modules over jaxnorm's pure functions.
 
 Drop-in replacements for ``flax.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
-``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm`` and
-``WeightNorm`` (over :func:`jaxnorm.spectral_norm` / :func:`jaxnorm.weight_norm`)
-(flax 0.12.8): the same attribute names,
+``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm``
+and ``WeightNorm`` (over :func:`jaxnorm.spectral_norm` /
+:func:`jaxnorm.weight_norm`) (flax 0.12.8): the same attribute names,
 meanings and defaults, the same variable collections, names, shapes and
 dtypes (``params/scale``, ``params/bias``, ``batch_stats/mean``,
 ``batch_stats/var``) and the same output dtype rule, so a flax variable tree
@@ -263,6 +263,7 @@ class BatchNorm(_Norm, _BatchNormMode):
     params = _affine(self, fshape, self.use_scale, self.use_bias)
     if (train and not self.is_initializing()
         and not self.is_mutable_collection("batch_stats")):
+      assert self.scope is not None  # bound: __call__ runs inside apply
       raise ImmutableBatchStatsError(
           f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
           f"training mode (use_running_average=False) updates the running "
@@ -588,9 +589,9 @@ def recalibrate_batch_norm(
 
 
 def _wrapped_path(layer: nn.Module, path: tuple[Any, ...]) -> str:
-  """flax's variable-name prefix: ``<layer name>/<path below the collection>``."""
-  return layer.name + "/" + jax.tree_util.keystr(path[1:], simple=True,
-                                                 separator="/")
+  """flax's variable-name prefix: ``<layer name>/<path below collection>``."""
+  below = jax.tree_util.keystr(path[1:], simple=True, separator="/")
+  return f"{layer.name}/{below}"
 
 
 def _call_mapped(mdl: Any, fn: Any, args: tuple[Any, ...],

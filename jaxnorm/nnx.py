@@ -1,9 +1,9 @@
 """``flax.nnx`` modules over jaxnorm's pure functions.
 
 Drop-in replacements for ``flax.nnx.BatchNorm``, ``LayerNorm``, ``RMSNorm``,
-``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm`` and
-``WeightNorm`` (over :func:`jaxnorm.spectral_norm` / :func:`jaxnorm.weight_norm`)
-(flax 0.12.8): the same constructor
+``GroupNorm``, ``InstanceNorm``, and the weight wrappers ``SpectralNorm``
+and ``WeightNorm`` (over :func:`jaxnorm.spectral_norm` /
+:func:`jaxnorm.weight_norm`) (flax 0.12.8): the same constructor
 (``num_features``, keyword options, ``rngs``), the same variables
 (``nnx.Param`` ``scale``/``bias``, ``nnx.BatchStat`` ``mean``/``var``), the
 same ``use_running_average`` handling (constructor attribute, call-time
@@ -75,8 +75,8 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm",
-           "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
+__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm",
+           "RMSNorm", "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
@@ -132,42 +132,18 @@ def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
   return tuple(mdl.promote_dtype(arrays, dtype=mdl.dtype))
 
 
-# Constructor arguments that are not kept as attributes (as flax).
-_NOT_KEPT = frozenset({"self", "rngs", "scale_init", "bias_init",
-                       "scale_metadata", "bias_metadata"})
+def _param(use: bool, init: Initializer, rngs: nnx.Rngs,
+           shape: tuple[int, ...], param_dtype: Dtype,
+           metadata: Mapping[str, Any] = _EMPTY) -> nnx.Param[jax.Array] | None:
+  """``nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)``
+  when ``use``, else ``nnx.data(None)``: a layer's ``scale``/``bias`` as
+  flax makes it."""
+  if not use:
+    return nnx.data(None)
+  return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
 
 
-class _Affine(nnx.Module):
-  """The constructor part the nnx modules share."""
-
-  def _init_from_args(self, shape: tuple[int, ...], args: dict[str, Any],
-                   not_kept: tuple[str, ...] = ()) -> None:
-    """Makes the Params and keeps the options, as flax does.
-
-    ``args`` is the constructor's ``locals()``: ``scale`` (when the layer
-    has a ``use_scale``) and ``bias`` (when it has a ``use_bias``) become
-    ``nnx.Param`` objects of ``shape`` from ``scale_init``/``bias_init``
-    and ``rngs.params()``, or None when switched off; every other
-    argument of the constructor but ``not_kept`` is kept as the attribute
-    of its name.
-    """
-    cls = next(c for c in type(self).__mro__ if c.__module__ == __name__)
-    names = inspect.signature(cls.__init__).parameters  # jaxnorm's own
-    for name in ("scale", "bias"):
-      if f"use_{name}" not in args:
-        continue
-      value = nnx.data(None)
-      if args[f"use_{name}"]:
-        init = args[f"{name}_init"](args["rngs"].params(), shape,
-                                    args["param_dtype"])
-        value = nnx.Param(init, **args.get(f"{name}_metadata", _EMPTY))
-      setattr(self, name, value)
-    for name in names:
-      if name not in _NOT_KEPT and name not in not_kept:
-        setattr(self, name, args[name])
-
-
-class BatchNorm(_Affine):
+class BatchNorm(nnx.Module):
   """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
 
   {formula}
@@ -220,7 +196,30 @@ class BatchNorm(_Affine):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self._init_from_args(shape, locals())
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
+                        scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
+                       bias_metadata)
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.track_count = track_count
+    self.running_var = running_var
+    self.debias = debias
+    self.virtual_batch_size = virtual_batch_size
+    self.renorm = renorm
+    self.renorm_schedule = renorm_schedule
+    self.skip_nonfinite = skip_nonfinite
     self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
     self.nonfinite_skipped = (nnx.Intermediate(jnp.zeros(shape, jnp.bool_))
                               if skip_nonfinite else nnx.data(None))
@@ -288,7 +287,7 @@ class BatchNorm(_Affine):
       self.use_running_average = use_running_average
 
 
-class LayerNorm(_Affine):
+class LayerNorm(nnx.Module):
   """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
 
   {formula}
@@ -322,7 +321,25 @@ class LayerNorm(_Affine):
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("LayerNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.LayerNorm", scale_init, scale_offset)
-    self._init_from_args(shape, locals())
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
+                        scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
+                       bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.scale_offset = scale_offset
+    self.cast_before_scale = cast_before_scale
+    self.residual_dtype = residual_dtype
 
   def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
                residual: ArrayLike | None = None
@@ -340,7 +357,7 @@ class LayerNorm(_Affine):
         feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
 
 
-class RMSNorm(_Affine):
+class RMSNorm(nnx.Module):
   """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
 
   {formula}
@@ -372,7 +389,22 @@ class RMSNorm(_Affine):
                residual_dtype: Dtype | None = None):
     shape = _feature_shape("RMSNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
-    self._init_from_args(shape, locals())
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
+                        scale_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.scale_offset = scale_offset
+    self.cast_before_scale = cast_before_scale
+    self.residual_dtype = residual_dtype
 
   def __call__(self, x: ArrayLike, mask: ArrayLike | None = None, *,
                residual: ArrayLike | None = None
@@ -389,7 +421,7 @@ class RMSNorm(_Affine):
         feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
 
 
-class DyT(_Affine):
+class DyT(nnx.Module):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
   {formula}
@@ -416,7 +448,15 @@ class DyT(_Affine):
                rngs: nnx.Rngs):
     shape = _feature_shape("DyT", num_features)
     self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
-    self._init_from_args(shape, locals())
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype)
+    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype)
+    self.num_features = num_features
+    self.alpha_init_value = alpha_init_value
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
@@ -452,7 +492,7 @@ def _groups(num_features: int, num_groups: int | None,
   return c, num_groups
 
 
-class GroupNorm(_Affine):
+class GroupNorm(nnx.Module):
   """Group normalization, a drop-in for ``flax.nnx.GroupNorm``.
 
   {formula}
@@ -488,8 +528,21 @@ class GroupNorm(_Affine):
     self.feature_axis = -1
     self.num_groups = g
     self.group_size = c // g
-    self._init_from_args((c,), locals(),
-                      not_kept=("num_groups", "group_size"))
+    self.scale = _param(use_scale, scale_init, rngs, (c,), param_dtype,
+                        scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, (c,), param_dtype,
+                       bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.reduction_axes = reduction_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
@@ -509,7 +562,7 @@ class GroupNorm(_Affine):
                     mask=_as_mask(mask), **_named(self)))
 
 
-class InstanceNorm(_Affine):
+class InstanceNorm(nnx.Module):
   """Instance normalization, a drop-in for ``flax.nnx.InstanceNorm``.
 
   {formula}
@@ -537,7 +590,21 @@ class InstanceNorm(_Affine):
                rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
                scale_metadata: Mapping[str, Any] = _EMPTY):
     shape = _feature_shape("InstanceNorm", num_features)
-    self._init_from_args(shape, locals())
+    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
+                        scale_metadata)
+    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
+                       bias_metadata)
+    self.num_features = num_features
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.feature_axes = feature_axes
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
 
   def __call__(self, x: ArrayLike, *,
                mask: ArrayLike | None = None) -> jax.Array:
@@ -610,7 +677,8 @@ def recalibrate_batch_norm(
       not jaxnorm's.
   """
   fn = "jaxnorm.nnx.recalibrate_batch_norm"
-  graphdef, stats, rest = nnx.split(model, nnx.BatchStat, ...)
+  graphdef, *states = nnx.split(model, nnx.BatchStat, ...)
+  stats, rest = states
 
   def stats_fn(pure_stats, rest_and_batch):
     rest, batch = rest_and_batch
