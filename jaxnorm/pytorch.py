@@ -303,6 +303,22 @@ def _float_out(a: np.ndarray, dtype: Any) -> jax.Array:
 _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 
 
+# The shared parts of the ``*_to_torch`` docstrings (``_fill_docs``).
+_AS_TORCH_DOC = ("as_torch: return ``torch.Tensor`` objects (imports torch) "
+                 "instead of NumPy.")
+_TORCH_DTYPES_DOC = ("NumPy float16/32/64 dtypes kept, others (bfloat16) as "
+                     "float32.")
+
+
+def _fill_docs(*fns) -> None:
+  """Writes the shared parts into the docstrings of the ``*_to_torch``
+  functions ``fns``."""
+  for f in fns:
+    if f.__doc__ is not None:  # None under python -OO
+      f.__doc__ = f.__doc__.replace("{as_torch}", _AS_TORCH_DOC).replace(
+          "{torch_dtypes}", _TORCH_DTYPES_DOC)
+
+
 def _export(a: Any, as_torch: bool, dtype: Any = None):
   """A fresh, writable copy (float16/32/64 kept, other floats such as
   bfloat16 as float32), as a NumPy array or a torch tensor."""
@@ -570,7 +586,7 @@ def batch_norm_to_torch(
     running_var: ``"copy"`` or ``"convert"``.
     elements_per_batch: values per feature per batch; for ``"convert"``.
     torch_momentum: PyTorch momentum to write for (``"convert"`` only).
-    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
+    {as_torch}
 
   Returns:
     ``{prefix + "weight": (C,), prefix + "bias": (C,), prefix +
@@ -717,11 +733,11 @@ def norm_to_torch(
     params: ``{"scale": ..., "bias": ...}``, either optional.
     kind: as in :func:`norm_from_torch`.
     prefix: key prefix, e.g. ``"ln."``.
-    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
+    {as_torch}
 
   Returns:
-    ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
-    float16/32/64 dtypes kept, others (bfloat16) as float32.
+    ``{prefix + "weight": ..., prefix + "bias": ...}``;
+    {torch_dtypes}
 
   Raises:
     ValueError: unknown ``kind``, a bias for RMSNorm.
@@ -808,11 +824,11 @@ def conv_to_torch(
   Args:
     params: ``{"kernel": ..., "bias": (O,)}`` (bias optional).
     prefix: key prefix, e.g. ``"conv1."``.
-    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
+    {as_torch}
 
   Returns:
-    ``{prefix + "weight": ..., prefix + "bias": ...}``, NumPy
-    float16/32/64 dtypes kept, others (bfloat16) as float32.
+    ``{prefix + "weight": ..., prefix + "bias": ...}``;
+    {torch_dtypes}
 
   Raises:
     KeyError: no ``kernel``.
@@ -923,11 +939,11 @@ def linear_to_torch(
     params: ``{"kernel": (in, out), "bias": (out,)}`` (bias optional).
     prefix: key prefix, e.g. ``"fc1."``.
     flatten_chw: optional ``(C, *spatial)`` of the input PyTorch flattens.
-    as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy.
+    {as_torch}
 
   Returns:
-    ``{prefix + "weight": (out, in), prefix + "bias": (out,)}``, NumPy
-    float16/32/64 dtypes kept, others (bfloat16) as float32.
+    ``{prefix + "weight": (out, in), prefix + "bias": (out,)}``;
+    {torch_dtypes}
 
   Raises:
     KeyError: no ``kernel``.
@@ -948,6 +964,10 @@ def linear_to_torch(
     w = k.T
   out = {_key(prefix, "weight"): _export(w, as_torch)}
   return _bias_out(fn, params, prefix, out_f, as_torch, out)
+
+
+_fill_docs(batch_norm_to_torch, norm_to_torch, conv_to_torch,
+           linear_to_torch)
 
 
 # --------------------------------------------------------------------------
