@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, ParamSpec
 
 import jax
 import jax.numpy as jnp
@@ -683,24 +685,8 @@ def batch_norm_train(
       virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
 
 
-def batch_norm_train_skip_nonfinite(
-    x: ArrayLike,
-    state: BatchNormState,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: ArrayLike | None = None,
-    running_var: str = "biased",
-    debias: bool = False,
-    virtual_batch_size: int | None = None,
-    allow_single: bool = False,
-) -> tuple[jax.Array, BatchNormState, jax.Array]:
-  """:func:`batch_norm_train`, keeping non-finite statistics out of the state.
+_SKIP_DOC = """\
+:func:`batch_norm_train`, keeping non-finite statistics out of the state.
 
   ``y`` is :func:`batch_norm_train`'s,
 
@@ -724,13 +710,7 @@ def batch_norm_train_skip_nonfinite(
 
   Raises:{raises}
     ValueError: also complex ``x``.
-  """
-  return _train(
-      _checks.caller("batch_norm_train_skip_nonfinite"), x, state, scale, bias,
-      renorm=False, skip_nonfinite=True, axis=axis, momentum=momentum,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      mask=mask, running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, allow_single=allow_single)
+"""
 
 
 _RENORM_ARGS = """
@@ -808,26 +788,8 @@ def batch_renorm_train(
       virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
 
 
-def batch_renorm_train_skip_nonfinite(
-    x: ArrayLike,
-    state: BatchNormState,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    rmax: ArrayLike,
-    dmax: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: ArrayLike | None = None,
-    running_var: str = "biased",
-    debias: bool = False,
-    virtual_batch_size: int | None = None,
-    allow_single: bool = False,
-) -> tuple[jax.Array, BatchNormState, jax.Array]:
-  """:func:`batch_renorm_train`, keeping non-finite statistics out of the state.
+_RENORM_SKIP_DOC = """\
+:func:`batch_renorm_train`, keeping non-finite statistics out of the state.
 
   ``y`` is :func:`batch_renorm_train`'s,
 
@@ -850,14 +812,7 @@ def batch_renorm_train_skip_nonfinite(
   Returns:{returns}
 
   Raises:{raises}{renorm_raises}
-  """
-  return _train(
-      _checks.caller("batch_renorm_train_skip_nonfinite"), x, state, scale,
-      bias, renorm=True, skip_nonfinite=True, rmax=rmax, dmax=dmax, axis=axis,
-      momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-      axis_index_groups=axis_index_groups, mask=mask, running_var=running_var,
-      debias=debias, virtual_batch_size=virtual_batch_size,
-      allow_single=allow_single)
+"""
 
 
 def _fill_docs(f, plain: str = "") -> None:
@@ -869,10 +824,46 @@ def _fill_docs(f, plain: str = "") -> None:
     f.__doc__ = f.__doc__.replace(key, text)
 
 
+_P = ParamSpec("_P")
+
+
+def _skip_nonfinite_variant(
+    plain: Callable[_P, tuple[jax.Array, BatchNormState]], doc: str
+) -> Callable[_P, tuple[jax.Array, BatchNormState, jax.Array]]:
+  """``plain`` (a training function) with ``skip_nonfinite`` on.
+
+  The variant takes ``plain``'s parameters and returns ``(y, new_state,
+  skipped)``; ``doc`` is its docstring.
+  """
+  signature = inspect.signature(plain)
+  name = f"{plain.__name__}_skip_nonfinite"
+
+  def variant(*args: _P.args, **kwargs: _P.kwargs
+              ) -> tuple[jax.Array, BatchNormState, jax.Array]:
+    try:
+      bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+      raise TypeError(f"{name}: {e}.") from None
+    bound.apply_defaults()
+    return _train(_checks.caller(name), **bound.arguments,
+                  renorm="rmax" in bound.arguments, skip_nonfinite=True)
+
+  variant.__name__ = variant.__qualname__ = name
+  variant.__doc__ = doc
+  returns = "tuple[jax.Array, BatchNormState, jax.Array]"
+  variant.__signature__ = signature.replace(  # type: ignore[attr-defined]
+      return_annotation=returns)
+  variant.__annotations__ = {**plain.__annotations__, "return": returns}
+  _fill_docs(variant, plain.__name__)
+  return variant
+
+
 _fill_docs(batch_norm_train)
 _fill_docs(batch_renorm_train)
-_fill_docs(batch_norm_train_skip_nonfinite, "batch_norm_train")
-_fill_docs(batch_renorm_train_skip_nonfinite, "batch_renorm_train")
+batch_norm_train_skip_nonfinite = _skip_nonfinite_variant(
+    batch_norm_train, _SKIP_DOC)
+batch_renorm_train_skip_nonfinite = _skip_nonfinite_variant(
+    batch_renorm_train, _RENORM_SKIP_DOC)
 
 
 def batch_renorm_schedule(
