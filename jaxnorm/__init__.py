@@ -6,11 +6,13 @@ from jaxnorm.batch_norm import batch_norm_infer as batch_norm_infer
 from jaxnorm.batch_norm import batch_norm_init as batch_norm_init
 from jaxnorm.batch_norm import batch_norm_train as batch_norm_train
 from jaxnorm.batch_norm import (
-    batch_norm_train_skip_nonfinite as batch_norm_train_skip_nonfinite)
+  batch_norm_train_skip_nonfinite as batch_norm_train_skip_nonfinite,
+)
 from jaxnorm.batch_norm import batch_renorm_schedule as batch_renorm_schedule
 from jaxnorm.batch_norm import batch_renorm_train as batch_renorm_train
 from jaxnorm.batch_norm import (
-    batch_renorm_train_skip_nonfinite as batch_renorm_train_skip_nonfinite)
+  batch_renorm_train_skip_nonfinite as batch_renorm_train_skip_nonfinite,
+)
 from jaxnorm.variants import group_norm as group_norm
 from jaxnorm.variants import instance_norm as instance_norm
 from jaxnorm.variants import layer_norm as layer_norm
@@ -26,7 +28,8 @@ from jaxnorm.weight_norm import weight_norm_from_torch as weight_norm_from_torch
 from jaxnorm.weight_norm import weight_norm_to_torch as weight_norm_to_torch
 from jaxnorm.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm.recalibration import (
-    recalibrate_batch_norm as recalibrate_batch_norm)
+  recalibrate_batch_norm as recalibrate_batch_norm,
+)
 
 # Submodules: Flax modules (linen, nnx) and PyTorch state dicts and
 # conventions (pytorch). Equinox modules (equinox) are imported on first use
@@ -44,31 +47,33 @@ def __getattr__(name: str):
   it."""
   if name == "equinox":
     import importlib  # pylint: disable=import-outside-toplevel
+
     return importlib.import_module("jaxnorm.equinox")
   raise AttributeError(f"module 'jaxnorm' has no attribute {name!r}")
 
+
 __all__ = [
-    "BatchNormState",
-    "SpectralNormState",
-    "add_layer_norm",
-    "add_rms_norm",
-    "batch_norm_infer",
-    "batch_norm_init",
-    "batch_norm_train",
-    "batch_norm_train_skip_nonfinite",
-    "batch_renorm_schedule",
-    "batch_renorm_train",
-    "batch_renorm_train_skip_nonfinite",
-    "dyt",
-    "fold_batch_norm",
-    "group_norm",
-    "instance_norm",
-    "layer_norm",
-    "recalibrate_batch_norm",
-    "rms_norm",
-    "spectral_norm",
-    "spectral_norm_init",
-    "weight_norm",
-    "weight_norm_from_torch",
-    "weight_norm_to_torch",
+  "BatchNormState",
+  "SpectralNormState",
+  "add_layer_norm",
+  "add_rms_norm",
+  "batch_norm_infer",
+  "batch_norm_init",
+  "batch_norm_train",
+  "batch_norm_train_skip_nonfinite",
+  "batch_renorm_schedule",
+  "batch_renorm_train",
+  "batch_renorm_train_skip_nonfinite",
+  "dyt",
+  "fold_batch_norm",
+  "group_norm",
+  "instance_norm",
+  "layer_norm",
+  "recalibrate_batch_norm",
+  "rms_norm",
+  "spectral_norm",
+  "spectral_norm_init",
+  "weight_norm",
+  "weight_norm_from_torch",
+  "weight_norm_to_torch",
 ]

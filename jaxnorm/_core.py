@@ -124,15 +124,16 @@ def _aval(a: jax.Array | None) -> jax.ShapeDtypeStruct | None:
   return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _as_param(g: jax.Array, aval: jax.ShapeDtypeStruct | None
-              ) -> jax.Array | None:
+def _as_param(
+  g: jax.Array, aval: jax.ShapeDtypeStruct | None
+) -> jax.Array | None:
   """A kernel's parameter gradient in the parameter's shape and dtype."""
   return None if aval is None else g.reshape(aval.shape).astype(aval.dtype)
 
 
 def _per_row(cfg: Any, x: jax.Array, a: jax.Array) -> jax.Array:
   """A per-row statistic of ``x`` as the row kernels take it (flat rows)."""
-  return a.reshape(x.shape[:x.ndim - len(cfg.axes)])
+  return a.reshape(x.shape[: x.ndim - len(cfg.axes)])
 
 
 def _per_group(shape: tuple[int, ...] | None, axes: tuple[int, ...]) -> bool:
@@ -156,8 +157,9 @@ def _shifts(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
   return m, (hi - m) + lo
 
 
-def _scaled(cfg: _Config, a: jax.Array, rstd: jax.Array,
-            s: jax.Array | None) -> jax.Array:
+def _scaled(
+  cfg: _Config, a: jax.Array, rstd: jax.Array, s: jax.Array | None
+) -> jax.Array:
   """``a * rstd * s`` for ``y`` and ``dx``, with one full-size product.
 
   A per-group scale folds into the per-group coefficient ``rstd * s``.
@@ -199,14 +201,14 @@ def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
     count = jnp.full(hi.shape, float(_width(cfg, x)), hi.dtype)
   else:
     count, hi, lo, var = _stats.moments(
-        x,
-        cfg.axes,
-        mask=mask,
-        center=cfg.center,
-        axis_name=cfg.axis_name,
-        axis_index_groups=cfg.axis_index_groups,
-        groups=cfg.groups,
-        cpu=cfg.cpu,
+      x,
+      cfg.axes,
+      mask=mask,
+      center=cfg.center,
+      axis_name=cfg.axis_name,
+      axis_index_groups=cfg.axis_index_groups,
+      groups=cfg.groups,
+      cpu=cfg.cpu,
     )
   dt = count.dtype
   rstd = jax.lax.rsqrt(var + jnp.asarray(cfg.epsilon, dt))
@@ -215,8 +217,13 @@ def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
   mean = hi + lo
   if cfg.kernel == "cols" and y_kernel:  # ((x - m) - delta) k + bias
     k = rstd if scale is None else rstd * scale.astype(dt)
-    y = _channel_kernel(x, *(jnp.broadcast_to(v, hi.shape) for v in (
-        m, delta, k, 0.0 if bias is None else bias.astype(dt))))
+    y = _channel_kernel(
+      x,
+      *(
+        jnp.broadcast_to(v, hi.shape)
+        for v in (m, delta, k, 0.0 if bias is None else bias.astype(dt))
+      ),
+    )
   else:
     d = (xf - m) - delta if cfg.center else xf
     y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
@@ -249,12 +256,13 @@ def _vma(a) -> frozenset:
   if mat is None and hasattr(aval, "vma"):
     return frozenset(aval.vma or ())
   raise RuntimeError(
-      f"jaxnorm: cannot tell which mesh axes an array varies over: jax "
-      f"{jax.__version__}'s abstract value {type(aval).__name__} has neither "
-      f"`manual_axis_type.varying` (jax >= 0.10) nor `vma` (jax 0.6-0.9), "
-      f"and guessing would give wrong gradients under "
-      f"shard_map(check_vma=True). Fix: install a jax version in the range "
-      f"jaxnorm's pyproject.toml declares.")
+    f"jaxnorm: cannot tell which mesh axes an array varies over: jax "
+    f"{jax.__version__}'s abstract value {type(aval).__name__} has neither "
+    f"`manual_axis_type.varying` (jax >= 0.10) nor `vma` (jax 0.6-0.9), "
+    f"and guessing would give wrong gradients under "
+    f"shard_map(check_vma=True). Fix: install a jax version in the range "
+    f"jaxnorm's pyproject.toml declares."
+  )
 
 
 def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
@@ -272,6 +280,7 @@ def _like_primal(ct: jax.Array, vma: frozenset) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Grads:
   """What ``_vjp`` works with: the data, statistics and parameter shapes."""
+
   cfg: _Config
   x: jax.Array
   dy: jax.Array
@@ -333,8 +342,9 @@ def _sums_per_element(g: _Grads):
   """
   cfg, s, rstd = g.cfg, g.s, g.rstd
   flip = -1.0 if cfg.cpu else 1.0
-  dbias = (None if g.b_shape is None
-           else _stats.sum_to(g.own(g.dy, _DBIAS), g.b_shape))
+  dbias = (
+    None if g.b_shape is None else _stats.sum_to(g.own(g.dy, _DBIAS), g.b_shape)
+  )
   dscale = None
   if g.s_shape is not None:  # with a scale
     x = g.own(g.x, _DSCALE)
@@ -346,15 +356,17 @@ def _sums_per_element(g: _Grads):
     else:
       d = (x - g.m) - g.delta
     dscale = flip * _stats.sum_to(
-        g.own(g.dy, _DSCALE) * (d * (flip * rstd)), g.s_shape)
+      g.own(g.dy, _DSCALE) * (d * (flip * rstd)), g.s_shape
+    )
   g_sg, g_sgx = g.own(g.dy, _SG), g.own(g.dy, _SGX)
   if s is None:
     sg = jnp.sum(g_sg, axis=cfg.axes, keepdims=True)
     sgx = jnp.sum(g_sgx * g.centred(), axis=cfg.axes, keepdims=True)
   else:
     sg = jnp.sum(g_sg * s, axis=cfg.axes, keepdims=True)
-    sgx = flip * jnp.sum((g_sgx * g.centred()) * (flip * s), axis=cfg.axes,
-                         keepdims=True)
+    sgx = flip * jnp.sum(
+      (g_sgx * g.centred()) * (flip * s), axis=cfg.axes, keepdims=True
+    )
   sgx = ((sgx - g.delta * sg) if cfg.center else sgx) * rstd
   return sg, sgx, dscale, dbias
 
@@ -383,27 +395,38 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
   x, hi, lo, rstd, w_over_n, scale = res
   dt = rstd.dtype
   m, delta = _shifts(hi, lo)
-  g = _Grads(cfg, x, dy, hi, lo, m, delta, rstd,
-             None if scale is None else scale.astype(dt),
-             None if scale_aval is None else scale_aval.shape,
-             None if bias_aval is None else bias_aval.shape)
+  g = _Grads(
+    cfg,
+    x,
+    dy,
+    hi,
+    lo,
+    m,
+    delta,
+    rstd,
+    None if scale is None else scale.astype(dt),
+    None if scale_aval is None else scale_aval.shape,
+    None if bias_aval is None else bias_aval.shape,
+  )
   # The reduced axes along which the parameters are constant.
-  inner = tuple(a for a in cfg.axes if _per_group(g.s_shape, (a,)) and
-                _per_group(g.b_shape, (a,)))
+  inner = tuple(
+    a
+    for a in cfg.axes
+    if _per_group(g.s_shape, (a,)) and _per_group(g.b_shape, (a,))
+  )
   if inner:
     sg, sgx, dscale, dbias = _sums_per_group(g, inner, sums)
   else:
     sg, sgx, dscale, dbias = _sums_per_element(g)
   # GroupNorm: then within each group of channels (delta and rstd are
   # constant there, so this commutes with the corrections above).
-  sums = tuple(_stats.group_sum(v, cfg.groups, x.shape[-1])
-               for v in (sg, sgx))
+  sums = tuple(_stats.group_sum(v, cfg.groups, x.shape[-1]) for v in (sg, sgx))
   if not cfg.center:
     sums = sums[1:]
   if cfg.axis_name is not None:
     # One all-reduce carries both per-group sums.
     sums = jax.lax.psum(
-        sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
+      sums, cfg.axis_name, axis_index_groups=cfg.axis_index_groups
     )
   xf = g.own(x, _DX)
   k2 = (rstd * rstd) * (w_over_n * sums[-1])
@@ -437,6 +460,7 @@ def _vjp(cfg: _Config, shapes, res, dy: jax.Array, sums=None):
 # `_vjp` with XLA ops (forward mode), and its transpose is `_vjp` with the
 # kernels (reverse mode), under `jax.vmap` too.
 
+
 def _width(cfg: _Config, x: jax.Array) -> int:
   """The number of elements behind each statistic."""
   return math.prod(x.shape[a] for a in cfg.axes)
@@ -448,7 +472,7 @@ def _stat_shape(cfg: _Config, x: jax.Array) -> tuple[int, ...]:
 
 def _as_rows(cfg: _Config, a: jax.Array) -> jax.Array:
   """An ``x``-shaped array as rows ``[..., D]`` (trailing axes flattened)."""
-  return a.reshape(a.shape[:a.ndim - len(cfg.axes)] + (-1,))
+  return a.reshape(a.shape[: a.ndim - len(cfg.axes)] + (-1,))
 
 
 def _param_rows(p: jax.Array | None, width: int, fill: float) -> jax.Array:
@@ -471,12 +495,14 @@ def _channel_kernel(x, m, d, k, b):
 
 @_channel_kernel.defjvp
 def _channel_kernel_jvp(primals, tangents):
-  return _channel_kernel(*primals), jax.jvp(_channels_plain, primals,
-                                            tangents)[1]
+  return _channel_kernel(*primals), jax.jvp(_channels_plain, primals, tangents)[
+    1
+  ]
 
 
-def affine_channels(x: jax.Array, m: jax.Array, k: jax.Array,
-                    b: jax.Array | None) -> jax.Array:
+def affine_channels(
+  x: jax.Array, m: jax.Array, k: jax.Array, b: jax.Array | None
+) -> jax.Array:
   """``(x - m) * k + b`` in ``k``'s dtype, returned in ``x``'s dtype.
 
   BatchNorm's inference: ``m``, ``k``, ``b`` broadcastable to ``x``, of its
@@ -493,26 +519,37 @@ def affine_channels(x: jax.Array, m: jax.Array, k: jax.Array,
   def kernel(x, m, k, b):
     return _channel_kernel(x, m, jnp.zeros_like(m), k, b)
 
-  if (jax.default_backend() != "cpu" or x.ndim < 2 or
-      jnp.dtype(k.dtype) != jnp.dtype(jnp.float32) or
-      any(tuple(v.shape) != per or _vma(v) for v in (m, k, b)) or
-      _kernel_kind(tuple(range(x.ndim - 1)), x, None, None, None, None,
-                   None) != "cols"):
+  if (
+    jax.default_backend() != "cpu"
+    or x.ndim < 2
+    or jnp.dtype(k.dtype) != jnp.dtype(jnp.float32)
+    or any(tuple(v.shape) != per or _vma(v) for v in (m, k, b))
+    or _kernel_kind(tuple(range(x.ndim - 1)), x, None, None, None, None, None)
+    != "cols"
+  ):
     return plain(x, m, k, b)
   return jax.lax.platform_dependent(x, m, k, b, cpu=kernel, default=plain)
 
 
-def _kernel_kind(axes: tuple[int, ...], x, scale, bias, mask, axis_name,
-                 groups) -> str | None:
+def _kernel_kind(
+  axes: tuple[int, ...], x, scale, bias, mask, axis_name, groups
+) -> str | None:
   """Which CPU kernels compute this op, if any (see above)."""
   ndim, axes = x.ndim, tuple(axes)
-  if (mask is not None or axis_name is not None or groups is not None or
-      jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32),
-                                 jnp.dtype(jnp.bfloat16)) or x.size == 0):
+  if (
+    mask is not None
+    or axis_name is not None
+    or groups is not None
+    or jnp.dtype(x.dtype)
+    not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+    or x.size == 0
+  ):
     return None
   if axes == tuple(range(ndim - len(axes), ndim)):
-    kind, per = "rows", tuple(d if a in axes else 1
-                              for a, d in enumerate(x.shape))
+    kind, per = (
+      "rows",
+      tuple(d if a in axes else 1 for a, d in enumerate(x.shape)),
+    )
   elif ndim >= 2 and axes == tuple(range(ndim - 1)):
     kind, per = "cols", (1,) * (ndim - 1) + x.shape[-1:]
   else:
@@ -564,11 +601,19 @@ def _row_forward(cfg: _Config, x, scale, bias):
   width = _width(cfg, x)
   stat_shape = _stat_shape(cfg, x)
   y, hi, lo, var = _kernels.row_forward(
-      _as_rows(cfg, x), _param_rows(scale, width, 1.0),
-      _param_rows(bias, width, 0.0), center=cfg.center, epsilon=cfg.epsilon)
+    _as_rows(cfg, x),
+    _param_rows(scale, width, 1.0),
+    _param_rows(bias, width, 0.0),
+    center=cfg.center,
+    epsilon=cfg.epsilon,
+  )
   mean = (hi + lo).reshape(stat_shape)
-  return (y.reshape(x.shape), mean, var.reshape(stat_shape),
-          jnp.full(stat_shape, float(width), mean.dtype))
+  return (
+    y.reshape(x.shape),
+    mean,
+    var.reshape(stat_shape),
+    jnp.full(stat_shape, float(width), mean.dtype),
+  )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -578,17 +623,27 @@ def _kernel_vjp(cfg: _Config, shapes, res, dy):
   (_, (scale_aval, _), (bias_aval, _)) = shapes
   if cfg.kernel == "cols":  # the two per-channel sums in one kernel
     c = x.shape[-1]
-    sums = _kernels.col_sums(x, dy.astype(x.dtype), hi.reshape(c),
-                             lo.reshape(c))
-    return _vjp(cfg, shapes, res, dy,
-                sums=tuple(v.reshape(hi.shape) for v in sums))
+    sums = _kernels.col_sums(
+      x, dy.astype(x.dtype), hi.reshape(c), lo.reshape(c)
+    )
+    return _vjp(
+      cfg, shapes, res, dy, sums=tuple(v.reshape(hi.shape) for v in sums)
+    )
   hi_r, lo_r, rstd_r = (_per_row(cfg, x, a) for a in (hi, lo, rstd))
   dx, dscale, dbias = _kernels.row_backward(
-      _as_rows(cfg, x), hi_r, lo_r, rstd_r,
-      _param_rows(scale, _width(cfg, x), 1.0),
-      _as_rows(cfg, dy.astype(x.dtype)), center=cfg.center)
-  return (dx.reshape(x.shape), _as_param(dscale, scale_aval),
-          _as_param(dbias, bias_aval))
+    _as_rows(cfg, x),
+    hi_r,
+    lo_r,
+    rstd_r,
+    _param_rows(scale, _width(cfg, x), 1.0),
+    _as_rows(cfg, dy.astype(x.dtype)),
+    center=cfg.center,
+  )
+  return (
+    dx.reshape(x.shape),
+    _as_param(dscale, scale_aval),
+    _as_param(dbias, bias_aval),
+  )
 
 
 @_kernel_vjp.defjvp
@@ -600,8 +655,9 @@ def _tangent_map(cfg: _Config, shapes, res, tangents):
   """The tangent map with XLA ops: the transpose of ``_vjp``."""
   x = res[0]
   (ty,) = jax.linear_transpose(
-      functools.partial(_vjp, cfg, shapes, res),
-      jax.ShapeDtypeStruct(x.shape, x.dtype))(tangents)
+    functools.partial(_vjp, cfg, shapes, res),
+    jax.ShapeDtypeStruct(x.shape, x.dtype),
+  )(tangents)
   return ty
 
 
@@ -617,8 +673,7 @@ _RMS_FORWARD_MIN_F32 = 1 << 16
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize(cfg: _Config, x, scale, bias, mask):
   if cfg.kernel == "rows":
-    if (cfg.center or x.dtype != jnp.float32 or
-        x.size >= _RMS_FORWARD_MIN_F32):
+    if cfg.center or x.dtype != jnp.float32 or x.size >= _RMS_FORWARD_MIN_F32:
       return _row_forward(cfg, x, scale, bias)
     # No backward pass to keep apart: the plain graph's spelling.
     cfg = dataclasses.replace(cfg, kernel=None, cpu=False)
@@ -631,15 +686,21 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   dx, dscale, dbias, _ = tangents
   outs, res = _forward(cfg, x, scale, bias, mask)
   y, mean, var, count = outs
-  shapes = (x.dtype, *((_aval(p), None if p is None else _vma(p))
-                       for p in (scale, bias)))
+  shapes = (
+    x.dtype,
+    *((_aval(p), None if p is None else _vma(p)) for p in (scale, bias)),
+  )
   zeros = tuple(jnp.zeros_like(s) for s in (mean, var, count))
   if cfg.kernel:
     dy = _custom_transpose.linear_map(
-        functools.partial(_tangent_map, cfg, shapes),
-        functools.partial(_kernel_vjp, cfg, shapes), res,
-        (dx, dscale, dbias), jax.ShapeDtypeStruct(x.shape, x.dtype))
+      functools.partial(_tangent_map, cfg, shapes),
+      functools.partial(_kernel_vjp, cfg, shapes),
+      res,
+      (dx, dscale, dbias),
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+    )
     return (y, mean, var, count), (dy, *zeros)
+
   # The tangent map is the transpose of the hand-written VJP; reverse mode
   # transposes it back into exactly the operations of `_vjp`.
   # `y` only gives dy's type: shape, dtype and, under
@@ -647,13 +708,16 @@ def _normalize_jvp(cfg: _Config, primals, tangents):
   # Under jax.checkpoint nothing of the tangent map is computed ahead and
   # saved: reverse mode keeps just `res` (x and per-group statistics).
   def tangent_map(res, tangents):
-    return jax.linear_transpose(
-        functools.partial(_vjp, cfg, shapes, res), y)(tangents)
+    return jax.linear_transpose(functools.partial(_vjp, cfg, shapes, res), y)(
+      tangents
+    )
+
   # (prevent_cse=False: the recomputed centred inputs are meant to fuse
   # into the backward's kernels; XLA merging one with the forward's is
   # harmless, and the barriers would only cost compile time.)
   (dy,) = jax.checkpoint(tangent_map, prevent_cse=False)(
-      res, (dx, dscale, dbias))
+    res, (dx, dscale, dbias)
+  )
   # The statistics leave the op only for running averages; they carry no
   # derivative (public functions also wrap them in stop_gradient).
   return (y, mean, var, count), (dy, *zeros)
@@ -664,8 +728,13 @@ def _by_platform(plain: _Config, cpu: _Config, x, scale, bias, mask):
   if cpu == plain:
     return _normalize(plain, x, scale, bias, mask)
   return jax.lax.platform_dependent(
-      x, scale, bias, mask, cpu=functools.partial(_normalize, cpu),
-      default=functools.partial(_normalize, plain))
+    x,
+    scale,
+    bias,
+    mask,
+    cpu=functools.partial(_normalize, cpu),
+    default=functools.partial(_normalize, plain),
+  )
 
 
 # Jitted so that layers of the same shapes and settings are traced (and
@@ -676,17 +745,17 @@ _normalize_jit = jax.jit(_by_platform, static_argnums=(0, 1))
 
 
 def normalize(
-    x: jax.Array,
-    scale: jax.Array | None,
-    bias: jax.Array | None,
-    mask: jax.Array | None,
-    *,
-    axes: tuple[int, ...],
-    epsilon: float,
-    center: bool = True,
-    axis_name: tuple[Any, ...] | None = None,
-    axis_index_groups: Any = None,
-    groups: int | None = None,
+  x: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  mask: jax.Array | None,
+  *,
+  axes: tuple[int, ...],
+  epsilon: float,
+  center: bool = True,
+  axis_name: tuple[Any, ...] | None = None,
+  axis_index_groups: Any = None,
+  groups: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Normalizes ``x`` over ``axes``; inputs are assumed validated.
 
@@ -710,14 +779,23 @@ def normalize(
   index_groups = None
   if axis_index_groups is not None:
     index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-  plain = _Config(tuple(axes), float(epsilon), bool(center), axis_name,
-                  index_groups, None if groups is None else int(groups))
+  plain = _Config(
+    tuple(axes),
+    float(epsilon),
+    bool(center),
+    axis_name,
+    index_groups,
+    None if groups is None else int(groups),
+  )
   # Where JAX's default backend is not the CPU, programs are not run on the
   # CPU: the plain graph alone is traced.
   cpu = plain
   if jax.default_backend() == "cpu":
-    cpu = dataclasses.replace(plain, cpu=True, kernel=_kernel_kind(
-        tuple(axes), x, scale, bias, mask, axis_name, groups))
+    cpu = dataclasses.replace(
+      plain,
+      cpu=True,
+      kernel=_kernel_kind(tuple(axes), x, scale, bias, mask, axis_name, groups),
+    )
   y, mean, var, count = _normalize_jit(plain, cpu, x, scale, bias, mask)
   stop = jax.lax.stop_gradient
   return y, stop(mean), stop(var), stop(count)

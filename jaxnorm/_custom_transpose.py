@@ -48,13 +48,19 @@ class _Rule:
 
   def split(self, args):
     n = self.res_tree.num_leaves
-    return (self.res_tree.unflatten(args[:n]),
-            self.lin_tree.unflatten(args[n:]))
+    return (
+      self.res_tree.unflatten(args[:n]),
+      self.lin_tree.unflatten(args[n:]),
+    )
 
 
-def linear_map(fun: Callable[[Any, Any], Any],
-               transpose: Callable[[Any, Any], Any], res: Any, lin: Any,
-               out: Any) -> Any:
+def linear_map(
+  fun: Callable[[Any, Any], Any],
+  transpose: Callable[[Any, Any], Any],
+  res: Any,
+  lin: Any,
+  out: Any,
+) -> Any:
   """``fun(res, lin)``, whose transpose in ``lin`` is ``transpose``.
 
   Args:
@@ -82,8 +88,10 @@ def _impl(*args, rule: _Rule):
 
 def _abstract_eval(*avals, rule: _Rule):
   like = avals[rule.res_tree.num_leaves]
-  return [like.update(shape=o.shape, dtype=o.dtype, weak_type=False)
-          for o in jax.tree.leaves(rule.out)]
+  return [
+    like.update(shape=o.shape, dtype=o.dtype, weak_type=False)
+    for o in jax.tree.leaves(rule.out)
+  ]
 
 
 def _jvp(primals, tangents, *, rule: _Rule):
@@ -96,22 +104,29 @@ def _transpose(cts, *args, rule: _Rule):
   if all(type(c) is ad.Zero for c in cts):  # pylint: disable=unidiomatic-typecheck
     return [None] * len(args)
   outs = jax.tree.leaves(rule.out)
-  cts = [jnp.zeros(o.shape, o.dtype) if type(c) is ad.Zero else c  # pylint: disable=unidiomatic-typecheck
-         for c, o in zip(cts, outs, strict=True)]
+  cts = [
+    jnp.zeros(o.shape, o.dtype) if type(c) is ad.Zero else c  # pylint: disable=unidiomatic-typecheck
+    for c, o in zip(cts, outs, strict=True)
+  ]
   res = rule.res_tree.unflatten(args[:n])
   ct = jax.tree.unflatten(jax.tree.structure(rule.out), cts)
   cts = rule.lin_tree.flatten_up_to(rule.transpose(res, ct))
-  return [None] * n + [c if ad.is_undefined_primal(a) else None
-                       for a, c in zip(args[n:], cts, strict=True)]
+  return [None] * n + [
+    c if ad.is_undefined_primal(a) else None
+    for a, c in zip(args[n:], cts, strict=True)
+  ]
 
 
 def _batch(args, dims, *, rule: _Rule):
   n = rule.res_tree.num_leaves
-  size = next(a.shape[d] for a, d in zip(args, dims, strict=True)
-              if d is not None)
+  size = next(
+    a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None
+  )
   axes = [None if d is None else 0 for d in dims]
-  moved = [a if d is None else jnp.moveaxis(a, d, 0)
-           for a, d in zip(args, dims, strict=True)]
+  moved = [
+    a if d is None else jnp.moveaxis(a, d, 0)
+    for a, d in zip(args, dims, strict=True)
+  ]
   res_axes = rule.res_tree.unflatten(axes[:n])
   lin_axes = rule.lin_tree.unflatten(axes[n:])
 
@@ -122,12 +137,15 @@ def _batch(args, dims, *, rule: _Rule):
     cts = jax.vmap(rule.transpose, in_axes=(res_axes, 0))(res, ct)
     # An unbatched linear input is shared by every batch: its cotangent is
     # the sum over the batch.
-    leaves = [c if ax == 0 else jnp.sum(c, 0) for c, ax in
-              zip(rule.lin_tree.flatten_up_to(cts), axes[n:], strict=True)]
+    leaves = [
+      c if ax == 0 else jnp.sum(c, 0)
+      for c, ax in zip(rule.lin_tree.flatten_up_to(cts), axes[n:], strict=True)
+    ]
     return rule.lin_tree.unflatten(leaves)
 
   out = jax.tree.map(
-      lambda o: jax.ShapeDtypeStruct((size, *o.shape), o.dtype), rule.out)
+    lambda o: jax.ShapeDtypeStruct((size, *o.shape), o.dtype), rule.out
+  )
   batched = _Rule(fun, transpose, rule.res_tree, rule.lin_tree, out)
   outs = _linear_p.bind(*moved, rule=batched)
   return outs, [0] * len(outs)
@@ -137,8 +155,7 @@ _linear_p = jex_core.Primitive("jaxnorm_linear_map")
 _linear_p.multiple_results = True
 _linear_p.def_impl(_impl)
 _linear_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(_linear_p, mlir.lower_fun(_impl,
-                                                 multiple_results=True))
+mlir.register_lowering(_linear_p, mlir.lower_fun(_impl, multiple_results=True))
 ad.primitive_jvps[_linear_p] = _jvp
 ad.primitive_transposes[_linear_p] = _transpose
 batching.primitive_batchers[_linear_p] = _batch

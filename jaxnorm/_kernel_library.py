@@ -37,15 +37,17 @@ import jax
 
 SOURCE = pathlib.Path(__file__).parent / "csrc" / "rownorm.cc"
 # The FFI targets: the name jaxnorm's calls use, and the library's symbol.
-TARGETS = {"jaxnorm_row_forward": "JaxnormRowFwd",
-           "jaxnorm_row_stats": "JaxnormRowStats",
-           "jaxnorm_row_backward": "JaxnormRowBwd",
-           "jaxnorm_col_stats": "JaxnormColStats",
-           "jaxnorm_col_sums": "JaxnormColSums",
-           "jaxnorm_add_forward": "JaxnormAddFwd",
-           "jaxnorm_add_stats": "JaxnormAddStats",
-           "jaxnorm_add_backward": "JaxnormAddBwd",
-           "jaxnorm_col_apply": "JaxnormColApply"}
+TARGETS = {
+  "jaxnorm_row_forward": "JaxnormRowFwd",
+  "jaxnorm_row_stats": "JaxnormRowStats",
+  "jaxnorm_row_backward": "JaxnormRowBwd",
+  "jaxnorm_col_stats": "JaxnormColStats",
+  "jaxnorm_col_sums": "JaxnormColSums",
+  "jaxnorm_add_forward": "JaxnormAddFwd",
+  "jaxnorm_add_stats": "JaxnormAddStats",
+  "jaxnorm_add_backward": "JaxnormAddBwd",
+  "jaxnorm_col_apply": "JaxnormColApply",
+}
 _OFF = ("0", "false", "no", "off")
 
 
@@ -84,8 +86,11 @@ def _arch_flags() -> tuple[list[str], str]:
     return [f"{flag}={arch}"], arch
   try:  # what -march=native depends on: the CPU's model and flags
     text = pathlib.Path("/proc/cpuinfo").read_text()
-    keep = [ln for ln in text.splitlines() if ln.startswith(
-        ("model name", "flags", "Features", "CPU part"))]
+    keep = [
+      ln
+      for ln in text.splitlines()
+      if ln.startswith(("model name", "flags", "Features", "CPU part"))
+    ]
     cpu = "\n".join(sorted(set(keep)))
   except OSError:
     cpu = platform.processor()
@@ -100,10 +105,18 @@ def _flags() -> tuple[list[str], str]:
 def library_name() -> str:
   """The file name of the library for this source, jaxlib and CPU."""
   import jaxlib  # pylint: disable=g-import-not-at-top
+
   flags, cpu = _flags()
-  key = hashlib.sha256("\0".join([
-      SOURCE.read_text(), " ".join(flags), jaxlib.__version__, cpu,
-  ]).encode()).hexdigest()[:20]
+  key = hashlib.sha256(
+    "\0".join(
+      [
+        SOURCE.read_text(),
+        " ".join(flags),
+        jaxlib.__version__,
+        cpu,
+      ]
+    ).encode()
+  ).hexdigest()[:20]
   return f"rownorm-{key}.so"
 
 
@@ -163,11 +176,14 @@ def build() -> tuple[pathlib.Path | None, str]:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run(
+      cmd, capture_output=True, text=True, timeout=300, check=False
+    )
     if proc.returncode != 0:
-      return None, (f"compiling {SOURCE.name} with {cxx} failed (exit "
-                    f"{proc.returncode}): {proc.stderr.strip()[-2000:]}")
+      return None, (
+        f"compiling {SOURCE.name} with {cxx} failed (exit "
+        f"{proc.returncode}): {proc.stderr.strip()[-2000:]}"
+      )
     os.replace(tmp, out)  # atomic: a concurrent build writes the same file
     tmp = None
   except (OSError, subprocess.SubprocessError) as e:
@@ -179,9 +195,11 @@ def build() -> tuple[pathlib.Path | None, str]:
   return out, f"built {out}"
 
 
-_FIX = ("install a C++ compiler (e.g. `apt-get install g++`) and run "
-        "`python -m jaxnorm.kernels build`, or set JAXNORM_CPU_KERNELS=0 to "
-        "use XLA ops without this warning")
+_FIX = (
+  "install a C++ compiler (e.g. `apt-get install g++`) and run "
+  "`python -m jaxnorm.kernels build`, or set JAXNORM_CPU_KERNELS=0 to "
+  "use XLA ops without this warning"
+)
 _LOCK = threading.Lock()
 _STATE: dict[str, Status] = {}
 _LIBRARIES: list[ctypes.CDLL] = []  # kept loaded
@@ -191,7 +209,8 @@ def _register(path: pathlib.Path) -> None:
   lib = ctypes.CDLL(str(path))
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(
-        target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+      target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+    )
   _LIBRARIES.append(lib)
 
 
@@ -211,8 +230,12 @@ def load() -> Status:
     if "status" in _STATE:
       return _STATE["status"]
     if disabled_by_env():
-      status = Status(False, None, "turned off by JAXNORM_CPU_KERNELS=0",
-                      "unset JAXNORM_CPU_KERNELS to use them")
+      status = Status(
+        False,
+        None,
+        "turned off by JAXNORM_CPU_KERNELS=0",
+        "unset JAXNORM_CPU_KERNELS to use them",
+      )
     else:
       path, detail = build()
       status = Status(False, path, detail, _FIX)
@@ -225,7 +248,10 @@ def load() -> Status:
     _STATE["status"] = status
   if not status.loaded and not disabled_by_env():
     warnings.warn(
-        f"jaxnorm: CPU kernels unavailable ({status.detail}); LayerNorm, "
-        f"RMSNorm and BatchNorm run as XLA ops, 1.4-3x slower on CPU. "
-        f"Fix: {status.fix}.", KernelsUnavailableWarning, stacklevel=2)
+      f"jaxnorm: CPU kernels unavailable ({status.detail}); LayerNorm, "
+      f"RMSNorm and BatchNorm run as XLA ops, 1.4-3x slower on CPU. "
+      f"Fix: {status.fix}.",
+      KernelsUnavailableWarning,
+      stacklevel=2,
+    )
   return status

@@ -11,7 +11,9 @@ that read it:
   differentiated op, whose ``y`` XLA then fuses with its consumers);
 - ``row_backward``: ``(x, hi, lo, rstd, scale, dy) -> (dx, dscale, dbias)``,
   one read of ``x`` and ``dy``, one write (the row kernels ask for huge
-  pages on the outputs they write: see ``col_apply``);
+  pages on the outputs they write: see ``col_apply``); given ``dh`` too,
+  the fused add + norm's backward ``dx = dh + (the norm's vjp of dy)``, one
+  read of ``h``, ``dy`` and ``dh``, one write;
 - ``col_stats`` and ``col_sums``: BatchNorm's per-channel statistics and
   the backward's two per-channel sums, one read of each input;
 - ``col_apply``: BatchNorm's output ``((x - m) - d) * k + b`` per channel,
@@ -21,9 +23,7 @@ that read it:
 - ``add_forward``: ``(x, r) -> (y, h, hi, lo, var)`` with ``h = x + r``
   normalized, one read of ``x`` and ``r``, one write of ``h`` and ``y``;
 - ``add_stats``: ``(x, r) -> (h, hi, lo, var)``, the forward of a
-  differentiated add + norm (``y`` is then XLA's elementwise pass);
-- ``add_backward``: ``(h, hi, lo, rstd, scale, dy, dh) -> (dh_total,
-  dscale, dbias)``, one read of ``h``, ``dy`` and ``dh``, one write.
+  differentiated add + norm (``y`` is then XLA's elementwise pass).
 
 Every sum over a reduced axis ends in float64 in a fixed order (the
 source's header), so the error does not grow with the reduced length and
@@ -79,77 +79,123 @@ def _call(target: str, results, *args, **attrs):
   # which the kernels' layouts cover (parameter rows P of the row kernels,
   # leading batches of the column kernels).
   return jax.ffi.ffi_call(target, results, vmap_method="broadcast_all")(
-      *args, **attrs)
+    *args, **attrs
+  )
 
 
-def row_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, *,
-                center: bool, epsilon: float):
+def row_forward(
+  x: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  *,
+  center: bool,
+  epsilon: float,
+):
   """``(y, hi, lo, var)`` of rows ``x[..., D]``; scale, bias ``[P, D]`` f32."""
   stat = _f32(x.shape[:-1])
-  return _call("jaxnorm_row_forward",
-               (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat),
-               x, scale, bias, center=bool(center),
-               epsilon=np.float32(epsilon))
+  return _call(
+    "jaxnorm_row_forward",
+    (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat),
+    x,
+    scale,
+    bias,
+    center=bool(center),
+    epsilon=np.float32(epsilon),
+  )
 
 
-def col_apply(x: jax.Array, m: jax.Array, d: jax.Array, k: jax.Array,
-              b: jax.Array) -> jax.Array:
+def col_apply(
+  x: jax.Array, m: jax.Array, d: jax.Array, k: jax.Array, b: jax.Array
+) -> jax.Array:
   """``((x - m) - d) * k + b`` over channels ``x[..., C]``; m, d, k, b
   ``[C]`` float32."""
-  return _call("jaxnorm_col_apply", jax.ShapeDtypeStruct(x.shape, x.dtype),
-               x, m, d, k, b)
+  return _call(
+    "jaxnorm_col_apply", jax.ShapeDtypeStruct(x.shape, x.dtype), x, m, d, k, b
+  )
 
 
-def add_forward(x: jax.Array, r: jax.Array, scale: jax.Array,
-                bias: jax.Array, *, center: bool, epsilon: float):
+def add_forward(
+  x: jax.Array,
+  r: jax.Array,
+  scale: jax.Array,
+  bias: jax.Array,
+  *,
+  center: bool,
+  epsilon: float,
+):
   """``(y, h, hi, lo, var)``: rows of ``h = x + r`` (``r``'s dtype) and
   their normalization ``y`` (``x``'s dtype); scale, bias ``[P, D]`` f32."""
   stat = _f32(x.shape[:-1])
-  return _call("jaxnorm_add_forward",
-               (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
-               x, r, scale, bias, center=bool(center),
-               epsilon=np.float32(epsilon))
+  return _call(
+    "jaxnorm_add_forward",
+    (
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      jax.ShapeDtypeStruct(r.shape, r.dtype),
+      stat,
+      stat,
+      stat,
+    ),
+    x,
+    r,
+    scale,
+    bias,
+    center=bool(center),
+    epsilon=np.float32(epsilon),
+  )
 
 
 def add_stats(x: jax.Array, r: jax.Array, *, center: bool):
   """``(h, hi, lo, var)``: rows of ``h = x + r`` (``r``'s dtype) and their
   statistics."""
   stat = _f32(x.shape[:-1])
-  return _call("jaxnorm_add_stats",
-               (jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
-               x, r, center=bool(center))
-
-
-def add_backward(h: jax.Array, hi: jax.Array, lo: jax.Array, rstd: jax.Array,
-                 scale: jax.Array, dy: jax.Array, dh: jax.Array, *,
-                 center: bool):
-  """``(dh + (the norm's vjp of dy), dscale, dbias)``, in ``h``'s dtype."""
-  return _call("jaxnorm_add_backward",
-               (jax.ShapeDtypeStruct(h.shape, h.dtype), _f32(scale.shape),
-                _f32(scale.shape)),
-               h, hi, lo, rstd, scale, dy, dh, center=bool(center))
+  return _call(
+    "jaxnorm_add_stats",
+    (jax.ShapeDtypeStruct(r.shape, r.dtype), stat, stat, stat),
+    x,
+    r,
+    center=bool(center),
+  )
 
 
 def row_stats(x: jax.Array, *, center: bool):
   """``(hi, lo, var)`` of rows ``x[..., D]``, each of shape ``x.shape[:-1]``."""
-  return _call("jaxnorm_row_stats", (_f32(x.shape[:-1]),) * 3, x,
-               center=bool(center))
+  return _call(
+    "jaxnorm_row_stats", (_f32(x.shape[:-1]),) * 3, x, center=bool(center)
+  )
 
 
-def row_backward(x: jax.Array, hi: jax.Array, lo: jax.Array, rstd: jax.Array,
-                 scale: jax.Array, dy: jax.Array, *, center: bool):
-  """``(dx, dscale, dbias)``; statistics ``x.shape[:-1]``, scale ``[P, D]``."""
-  return _call("jaxnorm_row_backward",
-               (jax.ShapeDtypeStruct(x.shape, x.dtype), _f32(scale.shape),
-                _f32(scale.shape)),
-               x, hi, lo, rstd, scale, dy, center=bool(center))
+def row_backward(
+  x: jax.Array,
+  hi: jax.Array,
+  lo: jax.Array,
+  rstd: jax.Array,
+  scale: jax.Array,
+  dy: jax.Array,
+  dh: jax.Array | None = None,
+  *,
+  center: bool,
+):
+  """``(dx, dscale, dbias)``; statistics ``x.shape[:-1]``, scale ``[P, D]``;
+  with ``dh`` (the fused add + norm, ``x`` its ``h``), ``dx`` is ``dh`` plus
+  the norm's vjp of ``dy``, in ``x``'s dtype."""
+  return _call(
+    "jaxnorm_row_backward" if dh is None else "jaxnorm_add_backward",
+    (
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      _f32(scale.shape),
+      _f32(scale.shape),
+    ),
+    *(x, hi, lo, rstd, scale, dy),
+    *(() if dh is None else (dh,)),
+    center=bool(center),
+  )
 
 
 def col_stats(x: jax.Array, *, center: bool):
   """``(hi, lo, var)`` of each channel of ``x[..., C]`` over all rows."""
-  return _call("jaxnorm_col_stats", (_f32(x.shape[-1:]),) * 3, x,
-               center=bool(center))
+  return _call(
+    "jaxnorm_col_stats", (_f32(x.shape[-1:]),) * 3, x, center=bool(center)
+  )
 
 
 def col_sums(x: jax.Array, dy: jax.Array, hi: jax.Array, lo: jax.Array):

@@ -43,8 +43,14 @@ def _identity(y: jax.Array) -> jax.Array:
   return y
 
 
-def _split(scale: jax.Array | None, bias: jax.Array | None, x_dtype: Any, *,
-           scale_offset: float, cast_before_scale: bool):
+def _split(
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  x_dtype: Any,
+  *,
+  scale_offset: float,
+  cast_before_scale: bool,
+):
   """``(core_scale, core_bias, finish)``: the core op's parameters and the
   map applied to its output (see the module docstring)."""
   factor = scale
@@ -53,8 +59,9 @@ def _split(scale: jax.Array | None, bias: jax.Array | None, x_dtype: Any, *,
     factor = scale.astype(dt) + jnp.asarray(scale_offset, dt)
   if not cast_before_scale:
     return factor, bias, _identity
-  out = _stats.promote(x_dtype,
-                       *(p.dtype for p in (scale, bias) if p is not None))
+  out = _stats.promote(
+    x_dtype, *(p.dtype for p in (scale, bias) if p is not None)
+  )
   dt = _stats.compute_dtype(out)
 
   def finish(x_hat: jax.Array) -> jax.Array:
@@ -68,13 +75,29 @@ def _split(scale: jax.Array | None, bias: jax.Array | None, x_dtype: Any, *,
   return None, None, finish
 
 
-def prepare(fn: str, x: Any, scale: Any, bias: Any, *, center: bool,
-            reduction_axes: Any, feature_axes: Any, epsilon: Any,
-            scale_offset: Any, cast_before_scale: Any, mask: Any,
-            axis_name: Any, axis_index_groups: Any
-            ) -> tuple[jax.Array, jax.Array | None, jax.Array | None,
-                       jax.Array | None, dict[str, Any],
-                       Callable[[jax.Array], jax.Array]]:
+def prepare(
+  fn: str,
+  x: Any,
+  scale: Any,
+  bias: Any,
+  *,
+  center: bool,
+  reduction_axes: Any,
+  feature_axes: Any,
+  epsilon: Any,
+  scale_offset: Any,
+  cast_before_scale: Any,
+  mask: Any,
+  axis_name: Any,
+  axis_index_groups: Any,
+) -> tuple[
+  jax.Array,
+  jax.Array | None,
+  jax.Array | None,
+  jax.Array | None,
+  dict[str, Any],
+  Callable[[jax.Array], jax.Array],
+]:
   """Checks a row normalizer's arguments; returns its core-op call.
 
   Returns:
@@ -85,21 +108,36 @@ def prepare(fn: str, x: Any, scale: Any, bias: Any, *, center: bool,
   Raises:
     TypeError, ValueError: as the public functions document.
   """
-  x, epsilon, mask, names = _checks.norm_inputs(fn, x, epsilon, mask,
-                                                axis_name, axis_index_groups)
+  x, epsilon, mask, names = _checks.norm_inputs(
+    fn, x, epsilon, mask, axis_name, axis_index_groups
+  )
   scale_offset = _checks.check_real(
-      fn, "scale_offset", scale_offset,
-      why=" (it is added to `scale`; 1.0 gives Gemma's (1 + scale))")
+    fn,
+    "scale_offset",
+    scale_offset,
+    why=" (it is added to `scale`; 1.0 gives Gemma's (1 + scale))",
+  )
   cast_before_scale = _checks.check_bool(
-      fn, "cast_before_scale", cast_before_scale,
-      why=" (True rounds x_hat to x's dtype before the scale, as Llama)")
-  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes,
-                                  x.ndim)
+    fn,
+    "cast_before_scale",
+    cast_before_scale,
+    why=" (True rounds x_hat to x's dtype before the scale, as Llama)",
+  )
+  red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes, x.ndim)
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   scale, bias = _checks.affine_params(fn, x, scale, bias, feat)
   core_scale, core_bias, finish = _split(
-      scale, bias, x.dtype, scale_offset=scale_offset,
-      cast_before_scale=cast_before_scale)
-  core_kwargs = dict(axes=red, epsilon=epsilon, center=center,
-                     axis_name=names, axis_index_groups=axis_index_groups)
+    scale,
+    bias,
+    x.dtype,
+    scale_offset=scale_offset,
+    cast_before_scale=cast_before_scale,
+  )
+  core_kwargs = dict(
+    axes=red,
+    epsilon=epsilon,
+    center=center,
+    axis_name=names,
+    axis_index_groups=axis_index_groups,
+  )
   return x, core_scale, core_bias, mask, core_kwargs, finish

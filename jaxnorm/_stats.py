@@ -56,8 +56,9 @@ def sum_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Sums ``a`` down to a same-rank broadcastable ``shape`` (a parameter's
   gradient from an activation-shaped one)."""
   axes = tuple(
-      i for i, (s, t) in enumerate(zip(a.shape, shape, strict=True))
-      if t == 1 and s != 1
+    i
+    for i, (s, t) in enumerate(zip(a.shape, shape, strict=True))
+    if t == 1 and s != 1
   )
   return jnp.sum(a, axis=axes, keepdims=True) if axes else a
 
@@ -97,8 +98,7 @@ def upcast(a: jax.Array, dtype: Any, reader: int, cpu: bool) -> jax.Array:
   return own_copy(a, reader).astype(dtype)
 
 
-def group_sum(a: jax.Array, groups: int | None,
-              channels: int) -> jax.Array:
+def group_sum(a: jax.Array, groups: int | None, channels: int) -> jax.Array:
   """Sums ``a`` within each of ``groups`` runs of consecutive channels.
 
   GroupNorm keeps its statistics per channel, each channel holding its
@@ -116,8 +116,9 @@ def group_sum(a: jax.Array, groups: int | None,
   return jnp.broadcast_to(total, split.shape).reshape(a.shape)
 
 
-def _gather(stacked: jax.Array, axis_name: Any,
-            axis_index_groups: Any) -> jax.Array:
+def _gather(
+  stacked: jax.Array, axis_name: Any, axis_index_groups: Any
+) -> jax.Array:
   """Every device's ``stacked`` along a new leading axis, in one ``psum``.
 
   Each device writes its slot of a zero array and the slots are summed: an
@@ -127,20 +128,21 @@ def _gather(stacked: jax.Array, axis_name: Any,
   ``lax.all_gather`` does not. The statistics are per feature, so the
   ``devices``-fold payload is small.
   """
-  slots = jnp.zeros((jax.lax.axis_size(axis_name), *stacked.shape),
-                    stacked.dtype)
+  slots = jnp.zeros(
+    (jax.lax.axis_size(axis_name), *stacked.shape), stacked.dtype
+  )
   slots = slots.at[jax.lax.axis_index(axis_name)].set(stacked)
   return jax.lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
 
 
 def _merge_across(
-    count: jax.Array,
-    hi: jax.Array,
-    lo: jax.Array,
-    m2: jax.Array,
-    axis_name: Any,
-    axis_index_groups: Any,
-    center: bool,
+  count: jax.Array,
+  hi: jax.Array,
+  lo: jax.Array,
+  m2: jax.Array,
+  axis_name: Any,
+  axis_index_groups: Any,
+  center: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Merges per-device ``(count, mean, M2)`` over ``axis_name`` exactly.
 
@@ -168,8 +170,9 @@ def _merge_across(
 _PILOT_SHARE = 16
 
 
-def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
-           groups: int | None) -> jax.Array:
+def _pilot(
+  xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None, groups: int | None
+) -> jax.Array:
   """An estimate of the mean of every group, provably near it.
 
   The mean of a prefix holding at least ``1/_PILOT_SHARE`` of each group,
@@ -194,7 +197,8 @@ def _pilot(xf: jax.Array, axes: tuple[int, ...], w: jax.Array | None,
   c = xf.shape[-1]
   if w is None:
     n = math.prod(head.shape[a] for a in axes) * (
-        1 if groups is None else c // groups)
+      1 if groups is None else c // groups
+    )
     # max: an empty group (a reduced axis of size 0) has pilot 0.
     return group_sum(jnp.sum(head * (1.0 / max(n, 1)), **keep), groups, c)
   count = group_sum(jnp.sum(w, dtype=xf.dtype, **keep), groups, c)
@@ -218,15 +222,15 @@ def _shifted_sums(xf, x2, k, keep, valid, groups, cpu):
 
 
 def moments(
-    x: jax.Array,
-    axes: tuple[int, ...],
-    *,
-    mask: jax.Array | None = None,
-    center: bool = True,
-    axis_name: tuple[Any, ...] | None = None,
-    axis_index_groups: Any = None,
-    groups: int | None = None,
-    cpu: bool = False,
+  x: jax.Array,
+  axes: tuple[int, ...],
+  *,
+  mask: jax.Array | None = None,
+  center: bool = True,
+  axis_name: tuple[Any, ...] | None = None,
+  axis_index_groups: Any = None,
+  groups: int | None = None,
+  cpu: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Count, mean (as ``hi + lo``) and biased variance over ``axes``.
 
@@ -285,8 +289,9 @@ def moments(
   if center:
     # The pilot's slice reads its own copy of x (see own_copy).
     hi = _pilot(upcast(x, dt, _PILOT, cpu), axes, w, groups)
-    s1, s2 = _shifted_sums(xf, upcast(x, dt, _SQUARES, cpu), hi, keep, valid,
-                           groups, cpu)
+    s1, s2 = _shifted_sums(
+      xf, upcast(x, dt, _SQUARES, cpu), hi, keep, valid, groups, cpu
+    )
     lo = s1 / safe
     m2 = jnp.maximum(s2 - s1 * lo, 0.0)
   else:
@@ -294,7 +299,7 @@ def moments(
     m2 = group_sum(jnp.sum(valid(jnp.square(xf)), **keep), groups, c)
   if axis_name is not None:
     count, hi, lo, m2 = _merge_across(
-        count, hi, lo, m2, axis_name, axis_index_groups, center
+      count, hi, lo, m2, axis_name, axis_index_groups, center
     )
     safe = jnp.maximum(count, 1.0)
   return count, hi, lo, m2 / safe

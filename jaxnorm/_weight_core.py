@@ -28,8 +28,9 @@ def l2_normalize(x: jax.Array, eps: float) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, keepdims=True) + eps)
 
 
-def power_iteration(w2d: jax.Array, u: jax.Array, n_steps: int,
-                    eps: float) -> tuple[jax.Array, jax.Array]:
+def power_iteration(
+  w2d: jax.Array, u: jax.Array, n_steps: int, eps: float
+) -> tuple[jax.Array, jax.Array]:
   """``n_steps`` of flax's power iteration from ``u``; returns ``(u, v)``.
 
   ``v = normalize(u W^T)``, ``u = normalize(v W)``, both wrapped in
@@ -125,8 +126,9 @@ def _divide_by_sigma_jvp(primals, tangents):
   (y, sigma), res = _sn_forward(w2d, u, v)
 
   def tangent_map(res, t):
-    return jax.linear_transpose(
-        functools.partial(_sn_vjp, w2d.dtype, res), y)(t)
+    return jax.linear_transpose(functools.partial(_sn_vjp, w2d.dtype, res), y)(
+      t
+    )
 
   (dy,) = jax.checkpoint(tangent_map, prevent_cse=False)(res, dw)
   # sigma leaves the op only for the state; it carries no derivative.

@@ -34,7 +34,7 @@ class BatchNormState(NamedTuple):
 
 
 def batch_norm_init(
-    num_features: int | tuple[int, ...], *, dtype: Any = jnp.float32
+  num_features: int | tuple[int, ...], *, dtype: Any = jnp.float32
 ) -> BatchNormState:
   """Fresh running statistics: mean 0, variance 1, count 0.
 
@@ -57,33 +57,35 @@ def batch_norm_init(
   """
   fn = _checks.caller("batch_norm_init")
   if isinstance(num_features, bool):
-    raise TypeError(f"{fn}: `num_features` must be an int or tuple of ints; "
-                    f"got {num_features!r}.")
+    raise TypeError(
+      f"{fn}: `num_features` must be an int or tuple of ints; "
+      f"got {num_features!r}."
+    )
   shape = (num_features,) if isinstance(num_features, int) else num_features
   if not isinstance(shape, tuple) or not all(
-      isinstance(s, int) and not isinstance(s, bool) for s in shape
+    isinstance(s, int) and not isinstance(s, bool) for s in shape
   ):
     raise TypeError(
-        f"{fn}: `num_features` must be an int or tuple of ints; got "
-        f"{num_features!r}."
+      f"{fn}: `num_features` must be an int or tuple of ints; got "
+      f"{num_features!r}."
     )
   if any(s <= 0 for s in shape):
     raise ValueError(
-        f"{fn}: every feature size must be positive; got {num_features!r}."
+      f"{fn}: every feature size must be positive; got {num_features!r}."
     )
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{fn}: `dtype` must be floating; got {dtype}.")
   _check_state_precision(fn, "dtype", jnp.dtype(dtype))
   return BatchNormState(
-      mean=jnp.zeros(shape, dtype),
-      var=jnp.ones(shape, dtype),
-      count=jnp.zeros((), jnp.int32),
+    mean=jnp.zeros(shape, dtype),
+    var=jnp.ones(shape, dtype),
+    count=jnp.zeros((), jnp.int32),
   )
 
 
-def _feature_layout(fn: str, x: jax.Array, axis) -> tuple[tuple[int, ...],
-                                                         tuple[int, ...],
-                                                         tuple[int, ...]]:
+def _feature_layout(
+  fn: str, x: jax.Array, axis
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
   """Returns (feature axes, reduction axes, broadcast shape of params)."""
   feat = _checks.canonicalize_axes(fn, "axis", axis, x.ndim)
   red = tuple(i for i in range(x.ndim) if i not in feat)
@@ -92,11 +94,11 @@ def _feature_layout(fn: str, x: jax.Array, axis) -> tuple[tuple[int, ...],
 
 
 _LOW_PRECISION_WHY = (
-    "a running average kept in it cannot move: with momentum 0.99 an update "
-    "smaller than 50 units in its last place rounds back to the old value "
-    "(bfloat16: after 1,000 steps the running mean is 0.1 std and the "
-    "variance 4% off a float32 one), and jaxnorm does not change the "
-    "state's dtype behind your back"
+  "a running average kept in it cannot move: with momentum 0.99 an update "
+  "smaller than 50 units in its last place rounds back to the old value "
+  "(bfloat16: after 1,000 steps the running mean is 0.1 std and the "
+  "variance 4% off a float32 one), and jaxnorm does not change the "
+  "state's dtype behind your back"
 )
 
 
@@ -104,54 +106,63 @@ def _check_state_precision(fn: str, name: str, dtype: Any) -> None:
   """Refuses running statistics below float32 (see batch_norm_train)."""
   if dtype.itemsize < 4:
     raise ValueError(
-        f"{fn}: `{name}` is {dtype}; running statistics must be float32 or "
-        f"float64: {_LOW_PRECISION_WHY}. Fix: keep the state in float32, "
-        f"e.g. `jaxnorm.batch_norm_init(C)` (default dtype) or "
-        f"`jax.tree.map(lambda a: a.astype(jnp.float32), state)` for the "
-        f"mean and var; with jaxnorm.linen.BatchNorm keep "
-        f"force_float32_reductions=True. The input x may stay {dtype}."
+      f"{fn}: `{name}` is {dtype}; running statistics must be float32 or "
+      f"float64: {_LOW_PRECISION_WHY}. Fix: keep the state in float32, "
+      f"e.g. `jaxnorm.batch_norm_init(C)` (default dtype) or "
+      f"`jax.tree.map(lambda a: a.astype(jnp.float32), state)` for the "
+      f"mean and var; with jaxnorm.linen.BatchNorm keep "
+      f"force_float32_reductions=True. The input x may stay {dtype}."
     )
 
 
-def _check_state(fn: str, state: Any, fshape: tuple[int, ...]
-                 ) -> BatchNormState:
+def _check_state(
+  fn: str, state: Any, fshape: tuple[int, ...]
+) -> BatchNormState:
   """Validates ``state``, converting array-like fields (lists, ints)."""
   if not isinstance(state, BatchNormState):
     raise TypeError(
-        f"{fn}: `state` must be a jaxnorm.BatchNormState; got "
-        f"{type(state).__name__}. Fix: create it with "
-        f"`jaxnorm.batch_norm_init({fshape if len(fshape) > 1 else fshape[0]})`"
-        f" and thread the state returned by batch_norm_train."
+      f"{fn}: `state` must be a jaxnorm.BatchNormState; got "
+      f"{type(state).__name__}. Fix: create it with "
+      f"`jaxnorm.batch_norm_init({fshape if len(fshape) > 1 else fshape[0]})`"
+      f" and thread the state returned by batch_norm_train."
     )
   fields = {}
   for name in ("mean", "var"):
     v = _checks.as_float_array(fn, f"state.{name}", getattr(state, name))
     if tuple(v.shape) != fshape:
       raise ValueError(
-          f"{fn}: `state.{name}` must have the feature shape {fshape}; got "
-          f"{tuple(v.shape)}. The state was made for other features: "
-          f"re-create it with batch_norm_init({fshape}) or check `axis`."
+        f"{fn}: `state.{name}` must have the feature shape {fshape}; got "
+        f"{tuple(v.shape)}. The state was made for other features: "
+        f"re-create it with batch_norm_init({fshape}) or check `axis`."
       )
     fields[name] = v
   count = _checks.as_array(fn, "state.count", state.count, kind="integer")
   if count.shape != ():
     raise ValueError(
-        f"{fn}: `state.count` must be a scalar (the number of updates); got "
-        f"shape {tuple(count.shape)}. Fix: thread the count returned by "
-        f"batch_norm_train, or start from `jnp.zeros((), jnp.int32)`."
+      f"{fn}: `state.count` must be a scalar (the number of updates); got "
+      f"shape {tuple(count.shape)}. Fix: thread the count returned by "
+      f"batch_norm_train, or start from `jnp.zeros((), jnp.int32)`."
     )
   if not isinstance(state.count, jax.Array):  # a Python int: as the default
     count = count.astype(jnp.int32)
   return BatchNormState(count=count, **fields)
 
 
-_Prepared = tuple[jax.Array, BatchNormState, tuple[int, ...], tuple[int, ...],
-                  tuple[int, ...], tuple[int, ...], jax.Array | None,
-                  jax.Array | None]
+_Prepared = tuple[
+  jax.Array,
+  BatchNormState,
+  tuple[int, ...],
+  tuple[int, ...],
+  tuple[int, ...],
+  tuple[int, ...],
+  jax.Array | None,
+  jax.Array | None,
+]
 
 
-def _prepare(fn: str, x: Any, state: Any, scale: Any, bias: Any,
-             axis: Any) -> _Prepared:
+def _prepare(
+  fn: str, x: Any, state: Any, scale: Any, bias: Any, axis: Any
+) -> _Prepared:
   """``(x, state, feat, red, bshape, fshape, scale, bias)``, checked."""
   x = _checks.as_float_array(fn, "x", x, min_ndim=1)
   feat, red, bshape = _feature_layout(fn, x, axis)
@@ -170,15 +181,15 @@ def _check_momentum(fn: str, momentum: Any, debias: Any) -> float | None:
     return None
   if not _checks.is_real(momentum):
     raise TypeError(
-        f"{fn}: `momentum` must be a Python float in [0, 1] (weight on the "
-        f"old running value) or None (cumulative moving average, PyTorch's "
-        f"momentum=None); got {momentum!r} of type {type(momentum).__name__}."
+      f"{fn}: `momentum` must be a Python float in [0, 1] (weight on the "
+      f"old running value) or None (cumulative moving average, PyTorch's "
+      f"momentum=None); got {momentum!r} of type {type(momentum).__name__}."
     )
   momentum = _checks.check_momentum(fn, momentum)
   if debias and momentum == 1.0:
     raise ValueError(
-        f"{fn}: debias=True with momentum=1.0 divides 0 by 0; its limit is "
-        f"the cumulative moving average. Fix: pass momentum=None."
+      f"{fn}: debias=True with momentum=1.0 divides 0 by 0; its limit is "
+      f"the cumulative moving average. Fix: pass momentum=None."
     )
   return momentum
 
@@ -189,36 +200,37 @@ _RUNNING_VAR = ("biased", "unbiased")
 def _check_running_var(fn: str, running_var: Any) -> str:
   if not isinstance(running_var, str) or running_var not in _RUNNING_VAR:
     raise ValueError(
-        f"{fn}: `running_var` must be 'biased' (store the batch variance "
-        f"sum((x - mean)**2) / n, as flax, haiku and keras) or 'unbiased' "
-        f"(store n / (n - 1) times it, as PyTorch); got {running_var!r}."
+      f"{fn}: `running_var` must be 'biased' (store the batch variance "
+      f"sum((x - mean)**2) / n, as flax, haiku and keras) or 'unbiased' "
+      f"(store n / (n - 1) times it, as PyTorch); got {running_var!r}."
     )
   return running_var
 
 
-def _check_virtual_batch_size(fn: str, vbs: Any, shape: tuple[int, ...],
-                              feat: tuple[int, ...]) -> int:
+def _check_virtual_batch_size(
+  fn: str, vbs: Any, shape: tuple[int, ...], feat: tuple[int, ...]
+) -> int:
   """Returns the number of virtual batches (1 without ``vbs``)."""
   if vbs is None:
     return 1
   if not _checks.is_int(vbs):
     raise TypeError(
-        f"{fn}: `virtual_batch_size` must be a positive int or None; got "
-        f"{vbs!r} of type {type(vbs).__name__}."
+      f"{fn}: `virtual_batch_size` must be a positive int or None; got "
+      f"{vbs!r} of type {type(vbs).__name__}."
     )
   vbs = int(vbs)
   if 0 in feat:
     raise ValueError(
-        f"{fn}: `virtual_batch_size` splits the leading batch axis 0, but "
-        f"axis 0 is a feature axis here (axis={feat}). Fix: put the batch "
-        f"first, or drop virtual_batch_size."
+      f"{fn}: `virtual_batch_size` splits the leading batch axis 0, but "
+      f"axis 0 is a feature axis here (axis={feat}). Fix: put the batch "
+      f"first, or drop virtual_batch_size."
     )
   if vbs <= 0 or shape[0] % vbs:
     raise ValueError(
-        f"{fn}: `virtual_batch_size`={vbs} must be a positive divisor of the "
-        f"batch size x.shape[0]={shape[0]} (x.shape={tuple(shape)}). Fix: "
-        f"pick a divisor of the batch size, or drop the last incomplete "
-        f"batch (drop_last) so every batch splits evenly."
+      f"{fn}: `virtual_batch_size`={vbs} must be a positive divisor of the "
+      f"batch size x.shape[0]={shape[0]} (x.shape={tuple(shape)}). Fix: "
+      f"pick a divisor of the batch size, or drop the last incomplete "
+      f"batch (drop_last) so every batch splits evenly."
     )
   return shape[0] // vbs
 
@@ -226,26 +238,31 @@ def _check_virtual_batch_size(fn: str, vbs: Any, shape: tuple[int, ...],
 def _check_clip(fn: str, name: str, v: Any, lower: float) -> Any:
   """``rmax`` (>= 1) or ``dmax`` (>= 0): a number or a scalar array."""
   if isinstance(v, bool) or v is None:
-    raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "
-                    f"{v!r}.")
+    raise TypeError(
+      f"{fn}: `{name}` must be a float or a scalar array; got {v!r}."
+    )
   if _checks.is_real(v):
     if not v >= lower:  # also rejects NaN
       raise ValueError(
-          f"{fn}: `{name}` must be >= {lower} (r is clipped to [1/rmax, "
-          f"rmax], d to [-dmax, dmax]; rmax=1, dmax=0 is plain BatchNorm); "
-          f"got {v!r}."
+        f"{fn}: `{name}` must be >= {lower} (r is clipped to [1/rmax, "
+        f"rmax], d to [-dmax, dmax]; rmax=1, dmax=0 is plain BatchNorm); "
+        f"got {v!r}."
       )
     return v
   try:
     a = jnp.asarray(v)
   except TypeError:
-    raise TypeError(f"{fn}: `{name}` must be a float or a scalar array; got "
-                    f"{type(v).__name__}.") from None
-  if a.shape != () or not (jnp.issubdtype(a.dtype, jnp.floating)
-                           or jnp.issubdtype(a.dtype, jnp.integer)):
     raise TypeError(
-        f"{fn}: `{name}` must be a float or a scalar real array (e.g. from "
-        f"batch_renorm_schedule); got shape {a.shape}, dtype {a.dtype}."
+      f"{fn}: `{name}` must be a float or a scalar array; got "
+      f"{type(v).__name__}."
+    ) from None
+  if a.shape != () or not (
+    jnp.issubdtype(a.dtype, jnp.floating)
+    or jnp.issubdtype(a.dtype, jnp.integer)
+  ):
+    raise TypeError(
+      f"{fn}: `{name}` must be a float or a scalar real array (e.g. from "
+      f"batch_renorm_schedule); got shape {a.shape}, dtype {a.dtype}."
     )
   value = _checks.concrete_value(a)  # None when traced: not checkable
   if value is not None:
@@ -268,11 +285,21 @@ class _Options(NamedTuple):
   virtual_batch_size: Any  # as given (checked against x's layout)
 
 
-def _check_options(fn: str, x_shape: tuple[int, ...], *, axis: Any,
-                   momentum: Any, epsilon: Any, axis_name: Any,
-                   axis_index_groups: Any, mask: Any, running_var: Any,
-                   debias: Any, virtual_batch_size: Any,
-                   allow_single: Any) -> _Options:
+def _check_options(
+  fn: str,
+  x_shape: tuple[int, ...],
+  *,
+  axis: Any,
+  momentum: Any,
+  epsilon: Any,
+  axis_name: Any,
+  axis_index_groups: Any,
+  mask: Any,
+  running_var: Any,
+  debias: Any,
+  virtual_batch_size: Any,
+  allow_single: Any,
+) -> _Options:
   """Checks the training functions' keyword arguments (``axis`` apart)."""
   del axis  # checked with x's layout (_feature_layout)
   momentum = _check_momentum(fn, momentum, debias)
@@ -282,12 +309,23 @@ def _check_options(fn: str, x_shape: tuple[int, ...], *, axis: Any,
   names = _checks.check_axis_name(fn, axis_name)
   groups = _checks.check_axis_index_groups(fn, axis_index_groups, names)
   allow_single = _checks.check_bool(fn, "allow_single", allow_single)
-  return _Options(momentum, debias, running_var, epsilon, mask, names,
-                  groups, allow_single, axis_name, virtual_batch_size)
+  return _Options(
+    momentum,
+    debias,
+    running_var,
+    epsilon,
+    mask,
+    names,
+    groups,
+    allow_single,
+    axis_name,
+    virtual_batch_size,
+  )
 
 
-def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
-                    dt: Any) -> tuple[Any, Any]:
+def _update_weights(
+  momentum: float | None, debias: bool, count: jax.Array, dt: Any
+) -> tuple[Any, Any]:
   """``(keep, w)`` of the update ``new = keep * old + w * batch``.
 
   ``t = count + 1`` is the number of the update being made.
@@ -303,13 +341,20 @@ def _update_weights(momentum: float | None, debias: bool, count: jax.Array,
   t = count.astype(dt) + 1.0
   log_a = jnp.asarray(math.log(momentum), dt)
   denom = -jnp.expm1(t * log_a)
-  return (momentum * -jnp.expm1((t - 1.0) * log_a) / denom,
-          (1.0 - momentum) / denom)
+  return (
+    momentum * -jnp.expm1((t - 1.0) * log_a) / denom,
+    (1.0 - momentum) / denom,
+  )
 
 
-def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
-               count: jax.Array, opts: _Options, skip_nonfinite: bool = False
-               ) -> tuple[BatchNormState, jax.Array]:
+def _new_state(
+  state: BatchNormState,
+  mean: jax.Array,
+  var: jax.Array,
+  count: jax.Array,
+  opts: _Options,
+  skip_nonfinite: bool = False,
+) -> tuple[BatchNormState, jax.Array]:
   """Running-statistics update from per-virtual-batch ``(G, *F)`` stats.
 
   The batch value is the count-weighted average over the ``G`` virtual
@@ -346,9 +391,9 @@ def _new_state(state: BatchNormState, mean: jax.Array, var: jax.Array,
   new_var = jnp.where(has_var, keep * old_var + w * batch_var, old_var)
   new_count = jnp.where(jnp.any(has_mean), state.count + 1, state.count)
   return BatchNormState(
-      mean=new_mean.astype(state.mean.dtype),
-      var=new_var.astype(state.var.dtype),
-      count=jnp.asarray(new_count).astype(state.count.dtype),
+    mean=new_mean.astype(state.mean.dtype),
+    var=new_var.astype(state.var.dtype),
+    count=jnp.asarray(new_count).astype(state.count.dtype),
   ), skipped
 
 
@@ -365,34 +410,49 @@ def _replicas(names: tuple[Any, ...] | None, axis_index_groups: Any) -> int:
   return math.prod(jax.lax.axis_size(n) for n in names)
 
 
-def _check_single(fn: str, x: jax.Array, feat: tuple[int, ...],
-                  red: tuple[int, ...], groups: int, opts: _Options) -> None:
+def _check_single(
+  fn: str,
+  x: jax.Array,
+  feat: tuple[int, ...],
+  red: tuple[int, ...],
+  groups: int,
+  opts: _Options,
+) -> None:
   """The one check of a single element per feature (``allow_single``).
 
   Counts the elements of each feature's statistics across ``axis_name``
   (the global batch, known at trace time), per virtual batch.
   """
-  per_group = (math.prod(x.shape[i] for i in red) // groups
-               * _replicas(opts.names, opts.axis_index_groups))
+  per_group = (
+    math.prod(x.shape[i] for i in red)
+    // groups
+    * _replicas(opts.names, opts.axis_index_groups)
+  )
   if per_group <= 1 and not opts.allow_single:
-    where = ("" if groups == 1 else
-             f" per virtual batch of {opts.virtual_batch_size}")
-    across = ("" if opts.names is None
-              else f" across axis_name={opts.axis_name!r}")
+    where = (
+      "" if groups == 1 else f" per virtual batch of {opts.virtual_batch_size}"
+    )
+    across = (
+      "" if opts.names is None else f" across axis_name={opts.axis_name!r}"
+    )
     raise ValueError(
-        f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
-        f"{per_group} element(s) per feature{where}{across} to compute batch "
-        f"statistics from; every output would be 0 (torch raises here too). "
-        f"Fix: use a batch of at least 2, use batch_norm_infer for single "
-        f"examples, use layer_norm/group_norm, which do not depend on the "
-        f"batch, or pass allow_single=True for flax's result (the output "
-        f"is `bias`)."
+      f"{fn}: x of shape {tuple(x.shape)} with feature axis {feat} has "
+      f"{per_group} element(s) per feature{where}{across} to compute batch "
+      f"statistics from; every output would be 0 (torch raises here too). "
+      f"Fix: use a batch of at least 2, use batch_norm_infer for single "
+      f"examples, use layer_norm/group_norm, which do not depend on the "
+      f"batch, or pass allow_single=True for flax's result (the output "
+      f"is `bias`)."
     )
 
 
-def _virtual_batches(x: jax.Array, mask: jax.Array | None,
-                     red: tuple[int, ...], bshape: tuple[int, ...],
-                     groups: int):
+def _virtual_batches(
+  x: jax.Array,
+  mask: jax.Array | None,
+  red: tuple[int, ...],
+  bshape: tuple[int, ...],
+  groups: int,
+):
   """``x`` and ``mask`` split into ``groups`` batches along axis 0.
 
   Returns ``(xs, mask, axes, pshape)``: the reduced axes and the
@@ -407,9 +467,19 @@ def _virtual_batches(x: jax.Array, mask: jax.Array | None,
   return xs, mask, tuple(a + 1 for a in red), (1,) + bshape
 
 
-def _train(fn: str, x, state, scale, bias, *, renorm: bool,
-           skip_nonfinite: bool, rmax: Any = None, dmax: Any = None,
-           **options: Any):
+def _train(
+  fn: str,
+  x,
+  state,
+  scale,
+  bias,
+  *,
+  renorm: bool,
+  skip_nonfinite: bool,
+  rmax: Any = None,
+  dmax: Any = None,
+  **options: Any,
+):
   """The training functions' shared body: ``(y, new_state, skipped)``.
 
   ``options`` are their other keyword arguments (``axis``, ``momentum``,
@@ -418,59 +488,79 @@ def _train(fn: str, x, state, scale, bias, *, renorm: bool,
   ``skip_nonfinite``; None for complex ``x``).
   """
   if jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.complexfloating):
-    _check_complex(fn, x, renorm, skip_nonfinite,
-                   options["virtual_batch_size"])
+    _check_complex(fn, x, renorm, skip_nonfinite, options["virtual_batch_size"])
     return _train_complex(fn, x, state, scale, bias, **options) + (None,)
   x, state, feat, red, bshape, fshape, scale, bias = _prepare(
-      fn, x, state, scale, bias, options["axis"])
+    fn, x, state, scale, bias, options["axis"]
+  )
   for name in ("mean", "var"):
     _check_state_precision(fn, f"state.{name}", getattr(state, name).dtype)
   opts = _check_options(fn, x.shape, **options)
   if renorm:
     rmax = _check_clip(fn, "rmax", rmax, 1.0)
     dmax = _check_clip(fn, "dmax", dmax, 0.0)
-  groups = _check_virtual_batch_size(fn, opts.virtual_batch_size, x.shape,
-                                     feat)
+  groups = _check_virtual_batch_size(fn, opts.virtual_batch_size, x.shape, feat)
   if x.size == 0:  # an empty batch: as a fully masked one
     return jnp.zeros_like(x), state, jnp.zeros(fshape, bool)
   _check_single(fn, x, feat, red, groups, opts)
   xs, mask, axes, pshape = _virtual_batches(x, opts.mask, red, bshape, groups)
-  if scale is not None:
-    scale = scale.reshape(pshape)
-  if bias is not None:
-    bias = bias.reshape(pshape)
+  scale, bias = (
+    None if p is None else p.reshape(pshape) for p in (scale, bias)
+  )
   core = functools.partial(
-      _core.normalize, axes=axes, epsilon=opts.epsilon, axis_name=opts.names,
-      axis_index_groups=opts.axis_index_groups)
+    _core.normalize,
+    axes=axes,
+    epsilon=opts.epsilon,
+    axis_name=opts.names,
+    axis_index_groups=opts.axis_index_groups,
+  )
   if not renorm:
     y, mean, var, count = core(xs, scale, bias, mask)
   else:
     xhat, mean, var, count = core(xs, None, None, mask)
-    y = _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
-                       opts.epsilon, rmax, dmax)
-  mean, var, count = (a.reshape((groups,) + fshape)
-                      for a in (mean, var, count))
-  new_state, skipped = _new_state(state, mean, var, count, opts,
-                                  skip_nonfinite)
+    y = _renorm_affine(
+      xhat,
+      mean,
+      var,
+      count,
+      state,
+      scale,
+      bias,
+      pshape,
+      opts.epsilon,
+      rmax,
+      dmax,
+    )
+  mean, var, count = (a.reshape((groups,) + fshape) for a in (mean, var, count))
+  new_state, skipped = _new_state(state, mean, var, count, opts, skip_nonfinite)
   return y.reshape(x.shape), new_state, skipped
 
 
-def _check_complex(fn: str, x: Any, renorm: bool, skip_nonfinite: bool,
-                   virtual_batch_size: Any) -> None:
+def _check_complex(
+  fn: str, x: Any, renorm: bool, skip_nonfinite: bool, virtual_batch_size: Any
+) -> None:
   """Complex ``x`` takes plain BatchNorm only."""
-  asked = [name for name, on in (
-      ("renorm", renorm), ("skip_nonfinite", skip_nonfinite),
-      ("virtual_batch_size", virtual_batch_size is not None)) if on]
+  asked = [
+    name
+    for name, on in (
+      ("renorm", renorm),
+      ("skip_nonfinite", skip_nonfinite),
+      ("virtual_batch_size", virtual_batch_size is not None),
+    )
+    if on
+  ]
   if asked:
     raise ValueError(
-        f"{fn}: `x` is complex ({x.dtype}); complex x is supported by "
-        f"plain BatchNorm only, but {asked[0]} was asked for. Fix: call "
-        f"batch_norm_train without that option for complex input, or pass "
-        f"the real and imaginary parts as separate features.")
+      f"{fn}: `x` is complex ({x.dtype}); complex x is supported by "
+      f"plain BatchNorm only, but {asked[0]} was asked for. Fix: call "
+      f"batch_norm_train without that option for complex input, or pass "
+      f"the real and imaginary parts as separate features."
+    )
 
 
-def _complex_stats(x: jax.Array, mask: jax.Array | None,
-                   red: tuple[int, ...], opts: _Options):
+def _complex_stats(
+  x: jax.Array, mask: jax.Array | None, red: tuple[int, ...], opts: _Options
+):
   """``(xc, mean, var, n)`` of complex ``x``: two-pass, plain jnp.
 
   ``mean = E[x]`` (complex), ``var = E[|x - mean|^2]`` (real) and the valid
@@ -481,22 +571,24 @@ def _complex_stats(x: jax.Array, mask: jax.Array | None,
   cdt = jnp.dtype(jnp.complex128 if wide else jnp.complex64)
   rdt = jnp.finfo(cdt).dtype
   xc = x.astype(cdt)
-  w = (jnp.ones(x.shape, jnp.bool_) if mask is None
-       else jnp.broadcast_to(mask, x.shape))
+  w = (
+    jnp.ones(x.shape, jnp.bool_)
+    if mask is None
+    else jnp.broadcast_to(mask, x.shape)
+  )
 
   def psum(a):
     if opts.names is None:
       return a
-    return jax.lax.psum(a, opts.names,
-                        axis_index_groups=opts.axis_index_groups)
+    return jax.lax.psum(a, opts.names, axis_index_groups=opts.axis_index_groups)
 
   n = psum(jnp.sum(w, red, keepdims=True, dtype=rdt))
   n_safe = jnp.maximum(n, 1.0)
-  mean = (psum(jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True))
-          / n_safe.astype(cdt))
+  mean = psum(
+    jnp.sum(jnp.where(w, xc, 0.0), red, keepdims=True)
+  ) / n_safe.astype(cdt)
   d = jnp.where(w, xc - mean, 0.0)
-  var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red,
-                     keepdims=True)) / n_safe
+  var = psum(jnp.sum(jnp.real(d * jnp.conj(d)), red, keepdims=True)) / n_safe
   return xc, mean, var, n
 
 
@@ -513,13 +605,18 @@ def _train_complex(fn, x, state, scale, bias, **options):
   fshape = tuple(x.shape[i] for i in feat)
   if not isinstance(state, BatchNormState):
     _check_state(fn, state, fshape)  # raises the TypeError
-  for name, v in (("state.mean", state.mean), ("state.var", state.var),
-                  ("scale", scale), ("bias", bias)):
+  for name, v in (
+    ("state.mean", state.mean),
+    ("state.var", state.var),
+    ("scale", scale),
+    ("bias", bias),
+  ):
     if v is not None and tuple(jnp.shape(v)) != fshape:
       raise ValueError(
-          f"{fn}: `{name}` must have the feature shape {fshape} of x "
-          f"(shape {tuple(x.shape)}, axis {feat}); got "
-          f"{tuple(jnp.shape(v))}.")
+        f"{fn}: `{name}` must have the feature shape {fshape} of x "
+        f"(shape {tuple(x.shape)}, axis {feat}); got "
+        f"{tuple(jnp.shape(v))}."
+      )
   opts = _check_options(fn, x.shape, **options)
   _check_single(fn, x, feat, red, 1, opts)
   xc, mean, var, n = _complex_stats(x, opts.mask, red, opts)
@@ -535,20 +632,23 @@ def _train_complex(fn, x, state, scale, bias, **options):
 
   def part(old_part, batch_part):
     stats = [stop(a).reshape((1,) + fshape) for a in (batch_part, var, n)]
-    return _new_state(BatchNormState(old_part, state.var, state.count),
-                      *stats, opts)[0]
+    return _new_state(
+      BatchNormState(old_part, state.var, state.count), *stats, opts
+    )[0]
 
   old = stop(jnp.asarray(state.mean))
   re, im = (part(f(old), f(mean)) for f in (jnp.real, jnp.imag))
   wide = jnp.dtype(state.mean.dtype).itemsize >= (
-      16 if jnp.issubdtype(state.mean.dtype, jnp.complexfloating) else 8)
+    16 if jnp.issubdtype(state.mean.dtype, jnp.complexfloating) else 8
+  )
   mdt = jnp.dtype(jnp.complex128 if wide else jnp.complex64)
   new_mean = re.mean.astype(mdt) + 1j * im.mean.astype(mdt)
   return y.astype(x.dtype), re._replace(mean=new_mean.astype(mdt))
 
 
-def _renorm_affine(xhat, mean, var, count, state, scale, bias, pshape,
-                   epsilon, rmax, dmax):
+def _renorm_affine(
+  xhat, mean, var, count, state, scale, bias, pshape, epsilon, rmax, dmax
+):
   """``y = gamma (xhat r + d) + beta`` with ``r``, ``d`` not differentiated."""
   dt = mean.dtype
   stop = jax.lax.stop_gradient
@@ -621,22 +721,23 @@ _SKIP_RETURNS = """
     mean and variance were kept because the batch mean or variance was not
     finite."""
 
+
 def batch_norm_train(
-    x: ArrayLike,
-    state: BatchNormState,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: ArrayLike | None = None,
-    running_var: str = "biased",
-    debias: bool = False,
-    virtual_batch_size: int | None = None,
-    allow_single: bool = False,
+  x: ArrayLike,
+  state: BatchNormState,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  momentum: float | None = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  mask: ArrayLike | None = None,
+  running_var: str = "biased",
+  debias: bool = False,
+  virtual_batch_size: int | None = None,
+  allow_single: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Training-mode batch normalization with a running-average update.
 
@@ -678,11 +779,24 @@ def batch_norm_train(
   Raises:{raises}
   """
   return _train(
-      _checks.caller("batch_norm_train"), x, state, scale, bias, renorm=False,
-      skip_nonfinite=False, axis=axis, momentum=momentum, epsilon=epsilon,
-      axis_name=axis_name, axis_index_groups=axis_index_groups, mask=mask,
-      running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
+    _checks.caller("batch_norm_train"),
+    x,
+    state,
+    scale,
+    bias,
+    renorm=False,
+    skip_nonfinite=False,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    running_var=running_var,
+    debias=debias,
+    virtual_batch_size=virtual_batch_size,
+    allow_single=allow_single,
+  )[:2]
 
 
 _SKIP_DOC = """\
@@ -726,23 +840,23 @@ _RENORM_RAISES = """
 
 
 def batch_renorm_train(
-    x: ArrayLike,
-    state: BatchNormState,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    rmax: ArrayLike,
-    dmax: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    mask: ArrayLike | None = None,
-    running_var: str = "biased",
-    debias: bool = False,
-    virtual_batch_size: int | None = None,
-    allow_single: bool = False,
+  x: ArrayLike,
+  state: BatchNormState,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  rmax: ArrayLike,
+  dmax: ArrayLike,
+  axis: int | tuple[int, ...] = -1,
+  momentum: float | None = 0.99,
+  epsilon: float = 1e-5,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  mask: ArrayLike | None = None,
+  running_var: str = "biased",
+  debias: bool = False,
+  virtual_batch_size: int | None = None,
+  allow_single: bool = False,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch Renormalization (Ioffe, 2017), training mode.
 
@@ -781,11 +895,26 @@ def batch_renorm_train(
   Raises:{raises}{renorm_raises}
   """
   return _train(
-      _checks.caller("batch_renorm_train"), x, state, scale, bias, renorm=True,
-      skip_nonfinite=False, rmax=rmax, dmax=dmax, axis=axis, momentum=momentum,
-      epsilon=epsilon, axis_name=axis_name, axis_index_groups=axis_index_groups,
-      mask=mask, running_var=running_var, debias=debias,
-      virtual_batch_size=virtual_batch_size, allow_single=allow_single)[:2]
+    _checks.caller("batch_renorm_train"),
+    x,
+    state,
+    scale,
+    bias,
+    renorm=True,
+    skip_nonfinite=False,
+    rmax=rmax,
+    dmax=dmax,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    mask=mask,
+    running_var=running_var,
+    debias=debias,
+    virtual_batch_size=virtual_batch_size,
+    allow_single=allow_single,
+  )[:2]
 
 
 _RENORM_SKIP_DOC = """\
@@ -817,10 +946,13 @@ _RENORM_SKIP_DOC = """\
 
 def _fill_docs(f, plain: str = "") -> None:
   """Writes the shared parts into the training function ``f``'s docstring."""
-  for key, text in (("{args}", _TRAIN_ARGS), ("{raises}", _TRAIN_RAISES),
-                    ("{renorm_args}", _RENORM_ARGS),
-                    ("{renorm_raises}", _RENORM_RAISES),
-                    ("{returns}", _SKIP_RETURNS.replace("{plain}", plain))):
+  for key, text in (
+    ("{args}", _TRAIN_ARGS),
+    ("{raises}", _TRAIN_RAISES),
+    ("{renorm_args}", _RENORM_ARGS),
+    ("{renorm_raises}", _RENORM_RAISES),
+    ("{returns}", _SKIP_RETURNS.replace("{plain}", plain)),
+  ):
     f.__doc__ = f.__doc__.replace(key, text)
 
 
@@ -828,7 +960,7 @@ _P = ParamSpec("_P")
 
 
 def _skip_nonfinite_variant(
-    plain: Callable[_P, tuple[jax.Array, BatchNormState]], doc: str
+  plain: Callable[_P, tuple[jax.Array, BatchNormState]], doc: str
 ) -> Callable[_P, tuple[jax.Array, BatchNormState, jax.Array]]:
   """``plain`` (a training function) with ``skip_nonfinite`` on.
 
@@ -838,21 +970,27 @@ def _skip_nonfinite_variant(
   signature = inspect.signature(plain)
   name = f"{plain.__name__}_skip_nonfinite"
 
-  def variant(*args: _P.args, **kwargs: _P.kwargs
-              ) -> tuple[jax.Array, BatchNormState, jax.Array]:
+  def variant(
+    *args: _P.args, **kwargs: _P.kwargs
+  ) -> tuple[jax.Array, BatchNormState, jax.Array]:
     try:
       bound = signature.bind(*args, **kwargs)
     except TypeError as e:
       raise TypeError(f"{name}: {e}.") from None
     bound.apply_defaults()
-    return _train(_checks.caller(name), **bound.arguments,
-                  renorm="rmax" in bound.arguments, skip_nonfinite=True)
+    return _train(
+      _checks.caller(name),
+      **bound.arguments,
+      renorm="rmax" in bound.arguments,
+      skip_nonfinite=True,
+    )
 
   variant.__name__ = variant.__qualname__ = name
   variant.__doc__ = doc
   returns = "tuple[jax.Array, BatchNormState, jax.Array]"
   variant.__signature__ = signature.replace(  # type: ignore[attr-defined]
-      return_annotation=returns)
+    return_annotation=returns
+  )
   variant.__annotations__ = {**plain.__annotations__, "return": returns}
   _fill_docs(variant, plain.__name__)
   return variant
@@ -861,19 +999,21 @@ def _skip_nonfinite_variant(
 _fill_docs(batch_norm_train)
 _fill_docs(batch_renorm_train)
 batch_norm_train_skip_nonfinite = _skip_nonfinite_variant(
-    batch_norm_train, _SKIP_DOC)
+  batch_norm_train, _SKIP_DOC
+)
 batch_renorm_train_skip_nonfinite = _skip_nonfinite_variant(
-    batch_renorm_train, _RENORM_SKIP_DOC)
+  batch_renorm_train, _RENORM_SKIP_DOC
+)
 
 
 def batch_renorm_schedule(
-    step: ArrayLike,
-    *,
-    rmax: float = 3.0,
-    dmax: float = 5.0,
-    warmup_steps: int = 5000,
-    rmax_end_step: int = 40000,
-    dmax_end_step: int = 25000,
+  step: ArrayLike,
+  *,
+  rmax: float = 3.0,
+  dmax: float = 5.0,
+  warmup_steps: int = 5000,
+  rmax_end_step: int = 40000,
+  dmax_end_step: int = 25000,
 ) -> tuple[jax.Array, jax.Array]:
   """The paper's relaxation schedule of ``rmax``/``dmax`` for Batch Renorm.
 
@@ -911,31 +1051,34 @@ def batch_renorm_schedule(
   _check_clip(fn, "rmax", float(rmax), 1.0)
   _check_clip(fn, "dmax", float(dmax), 0.0)
   if not warmup_steps >= 0:
-    raise ValueError(f"{fn}: `warmup_steps` must be >= 0; got "
-                     f"{warmup_steps!r}.")
-  for name, end in (("rmax_end_step", rmax_end_step),
-                    ("dmax_end_step", dmax_end_step)):
+    raise ValueError(
+      f"{fn}: `warmup_steps` must be >= 0; got {warmup_steps!r}."
+    )
+  for name, end in (
+    ("rmax_end_step", rmax_end_step),
+    ("dmax_end_step", dmax_end_step),
+  ):
     if not end > warmup_steps:
       raise ValueError(
-          f"{fn}: `{name}`={end!r} must be after warmup_steps="
-          f"{warmup_steps!r} (the ramp runs from one to the other).")
+        f"{fn}: `{name}`={end!r} must be after warmup_steps="
+        f"{warmup_steps!r} (the ramp runs from one to the other)."
+      )
   t = jnp.asarray(step).astype(jnp.float32)
 
   def ramp(end):
     return jnp.clip((t - warmup_steps) / (end - warmup_steps), 0.0, 1.0)
 
-  return (1.0 + (rmax - 1.0) * ramp(rmax_end_step),
-          dmax * ramp(dmax_end_step))
+  return (1.0 + (rmax - 1.0) * ramp(rmax_end_step), dmax * ramp(dmax_end_step))
 
 
 def batch_norm_infer(
-    x: ArrayLike,
-    state: BatchNormState,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    axis: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-5,
+  x: ArrayLike,
+  state: BatchNormState,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-5,
 ) -> jax.Array:
   """Inference-mode batch normalization with the running statistics.
 
@@ -973,7 +1116,8 @@ def batch_norm_infer(
   """
   fn = _checks.caller("batch_norm_infer")
   x, state, feat, red, bshape, fshape, scale, bias = _prepare(
-      fn, x, state, scale, bias, axis)
+    fn, x, state, scale, bias, axis
+  )
   epsilon = _checks.check_epsilon(fn, epsilon)
   # At least float32, and at least the state's precision (float64 state).
   dt = _stats.compute_dtype(x.dtype, state.mean.dtype)
@@ -985,4 +1129,5 @@ def batch_norm_infer(
   # Centre first, as training does: x - mean is exact for x near the mean
   # (Sterbenz), where x * mul - mean * mul cancels two large terms.
   return _core.affine_channels(
-      x, mean, mul, None if bias is None else bias.reshape(bshape))
+    x, mean, mul, None if bias is None else bias.reshape(bshape)
+  )

@@ -24,7 +24,8 @@ from jaxnorm import _stats
 def _dtype(x, alpha, scale, bias):
   """The computation dtype: the promoted dtype of the inputs, >= float32."""
   return _stats.compute_dtype(
-      *(a.dtype for a in (x, alpha, scale, bias) if a is not None))
+    *(a.dtype for a in (x, alpha, scale, bias) if a is not None)
+  )
 
 
 @jax.custom_jvp
@@ -67,12 +68,12 @@ def _dyt_jvp(primals, tangents):
 
 
 def dyt(
-    x: ArrayLike,
-    alpha: ArrayLike,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    feature_axes: int | tuple[int, ...] = -1,
+  x: ArrayLike,
+  alpha: ArrayLike,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  feature_axes: int | tuple[int, ...] = -1,
 ) -> jax.Array:
   """Dynamic Tanh (Zhu et al., 2025): a normalization layer's replacement.
 
@@ -117,9 +118,10 @@ def dyt(
   alpha = _checks.as_float_array(fn, "alpha", alpha)
   if alpha.shape not in ((), (1,)):
     raise ValueError(
-        f"{fn}: `alpha` must be a scalar, of shape () or (1,); got shape "
-        f"{tuple(alpha.shape)}. Fix: pass one learned value, e.g. "
-        f"jnp.asarray(0.5).")
+      f"{fn}: `alpha` must be a scalar, of shape () or (1,); got shape "
+      f"{tuple(alpha.shape)}. Fix: pass one learned value, e.g. "
+      f"jnp.asarray(0.5)."
+    )
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   scale, bias = _checks.affine_params(fn, x, scale, bias, feat)
   return _dyt(x, alpha.reshape(()), scale, bias)

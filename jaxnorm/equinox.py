@@ -42,8 +42,9 @@ try:
   import equinox as eqx
 except ModuleNotFoundError as err:  # pragma: no cover - exercised without it
   raise ModuleNotFoundError(
-      "jaxnorm.equinox needs equinox, which is not installed. Fix: pip "
-      "install 'jaxnorm[equinox]' (or pip install equinox).") from err
+    "jaxnorm.equinox needs equinox, which is not installed. Fix: pip "
+    "install 'jaxnorm[equinox]' (or pip install equinox)."
+  ) from err
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -59,8 +60,14 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm", "SpectralNorm",
-           "WeightNorm"]
+__all__ = [
+  "BatchNorm",
+  "GroupNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "SpectralNorm",
+  "WeightNorm",
+]
 
 _State = eqx.nn.State
 _StateIndex = eqx.nn.StateIndex
@@ -96,9 +103,12 @@ def _promoted(*dtypes: Any) -> jnp.dtype:
 def _floating_dtype(who: str, dtype: Any) -> jnp.dtype:
   """``dtype`` (None: Equinox's default), checked to be floating."""
   return _checks.check_float_dtype(
-      who, "dtype", _default_dtype() if dtype is None else dtype,
-      fix="Fix: pass dtype=jnp.float32, or None for Equinox's default "
-      "(float32, float64 under jax_enable_x64).")
+    who,
+    "dtype",
+    _default_dtype() if dtype is None else dtype,
+    fix="Fix: pass dtype=jnp.float32, or None for Equinox's default "
+    "(float32, float64 under jax_enable_x64).",
+  )
 
 
 def _positive_int(who: str, name: str, value: Any) -> int:
@@ -117,20 +127,29 @@ def _shape_arg(who: str, shape: Any) -> tuple[int, ...]:
     shape_t = tuple(shape_t)
   except TypeError:
     shape_t = None
-  if (isinstance(shape, bool) or shape_t is None or not all(
-      isinstance(d, int) and not isinstance(d, bool) and d >= 0
-      for d in shape_t)):
+  if (
+    isinstance(shape, bool)
+    or shape_t is None
+    or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape_t
+    )
+  ):
     raise TypeError(
-        f"{who}: `shape` must be the shape of one example, an int or a "
-        f"sequence of non-negative ints such as (seq_len, d_model); got "
-        f"{shape!r}.")
+      f"{who}: `shape` must be the shape of one example, an int or a "
+      f"sequence of non-negative ints such as (seq_len, d_model); got "
+      f"{shape!r}."
+    )
   return shape_t
 
 
 def _eps(who: str, eps: Any) -> float:
   return _checks.check_real(
-      who, "eps", eps, lower=0.0,
-      why=" (it is added to the variance under the square root)")
+    who,
+    "eps",
+    eps,
+    lower=0.0,
+    why=" (it is added to the variance under the square root)",
+  )
 
 
 def _float_x(who: str, x: Any, min_ndim: int = 0) -> jax.Array:
@@ -144,20 +163,22 @@ def _check_bound(who: str, axis_name: Any) -> tuple[Hashable, ...]:
     _UnboundAxisName: a ``NameError`` (what ``eqx.nn.BatchNorm`` raises) that
       is also a ``ValueError``.
   """
-  names = (tuple(axis_name) if isinstance(axis_name, (tuple, list))
-           else (axis_name,))
+  names = (
+    tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  )
   for name in names:
     try:
       jax.lax.axis_size(name)
     except NameError:
       raise _UnboundAxisName(
-          f"{who}: axis_name={axis_name!r} names an axis {name!r} that no "
-          f"enclosing jax.vmap (or pmap, shard_map) binds here. Equinox "
-          f"layers see one example per call; the batch statistics come "
-          f"from the mapped batch. Fix: call the layer as "
-          f"`jax.vmap(layer, axis_name={name!r}, in_axes=(0, None), "
-          f"out_axes=(0, None))(x, state)` (for one example, a batch of "
-          f"one: `x[None]`).") from None
+        f"{who}: axis_name={axis_name!r} names an axis {name!r} that no "
+        f"enclosing jax.vmap (or pmap, shard_map) binds here. Equinox "
+        f"layers see one example per call; the batch statistics come "
+        f"from the mapped batch. Fix: call the layer as "
+        f"`jax.vmap(layer, axis_name={name!r}, in_axes=(0, None), "
+        f"out_axes=(0, None))(x, state)` (for one example, a batch of "
+        f"one: `x[None]`)."
+      ) from None
   return names
 
 
@@ -169,45 +190,49 @@ def _get(who: str, state: Any, index: Any) -> Any:
   """``state.get(index)``, with an error that says how to make the state."""
   if not isinstance(state, _State):
     raise TypeError(
-        f"{who}: `state` must be an eqx.nn.State; got "
-        f"{type(state).__name__}. Fix: build the model and its state "
-        f"together, `model, state = eqx.nn.make_with_state(Model)(...)`, "
-        f"and pass the state returned by each call to the next.")
+      f"{who}: `state` must be an eqx.nn.State; got "
+      f"{type(state).__name__}. Fix: build the model and its state "
+      f"together, `model, state = eqx.nn.make_with_state(Model)(...)`, "
+      f"and pass the state returned by each call to the next."
+    )
   try:
     return state.get(index)
   except KeyError:
     raise ValueError(
-        f"{who}: `state` holds no entry for this layer (it was made for "
-        f"another model). Fix: `model, state = eqx.nn.make_with_state("
-        f"Model)(...)` builds both together; to load saved statistics, "
-        f"eqx.tree_deserialise_leaves(path, (model, state)) into them."
+      f"{who}: `state` holds no entry for this layer (it was made for "
+      f"another model). Fix: `model, state = eqx.nn.make_with_state("
+      f"Model)(...)` builds both together; to load saved statistics, "
+      f"eqx.tree_deserialise_leaves(path, (model, state)) into them."
     ) from None
 
 
 def _mask(who: str, mask: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
   """A boolean ``mask`` broadcastable to one example's shape (its rank)."""
   return _checks.check_mask(
-      who, mask, x_shape,
-      fix="The layer sees one example per call: under `jax.vmap(layer, ...)"
-      "(x, state, mask=mask)` a mask of x's batched shape arrives one "
-      "example at a time. Fix: give each example a mask of its shape, or a "
-      "scalar to leave a whole example out (e.g. a padding example: "
-      "`mask=is_real`, shape (N,)).")
+    who,
+    mask,
+    x_shape,
+    fix="The layer sees one example per call: under `jax.vmap(layer, ...)"
+    "(x, state, mask=mask)` a mask of x's batched shape arrives one "
+    "example at a time. Fix: give each example a mask of its shape, or a "
+    "scalar to leave a whole example out (e.g. a padding example: "
+    "`mask=is_real`, shape (N,)).",
+  )
 
 
-def _check_channels(who: str, x: jax.Array, want: int | None,
-                    arg: str) -> None:
+def _check_channels(who: str, x: jax.Array, want: int | None, arg: str) -> None:
   """``x`` is one example, channels first: ``x.shape[0] == want``."""
   if x.ndim == 0 or (want is not None and x.shape[0] != want):
     raise ValueError(
-        f"{who}: x of shape {tuple(x.shape)} must be one example with its "
-        f"{want or ''} channels first, (channels, *spatial); got "
-        f"{f'{x.shape[0]} on its first axis' if x.ndim else 'a scalar'}. "
-        f"Equinox layers see one example per call: map the batch with "
-        f"`jax.vmap(layer, axis_name=..., in_axes=(0, None), "
-        f"out_axes=(0, None))(x, state)`, move the channel axis first "
-        f"(`jnp.moveaxis(x, -1, 0)`), or build the layer with "
-        f"{arg}={x.shape[0] if x.ndim else 1}.")
+      f"{who}: x of shape {tuple(x.shape)} must be one example with its "
+      f"{want or ''} channels first, (channels, *spatial); got "
+      f"{f'{x.shape[0]} on its first axis' if x.ndim else 'a scalar'}. "
+      f"Equinox layers see one example per call: map the batch with "
+      f"`jax.vmap(layer, axis_name=..., in_axes=(0, None), "
+      f"out_axes=(0, None))(x, state)`, move the channel axis first "
+      f"(`jnp.moveaxis(x, -1, 0)`), or build the layer with "
+      f"{arg}={x.shape[0] if x.ndim else 1}."
+    )
 
 
 def _bshape(x: jax.Array) -> tuple[int, ...]:
@@ -224,47 +249,61 @@ def _bn_mode(who: str, mode: Any) -> Literal["ema", "batch"]:
   if mode == "legacy":
     mode = "ema"
     warnings.warn(
-        "When `BatchNorm(..., mode=...)` is unspecified it defaults to "
-        "'ema', as eqx.nn.BatchNorm's does; new code should pass "
-        "mode='batch' (jaxnorm.batch_norm_train's statistics and "
-        "derivatives throughout).", UserWarning, stacklevel=3)
+      "When `BatchNorm(..., mode=...)` is unspecified it defaults to "
+      "'ema', as eqx.nn.BatchNorm's does; new code should pass "
+      "mode='batch' (jaxnorm.batch_norm_train's statistics and "
+      "derivatives throughout).",
+      UserWarning,
+      stacklevel=3,
+    )
   if mode not in ("ema", "batch"):
-    raise ValueError(f"{who}: `mode` must be 'ema' or 'batch'; got "
-                     f"{mode!r}. Fix: mode='batch'.")
+    raise ValueError(
+      f"{who}: `mode` must be 'ema' or 'batch'; got "
+      f"{mode!r}. Fix: mode='batch'."
+    )
   return mode
 
 
-def _bn_momentum(who: str, mode: str, momentum: Any, running_var: Any,
-                 debias: Any) -> float | None:
+def _bn_momentum(
+  who: str, mode: str, momentum: Any, running_var: Any, debias: Any
+) -> float | None:
   """BatchNorm's running-average options, checked; returns ``momentum``."""
   if running_var not in ("biased", "unbiased"):
     raise ValueError(
-        f"{who}: `running_var` must be 'biased' (Equinox's) or 'unbiased' "
-        f"(PyTorch's n/(n-1) times it); got {running_var!r}.")
+      f"{who}: `running_var` must be 'biased' (Equinox's) or 'unbiased' "
+      f"(PyTorch's n/(n-1) times it); got {running_var!r}."
+    )
   if not isinstance(debias, bool):
-    raise TypeError(f"{who}: `debias` must be True or False; got "
-                    f"{debias!r}.")
-  extras = [text for text, used in (
+    raise TypeError(f"{who}: `debias` must be True or False; got {debias!r}.")
+  extras = [
+    text
+    for text, used in (
       ("momentum=None", momentum is None),
       (f"running_var={running_var!r}", running_var != "biased"),
-      ("debias=True", debias)) if used]
+      ("debias=True", debias),
+    )
+    if used
+  ]
   if mode == "ema" and extras:
     raise ValueError(
-        f"{who}: {', '.join(extras)} needs mode='batch' (mode='ema' keeps "
-        f"Equinox's running averages). Fix: pass mode='batch'.")
+      f"{who}: {', '.join(extras)} needs mode='batch' (mode='ema' keeps "
+      f"Equinox's running averages). Fix: pass mode='batch'."
+    )
   if momentum is None:
     return None
   momentum = _checks.check_momentum(who, momentum)
   if mode == "batch" and momentum == 1.0 and not debias:
     raise ValueError(
-        f"{who}: momentum=1.0 never moves the running averages, and "
-        f"with mode='batch' inference divides them by "
-        f"1 - momentum**count = 0. Fix: a momentum in [0, 1), e.g. "
-        f"0.99.")
+      f"{who}: momentum=1.0 never moves the running averages, and "
+      f"with mode='batch' inference divides them by "
+      f"1 - momentum**count = 0. Fix: a momentum in [0, 1), e.g. "
+      f"0.99."
+    )
   if debias and momentum == 1.0:
     raise ValueError(
-        f"{who}: debias=True with momentum=1.0 divides 0 by 0; its "
-        f"limit is the cumulative average. Fix: momentum=None.")
+      f"{who}: debias=True with momentum=1.0 divides 0 by 0; its "
+      f"limit is the cumulative average. Fix: momentum=None."
+    )
   return momentum
 
 
@@ -273,12 +312,13 @@ def _bn_dtype(who: str, dtype: Any) -> jnp.dtype:
   dt = _floating_dtype(who, dtype)
   if dt.itemsize < 4:
     raise ValueError(
-        f"{who}: dtype={dt} would keep the running statistics in {dt}, "
-        f"where a running average cannot move (an update smaller than "
-        f"about 1/(2 (1 - momentum)) units in the last place rounds back "
-        f"to the old value). Fix: build it with dtype=jnp.float32; x may "
-        f"stay {dt} (the output is then float32, as eqx.nn.BatchNorm's "
-        f"with float32 parameters; cast it back with .astype).")
+      f"{who}: dtype={dt} would keep the running statistics in {dt}, "
+      f"where a running average cannot move (an update smaller than "
+      f"about 1/(2 (1 - momentum)) units in the last place rounds back "
+      f"to the old value). Fix: build it with dtype=jnp.float32; x may "
+      f"stay {dt} (the output is then float32, as eqx.nn.BatchNorm's "
+      f"with float32 parameters; cast it back with .astype)."
+    )
   return dt
 
 
@@ -377,17 +417,24 @@ class BatchNorm(eqx.nn.StatefulLayer):
   debias: bool = eqx.field(static=True)
 
   def __init__(
-      self, input_size: int, axis_name: Hashable | Sequence[Hashable],
-      eps: float = 1e-5, channelwise_affine: bool = True,
-      momentum: float | None = 0.99, inference: bool = False,
-      dtype: Any = None, mode: Literal["ema", "batch", "legacy"] = "legacy",
-      *, running_var: str = "biased", debias: bool = False):
+    self,
+    input_size: int,
+    axis_name: Hashable | Sequence[Hashable],
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    momentum: float | None = 0.99,
+    inference: bool = False,
+    dtype: Any = None,
+    mode: Literal["ema", "batch", "legacy"] = "legacy",
+    *,
+    running_var: str = "biased",
+    debias: bool = False,
+  ):
     who = f"jaxnorm.equinox.BatchNorm(input_size={input_size!r})"
     self.mode = _bn_mode(who, mode)
     self.input_size = _positive_int(who, "input_size", input_size)
     self.eps = _eps(who, eps)
-    self.momentum = _bn_momentum(who, self.mode, momentum, running_var,
-                                 debias)
+    self.momentum = _bn_momentum(who, self.mode, momentum, running_var, debias)
     self.running_var = running_var
     self.debias = debias
     dt = _bn_dtype(who, dtype)
@@ -404,13 +451,20 @@ class BatchNorm(eqx.nn.StatefulLayer):
     self.axis_name = axis_name
 
   def _who(self) -> str:
-    return (f"jaxnorm.equinox.BatchNorm(input_size={self.input_size}, "
-            f"axis_name={self.axis_name!r})")
+    return (
+      f"jaxnorm.equinox.BatchNorm(input_size={self.input_size}, "
+      f"axis_name={self.axis_name!r})"
+    )
 
-  def __call__(self, x: ArrayLike, state: eqx.nn.State, *,
-               key: jax.Array | None = None, inference: bool | None = None,
-               mask: ArrayLike | None = None
-               ) -> tuple[jax.Array, eqx.nn.State]:
+  def __call__(
+    self,
+    x: ArrayLike,
+    state: eqx.nn.State,
+    *,
+    key: jax.Array | None = None,
+    inference: bool | None = None,
+    mask: ArrayLike | None = None,
+  ) -> tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example; in training mode also updates ``state``.
 
     Args:
@@ -445,8 +499,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
     _check_channels(who, x, self.input_size, "input_size")
     if mask is not None and self.mode == "ema":
       raise ValueError(
-          f"{who}: `mask` needs mode='batch' (mode='ema' keeps Equinox's "
-          f"statistics). Fix: build the layer with mode='batch'.")
+        f"{who}: `mask` needs mode='batch' (mode='ema' keeps Equinox's "
+        f"statistics). Fix: build the layer with mode='batch'."
+      )
     mask = _mask(who, mask, x.shape)
     with jax.named_scope("jaxnorm.equinox.BatchNorm"):
       if self.mode == "batch":
@@ -454,31 +509,47 @@ class BatchNorm(eqx.nn.StatefulLayer):
       return _ema_mode(self, who, x, state, bool(inference))
 
 
-def _bn_dtypes(bn: BatchNorm, x: jax.Array, stats: jax.Array
-               ) -> tuple[Any, Any]:
+def _bn_dtypes(
+  bn: BatchNorm, x: jax.Array, stats: jax.Array
+) -> tuple[Any, Any]:
   """(compute dtype, output dtype): Equinox's promotion, >= float32."""
   params = [p for p in (bn.weight, bn.bias) if p is not None]
   out = _promoted(x.dtype, stats.dtype, *(p.dtype for p in params))
   return _promoted(out, jnp.float32), out
 
 
-def _batch_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
-                inference: bool, mask: jax.Array | None
-                ) -> tuple[jax.Array, _State]:
+def _batch_mode(
+  bn: BatchNorm,
+  who: str,
+  x: jax.Array,
+  state: _State,
+  inference: bool,
+  mask: jax.Array | None,
+) -> tuple[jax.Array, _State]:
   """``BatchNorm``'s call with ``mode="batch"``."""
   counter = _get(who, state, bn.batch_counter)
   mean, var = _get(who, state, bn.batch_state_index)
   compute, out = _bn_dtypes(bn, x, mean)
-  options = dict(eps=bn.eps, momentum=bn.momentum, debias=bn.debias,
-                 compute=compute)
+  options = dict(
+    eps=bn.eps, momentum=bn.momentum, debias=bn.debias, compute=compute
+  )
   if inference:
     y = _batch_infer(x, counter, mean, var, bn.weight, bn.bias, **options)
     return y.astype(out), state
   names = _check_bound(who, bn.axis_name)
   with _checks.raised_as(who):
     y, counter, new = _batch_train(
-        x, counter, mean, var, bn.weight, bn.bias, mask, names=names,
-        running_var=bn.running_var, **options)
+      x,
+      counter,
+      mean,
+      var,
+      bn.weight,
+      bn.bias,
+      mask,
+      names=names,
+      running_var=bn.running_var,
+      **options,
+    )
   # mode="batch": the batch indices are set, the ema ones are None
   assert bn.batch_counter is not None and bn.batch_state_index is not None
   state = state.set(bn.batch_counter, counter)
@@ -486,8 +557,9 @@ def _batch_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
   return y.astype(out), state
 
 
-def _ema_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
-              inference: bool) -> tuple[jax.Array, _State]:
+def _ema_mode(
+  bn: BatchNorm, who: str, x: jax.Array, state: _State, inference: bool
+) -> tuple[jax.Array, _State]:
   """``BatchNorm``'s call with ``mode="ema"``."""
   first = _get(who, state, bn.ema_first_time_index)
   run_mean, run_var = _get(who, state, bn.ema_state_index)
@@ -495,27 +567,44 @@ def _ema_mode(bn: BatchNorm, who: str, x: jax.Array, state: _State,
   if inference:
     stats = BatchNormState(run_mean, run_var, jnp.asarray(0))
     y = batch_norm_infer(
-        x.astype(compute)[None], stats, _cast(bn.weight, compute),
-        _cast(bn.bias, compute), axis=1, epsilon=bn.eps)
+      x.astype(compute)[None],
+      stats,
+      _cast(bn.weight, compute),
+      _cast(bn.bias, compute),
+      axis=1,
+      epsilon=bn.eps,
+    )
     return y[0].astype(out), state
   names = _check_bound(who, bn.axis_name)
   with _checks.raised_as(who):
     y, mean, var = _ema_train(
-        x, first, run_mean, run_var, bn.weight, bn.bias, names=names,
-        momentum=bn.momentum, eps=bn.eps, compute=compute)
+      x,
+      first,
+      run_mean,
+      run_var,
+      bn.weight,
+      bn.bias,
+      names=names,
+      momentum=bn.momentum,
+      eps=bn.eps,
+      compute=compute,
+    )
   # mode="ema": the ema indices are set, the batch ones are None
   assert bn.ema_first_time_index is not None
   assert bn.ema_state_index is not None
   state = state.set(bn.ema_first_time_index, jnp.array(False))
-  state = state.set(bn.ema_state_index, (mean.astype(run_mean.dtype),
-                                         var.astype(run_var.dtype)))
+  state = state.set(
+    bn.ema_state_index, (mean.astype(run_mean.dtype), var.astype(run_var.dtype))
+  )
   return y.astype(out), state
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "momentum", "debias",
-                                             "compute"))
-def _batch_infer(x, counter, mean, var, weight, bias, *, eps, momentum,
-                 debias, compute):
+@functools.partial(
+  jax.jit, static_argnames=("eps", "momentum", "debias", "compute")
+)
+def _batch_infer(
+  x, counter, mean, var, weight, bias, *, eps, momentum, debias, compute
+):
   """``mode="batch"``'s inference: :func:`jaxnorm.batch_norm_infer` with
   Equinox's statistics ``h / (1 - m^t)`` (``h`` itself at ``t = 0``, and
   with ``momentum=None`` or ``debias=True``, where the state holds the
@@ -526,36 +615,73 @@ def _batch_infer(x, counter, mean, var, weight, bias, *, eps, momentum,
     scale = -jnp.expm1(t * jnp.asarray(math.log(momentum), mean.dtype))
     scale = jnp.where(counter == 0, jnp.ones_like(scale), scale)
     mean, var = mean / scale, var / scale
-  y = batch_norm_infer(x.astype(compute)[None],
-                       BatchNormState(mean, var, counter),
-                       _cast(weight, compute), _cast(bias, compute), axis=1,
-                       epsilon=eps)
+  y = batch_norm_infer(
+    x.astype(compute)[None],
+    BatchNormState(mean, var, counter),
+    _cast(weight, compute),
+    _cast(bias, compute),
+    axis=1,
+    epsilon=eps,
+  )
   return y[0]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "names", "eps", "momentum", "debias", "running_var", "compute"))
-def _batch_train(x, counter, mean, var, weight, bias, mask, *, names, eps,
-                 momentum, debias, running_var, compute):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "names",
+    "eps",
+    "momentum",
+    "debias",
+    "running_var",
+    "compute",
+  ),
+)
+def _batch_train(
+  x,
+  counter,
+  mean,
+  var,
+  weight,
+  bias,
+  mask,
+  *,
+  names,
+  eps,
+  momentum,
+  debias,
+  running_var,
+  compute,
+):
   """``mode="batch"``'s training step, :func:`jaxnorm.batch_norm_train` on
   the example as a batch of one, ``(1, C, *spatial)``, its statistics
   merged over ``names``: ``(y, new counter, (new mean, new var))``."""
   y, new = batch_norm_train(
-      x.astype(compute)[None], BatchNormState(mean, var, counter),
-      _cast(weight, compute), _cast(bias, compute), axis=1,
-      momentum=momentum, epsilon=eps, axis_name=names,
-      mask=None if mask is None else mask[None], running_var=running_var,
-      debias=debias, allow_single=True)
+    x.astype(compute)[None],
+    BatchNormState(mean, var, counter),
+    _cast(weight, compute),
+    _cast(bias, compute),
+    axis=1,
+    momentum=momentum,
+    epsilon=eps,
+    axis_name=names,
+    mask=None if mask is None else mask[None],
+    running_var=running_var,
+    debias=debias,
+    allow_single=True,
+  )
   # Counted as Equinox counts (`counter + 1`), which keeps the counter's
   # weak type (eqx.nn.State.set compares it).
   counter = counter + jnp.where(new.count != counter, 1, 0)
   return y[0], counter, (new.mean, new.var)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("names", "momentum", "eps", "compute"))
-def _ema_train(x, first, run_mean, run_var, weight, bias, *, names, momentum,
-               eps, compute):
+@functools.partial(
+  jax.jit, static_argnames=("names", "momentum", "eps", "compute")
+)
+def _ema_train(
+  x, first, run_mean, run_var, weight, bias, *, names, momentum, eps, compute
+):
   """``mode="ema"``'s training step: ``(y, mean, var)`` (one program).
 
   The exact batch mean comes from :func:`jaxnorm.batch_norm_train`
@@ -567,10 +693,18 @@ def _ema_train(x, first, run_mean, run_var, weight, bias, *, names, momentum,
   """
   bshape = _bshape(x)
   xc = x.astype(compute)
-  fresh = BatchNormState(jnp.zeros_like(run_mean), jnp.ones_like(run_var),
-                         jnp.zeros((), jnp.int32))
-  _, batch = batch_norm_train(xc[None], fresh, axis=1, momentum=0.0,
-                              epsilon=eps, axis_name=names, allow_single=True)
+  fresh = BatchNormState(
+    jnp.zeros_like(run_mean), jnp.ones_like(run_var), jnp.zeros((), jnp.int32)
+  )
+  _, batch = batch_norm_train(
+    xc[None],
+    fresh,
+    axis=1,
+    momentum=0.0,
+    epsilon=eps,
+    axis_name=names,
+    allow_single=True,
+  )
   shift = jax.lax.stop_gradient(batch.mean.astype(compute))
   spatial = tuple(range(1, x.ndim))
 
@@ -581,15 +715,23 @@ def _ema_train(x, first, run_mean, run_var, weight, bias, *, names, momentum,
   residual = pmean(jnp.mean(centred, axis=spatial))  # batch mean - shift
   deviation = centred - residual.reshape(bshape)  # x - batch mean
   batch_var = pmean(jnp.mean(jnp.square(deviation), axis=spatial))
-  offset = jnp.where(first, jnp.zeros_like(residual), momentum * (
-      (run_mean.astype(compute) - shift) - residual))  # mean - batch mean
-  var = jnp.where(first, batch_var, (1 - momentum) * batch_var
-                  + momentum * run_var.astype(compute))
+  offset = jnp.where(
+    first,
+    jnp.zeros_like(residual),
+    momentum * ((run_mean.astype(compute) - shift) - residual),
+  )  # mean - batch mean
+  var = jnp.where(
+    first,
+    batch_var,
+    (1 - momentum) * batch_var + momentum * run_var.astype(compute),
+  )
   y = (deviation - offset.reshape(bshape)) * jax.lax.rsqrt(
-      var + jnp.asarray(eps, compute)).reshape(bshape)
+    var + jnp.asarray(eps, compute)
+  ).reshape(bshape)
   if weight is not None:
-    y = (y * weight.astype(compute).reshape(bshape)
-         + bias.astype(compute).reshape(bshape))
+    y = y * weight.astype(compute).reshape(bshape) + bias.astype(
+      compute
+    ).reshape(bshape)
   stop = jax.lax.stop_gradient
   return y, stop(shift + (residual + offset)), stop(var)
 
@@ -608,17 +750,18 @@ class _Stateless(eqx.Module):
     """Raises ValueError for an ``x`` that is not one example."""
 
   @abc.abstractmethod
-  def _normalize(self, who: str, x: jax.Array,
-                 mask: jax.Array | None) -> jax.Array:
+  def _normalize(
+    self, who: str, x: jax.Array, mask: jax.Array | None
+  ) -> jax.Array:
     """``y``: ``x`` normalized, of ``x``'s shape and dtype."""
 
   def __call__(
-      self,
-      x: ArrayLike,
-      state: Any = _NO_STATE,
-      *,
-      key: jax.Array | None = None,
-      mask: ArrayLike | None = None,
+    self,
+    x: ArrayLike,
+    state: Any = _NO_STATE,
+    *,
+    key: jax.Array | None = None,
+    mask: ArrayLike | None = None,
   ) -> jax.Array | tuple[jax.Array, eqx.nn.State]:
     """Normalizes one example.
 
@@ -674,10 +817,18 @@ class _WholeExample(_Stateless):
   cast_before_scale: bool = eqx.field(static=True)
   axis_name: Any = eqx.field(static=True)
 
-  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5,
-               use_weight: bool = True, use_bias: bool = True,
-               dtype: Any = None, *, scale_offset: float = 0.0,
-               cast_before_scale: bool = False, axis_name: Any = None):
+  def __init__(
+    self,
+    shape: int | Sequence[int],
+    eps: float = 1e-5,
+    use_weight: bool = True,
+    use_bias: bool = True,
+    dtype: Any = None,
+    *,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
+    axis_name: Any = None,
+  ):
     """Sets Equinox's fields, then jaxnorm's (see the class docstring)."""
     who = f"jaxnorm.equinox.{type(self).__name__}(shape={shape!r})"
     self.shape = _shape_arg(who, shape)
@@ -688,11 +839,16 @@ class _WholeExample(_Stateless):
     self.weight = jnp.ones(self.shape, dtype) if use_weight else None
     self.bias = jnp.zeros(self.shape, dtype) if use_bias else None
     self.scale_offset = _checks.check_real(
-        who, "scale_offset", scale_offset,
-        why=" (it is added to `weight`; 1.0 gives Gemma's (1 + weight))")
+      who,
+      "scale_offset",
+      scale_offset,
+      why=" (it is added to `weight`; 1.0 gives Gemma's (1 + weight))",
+    )
     if not isinstance(cast_before_scale, bool):
-      raise TypeError(f"{who}: `cast_before_scale` must be True or False; "
-                      f"got {cast_before_scale!r}.")
+      raise TypeError(
+        f"{who}: `cast_before_scale` must be True or False; "
+        f"got {cast_before_scale!r}."
+      )
     self.cast_before_scale = cast_before_scale
     self.axis_name = axis_name
 
@@ -702,19 +858,26 @@ class _WholeExample(_Stateless):
   def _check(self, who: str, x: jax.Array) -> None:
     if tuple(x.shape) != self.shape:
       raise ValueError(
-          f"{who}: x must have the layer's shape {self.shape} (one example); "
-          f"got {tuple(x.shape)}. Equinox layers see one example per call. "
-          f"Fix: map the batch with `jax.vmap(layer)(x)`, or build the layer "
-          f"with shape={tuple(x.shape)}.")
+        f"{who}: x must have the layer's shape {self.shape} (one example); "
+        f"got {tuple(x.shape)}. Equinox layers see one example per call. "
+        f"Fix: map the batch with `jax.vmap(layer)(x)`, or build the layer "
+        f"with shape={tuple(x.shape)}."
+      )
 
   def _normalize(self, who, x, mask):
     shape = x.shape or (1,)  # a scalar is normalized as shape (1,)
-    params = [None if p is None else p.reshape(shape)
-              for p in (self.weight, self.bias)]
+    params = [
+      None if p is None else p.reshape(shape) for p in (self.weight, self.bias)
+    ]
 
     def fn(xc, w, b):
-      return self._apply(xc, w, b, tuple(range(len(shape))),
-                         None if mask is None else mask.reshape(shape))
+      return self._apply(
+        xc,
+        w,
+        b,
+        tuple(range(len(shape))),
+        None if mask is None else mask.reshape(shape),
+      )
 
     if self.cast_before_scale:  # x and the parameters in their own dtypes
       with _checks.raised_as(who):
@@ -778,28 +941,53 @@ class LayerNorm(_WholeExample):
     {shared}
   """
 
-  def __init__(self, shape: int | Sequence[int], eps: float = 1e-5,
-               use_weight: bool = True, use_bias: bool = True,
-               dtype: Any = None, *, elementwise_affine: bool | None = None,
-               scale_offset: float = 0.0, cast_before_scale: bool = False,
-               axis_name: Any = None):
+  def __init__(
+    self,
+    shape: int | Sequence[int],
+    eps: float = 1e-5,
+    use_weight: bool = True,
+    use_bias: bool = True,
+    dtype: Any = None,
+    *,
+    elementwise_affine: bool | None = None,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
+    axis_name: Any = None,
+  ):
     if elementwise_affine is not None:
       use_weight = use_bias = elementwise_affine
       warnings.warn(
-          "LayerNorm(elementwise_affine=...) is deprecated in favour of "
-          "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)",
-          UserWarning, stacklevel=2)
-    super().__init__(shape, eps, use_weight, use_bias, dtype,
-                     scale_offset=scale_offset,
-                     cast_before_scale=cast_before_scale, axis_name=axis_name)
+        "LayerNorm(elementwise_affine=...) is deprecated in favour of "
+        "LayerNorm(use_weight=...) and LayerNorm(use_bias=...)",
+        UserWarning,
+        stacklevel=2,
+      )
+    super().__init__(
+      shape,
+      eps,
+      use_weight,
+      use_bias,
+      dtype,
+      scale_offset=scale_offset,
+      cast_before_scale=cast_before_scale,
+      axis_name=axis_name,
+    )
 
   __call__ = _Stateless.__call__
 
   def _apply(self, x, w, b, axes, mask):
-    return layer_norm(x, w, b, reduction_axes=axes, feature_axes=axes,
-                      epsilon=self.eps, scale_offset=self.scale_offset,
-                      cast_before_scale=self.cast_before_scale, mask=mask,
-                      axis_name=self.axis_name)
+    return layer_norm(
+      x,
+      w,
+      b,
+      reduction_axes=axes,
+      feature_axes=axes,
+      epsilon=self.eps,
+      scale_offset=self.scale_offset,
+      cast_before_scale=self.cast_before_scale,
+      mask=mask,
+      axis_name=self.axis_name,
+    )
 
 
 class RMSNorm(_WholeExample):
@@ -829,10 +1017,17 @@ class RMSNorm(_WholeExample):
   __call__ = _Stateless.__call__
 
   def _apply(self, x, w, b, axes, mask):
-    y = rms_norm(x, w, reduction_axes=axes, feature_axes=axes,
-                 epsilon=self.eps, scale_offset=self.scale_offset,
-                 cast_before_scale=self.cast_before_scale, mask=mask,
-                 axis_name=self.axis_name)
+    y = rms_norm(
+      x,
+      w,
+      reduction_axes=axes,
+      feature_axes=axes,
+      epsilon=self.eps,
+      scale_offset=self.scale_offset,
+      cast_before_scale=self.cast_before_scale,
+      mask=mask,
+      axis_name=self.axis_name,
+    )
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -887,14 +1082,14 @@ class GroupNorm(_Stateless):
   axis_name: Any = eqx.field(static=True)
 
   def __init__(
-      self,
-      groups: int,
-      channels: int | None = None,
-      eps: float = 1e-5,
-      channelwise_affine: bool = True,
-      dtype: Any = None,
-      *,
-      axis_name: Any = None,
+    self,
+    groups: int,
+    channels: int | None = None,
+    eps: float = 1e-5,
+    channelwise_affine: bool = True,
+    dtype: Any = None,
+    *,
+    axis_name: Any = None,
   ):
     who = f"jaxnorm.equinox.GroupNorm(groups={groups!r})"
     self.groups = _positive_int(who, "groups", groups)
@@ -902,14 +1097,16 @@ class GroupNorm(_Stateless):
       _positive_int(who, "channels", channels)
       if channels % groups:
         raise ValueError(
-            f"{who}: The number of groups must divide the number of "
-            f"channels; got groups={groups}, channels={channels}. Fix: a "
-            f"divisor of {channels}.")
+          f"{who}: The number of groups must divide the number of "
+          f"channels; got groups={groups}, channels={channels}. Fix: a "
+          f"divisor of {channels}."
+        )
     elif channelwise_affine:
       raise ValueError(
-          f"{who}: The number of channels should be specified if "
-          f"`channelwise_affine=True` (weight and bias have shape "
-          f"(channels,)). Fix: pass channels=C, or channelwise_affine=False.")
+        f"{who}: The number of channels should be specified if "
+        f"`channelwise_affine=True` (weight and bias have shape "
+        f"(channels,)). Fix: pass channels=C, or channelwise_affine=False."
+      )
     self.channels = channels
     self.eps = _eps(who, eps)
     self.channelwise_affine = channelwise_affine
@@ -921,50 +1118,77 @@ class GroupNorm(_Stateless):
   __call__ = _Stateless.__call__
 
   def _who(self) -> str:
-    return (f"jaxnorm.equinox.GroupNorm(groups={self.groups}, "
-            f"channels={self.channels})")
+    return (
+      f"jaxnorm.equinox.GroupNorm(groups={self.groups}, "
+      f"channels={self.channels})"
+    )
 
   def _check(self, who: str, x: jax.Array) -> None:
     _check_channels(who, x, self.channels, "channels")
     if x.shape[0] % self.groups:
       raise ValueError(
-          f"{who}: x of shape {tuple(x.shape)} has {x.shape[0]} channels on "
-          f"its first axis, which groups={self.groups} does not divide. "
-          f"Fix: a GroupNorm whose groups divide the channels, or move the "
-          f"channel axis first (`jnp.moveaxis(x, -1, 0)`).")
+        f"{who}: x of shape {tuple(x.shape)} has {x.shape[0]} channels on "
+        f"its first axis, which groups={self.groups} does not divide. "
+        f"Fix: a GroupNorm whose groups divide the channels, or move the "
+        f"channel axis first (`jnp.moveaxis(x, -1, 0)`)."
+      )
 
   def _normalize(self, who, x, mask):
     def last(a):  # jaxnorm.group_norm takes (1, *spatial, C)
       return jnp.moveaxis(a, 0, -1)[None]
 
     mask = None if mask is None else last(mask)
-    return self._run(who, x, lambda xc, w, b: jnp.moveaxis(group_norm(
-        last(xc), w, b, num_groups=self.groups, epsilon=self.eps, mask=mask,
-        axis_name=self.axis_name)[0], -1, 0), (self.weight, self.bias))
+    return self._run(
+      who,
+      x,
+      lambda xc, w, b: jnp.moveaxis(
+        group_norm(
+          last(xc),
+          w,
+          b,
+          num_groups=self.groups,
+          epsilon=self.eps,
+          mask=mask,
+          axis_name=self.axis_name,
+        )[0],
+        -1,
+        0,
+      ),
+      (self.weight, self.bias),
+    )
 
 
 def _weight_of(who: str, layer: Any, weight_name: Any) -> jax.Array:
   """The wrapped layer's parameter ``weight_name``, checked to be an array."""
-  value = getattr(layer, weight_name, None) if isinstance(
-      weight_name, str) else None
+  value = (
+    getattr(layer, weight_name, None) if isinstance(weight_name, str) else None
+  )
   if not isinstance(value, jax.Array) or not jnp.issubdtype(
-      value.dtype, jnp.floating):
-    arrays = sorted(k for k, v in vars(layer).items()
-                    if isinstance(v, jax.Array)) if hasattr(
-                        layer, "__dict__") else []
-    got = (f"a {type(value).__name__}" if hasattr(layer, str(weight_name))
-           else "no such field")
+    value.dtype, jnp.floating
+  ):
+    arrays = (
+      sorted(k for k, v in vars(layer).items() if isinstance(v, jax.Array))
+      if hasattr(layer, "__dict__")
+      else []
+    )
+    got = (
+      f"a {type(value).__name__}"
+      if hasattr(layer, str(weight_name))
+      else "no such field"
+    )
     raise ValueError(
-        f"{who}: `weight_name`={weight_name!r} must name a floating array "
-        f"field of the wrapped {type(layer).__name__}; got {got}. Its array "
-        f"fields: {arrays}. Fix: "
-        f"weight_name='weight' for eqx.nn.Linear and the convolutions.")
+      f"{who}: `weight_name`={weight_name!r} must name a floating array "
+      f"field of the wrapped {type(layer).__name__}; got {got}. Its array "
+      f"fields: {arrays}. Fix: "
+      f"weight_name='weight' for eqx.nn.Linear and the convolutions."
+    )
   return value
 
 
 @functools.partial(jax.jit, static_argnames=("n_steps", "eps"))
-def _power_pair(w2d: jax.Array, v: jax.Array, n_steps: int, eps: float
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _power_pair(
+  w2d: jax.Array, v: jax.Array, n_steps: int, eps: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``n_steps`` of Equinox's power iteration from ``v``; ``(w_bar, u, v)``.
 
   Equinox's step ``u = normalize(W v)``, ``v = normalize(W^T u)`` is
@@ -988,8 +1212,9 @@ def _power_pair(w2d: jax.Array, v: jax.Array, n_steps: int, eps: float
 
 
 @jax.jit
-def _divide_by_stored_sigma(w2d: jax.Array, u: jax.Array, v: jax.Array
-                            ) -> jax.Array:
+def _divide_by_stored_sigma(
+  w2d: jax.Array, u: jax.Array, v: jax.Array
+) -> jax.Array:
   """Equinox's inference: ``W / (u^T W v)`` with the stored pair.
 
   In at least float32; ``W`` itself where that sigma is 0.
@@ -1057,27 +1282,29 @@ class SpectralNorm(eqx.nn.StatefulLayer):
   inference: bool
 
   def __init__(
-      self,
-      layer: Any,
-      weight_name: str,
-      num_power_iterations: int = 1,
-      eps: float = 1e-12,
-      inference: bool = False,
-      *,
-      key: jax.Array,
+    self,
+    layer: Any,
+    weight_name: str,
+    num_power_iterations: int = 1,
+    eps: float = 1e-12,
+    inference: bool = False,
+    *,
+    key: jax.Array,
   ):
     who = f"jaxnorm.equinox.SpectralNorm({type(layer).__name__})"
     weight = _weight_of(who, layer, weight_name)
     if weight.ndim < 2:
       raise ValueError(
-          f"{who}: the weight {weight_name!r} has shape "
-          f"{tuple(weight.shape)}; spectral normalization needs at least "
-          f"two dimensions (`weight` must be at least two-dimensional). Fix: "
-          f"wrap a layer whose {weight_name!r} is a matrix or a kernel.")
+        f"{who}: the weight {weight_name!r} has shape "
+        f"{tuple(weight.shape)}; spectral normalization needs at least "
+        f"two dimensions (`weight` must be at least two-dimensional). Fix: "
+        f"wrap a layer whose {weight_name!r} is a matrix or a kernel."
+      )
     self.layer = layer
     self.weight_name = weight_name
     self.num_power_iterations = _positive_int(
-        who, "num_power_iterations", num_power_iterations)
+      who, "num_power_iterations", num_power_iterations
+    )
     self.eps = _checks.check_real(who, "eps", eps, lower=0.0)
     self.inference = inference
     w2d = weight.reshape(weight.shape[0], -1)
@@ -1088,12 +1315,12 @@ class SpectralNorm(eqx.nn.StatefulLayer):
     self.uv_index = _StateIndex((u, v))
 
   def __call__(
-      self,
-      x: Any,
-      state: eqx.nn.State,
-      *,
-      key: jax.Array | None = None,
-      inference: bool | None = None,
+    self,
+    x: Any,
+    state: eqx.nn.State,
+    *,
+    key: jax.Array | None = None,
+    inference: bool | None = None,
   ) -> tuple[Any, eqx.nn.State]:
     """Calls the wrapped layer with its weight spectrally normalized.
 
@@ -1121,11 +1348,13 @@ class SpectralNorm(eqx.nn.StatefulLayer):
       if inference:
         w_bar = _divide_by_stored_sigma(w2d, u, v)
       else:
-        w_bar, u, v = _power_pair(w2d, v, self.num_power_iterations,
-                                  self.eps)
+        w_bar, u, v = _power_pair(w2d, v, self.num_power_iterations, self.eps)
         state = state.set(self.uv_index, (u, v))
-      layer = eqx.tree_at(lambda m: getattr(m, self.weight_name), self.layer,
-                          w_bar.reshape(weight.shape))
+      layer = eqx.tree_at(
+        lambda m: getattr(m, self.weight_name),
+        self.layer,
+        w_bar.reshape(weight.shape),
+      )
       return layer(x), state
 
 
@@ -1169,12 +1398,12 @@ class WeightNorm(eqx.Module):
   eps: float = eqx.field(static=True)
 
   def __init__(
-      self,
-      layer: Any,
-      weight_name: str = "weight",
-      axis: int | None = 0,
-      *,
-      eps: float = 1e-12,
+    self,
+    layer: Any,
+    weight_name: str = "weight",
+    axis: int | None = 0,
+    *,
+    eps: float = 1e-12,
   ):
     who = f"jaxnorm.equinox.WeightNorm({type(layer).__name__})"
     v = _weight_of(who, layer, weight_name)
@@ -1184,8 +1413,9 @@ class WeightNorm(eqx.Module):
     self.weight_name = weight_name
     self.axis = axis
     self.eps = _checks.check_real(who, "eps", eps, lower=0.0)
-    reduced = tuple(i for i in range(v.ndim)
-                    if axis is None or i != axis % v.ndim)
+    reduced = tuple(
+      i for i in range(v.ndim) if axis is None or i != axis % v.ndim
+    )
     self.g = jnp.sqrt(jnp.sum(jnp.square(v), axis=reduced, keepdims=True))
 
   def __call__(self, x: Any, *, key: jax.Array | None = None) -> Any:
@@ -1203,6 +1433,5 @@ class WeightNorm(eqx.Module):
     scale = self.g.reshape(() if self.axis is None else (v.shape[self.axis],))
     with jax.named_scope("jaxnorm.equinox.WeightNorm"):
       w = weight_norm(v, scale, feature_axes=self.axis, epsilon=self.eps)
-      layer = eqx.tree_at(lambda m: getattr(m, self.weight_name), self.layer,
-                          w)
+      layer = eqx.tree_at(lambda m: getattr(m, self.weight_name), self.layer, w)
       return layer(x)

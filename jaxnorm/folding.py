@@ -22,18 +22,20 @@ def _state_fields(fn: str, state: Any) -> tuple[Any, Any, Any]:
   if isinstance(state, Mapping) and "mean" in state and "var" in state:
     return state["mean"], state["var"], state.get("count")
   raise TypeError(
-      f"{fn}: `state` must be a jaxnorm.BatchNormState or a flax batch_stats "
-      f"mapping with 'mean' and 'var'; got {type(state).__name__}."
+    f"{fn}: `state` must be a jaxnorm.BatchNormState or a flax batch_stats "
+    f"mapping with 'mean' and 'var'; got {type(state).__name__}."
   )
 
 
-def _statistic(fn: str, name: str, a: Any, fshape: tuple[int, ...],
-               hint: str) -> jax.Array:
+def _statistic(
+  fn: str, name: str, a: Any, fshape: tuple[int, ...], hint: str
+) -> jax.Array:
   """A running statistic of shape ``fshape`` (required, unlike a parameter)."""
   checked = _checks.check_param(fn, name, a, fshape, hint)
   if checked is None:
-    raise TypeError(f"{fn}: `{name}` must be an array of shape {fshape} "
-                    f"({hint}); got None.")
+    raise TypeError(
+      f"{fn}: `{name}` must be an array of shape {fshape} ({hint}); got None."
+    )
   return checked
 
 
@@ -41,40 +43,47 @@ def _concrete(a: jax.Array) -> np.ndarray | None:
   """``a``'s values, or None if it is traced (values unknown until run)."""
   try:
     return np.asarray(a)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
+  except (
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+  ):
     return None
 
 
-def _check_concrete_statistics(fn: str, mean: jax.Array,
-                               var: jax.Array) -> None:
+def _check_concrete_statistics(
+  fn: str, mean: jax.Array, var: jax.Array
+) -> None:
   """Raises if concrete statistics are non-finite or the variance negative
   (the folded kernel would be NaN)."""
-  for what, a, want in (("state.mean", _concrete(mean), "finite"),
-                        ("state.var", _concrete(var), "finite and >= 0")):
+  for what, a, want in (
+    ("state.mean", _concrete(mean), "finite"),
+    ("state.var", _concrete(var), "finite and >= 0"),
+  ):
     if a is None:
       continue
     a = a.astype(np.float64)
-    bad = ~np.isfinite(a) if what == "state.mean" else ~(np.isfinite(a) &
-                                                         (a >= 0))
+    bad = (
+      ~np.isfinite(a) if what == "state.mean" else ~(np.isfinite(a) & (a >= 0))
+    )
     if bad.any():
       i = int(np.flatnonzero(bad)[0])
       raise ValueError(
-          f"{fn}: `{what}` must be {want}; got {float(a[i])} at output feature "
-          f"{i} ({int(bad.sum())} bad of {a.size}). Fix: the BatchNorm's "
-          f"running statistics are corrupted (e.g. by a NaN/inf training "
-          f"batch); recompute them with jaxnorm.recalibrate_batch_norm "
-          f"before folding.")
+        f"{fn}: `{what}` must be {want}; got {float(a[i])} at output feature "
+        f"{i} ({int(bad.sum())} bad of {a.size}). Fix: the BatchNorm's "
+        f"running statistics are corrupted (e.g. by a NaN/inf training "
+        f"batch); recompute them with jaxnorm.recalibrate_batch_norm "
+        f"before folding."
+      )
 
 
 def fold_batch_norm(
-    kernel: ArrayLike,
-    kernel_bias: ArrayLike | None,
-    state: BatchNormState | Mapping[str, ArrayLike],
-    scale: ArrayLike | None,
-    bias: ArrayLike | None,
-    *,
-    epsilon: float = 1e-5,
+  kernel: ArrayLike,
+  kernel_bias: ArrayLike | None,
+  state: BatchNormState | Mapping[str, ArrayLike],
+  scale: ArrayLike | None,
+  bias: ArrayLike | None,
+  *,
+  epsilon: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
   """Folds inference-mode BatchNorm into the Conv/Dense layer before it.
 
@@ -119,16 +128,19 @@ def fold_batch_norm(
   fn = _checks.caller("fold_batch_norm")
   kernel = _checks.as_float_array(fn, "kernel", kernel)
   if kernel.ndim < 2:
-    raise ValueError(f"{fn}: `kernel` must have rank >= 2 with the output "
-                     f"features last ((in, O) or (*k, I, O)); got shape "
-                     f"{tuple(kernel.shape)}.")
+    raise ValueError(
+      f"{fn}: `kernel` must have rank >= 2 with the output "
+      f"features last ((in, O) or (*k, I, O)); got shape "
+      f"{tuple(kernel.shape)}."
+    )
   fshape = (kernel.shape[-1],)
   hint = f"the output features of kernel.shape={tuple(kernel.shape)}"
   mean, var, _ = _state_fields(fn, state)
   mean = _statistic(fn, "state.mean", mean, fshape, hint)
   var = _statistic(fn, "state.var", var, fshape, hint)
-  kernel_bias = _checks.check_param(fn, "kernel_bias", kernel_bias, fshape,
-                                    hint)
+  kernel_bias = _checks.check_param(
+    fn, "kernel_bias", kernel_bias, fshape, hint
+  )
   scale = _checks.check_param(fn, "scale", scale, fshape, hint)
   bias = _checks.check_param(fn, "bias", bias, fshape, hint)
   epsilon = _checks.check_epsilon(fn, epsilon)

@@ -57,10 +57,10 @@ from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
 from jaxnorm._modules import _document
 from jaxnorm._modules import _keeps_count
-from jaxnorm._modules import _named
 from jaxnorm._modules import _param_shape
 from jaxnorm._modules import _recalibrating
 from jaxnorm._modules import _run
+from jaxnorm._modules import _run_norm
 from jaxnorm._modules import _scale_init
 from jaxnorm._modules import _transformer_norm
 from jaxnorm._modules import _weight_axes
@@ -79,25 +79,44 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "DyT", "ImmutableBatchStatsError", "GroupNorm",
-           "InstanceNorm", "LayerNorm", "RMSNorm", "SpectralNorm", "WeightNorm",
-           "recalibrate_batch_norm"]
+__all__ = [
+  "BatchNorm",
+  "DyT",
+  "ImmutableBatchStatsError",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "SpectralNorm",
+  "WeightNorm",
+  "recalibrate_batch_norm",
+]
 
 
-def _affine(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool,
-            use_bias: bool, scale_init: Initializer | None = None
-            ) -> list[jax.Array | None]:
+def _affine(
+  mdl: nn.Module,
+  shape: tuple[int, ...],
+  use_scale: bool,
+  use_bias: bool,
+  scale_init: Initializer | None = None,
+) -> list[jax.Array | None]:
   """Creates ``params/scale`` and ``params/bias`` as flax does."""
-  scale = (mdl.param("scale", scale_init or mdl.scale_init, shape,
-                     mdl.param_dtype)
-           if use_scale else None)
-  bias = (mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
-          if use_bias else None)
+  scale = (
+    mdl.param("scale", scale_init or mdl.scale_init, shape, mdl.param_dtype)
+    if use_scale
+    else None
+  )
+  bias = (
+    mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype)
+    if use_bias
+    else None
+  )
   return [scale, bias]
 
 
-class ImmutableBatchStatsError(flax.errors.ModifyScopeVariableError,
-                                ValueError):
+class ImmutableBatchStatsError(
+  flax.errors.ModifyScopeVariableError, ValueError
+):
   """A training-mode ``BatchNorm`` was applied with immutable batch_stats.
 
   Subclasses flax's ``ModifyScopeVariableError`` (so code that catches
@@ -162,6 +181,41 @@ class _Groups(nn.Module):
   group_size: int | None = None
 
 
+def _running_stats(
+  mdl: BatchNorm, x: jax.Array, fshape: tuple[int, ...], train: bool
+) -> tuple[nn.Variable, nn.Variable, nn.Variable | None]:
+  """BatchNorm's batch_stats variables: mean, var and count (or None).
+
+  Raises a ValueError when the variables do not have the features of ``x``.
+  """
+  stat_dtype = jnp.float32 if mdl.force_float32_reductions else mdl.param_dtype
+  ra_mean = mdl.variable(
+    "batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), fshape
+  )
+  ra_var = mdl.variable(
+    "batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape
+  )
+  ra_count = None
+  if _keeps_count(mdl) and (
+    mdl.has_variable("batch_stats", "count")
+    or mdl.is_initializing()
+    or (train and mdl.is_mutable_collection("batch_stats"))
+  ):
+    ra_count = mdl.variable(
+      "batch_stats", "count", lambda: jnp.zeros((), jnp.int32)
+    )
+  for name, v in (("mean", ra_mean.value), ("var", ra_var.value)):
+    if tuple(v.shape) != fshape:
+      raise ValueError(
+        f"{_who(mdl)}: the variable batch_stats/{name} has shape "
+        f"{tuple(v.shape)}, but x of shape {tuple(x.shape)} has the "
+        f"features {fshape} at axis={mdl.axis!r}. Fix: use variables "
+        f"initialised for this input (model.init with x's shape), or "
+        f"set `axis` to the feature axis."
+      )
+  return ra_mean, ra_var, ra_count
+
+
 class BatchNorm(_Norm, _BatchNormMode):
   """Batch normalization, a drop-in for ``flax.linen.BatchNorm``.
 
@@ -212,12 +266,18 @@ class BatchNorm(_Norm, _BatchNormMode):
   virtual_batch_size: int | None = None
   renorm: bool = False
   renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
-      batch_renorm_schedule)
+    batch_renorm_schedule
+  )
   skip_nonfinite: bool = False
 
   @nn.compact
-  def __call__(self, x: ArrayLike, use_running_average: bool | None = None,
-               *, mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: ArrayLike,
+    use_running_average: bool | None = None,
+    *,
+    mask: ArrayLike | None = None,
+  ) -> jax.Array:
     """Normalizes ``x`` with batch (training) or running (eval) statistics.
 
     Args:
@@ -233,48 +293,38 @@ class BatchNorm(_Norm, _BatchNormMode):
       ValueError: see the class docstring.
     """
     use_running_average = nn.merge_param(
-        "use_running_average", self.use_running_average, use_running_average)
+      "use_running_average", self.use_running_average, use_running_average
+    )
     x = jnp.asarray(x)
     fshape = _param_shape(self, x, self.axis, "axis")
-    stat_dtype = (jnp.float32 if self.force_float32_reductions
-                  else self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean",
-                            lambda s: jnp.zeros(s, stat_dtype), fshape)
-    ra_var = self.variable("batch_stats", "var",
-                           lambda s: jnp.ones(s, stat_dtype), fshape)
     train = not use_running_average or _RECALIBRATING.get()
-    ra_count = None
-    if _keeps_count(self) and (
-        self.has_variable("batch_stats", "count") or self.is_initializing()
-        or (train and self.is_mutable_collection("batch_stats"))):
-      ra_count = self.variable("batch_stats", "count",
-                               lambda: jnp.zeros((), jnp.int32))
-    count = (ra_count.value if ra_count is not None
-             else jnp.zeros((), jnp.int32))
-    for name, v in (("mean", ra_mean.value), ("var", ra_var.value)):
-      if tuple(v.shape) != fshape:
-        raise ValueError(
-            f"{_who(self)}: the variable batch_stats/{name} has shape "
-            f"{tuple(v.shape)}, but x of shape {tuple(x.shape)} has the "
-            f"features {fshape} at axis={self.axis!r}. Fix: use variables "
-            f"initialised for this input (model.init with x's shape), or "
-            f"set `axis` to the feature axis.")
+    ra_mean, ra_var, ra_count = _running_stats(self, x, fshape, train)
+    count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
     state = BatchNormState(mean=ra_mean.value, var=ra_var.value, count=count)
     params = _affine(self, fshape, self.use_scale, self.use_bias)
-    if (train and not self.is_initializing()
-        and not self.is_mutable_collection("batch_stats")):
+    if (
+      train
+      and not self.is_initializing()
+      and not self.is_mutable_collection("batch_stats")
+    ):
       assert self.scope is not None  # bound: __call__ runs inside apply
       raise ImmutableBatchStatsError(
-          f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
-          f"training mode (use_running_average=False) updates the running "
-          f"statistics, but the 'batch_stats' collection is immutable. Fix: "
-          f"`y, updates = model.apply(variables, x, mutable=['batch_stats'])` "
-          f"and keep `updates['batch_stats']`; or use "
-          f"use_running_average=True for evaluation."
+        f"jaxnorm.linen.BatchNorm at {self.scope.path_text!r}: "
+        f"training mode (use_running_average=False) updates the running "
+        f"statistics, but the 'batch_stats' collection is immutable. Fix: "
+        f"`y, updates = model.apply(variables, x, mutable=['batch_stats'])` "
+        f"and keep `updates['batch_stats']`; or use "
+        f"use_running_average=True for evaluation."
       )
     y, new_state = _batch_norm(
-        self, x, state, params, train=train, mask=mask,
-        axis_name=None if self.is_initializing() else self.axis_name)
+      self,
+      x,
+      state,
+      params,
+      train=train,
+      mask=mask,
+      axis_name=None if self.is_initializing() else self.axis_name,
+    )
     if new_state is not None and not self.is_initializing():
       ra_mean.value = new_state.mean
       ra_var.value = new_state.var
@@ -283,18 +333,32 @@ class BatchNorm(_Norm, _BatchNormMode):
     return y
 
 
-def _row_norm(mdl: nn.Module, x: ArrayLike, mask: ArrayLike | None,
-              residual: ArrayLike | None, plain, fused, *,
-              use_bias: bool | None):
+def _row_norm(
+  mdl: nn.Module,
+  x: ArrayLike,
+  mask: ArrayLike | None,
+  residual: ArrayLike | None,
+  plain,
+  fused,
+  *,
+  use_bias: bool | None,
+):
   """LayerNorm's and RMSNorm's call (``use_bias=None``: no bias at all)."""
   x = jnp.asarray(x)
   shape = _param_shape(mdl, x, mdl.feature_axes, "feature_axes")
   init = _scale_init(_who(mdl), mdl.scale_init, mdl.scale_offset)
   params = _affine(mdl, shape, mdl.use_scale, bool(use_bias), init)
   return _transformer_norm(
-      mdl, x, params if use_bias is not None else params[:1], plain, fused,
-      residual, reduction_axes=_as_axes(mdl.reduction_axes),
-      feature_axes=_as_axes(mdl.feature_axes), mask=_as_mask(mask))
+    mdl,
+    x,
+    params if use_bias is not None else params[:1],
+    plain,
+    fused,
+    residual,
+    reduction_axes=_as_axes(mdl.reduction_axes),
+    feature_axes=_as_axes(mdl.feature_axes),
+    mask=_as_mask(mask),
+  )
 
 
 class LayerNorm(_RowNorm, _Norm):
@@ -319,14 +383,25 @@ class LayerNorm(_RowNorm, _Norm):
   scale_init: Initializer = ones_unless_offset
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
-               residual: ArrayLike | None = None
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    residual: ArrayLike | None = None,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
     {call}
     """
-    return _row_norm(self, x, mask, residual, layer_norm, add_layer_norm,
-                     use_bias=self.use_bias)
+    return _row_norm(
+      self,
+      x,
+      mask,
+      residual,
+      layer_norm,
+      add_layer_norm,
+      use_bias=self.use_bias,
+    )
 
 
 class RMSNorm(_RowNorm, _ScaleNorm):
@@ -349,14 +424,19 @@ class RMSNorm(_RowNorm, _ScaleNorm):
   """
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
-               residual: ArrayLike | None = None
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    residual: ArrayLike | None = None,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
     {call}
     """
-    return _row_norm(self, x, mask, residual, rms_norm, add_rms_norm,
-                     use_bias=None)
+    return _row_norm(
+      self, x, mask, residual, rms_norm, add_rms_norm, use_bias=None
+    )
 
 
 class DyT(nn.Module):
@@ -396,11 +476,21 @@ class DyT(nn.Module):
     """
     x = jnp.asarray(x)
     shape = _param_shape(self, x, self.feature_axes, "feature_axes")
-    alpha = self.param("alpha", initializers.constant(self.alpha_init_value),
-                       (), self.param_dtype)
+    alpha = self.param(
+      "alpha",
+      initializers.constant(self.alpha_init_value),
+      (),
+      self.param_dtype,
+    )
     params = [alpha, *_affine(self, shape, self.use_scale, self.use_bias)]
-    return _run(self, x, params, lambda xc, a, s, b: dyt(
-        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
+    return _run(
+      self,
+      x,
+      params,
+      lambda xc, a, s, b: dyt(
+        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)
+      ),
+    )
 
 
 class GroupNorm(_Norm, _Groups):
@@ -431,18 +521,25 @@ class GroupNorm(_Norm, _Groups):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self, x: ArrayLike, *, mask: ArrayLike | None = None
+  ) -> jax.Array:
     """Applies group normalization.
     {call}
     """
     x = jnp.asarray(x)
     params = _affine(self, (x.shape[-1],), self.use_scale, self.use_bias)
     red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
-    return _run(self, x, params, lambda xc, s, b: group_norm(
-        xc, s, b, num_groups=self.num_groups, group_size=self.group_size,
-        reduction_axes=red, epsilon=self.epsilon, mask=_as_mask(mask),
-        **_named(self)))
+    return _run_norm(
+      self,
+      x,
+      params,
+      group_norm,
+      mask,
+      num_groups=self.num_groups,
+      group_size=self.group_size,
+      reduction_axes=red,
+    )
 
 
 class InstanceNorm(_Norm):
@@ -471,8 +568,9 @@ class InstanceNorm(_Norm):
   force_float32_reductions: bool = True
 
   @nn.compact
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self, x: ArrayLike, *, mask: ArrayLike | None = None
+  ) -> jax.Array:
     """Applies instance normalization.
     {call}
     """
@@ -480,10 +578,15 @@ class InstanceNorm(_Norm):
     _check_instance_axes(_who(self), x.ndim, self.feature_axes)
     shape = _param_shape(self, x, self.feature_axes, "feature_axes")
     params = _affine(self, shape, self.use_scale, self.use_bias)
-    return _run(self, x, params, lambda xc, s, b: instance_norm(
-        xc, s, b, feature_axes=_as_axes(self.feature_axes),
-        epsilon=self.epsilon, mask=_as_mask(mask), allow_single=True,
-        **_named(self)))
+    return _run_norm(
+      self,
+      x,
+      params,
+      instance_norm,
+      mask,
+      feature_axes=_as_axes(self.feature_axes),
+      allow_single=True,
+    )
 
 
 for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
@@ -492,35 +595,35 @@ del _cls
 
 
 _NOT_BATCH_STATS = (
-    "{fn}: the model's batch_stats after a recalibration step depend on the "
-    "running statistics passed in, so some layer did not return its batch "
-    "statistics. Every BatchNorm of the model must be a "
-    "jaxnorm.{api}.BatchNorm (flax's own BatchNorm is not switched to "
-    "momentum 0: replace it, or use jaxnorm.recalibrate_batch_norm with a "
-    "momentum=0.0 clone), and every feature needs valid elements in each "
-    "batch (masks). check=False skips this test.")
+  "{fn}: the model's batch_stats after a recalibration step depend on the "
+  "running statistics passed in, so some layer did not return its batch "
+  "statistics. Every BatchNorm of the model must be a "
+  "jaxnorm.{api}.BatchNorm (flax's own BatchNorm is not switched to "
+  "momentum 0: replace it, or use jaxnorm.recalibrate_batch_norm with a "
+  "momentum=0.0 clone), and every feature needs valid elements in each "
+  "batch (masks). check=False skips this test."
+)
 
 
-def _recalibrate(fn: str, api: str, stats_fn, stats, batches, rest, check,
-                 jit):
+def _recalibrate(fn: str, api: str, stats_fn, stats, batches, rest, check, jit):
   """recalibration.recalibrate_batch_norm with the modules switched over."""
   with _recalibrating():
     try:
       return recalibration.recalibrate_batch_norm(
-          stats_fn, stats, ((rest, b) for b in batches), check=check,
-          jit=jit)
+        stats_fn, stats, ((rest, b) for b in batches), check=check, jit=jit
+      )
     except recalibration.NotBatchStatisticsError:
       raise ValueError(_NOT_BATCH_STATS.format(fn=fn, api=api)) from None
 
 
 def recalibrate_batch_norm(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    batches: Iterable[Any],
-    *,
-    check: bool = True,
-    jit: bool = True,
-    **apply_kwargs: Any,
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  batches: Iterable[Any],
+  *,
+  check: bool = True,
+  jit: bool = True,
+  **apply_kwargs: Any,
 ) -> dict[str, Any]:
   """Precise BN for linen models: running statistics as exact batch averages.
 
@@ -570,21 +673,32 @@ def recalibrate_batch_norm(
   fn = "jaxnorm.linen.recalibrate_batch_norm"
   if not isinstance(variables, Mapping) or "batch_stats" not in variables:
     raise ValueError(
-        f"{fn}: `variables` must be the model's variables with a "
-        f"'batch_stats' collection (from model.init); got "
-        f"{list(variables) if isinstance(variables, Mapping) else variables!r}."
+      f"{fn}: `variables` must be the model's variables with a "
+      f"'batch_stats' collection (from model.init); got "
+      f"{list(variables) if isinstance(variables, Mapping) else variables!r}."
     )
   rest = {k: v for k, v in variables.items() if k != "batch_stats"}
 
   def stats_fn(stats, rest_and_batch):
     rest, batch = rest_and_batch
-    _, upd = model.apply({**rest, "batch_stats": stats}, batch,
-                         mutable=["batch_stats"], **apply_kwargs)
+    _, upd = model.apply(
+      {**rest, "batch_stats": stats},
+      batch,
+      mutable=["batch_stats"],
+      **apply_kwargs,
+    )
     return upd["batch_stats"]
 
-  stats = _recalibrate(fn, "linen", stats_fn,
-                       unfreeze(variables["batch_stats"]), batches, rest,
-                       check, jit)
+  stats = _recalibrate(
+    fn,
+    "linen",
+    stats_fn,
+    unfreeze(variables["batch_stats"]),
+    batches,
+    rest,
+    check,
+    jit,
+  )
   return {**variables, "batch_stats": stats}
 
 
@@ -594,14 +708,21 @@ def _wrapped_path(layer: nn.Module, path: tuple[Any, ...]) -> str:
   return f"{layer.name}/{below}"
 
 
-def _call_mapped(mdl: Any, fn: Any, args: tuple[Any, ...],
-                 kwargs: dict[str, Any], **map_kw: Any) -> Any:
+def _call_mapped(
+  mdl: Any,
+  fn: Any,
+  args: tuple[Any, ...],
+  kwargs: dict[str, Any],
+  **map_kw: Any,
+) -> Any:
   """``mdl.layer_instance(*args, **kwargs)`` with each of its variables
   replaced by ``fn(path, value)`` (``nn.map_variables``, as flax does)."""
   return nn.map_variables(
-      lambda layer: layer(*args, **kwargs),
-      trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(fn, vs),
-      init=mdl.is_initializing(), **map_kw)(mdl.layer_instance)
+    lambda layer: layer(*args, **kwargs),
+    trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(fn, vs),
+    init=mdl.is_initializing(),
+    **map_kw,
+  )(mdl.layer_instance)
 
 
 class SpectralNorm(nn.Module):
@@ -667,8 +788,12 @@ class SpectralNorm(nn.Module):
       The wrapped layer's output.
     """
     return _call_mapped(
-        self, functools.partial(self._normalize, update_stats=update_stats),
-        args, kwargs, mutable=True)
+      self,
+      functools.partial(self._normalize, update_stats=update_stats),
+      args,
+      kwargs,
+      mutable=True,
+    )
 
   def _normalize(self, path, vs, update_stats):
     value = jnp.asarray(vs)
@@ -677,28 +802,40 @@ class SpectralNorm(nn.Module):
     name = _wrapped_path(self.layer_instance, path)
     if value.ndim > 2 and self.error_on_non_matrix:
       raise ValueError(
-          f"jaxnorm.linen.SpectralNorm: Input is {value.ndim}D but "
-          f"error_on_non_matrix is True: the weight {name!r} has shape "
-          f"{tuple(value.shape)} and only matrices are allowed. Fix: set "
-          f"error_on_non_matrix=False "
-          f"to normalize it as a "
-          f"({math.prod(value.shape[:-1])}, {value.shape[-1]}) matrix.")
+        f"jaxnorm.linen.SpectralNorm: Input is {value.ndim}D but "
+        f"error_on_non_matrix is True: the weight {name!r} has shape "
+        f"{tuple(value.shape)} and only matrices are allowed. Fix: set "
+        f"error_on_non_matrix=False "
+        f"to normalize it as a "
+        f"({math.prod(value.shape[:-1])}, {value.shape[-1]}) matrix."
+      )
     u_name, sigma_name = name + "/u", name + "/sigma"
     u_var = self.variable(
-        self.collection_name, u_name, jax.random.normal,
-        self.make_rng("params")
-        if not self.has_variable(self.collection_name, u_name) else None,
-        (1, value.shape[-1]), self.param_dtype)
-    sigma_var = self.variable(self.collection_name, sigma_name, jnp.ones, (),
-                              self.param_dtype)
+      self.collection_name,
+      u_name,
+      jax.random.normal,
+      self.make_rng("params")
+      if not self.has_variable(self.collection_name, u_name)
+      else None,
+      (1, value.shape[-1]),
+      self.param_dtype,
+    )
+    sigma_var = self.variable(
+      self.collection_name, sigma_name, jnp.ones, (), self.param_dtype
+    )
     state = SpectralNormState(u_var.value, sigma_var.value)
-    w_bar, new = spectral_norm(value, state, n_steps=self.n_steps,
-                                epsilon=self.epsilon,
-                                update_stats=update_stats)
+    w_bar, new = spectral_norm(
+      value,
+      state,
+      n_steps=self.n_steps,
+      epsilon=self.epsilon,
+      update_stats=update_stats,
+    )
     if update_stats:
       u_var.value, sigma_var.value = new.u, new.sigma
-    dtype = flax_dtypes.canonicalize_dtype(vs, state.u, state.sigma,
-                                       dtype=self.dtype)
+    dtype = flax_dtypes.canonicalize_dtype(
+      vs, state.u, state.sigma, dtype=self.dtype
+    )
     return jnp.asarray(w_bar, dtype)
 
 
@@ -746,7 +883,8 @@ class WeightNorm(nn.Module):
   scale_init: Initializer = nn.initializers.ones
   feature_axes: Axes | None = -1
   variable_filter: Iterable | None = dataclasses.field(
-      default_factory=lambda: {"kernel"})
+    default_factory=lambda: {"kernel"}
+  )
 
   @nn.compact
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -764,16 +902,25 @@ class WeightNorm(nn.Module):
   def _normalize(self, path, vs):
     value = jnp.asarray(vs)
     name = _wrapped_path(self.layer_instance, path)
-    if self.variable_filter and not any(f in name
-                                        for f in self.variable_filter):
+    if self.variable_filter and not any(
+      f in name for f in self.variable_filter
+    ):
       return value
-    feat = _weight_axes(f"jaxnorm.linen.WeightNorm (variable {name!r})",
-                        self.feature_axes, value.ndim)
+    feat = _weight_axes(
+      f"jaxnorm.linen.WeightNorm (variable {name!r})",
+      self.feature_axes,
+      value.ndim,
+    )
     scale = None
     if self.use_scale:
-      scale = self.param(name + "/scale", self.scale_init,
-                         [value.shape[a] for a in feat], self.param_dtype)
+      scale = self.param(
+        name + "/scale",
+        self.scale_init,
+        [value.shape[a] for a in feat],
+        self.param_dtype,
+      )
     w = weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
     dtype = flax_dtypes.canonicalize_dtype(
-        vs, *(() if scale is None else (scale,)), dtype=self.dtype)
+      vs, *(() if scale is None else (scale,)), dtype=self.dtype
+    )
     return jnp.asarray(w, dtype)

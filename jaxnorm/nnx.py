@@ -55,9 +55,9 @@ from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
 from jaxnorm._modules import _document
 from jaxnorm._modules import _keeps_count
-from jaxnorm._modules import _named
 from jaxnorm._modules import _param_shape
 from jaxnorm._modules import _run
+from jaxnorm._modules import _run_norm
 from jaxnorm._modules import _scale_init
 from jaxnorm._modules import _transformer_norm
 from jaxnorm._modules import _weight_axes
@@ -75,8 +75,17 @@ from jaxnorm.weight_norm import SpectralNormState
 from jaxnorm.weight_norm import spectral_norm
 from jaxnorm.weight_norm import weight_norm
 
-__all__ = ["BatchNorm", "DyT", "GroupNorm", "InstanceNorm", "LayerNorm",
-           "RMSNorm", "SpectralNorm", "WeightNorm", "recalibrate_batch_norm"]
+__all__ = [
+  "BatchNorm",
+  "DyT",
+  "GroupNorm",
+  "InstanceNorm",
+  "LayerNorm",
+  "RMSNorm",
+  "SpectralNorm",
+  "WeightNorm",
+  "recalibrate_batch_norm",
+]
 
 _zeros = nnx.initializers.zeros_init()
 _ones = nnx.initializers.ones_init()
@@ -87,12 +96,17 @@ _KERNEL = nnx.PathContains("kernel")  # flax's default variable_filter
 def _feature_shape(cls: str, num_features: Any) -> tuple[int, ...]:
   """``num_features`` as the parameters' shape (an int or a tuple of them)."""
   shape = (num_features,) if isinstance(num_features, int) else num_features
-  if (isinstance(num_features, bool) or not isinstance(shape, tuple)
-      or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                 for d in shape)):
+  if (
+    isinstance(num_features, bool)
+    or not isinstance(shape, tuple)
+    or not all(
+      isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    )
+  ):
     raise TypeError(
-        f"jaxnorm.nnx.{cls}: `num_features` must be a positive int (the size "
-        f"of the feature axis) or a tuple of them; got {num_features!r}.")
+      f"jaxnorm.nnx.{cls}: `num_features` must be a positive int (the size "
+      f"of the feature axis) or a tuple of them; got {num_features!r}."
+    )
   return shape
 
 
@@ -101,24 +115,27 @@ def _value(v: Any) -> jax.Array | None:
   return None if v is None else v[...]
 
 
-def _check_features(mdl: Any, x: jax.Array, axes: Any,
-                    attr: str | None) -> None:
+def _check_features(
+  mdl: Any, x: jax.Array, axes: Any, attr: str | None
+) -> None:
   """x's features at ``axes`` (the option ``attr``; None: the last axis)
   are the layer's ``num_features``."""
   if attr is None and not x.ndim:
     return  # the pure function names the missing channel axis
-  got = (tuple(x.shape[-1:]) if attr is None
-         else _param_shape(mdl, x, axes, attr))
+  got = (
+    tuple(x.shape[-1:]) if attr is None else _param_shape(mdl, x, axes, attr)
+  )
   want = _feature_shape(type(mdl).__name__, mdl.num_features)
   if got != want:
     where = "the last axis" if attr is None else f"{attr}={axes!r}"
     other = "" if attr is None else f", or set {attr} to the feature axis"
     raise ValueError(
-        f"{_who(mdl)}: x of shape {tuple(x.shape)} has {got} features at "
-        f"{where}, but the layer was built for num_features="
-        f"{mdl.num_features!r} (its variables have shape {want}). Fix: "
-        f"build it with num_features={got[0] if len(got) == 1 else got}"
-        f"{other}.")
+      f"{_who(mdl)}: x of shape {tuple(x.shape)} has {got} features at "
+      f"{where}, but the layer was built for num_features="
+      f"{mdl.num_features!r} (its variables have shape {want}). Fix: "
+      f"build it with num_features={got[0] if len(got) == 1 else got}"
+      f"{other}."
+    )
 
 
 def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
@@ -132,15 +149,39 @@ def _promote(mdl: Any, *arrays: Any) -> tuple[Any, ...]:
   return tuple(mdl.promote_dtype(arrays, dtype=mdl.dtype))
 
 
-def _param(use: bool, init: Initializer, rngs: nnx.Rngs,
-           shape: tuple[int, ...], param_dtype: Dtype,
-           metadata: Mapping[str, Any] = _EMPTY) -> nnx.Param[jax.Array] | None:
+def _param(
+  use: bool,
+  init: Initializer,
+  rngs: nnx.Rngs,
+  shape: tuple[int, ...],
+  param_dtype: Dtype,
+  metadata: Mapping[str, Any] = _EMPTY,
+) -> nnx.Param[jax.Array] | None:
   """``nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)``
   when ``use``, else ``nnx.data(None)``: a layer's ``scale``/``bias`` as
   flax makes it."""
   if not use:
     return nnx.data(None)
   return nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
+
+
+def _optional(kind: Callable[[jax.Array], Any], use: bool, value: jax.Array):
+  """``kind(value)`` (a variable) when ``use``, else ``nnx.data(None)``."""
+  return kind(value) if use else nnx.data(None)
+
+
+def _batch_state(mdl: BatchNorm) -> BatchNormState:
+  """The running statistics of an ``nnx.BatchNorm`` as a state."""
+  count = mdl.count[...] if mdl.count is not None else jnp.zeros((), jnp.int32)
+  return BatchNormState(mean=mdl.mean[...], var=mdl.var[...], count=count)
+
+
+def _set_batch_state(mdl: BatchNorm, new: BatchNormState) -> None:
+  """Writes ``new`` into the BatchStats of an ``nnx.BatchNorm``."""
+  mdl.mean[...] = new.mean
+  mdl.var[...] = new.var
+  if mdl.count is not None:
+    mdl.count[...] = new.count
 
 
 class BatchNorm(nnx.Module):
@@ -177,29 +218,45 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self, num_features: int | tuple[int, ...], *,
-      use_running_average: bool | None = False,
-      axis: int | tuple[int, ...] = -1, momentum: float | None = 0.99,
-      epsilon: float = 1e-5, dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32, use_bias: bool = True,
-      use_scale: bool = True, bias_init: Initializer = _zeros,
-      scale_init: Initializer = _ones, axis_name: Any = None,
-      axis_index_groups: Any = None, use_fast_variance: bool = True,
-      promote_dtype: Any = None, rngs: nnx.Rngs,
-      bias_metadata: Mapping[str, Any] = _EMPTY,
-      scale_metadata: Mapping[str, Any] = _EMPTY, track_count: bool = False,
-      running_var: str = "biased", debias: bool = False,
-      virtual_batch_size: int | None = None, renorm: bool = False,
-      renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
-          batch_renorm_schedule),
-      skip_nonfinite: bool = False):
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    use_running_average: bool | None = False,
+    axis: int | tuple[int, ...] = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = _zeros,
+    scale_init: Initializer = _ones,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = None,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    track_count: bool = False,
+    running_var: str = "biased",
+    debias: bool = False,
+    virtual_batch_size: int | None = None,
+    renorm: bool = False,
+    renorm_schedule: Callable[[jax.Array], tuple[ArrayLike, ArrayLike]] = (
+      batch_renorm_schedule
+    ),
+    skip_nonfinite: bool = False,
+  ):
     shape = _feature_shape("BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
-                        scale_metadata)
-    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
-                       bias_metadata)
+    self.scale = _param(
+      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
+    )
+    self.bias = _param(
+      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
+    )
     self.num_features = num_features
     self.use_running_average = use_running_average
     self.axis = axis
@@ -221,14 +278,21 @@ class BatchNorm(nnx.Module):
     self.renorm_schedule = renorm_schedule
     self.skip_nonfinite = skip_nonfinite
     self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
-    self.nonfinite_skipped = (nnx.Intermediate(jnp.zeros(shape, jnp.bool_))
-                              if skip_nonfinite else nnx.data(None))
+    self.nonfinite_skipped = _optional(
+      nnx.Intermediate, skip_nonfinite, jnp.zeros(shape, jnp.bool_)
+    )
     self.count: nnx.BatchStat[jax.Array] | None
-    self.count = (nnx.BatchStat(jnp.zeros((), jnp.int32))
-                  if _keeps_count(self) else nnx.data(None))
+    self.count = _optional(
+      nnx.BatchStat, _keeps_count(self), jnp.zeros((), jnp.int32)
+    )
 
-  def __call__(self, x: ArrayLike, use_running_average: bool | None = None,
-               *, mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: ArrayLike,
+    use_running_average: bool | None = None,
+    *,
+    mask: ArrayLike | None = None,
+  ) -> jax.Array:
     """Normalizes ``x``; in training mode also updates the BatchStats.
 
     Args:
@@ -248,33 +312,35 @@ class BatchNorm(nnx.Module):
         ``axis_name``).
     """
     use_running_average = first_from(
-        use_running_average, self.use_running_average,
-        error_msg=(
-            "jaxnorm.nnx.BatchNorm: no `use_running_average` was given. Fix: "
-            "pass it to the constructor or the call, or switch the model "
-            "with model.train() / model.eval()."))
-    count = (self.count[...] if self.count is not None
-             else jnp.zeros((), jnp.int32))
-    state = BatchNormState(mean=self.mean[...], var=self.var[...],
-                           count=count)
+      use_running_average,
+      self.use_running_average,
+      error_msg=(
+        "jaxnorm.nnx.BatchNorm: no `use_running_average` was given. Fix: "
+        "pass it to the constructor or the call, or switch the model "
+        "with model.train() / model.eval()."
+      ),
+    )
+    state = _batch_state(self)
     x = jnp.asarray(x)
     _check_features(self, x, self.axis, "axis")
     x, mean, var, scale, bias = _promote(
-        self, x, state.mean, state.var, _value(self.scale),
-        _value(self.bias))
+      self, x, state.mean, state.var, _value(self.scale), _value(self.bias)
+    )
     train = not use_running_average or _RECALIBRATING.get()
     if not train:
       state = state._replace(mean=mean, var=var)
-    y, new = _batch_norm(self, x, state, [scale, bias], train=train,
-                         mask=mask, axis_name=self.axis_name,
-                         promote_with=((mean, var) if self.promote_dtype is None
-                                       else ()))
-    if new is None:
-      return y
-    self.mean[...] = new.mean
-    self.var[...] = new.var
-    if self.count is not None:
-      self.count[...] = new.count
+    y, new = _batch_norm(
+      self,
+      x,
+      state,
+      [scale, bias],
+      train=train,
+      mask=mask,
+      axis_name=self.axis_name,
+      promote_with=((mean, var) if self.promote_dtype is None else ()),
+    )
+    if new is not None:
+      _set_batch_state(self, new)
     return y
 
   def set_view(self, use_running_average: bool | None = None):
@@ -306,25 +372,38 @@ class LayerNorm(nnx.Module):
     ValueError: a NaN or infinite ``scale_offset``.
   """
 
-  def __init__(self, num_features: int | tuple[int, ...], *,
-               epsilon: float = 1e-6, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
-               use_scale: bool = True, bias_init: Initializer = _zeros,
-               scale_init: Initializer = ones_unless_offset,
-               reduction_axes: Axes = -1,
-               feature_axes: Axes = -1, axis_name: Any = None,
-               axis_index_groups: Any = None, use_fast_variance: bool = True,
-               promote_dtype: Any = None, rngs: nnx.Rngs,
-               bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY,
-               scale_offset: float = 0.0, cast_before_scale: bool = False,
-               residual_dtype: Dtype | None = None):
+  def __init__(
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = _zeros,
+    scale_init: Initializer = ones_unless_offset,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = None,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
+    residual_dtype: Dtype | None = None,
+  ):
     shape = _feature_shape("LayerNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.LayerNorm", scale_init, scale_offset)
-    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
-                        scale_metadata)
-    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
-                       bias_metadata)
+    self.scale = _param(
+      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
+    )
+    self.bias = _param(
+      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
+    )
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -341,20 +420,30 @@ class LayerNorm(nnx.Module):
     self.cast_before_scale = cast_before_scale
     self.residual_dtype = residual_dtype
 
-  def __call__(self, x: ArrayLike, *, mask: ArrayLike | None = None,
-               residual: ArrayLike | None = None
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: ArrayLike,
+    *,
+    mask: ArrayLike | None = None,
+    residual: ArrayLike | None = None,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies layer normalization (to ``x + residual`` with ``residual``).
     {call}
     """
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
-    x, scale, bias = _promote(self, x, _value(self.scale),
-                              _value(self.bias))
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
     return _transformer_norm(
-        self, x, [scale, bias], layer_norm, add_layer_norm, residual,
-        reduction_axes=_as_axes(self.reduction_axes),
-        feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
+      self,
+      x,
+      [scale, bias],
+      layer_norm,
+      add_layer_norm,
+      residual,
+      reduction_axes=_as_axes(self.reduction_axes),
+      feature_axes=_as_axes(self.feature_axes),
+      mask=_as_mask(mask),
+    )
 
 
 class RMSNorm(nnx.Module):
@@ -376,21 +465,32 @@ class RMSNorm(nnx.Module):
     ValueError: a NaN or infinite ``scale_offset``.
   """
 
-  def __init__(self, num_features: int | tuple[int, ...], *,
-               epsilon: float = 1e-6, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_scale: bool = True,
-               scale_init: Initializer = ones_unless_offset,
-               reduction_axes: Axes = -1,
-               feature_axes: Axes = -1, axis_name: Any = None,
-               axis_index_groups: Any = None, use_fast_variance: bool = True,
-               promote_dtype: Any = None, rngs: nnx.Rngs,
-               scale_metadata: Mapping[str, Any] = _EMPTY,
-               scale_offset: float = 0.0, cast_before_scale: bool = False,
-               residual_dtype: Dtype | None = None):
+  def __init__(
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_scale: bool = True,
+    scale_init: Initializer = ones_unless_offset,
+    reduction_axes: Axes = -1,
+    feature_axes: Axes = -1,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = None,
+    rngs: nnx.Rngs,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+    scale_offset: float = 0.0,
+    cast_before_scale: bool = False,
+    residual_dtype: Dtype | None = None,
+  ):
     shape = _feature_shape("RMSNorm", num_features)
     scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
-    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
-                        scale_metadata)
+    self.scale = _param(
+      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
+    )
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -406,9 +506,13 @@ class RMSNorm(nnx.Module):
     self.cast_before_scale = cast_before_scale
     self.residual_dtype = residual_dtype
 
-  def __call__(self, x: ArrayLike, mask: ArrayLike | None = None, *,
-               residual: ArrayLike | None = None
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: ArrayLike,
+    mask: ArrayLike | None = None,
+    *,
+    residual: ArrayLike | None = None,
+  ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Applies RMS normalization (to ``x + residual`` with ``residual``).
     {call}
     """
@@ -416,9 +520,16 @@ class RMSNorm(nnx.Module):
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale = _promote(self, x, _value(self.scale))
     return _transformer_norm(
-        self, x, [scale], rms_norm, add_rms_norm, residual,
-        reduction_axes=_as_axes(self.reduction_axes),
-        feature_axes=_as_axes(self.feature_axes), mask=_as_mask(mask))
+      self,
+      x,
+      [scale],
+      rms_norm,
+      add_rms_norm,
+      residual,
+      reduction_axes=_as_axes(self.reduction_axes),
+      feature_axes=_as_axes(self.feature_axes),
+      mask=_as_mask(mask),
+    )
 
 
 class DyT(nnx.Module):
@@ -440,12 +551,20 @@ class DyT(nnx.Module):
     TypeError: bad ``num_features``.
   """
 
-  def __init__(self, num_features: int | tuple[int, ...], *,
-               alpha_init_value: float = 0.5, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
-               use_scale: bool = True, bias_init: Initializer = _zeros,
-               scale_init: Initializer = _ones, feature_axes: Axes = -1,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    alpha_init_value: float = 0.5,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = _zeros,
+    scale_init: Initializer = _ones,
+    feature_axes: Axes = -1,
+    rngs: nnx.Rngs,
+  ):
     shape = _feature_shape("DyT", num_features)
     self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
     self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype)
@@ -465,30 +584,40 @@ class DyT(nnx.Module):
     x = jnp.asarray(x)
     _check_features(self, x, self.feature_axes, "feature_axes")
     params = [_value(self.alpha), _value(self.scale), _value(self.bias)]
-    return _run(self, x, params, lambda xc, a, s, b: dyt(
-        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)))
+    return _run(
+      self,
+      x,
+      params,
+      lambda xc, a, s, b: dyt(
+        xc, a, s, b, feature_axes=_as_axes(self.feature_axes)
+      ),
+    )
 
 
-def _groups(num_features: int, num_groups: int | None,
-            group_size: int | None) -> tuple[int, int]:
+def _groups(
+  num_features: int, num_groups: int | None, group_size: int | None
+) -> tuple[int, int]:
   """(channels, groups), with flax's constructor checks in flax's words."""
   (c,) = _feature_shape("GroupNorm", num_features)
   if (num_groups is None) == (group_size is None):
     raise ValueError(
-        f"jaxnorm.nnx.GroupNorm: exactly one of `num_groups` and "
-        f"`group_size` must be set; got num_groups={num_groups!r}, "
-        f"group_size={group_size!r}. num_groups defaults to 32: pass "
-        f"num_groups=None with group_size.")
+      f"jaxnorm.nnx.GroupNorm: exactly one of `num_groups` and "
+      f"`group_size` must be set; got num_groups={num_groups!r}, "
+      f"group_size={group_size!r}. num_groups defaults to 32: pass "
+      f"num_groups=None with group_size."
+    )
   if group_size is not None:
     if not isinstance(group_size, int) or group_size <= 0 or c % group_size:
       raise ValueError(
-          f"jaxnorm.nnx.GroupNorm: group_size={group_size!r} must be a "
-          f"positive divisor of num_features={c}.")
+        f"jaxnorm.nnx.GroupNorm: group_size={group_size!r} must be a "
+        f"positive divisor of num_features={c}."
+      )
     return c, c // group_size
   if not isinstance(num_groups, int) or num_groups <= 0 or c % num_groups:
     raise ValueError(
-        f"jaxnorm.nnx.GroupNorm: num_groups={num_groups!r} must be a "
-        f"positive divisor of num_features={c}.")
+      f"jaxnorm.nnx.GroupNorm: num_groups={num_groups!r} must be a "
+      f"positive divisor of num_features={c}."
+    )
   return c, num_groups
 
 
@@ -513,25 +642,38 @@ class GroupNorm(nnx.Module):
     TypeError: bad ``num_features``.
   """
 
-  def __init__(self, num_features: int, num_groups: int | None = 32,
-               group_size: int | None = None, *, epsilon: float = 1e-6,
-               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               use_bias: bool = True, use_scale: bool = True,
-               bias_init: Initializer = _zeros,
-               scale_init: Initializer = _ones,
-               reduction_axes: Axes | None = None, axis_name: Any = None,
-               axis_index_groups: Any = None, use_fast_variance: bool = True,
-               promote_dtype: Any = None, rngs: nnx.Rngs,
-               bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+  def __init__(
+    self,
+    num_features: int,
+    num_groups: int | None = 32,
+    group_size: int | None = None,
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = _zeros,
+    scale_init: Initializer = _ones,
+    reduction_axes: Axes | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = None,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
     c, g = _groups(num_features, num_groups, group_size)
     self.feature_axis = -1
     self.num_groups = g
     self.group_size = c // g
-    self.scale = _param(use_scale, scale_init, rngs, (c,), param_dtype,
-                        scale_metadata)
-    self.bias = _param(use_bias, bias_init, rngs, (c,), param_dtype,
-                       bias_metadata)
+    self.scale = _param(
+      use_scale, scale_init, rngs, (c,), param_dtype, scale_metadata
+    )
+    self.bias = _param(
+      use_bias, bias_init, rngs, (c,), param_dtype, bias_metadata
+    )
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -544,22 +686,25 @@ class GroupNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self, x: ArrayLike, *, mask: ArrayLike | None = None
+  ) -> jax.Array:
     """Applies group normalization.
     {call}
     """
-    red = (None if self.reduction_axes is None
-           else _as_axes(self.reduction_axes))
+    red = None if self.reduction_axes is None else _as_axes(self.reduction_axes)
     x = jnp.asarray(x)
     _check_features(self, x, -1, None)
-    x, scale, bias = _promote(self, x, _value(self.scale),
-                              _value(self.bias))
-    return _run(self, x, [scale, bias],
-                lambda xc, s, b: group_norm(
-                    xc, s, b, num_groups=self.num_groups,
-                    reduction_axes=red, epsilon=self.epsilon,
-                    mask=_as_mask(mask), **_named(self)))
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    return _run_norm(
+      self,
+      x,
+      [scale, bias],
+      group_norm,
+      mask,
+      num_groups=self.num_groups,
+      reduction_axes=red,
+    )
 
 
 class InstanceNorm(nnx.Module):
@@ -580,20 +725,33 @@ class InstanceNorm(nnx.Module):
     TypeError: bad ``num_features``.
   """
 
-  def __init__(self, num_features: int | tuple[int, ...], *,
-               epsilon: float = 1e-6, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, use_bias: bool = True,
-               use_scale: bool = True, bias_init: Initializer = _zeros,
-               scale_init: Initializer = _ones, feature_axes: Axes = -1,
-               axis_name: Any = None, axis_index_groups: Any = None,
-               use_fast_variance: bool = True, promote_dtype: Any = None,
-               rngs: nnx.Rngs, bias_metadata: Mapping[str, Any] = _EMPTY,
-               scale_metadata: Mapping[str, Any] = _EMPTY):
+  def __init__(
+    self,
+    num_features: int | tuple[int, ...],
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Initializer = _zeros,
+    scale_init: Initializer = _ones,
+    feature_axes: Axes = -1,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = None,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = _EMPTY,
+    scale_metadata: Mapping[str, Any] = _EMPTY,
+  ):
     shape = _feature_shape("InstanceNorm", num_features)
-    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype,
-                        scale_metadata)
-    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype,
-                       bias_metadata)
+    self.scale = _param(
+      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
+    )
+    self.bias = _param(
+      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
+    )
     self.num_features = num_features
     self.epsilon = epsilon
     self.dtype = dtype
@@ -606,21 +764,25 @@ class InstanceNorm(nnx.Module):
     self.use_fast_variance = use_fast_variance
     self.promote_dtype = promote_dtype
 
-  def __call__(self, x: ArrayLike, *,
-               mask: ArrayLike | None = None) -> jax.Array:
+  def __call__(
+    self, x: ArrayLike, *, mask: ArrayLike | None = None
+  ) -> jax.Array:
     """Applies instance normalization.
     {call}
     """
     x = jnp.asarray(x)
     _check_instance_axes(_who(self), x.ndim, self.feature_axes)
     _check_features(self, x, self.feature_axes, "feature_axes")
-    x, scale, bias = _promote(self, x, _value(self.scale),
-                              _value(self.bias))
-    return _run(self, x, [scale, bias],
-                lambda xc, s, b: instance_norm(
-                    xc, s, b, feature_axes=_as_axes(self.feature_axes),
-                    epsilon=self.epsilon, mask=_as_mask(mask),
-                    allow_single=True, **_named(self)))
+    x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
+    return _run_norm(
+      self,
+      x,
+      [scale, bias],
+      instance_norm,
+      mask,
+      feature_axes=_as_axes(self.feature_axes),
+      allow_single=True,
+    )
 
 
 for _cls in (BatchNorm, LayerNorm, RMSNorm, DyT, GroupNorm, InstanceNorm):
@@ -629,12 +791,12 @@ del _cls
 
 
 def recalibrate_batch_norm(
-    model: nnx.Module,
-    batches: Iterable[Any],
-    *,
-    check: bool = True,
-    jit: bool = True,
-    **call_kwargs: Any,
+  model: nnx.Module,
+  batches: Iterable[Any],
+  *,
+  check: bool = True,
+  jit: bool = True,
+  **call_kwargs: Any,
 ) -> None:
   """Precise BN for nnx models: running statistics as exact batch averages.
 
@@ -688,18 +850,20 @@ def recalibrate_batch_norm(
     m(batch, **call_kwargs)
     return nnx.to_pure_dict(nnx.state(m, nnx.BatchStat))
 
-  new = _recalibrate(fn, "nnx", stats_fn, nnx.to_pure_dict(stats), batches,
-                     rest, check, jit)
+  new = _recalibrate(
+    fn, "nnx", stats_fn, nnx.to_pure_dict(stats), batches, rest, check, jit
+  )
   nnx.update(model, new)
 
 
 def _non_matrix_error(path: tuple[Any, ...], shape) -> ValueError:
   return ValueError(
-      f"jaxnorm.nnx.SpectralNorm: Layer instance parameter is {len(shape)}D "
-      f"but error_on_non_matrix is True: the parameter "
-      f"{'/'.join(map(str, path))} has shape {tuple(shape)} and only "
-      f"matrices are allowed. Fix: pass error_on_non_matrix=False to "
-      f"normalize it with its leading axes flattened.")
+    f"jaxnorm.nnx.SpectralNorm: Layer instance parameter is {len(shape)}D "
+    f"but error_on_non_matrix is True: the parameter "
+    f"{'/'.join(map(str, path))} has shape {tuple(shape)} and only "
+    f"matrices are allowed. Fix: pass error_on_non_matrix=False to "
+    f"normalize it with its leading axes flattened."
+  )
 
 
 class SpectralNorm(nnx.Module):
@@ -739,16 +903,16 @@ class SpectralNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      layer_instance: nnx.Module,
-      *,
-      n_steps: int = 1,
-      epsilon: float = 1e-12,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      error_on_non_matrix: bool = False,
-      update_stats: bool = True,
-      rngs: nnx.Rngs,
+    self,
+    layer_instance: nnx.Module,
+    *,
+    n_steps: int = 1,
+    epsilon: float = 1e-12,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    error_on_non_matrix: bool = False,
+    update_stats: bool = True,
+    rngs: nnx.Rngs,
   ):
     self.layer_instance = layer_instance
     self.n_steps = n_steps
@@ -768,7 +932,8 @@ class SpectralNorm(nnx.Module):
         raise _non_matrix_error(path, param.shape)
       key = rngs.params()
       stats[path + ("u",)] = nnx.BatchStat(
-          normal(key, (1, param.shape[-1]), param_dtype))
+        normal(key, (1, param.shape[-1]), param_dtype)
+      )
       stats[path + ("sigma",)] = nnx.BatchStat(jnp.ones((), param_dtype))
     self.batch_stats = nnx.data(stats)
 
@@ -784,9 +949,11 @@ class SpectralNorm(nnx.Module):
       The wrapped layer's output.
     """
     update_stats = first_from(
-        update_stats, not self.use_running_average,
-        error_msg="jaxnorm.nnx.SpectralNorm: no `update_stats` was given "
-        "to the constructor or the call.")
+      update_stats,
+      not self.use_running_average,
+      error_msg="jaxnorm.nnx.SpectralNorm: no `update_stats` was given "
+      "to the constructor or the call.",
+    )
     state = nnx.state(self.layer_instance, nnx.Param)
     for path, param in nnx.to_flat_state(state):
       self._normalize_inplace(path, param, bool(update_stats))
@@ -801,19 +968,25 @@ class SpectralNorm(nnx.Module):
     sigma_var = self.batch_stats.get(path + ("sigma",))
     if u_var is None or sigma_var is None:
       raise RuntimeError(
-          f"jaxnorm.nnx.SpectralNorm: no u/sigma batch statistics for the "
-          f"parameter {'/'.join(map(str, path))}: the wrapped layer's "
-          f"parameters changed after SpectralNorm was built. Fix: build "
-          f"SpectralNorm around the finished layer.")
+        f"jaxnorm.nnx.SpectralNorm: no u/sigma batch statistics for the "
+        f"parameter {'/'.join(map(str, path))}: the wrapped layer's "
+        f"parameters changed after SpectralNorm was built. Fix: build "
+        f"SpectralNorm around the finished layer."
+      )
     st = SpectralNormState(u_var[...], sigma_var[...])
-    w_bar, new = spectral_norm(param[...], st, n_steps=self.n_steps,
-                                epsilon=self.epsilon,
-                                update_stats=update_stats)
+    w_bar, new = spectral_norm(
+      param[...],
+      st,
+      n_steps=self.n_steps,
+      epsilon=self.epsilon,
+      update_stats=update_stats,
+    )
     if update_stats:
       u_var[...] = new.u
       sigma_var[...] = new.sigma
-    dtype = nnx_dtypes.canonicalize_dtype(param[...], st.u, st.sigma,
-                                           dtype=self.dtype)
+    dtype = nnx_dtypes.canonicalize_dtype(
+      param[...], st.u, st.sigma, dtype=self.dtype
+    )
     param[...] = jnp.asarray(w_bar, dtype)
 
 
@@ -857,18 +1030,18 @@ class WeightNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      layer_instance: nnx.Module,
-      *,
-      feature_axes: Axes | None = -1,
-      use_scale: bool = True,
-      scale_init: Initializer = nnx.initializers.ones,
-      epsilon: float = 1e-12,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      variable_filter: Any = _KERNEL,
-      promote_dtype: Any = nnx_dtypes.promote_dtype,
-      rngs: nnx.Rngs,
+    self,
+    layer_instance: nnx.Module,
+    *,
+    feature_axes: Axes | None = -1,
+    use_scale: bool = True,
+    scale_init: Initializer = nnx.initializers.ones,
+    epsilon: float = 1e-12,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    variable_filter: Any = _KERNEL,
+    promote_dtype: Any = nnx_dtypes.promote_dtype,
+    rngs: nnx.Rngs,
   ):
     self.layer_instance = layer_instance
     self.feature_axes = () if feature_axes is None else feature_axes
@@ -882,15 +1055,25 @@ class WeightNorm(nnx.Module):
     self.scales: dict | None = None
     if use_scale:
       state = nnx.state(self.layer_instance, nnx.Param)
-      self.scales = nnx.data({
-          path: nnx.Param(scale_init(rngs["params"], tuple(
-              param.shape[a] for a in self._axes(path, param.ndim))))
+      self.scales = nnx.data(
+        {
+          path: nnx.Param(
+            scale_init(
+              rngs["params"],
+              tuple(param.shape[a] for a in self._axes(path, param.ndim)),
+            )
+          )
           for path, param in nnx.to_flat_state(state)
-          if self.variable_filter(path, param)})
+          if self.variable_filter(path, param)
+        }
+      )
 
   def _axes(self, path, ndim: int) -> tuple[int, ...]:
-    return _weight_axes(f"jaxnorm.nnx.WeightNorm (parameter "
-                        f"{'/'.join(map(str, path))})", self.feature_axes, ndim)
+    return _weight_axes(
+      f"jaxnorm.nnx.WeightNorm (parameter {'/'.join(map(str, path))})",
+      self.feature_axes,
+      ndim,
+    )
 
   def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
     """Normalizes the selected weights in place, then calls the layer.
@@ -915,13 +1098,15 @@ class WeightNorm(nnx.Module):
     if self.use_scale:
       if path not in self.scales:
         raise RuntimeError(
-            f"jaxnorm.nnx.WeightNorm: no scale for the parameter "
-            f"{'/'.join(map(str, path))}: the wrapped layer's parameters "
-            f"changed after WeightNorm was built. Fix: build WeightNorm "
-            f"around the finished layer.")
+          f"jaxnorm.nnx.WeightNorm: no scale for the parameter "
+          f"{'/'.join(map(str, path))}: the wrapped layer's parameters "
+          f"changed after WeightNorm was built. Fix: build WeightNorm "
+          f"around the finished layer."
+        )
       scale = self.scales[path][...]
     value = param[...]
     w = weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon)
     dtype = nnx_dtypes.canonicalize_dtype(
-        value, *(() if scale is None else (scale,)), dtype=self.dtype)
+      value, *(() if scale is None else (scale,)), dtype=self.dtype
+    )
     param.set_value(jnp.asarray(w, dtype))

@@ -48,22 +48,22 @@ from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.folding import _state_fields
 
 __all__ = [
-    "EXAMPLE_CNN_LAYERS",
-    "TorchLayer",
-    "batch_norm_from_torch",
-    "batch_norm_to_torch",
-    "biased_running_var_from_torch",
-    "conv_from_torch",
-    "conv_to_torch",
-    "from_torch",
-    "jaxnorm_momentum_to_torch",
-    "linear_from_torch",
-    "linear_to_torch",
-    "norm_from_torch",
-    "norm_to_torch",
-    "to_torch",
-    "torch_momentum_to_jaxnorm",
-    "unbiased_running_var_to_torch",
+  "EXAMPLE_CNN_LAYERS",
+  "TorchLayer",
+  "batch_norm_from_torch",
+  "batch_norm_to_torch",
+  "biased_running_var_from_torch",
+  "conv_from_torch",
+  "conv_to_torch",
+  "from_torch",
+  "jaxnorm_momentum_to_torch",
+  "linear_from_torch",
+  "linear_to_torch",
+  "norm_from_torch",
+  "norm_to_torch",
+  "to_torch",
+  "torch_momentum_to_jaxnorm",
+  "unbiased_running_var_to_torch",
 ]
 
 NormKind = Literal["layer_norm", "group_norm", "instance_norm", "rms_norm"]
@@ -75,8 +75,10 @@ StateDict = Mapping[str, Any]  # values: torch.Tensor, np.ndarray or jax.Array
 
 def _check_unit_interval(fn: str, name: str, m: Any) -> float:
   if isinstance(m, bool) or not isinstance(m, numbers.Real):
-    raise TypeError(f"{fn}: `{name}` must be a Python float in [0, 1]; got "
-                    f"{m!r} of type {type(m).__name__}.")
+    raise TypeError(
+      f"{fn}: `{name}` must be a Python float in [0, 1]; got "
+      f"{m!r} of type {type(m).__name__}."
+    )
   m = float(m)
   if not 0.0 <= m <= 1.0:  # also rejects NaN
     raise ValueError(f"{fn}: `{name}` must be in [0, 1]; got {m!r}.")
@@ -110,13 +112,13 @@ def torch_momentum_to_jaxnorm(momentum: float) -> float:
   fn = "torch_momentum_to_jaxnorm"
   if momentum is None:
     raise TypeError(
-        f"{fn}: PyTorch's momentum=None is the cumulative moving average "
-        f"r <- r + (s - r) / t at update t = count + 1, which no constant "
-        f"momentum reproduces. Fix: pass it through unchanged, as "
-        f"jaxnorm.batch_norm_train(..., momentum=None) (also "
-        f"jaxnorm.linen/nnx.BatchNorm(momentum=None)), which computes "
-        f"exactly that from state.count; add running_var='unbiased' to "
-        f"store PyTorch's unbiased running variance."
+      f"{fn}: PyTorch's momentum=None is the cumulative moving average "
+      f"r <- r + (s - r) / t at update t = count + 1, which no constant "
+      f"momentum reproduces. Fix: pass it through unchanged, as "
+      f"jaxnorm.batch_norm_train(..., momentum=None) (also "
+      f"jaxnorm.linen/nnx.BatchNorm(momentum=None)), which computes "
+      f"exactly that from state.count; add running_var='unbiased' to "
+      f"store PyTorch's unbiased running variance."
     )
   return 1.0 - _check_unit_interval(fn, "momentum", momentum)
 
@@ -142,8 +144,9 @@ def jaxnorm_momentum_to_torch(momentum: float) -> float:
     TypeError: if ``momentum`` is not a real number.
     ValueError: if it is outside [0, 1].
   """
-  return 1.0 - _check_unit_interval("jaxnorm_momentum_to_torch", "momentum",
-                                    momentum)
+  return 1.0 - _check_unit_interval(
+    "jaxnorm_momentum_to_torch", "momentum", momentum
+  )
 
 
 # --------------------------------------------------------------------------
@@ -161,28 +164,30 @@ def _init_weight(fn: str, count: int, torch_momentum: float | None) -> float:
 
 def _check_var_conversion_args(fn, elements_per_batch, count, count_name):
   if isinstance(elements_per_batch, bool) or not isinstance(
-      elements_per_batch, (numbers.Integral, np.integer)):
+    elements_per_batch, (numbers.Integral, np.integer)
+  ):
     raise TypeError(
-        f"{fn}: `elements_per_batch` must be an int (the number n of values "
-        f"each batch contributed per feature, e.g. N*H*W for BatchNorm2d on "
-        f"(N, C, H, W) batches); got {elements_per_batch!r}."
+      f"{fn}: `elements_per_batch` must be an int (the number n of values "
+      f"each batch contributed per feature, e.g. N*H*W for BatchNorm2d on "
+      f"(N, C, H, W) batches); got {elements_per_batch!r}."
     )
   if elements_per_batch < 2:
     raise ValueError(
-        f"{fn}: `elements_per_batch` must be >= 2 (the unbiased variance "
-        f"divides by n - 1); got {elements_per_batch}."
+      f"{fn}: `elements_per_batch` must be >= 2 (the unbiased variance "
+      f"divides by n - 1); got {elements_per_batch}."
     )
-  count = _check_count(fn, f"`{count_name}`", _to_numpy(fn, count_name, count),
-                       int32=False)
+  count = _check_count(
+    fn, f"`{count_name}`", _to_numpy(fn, count_name, count), int32=False
+  )
   return int(elements_per_batch), count
 
 
 def biased_running_var_from_torch(
-    running_var: ArrayLike,
-    *,
-    elements_per_batch: int,
-    num_batches_tracked: int,
-    torch_momentum: float | None = 0.1,
+  running_var: ArrayLike,
+  *,
+  elements_per_batch: int,
+  num_batches_tracked: int,
+  torch_momentum: float | None = 0.1,
 ) -> np.ndarray:
   """PyTorch's running variance as the biased running variance jaxnorm keeps.
 
@@ -225,8 +230,9 @@ def biased_running_var_from_torch(
       non-finite ``running_var``.
   """
   fn = "biased_running_var_from_torch"
-  n, t = _check_var_conversion_args(fn, elements_per_batch,
-                                    num_batches_tracked, "num_batches_tracked")
+  n, t = _check_var_conversion_args(
+    fn, elements_per_batch, num_batches_tracked, "num_batches_tracked"
+  )
   w = _init_weight(fn, t, torch_momentum)
   r = _to_numpy(fn, "running_var", running_var).astype(np.float64)
   _check_statistics(fn, "", None, "`running_var`", r)
@@ -234,11 +240,11 @@ def biased_running_var_from_torch(
 
 
 def unbiased_running_var_to_torch(
-    var: ArrayLike,
-    *,
-    elements_per_batch: int,
-    count: int,
-    torch_momentum: float | None = 0.1,
+  var: ArrayLike,
+  *,
+  elements_per_batch: int,
+  count: int,
+  torch_momentum: float | None = 0.1,
 ) -> np.ndarray:
   """jaxnorm's biased running variance as PyTorch's unbiased one.
 
@@ -288,8 +294,10 @@ def _to_numpy(fn: str, name: str, v: Any) -> np.ndarray:
   try:
     return np.asarray(v)
   except Exception as e:  # pragma: no cover - exotic inputs
-    raise TypeError(f"{fn}: `{name}` must be an array or a torch tensor; got "
-                    f"{type(v).__name__} ({e}).") from None
+    raise TypeError(
+      f"{fn}: `{name}` must be an array or a torch tensor; got "
+      f"{type(v).__name__} ({e})."
+    ) from None
 
 
 def _float_out(a: np.ndarray, dtype: Any) -> jax.Array:
@@ -304,10 +312,12 @@ _NUMPY_FLOATS = (np.float16, np.float32, np.float64)
 
 
 # The shared parts of the ``*_to_torch`` docstrings (``_fill_docs``).
-_AS_TORCH_DOC = ("as_torch: return ``torch.Tensor`` objects (imports torch) "
-                 "instead of NumPy.")
-_TORCH_DTYPES_DOC = ("NumPy float16/32/64 dtypes kept, others (bfloat16) as "
-                     "float32.")
+_AS_TORCH_DOC = (
+  "as_torch: return ``torch.Tensor`` objects (imports torch) instead of NumPy."
+)
+_TORCH_DTYPES_DOC = (
+  "NumPy float16/32/64 dtypes kept, others (bfloat16) as float32."
+)
 
 
 def _fill_docs(*fns) -> None:
@@ -316,7 +326,8 @@ def _fill_docs(*fns) -> None:
   for f in fns:
     if f.__doc__ is not None:  # None under python -OO
       f.__doc__ = f.__doc__.replace("{as_torch}", _AS_TORCH_DOC).replace(
-          "{torch_dtypes}", _TORCH_DTYPES_DOC)
+        "{torch_dtypes}", _TORCH_DTYPES_DOC
+      )
 
 
 def _export(a: Any, as_torch: bool, dtype: Any = None):
@@ -337,62 +348,83 @@ def _check_state_dict(fn: str, state_dict: Any) -> None:
   if isinstance(state_dict, Mapping):
     return
   if isinstance(state_dict, (list, tuple)):
-    fix = ("a sequence of (name, tensor) pairs: pass dict(pairs) instead "
-           "(model.state_dict() is already a mapping).")
+    fix = (
+      "a sequence of (name, tensor) pairs: pass dict(pairs) instead "
+      "(model.state_dict() is already a mapping)."
+    )
   elif state_dict is None:
     fix = "pass the module's state dict, e.g. model.state_dict()."
   else:
     fix = "pass model.state_dict() or a dict of names to tensors/arrays."
   raise TypeError(
-      f"{fn}: `state_dict` must be a mapping of names to tensors or arrays "
-      f"(as torch.nn.Module.state_dict() returns); got "
-      f"{type(state_dict).__name__}. Fix: {fix}")
+    f"{fn}: `state_dict` must be a mapping of names to tensors or arrays "
+    f"(as torch.nn.Module.state_dict() returns); got "
+    f"{type(state_dict).__name__}. Fix: {fix}"
+  )
 
 
 _RESET_STATS_FIX = (
-    "Fix: these running statistics are corrupted (typically by a NaN/inf "
-    "batch in training): recompute them from data "
-    "(jaxnorm.recalibrate_batch_norm, or PyTorch's "
-    "torch.optim.swa_utils.update_bn) or reset them (mean 0, variance 1).")
+  "Fix: these running statistics are corrupted (typically by a NaN/inf "
+  "batch in training): recompute them from data "
+  "(jaxnorm.recalibrate_batch_norm, or PyTorch's "
+  "torch.optim.swa_utils.update_bn) or reset them (mean 0, variance 1)."
+)
 
 
-def _check_statistics(fn: str, what_mean: str, mean: np.ndarray | None,
-                      what_var: str, var: np.ndarray) -> None:
+def _check_statistics(
+  fn: str,
+  what_mean: str,
+  mean: np.ndarray | None,
+  what_var: str,
+  var: np.ndarray,
+) -> None:
   """Raises unless the running mean (if given) is finite and the variance
   finite and non-negative (a negative one makes inference output NaN)."""
-  checks = [(what_var, var, ~(np.isfinite(var) & (var >= 0)),
-             "finite and >= 0 (a variance)")]
+  checks = [
+    (
+      what_var,
+      var,
+      ~(np.isfinite(var) & (var >= 0)),
+      "finite and >= 0 (a variance)",
+    )
+  ]
   if mean is not None:
     checks.insert(0, (what_mean, mean, ~np.isfinite(mean), "finite"))
   for what, a, bad, want in checks:
     if bad.any():
       i = int(np.flatnonzero(bad.reshape(-1))[0])
       raise ValueError(
-          f"{fn}: {what} must be {want}; got {int(bad.sum())} bad value(s) "
-          f"of {a.size}, the first {a.reshape(-1)[i].item()!r} at feature {i}. "
-          f"{_RESET_STATS_FIX}")
+        f"{fn}: {what} must be {want}; got {int(bad.sum())} bad value(s) "
+        f"of {a.size}, the first {a.reshape(-1)[i].item()!r} at feature {i}. "
+        f"{_RESET_STATS_FIX}"
+      )
 
 
-def _check_count(fn: str, what: str, a: np.ndarray, *,
-                 int32: bool = True) -> int:
+def _check_count(
+  fn: str, what: str, a: np.ndarray, *, int32: bool = True
+) -> int:
   """The update count in ``a`` (one element) as an int >= 0 (and < 2**31
   if it becomes jaxnorm's int32 count)."""
   _check_shape(fn, what, a.reshape(-1), (1,))
   v = a.reshape(())
   if v.dtype == np.bool_ or not np.issubdtype(v.dtype, np.number):
-    raise TypeError(f"{fn}: {what} must be an integer number of updates; "
-                    f"got dtype {v.dtype}.")
+    raise TypeError(
+      f"{fn}: {what} must be an integer number of updates; got dtype {v.dtype}."
+    )
   if not np.isfinite(v) or v != np.floor(v) or v < 0:
     raise ValueError(
-        f"{fn}: {what} must be a whole number of updates >= 0; got "
-        f"{v.item()!r}. "
-        f"Fix: set it to the number of training batches the statistics "
-        f"saw (0 if unknown, then keep running_var='copy').")
+      f"{fn}: {what} must be a whole number of updates >= 0; got "
+      f"{v.item()!r}. "
+      f"Fix: set it to the number of training batches the statistics "
+      f"saw (0 if unknown, then keep running_var='copy')."
+    )
   count = int(v)
   if int32 and count >= 2**31:
-    raise ValueError(f"{fn}: {what}={count} does not fit jaxnorm's int32 "
-                     f"count. Fix: cap it at {2**31 - 1} (only "
-                     f"running_var='convert' and momentum=None read it).")
+    raise ValueError(
+      f"{fn}: {what}={count} does not fit jaxnorm's int32 "
+      f"count. Fix: cap it at {2**31 - 1} (only "
+      f"running_var='convert' and momentum=None read it)."
+    )
   return count
 
 
@@ -400,8 +432,7 @@ def _key(prefix: str, name: str) -> str:
   return f"{prefix}{name}"
 
 
-def _find(fn: str, sd: StateDict, prefix: str, name: str
-          ) -> np.ndarray | None:
+def _find(fn: str, sd: StateDict, prefix: str, name: str) -> np.ndarray | None:
   """The tensor ``prefix + name`` as a NumPy array, or None if absent."""
   _check_state_dict(fn, sd)
   key = _key(prefix, name)
@@ -414,53 +445,76 @@ def _take(fn: str, sd: StateDict, prefix: str, name: str) -> np.ndarray:
   if a is None:
     near = sorted(k for k in sd if k.startswith(prefix))[:12]
     raise KeyError(
-        f"{fn}: the state dict has no key {_key(prefix, name)!r}. Keys "
-        f"starting with {prefix!r}: {near}. Fix: check `prefix` (PyTorch "
-        f"names keys '<module name>.<tensor>', e.g. 'bn1.weight'; strip a "
-        f"DataParallel 'module.' prefix first)."
+      f"{fn}: the state dict has no key {_key(prefix, name)!r}. Keys "
+      f"starting with {prefix!r}: {near}. Fix: check `prefix` (PyTorch "
+      f"names keys '<module name>.<tensor>', e.g. 'bn1.weight'; strip a "
+      f"DataParallel 'module.' prefix first)."
     )
   return a
 
 
 def _check_shape(fn: str, what: str, a: np.ndarray, shape) -> None:
   if tuple(a.shape) != tuple(shape):
-    raise ValueError(f"{fn}: {what} must have shape {tuple(shape)}; got "
-                     f"{tuple(a.shape)}.")
+    raise ValueError(
+      f"{fn}: {what} must have shape {tuple(shape)}; got {tuple(a.shape)}."
+    )
 
 
 def _check_vector(fn: str, what: str, a: np.ndarray, c: int | None) -> int:
   if a.ndim != 1 or (c is not None and a.shape[0] != c):
     want = "(C,)" if c is None else f"({c},)"
-    raise ValueError(f"{fn}: {what} must have shape {want}; got "
-                     f"{tuple(a.shape)}.")
+    raise ValueError(
+      f"{fn}: {what} must have shape {want}; got {tuple(a.shape)}."
+    )
   return a.shape[0]
 
 
 def _check_running_var_mode(fn: str, running_var: Any) -> None:
   if running_var not in ("copy", "convert"):
     raise ValueError(
-        f"{fn}: `running_var` must be 'copy' (values unchanged; eval outputs "
-        f"identical in both frameworks) or 'convert' (exact biased <-> "
-        f"unbiased EMA conversion, needs elements_per_batch); got "
-        f"{running_var!r}."
+      f"{fn}: `running_var` must be 'copy' (values unchanged; eval outputs "
+      f"identical in both frameworks) or 'convert' (exact biased <-> "
+      f"unbiased EMA conversion, needs elements_per_batch); got "
+      f"{running_var!r}."
     )
 
 
 # --------------------------------------------------------------------------
 # BatchNorm (1d/2d/3d).
 
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var",
-            "num_batches_tracked")
+_BN_KEYS = (
+  "weight",
+  "bias",
+  "running_mean",
+  "running_var",
+  "num_batches_tracked",
+)
+
+
+def _torch_count(
+  fn: str, state_dict: StateDict, prefix: str, running_var: str
+) -> int:
+  """``num_batches_tracked`` of a PyTorch BatchNorm state dict (0 if absent)."""
+  nbt = _find(fn, state_dict, prefix, "num_batches_tracked")
+  if nbt is None:
+    if running_var == "convert":
+      raise KeyError(
+        f"{fn}: running_var='convert' needs {prefix}num_batches_tracked "
+        f"(the number of updates), which this state dict lacks (PyTorch "
+        f"< 0.4.1 did not save it). Use running_var='copy'."
+      )
+    return 0
+  return _check_count(fn, f"{prefix}num_batches_tracked", nbt)
 
 
 def batch_norm_from_torch(
-    state_dict: StateDict,
-    *,
-    prefix: str = "",
-    running_var: Literal["copy", "convert"] = "copy",
-    elements_per_batch: int | None = None,
-    torch_momentum: float | None = 0.1,
-    dtype: Any = jnp.float32,
+  state_dict: StateDict,
+  *,
+  prefix: str = "",
+  running_var: Literal["copy", "convert"] = "copy",
+  elements_per_batch: int | None = None,
+  torch_momentum: float | None = 0.1,
+  dtype: Any = jnp.float32,
 ) -> tuple[dict[str, jax.Array], BatchNormState | None]:
   """Reads a PyTorch ``BatchNorm1d/2d/3d`` state dict as jaxnorm variables.
 
@@ -524,50 +578,48 @@ def batch_norm_from_torch(
     if _key(prefix, "running_var") in state_dict:
       _take(fn, state_dict, prefix, "running_mean")  # raises KeyError
     if not params:
-      raise KeyError(f"{fn}: the state dict has no BatchNorm tensors under "
-                     f"prefix {prefix!r} (looked for {list(_BN_KEYS)}).")
+      raise KeyError(
+        f"{fn}: the state dict has no BatchNorm tensors under "
+        f"prefix {prefix!r} (looked for {list(_BN_KEYS)})."
+      )
     return params, None
   c = _check_vector(fn, f"{prefix}running_mean", mean, c)
   var = _take(fn, state_dict, prefix, "running_var")
   _check_vector(fn, f"{prefix}running_var", var, c)
-  _check_statistics(fn, f"{prefix}running_mean", mean, f"{prefix}running_var",
-                    var)
-  nbt = _find(fn, state_dict, prefix, "num_batches_tracked")
-  if nbt is None:
-    if running_var == "convert":
-      raise KeyError(
-          f"{fn}: running_var='convert' needs {prefix}num_batches_tracked "
-          f"(the number of updates), which this state dict lacks (PyTorch "
-          f"< 0.4.1 did not save it). Use running_var='copy'."
-      )
-    count = 0
-  else:
-    count = _check_count(fn, f"{prefix}num_batches_tracked", nbt)
+  _check_statistics(
+    fn, f"{prefix}running_mean", mean, f"{prefix}running_var", var
+  )
+  count = _torch_count(fn, state_dict, prefix, running_var)
   if running_var == "convert":
     if elements_per_batch is None:
-      raise TypeError(f"{fn}: running_var='convert' needs "
-                      f"`elements_per_batch` (values per feature per batch, "
-                      f"e.g. N*H*W for BatchNorm2d).")
+      raise TypeError(
+        f"{fn}: running_var='convert' needs "
+        f"`elements_per_batch` (values per feature per batch, "
+        f"e.g. N*H*W for BatchNorm2d)."
+      )
     var = biased_running_var_from_torch(
-        var, elements_per_batch=elements_per_batch,
-        num_batches_tracked=count, torch_momentum=torch_momentum)
+      var,
+      elements_per_batch=elements_per_batch,
+      num_batches_tracked=count,
+      torch_momentum=torch_momentum,
+    )
   state = BatchNormState(
-      mean=_float_out(mean, dtype),
-      var=_float_out(np.asarray(var, mean.dtype), dtype),
-      count=jnp.asarray(count, jnp.int32),
+    mean=_float_out(mean, dtype),
+    var=_float_out(np.asarray(var, mean.dtype), dtype),
+    count=jnp.asarray(count, jnp.int32),
   )
   return params, state
 
 
 def batch_norm_to_torch(
-    params: Mapping[str, ArrayLike] | None,
-    state: BatchNormState | Mapping[str, ArrayLike] | None,
-    *,
-    prefix: str = "",
-    running_var: Literal["copy", "convert"] = "copy",
-    elements_per_batch: int | None = None,
-    torch_momentum: float | None = 0.1,
-    as_torch: bool = False,
+  params: Mapping[str, ArrayLike] | None,
+  state: BatchNormState | Mapping[str, ArrayLike] | None,
+  *,
+  prefix: str = "",
+  running_var: Literal["copy", "convert"] = "copy",
+  elements_per_batch: int | None = None,
+  torch_momentum: float | None = 0.1,
+  as_torch: bool = False,
 ) -> dict[str, Any]:
   """Writes jaxnorm BatchNorm variables as a PyTorch ``BatchNorm*d`` state dict.
 
@@ -608,8 +660,10 @@ def batch_norm_to_torch(
   params = dict(params or {})
   extra = set(params) - {"scale", "bias"}
   if extra:
-    raise KeyError(f"{fn}: unexpected BatchNorm parameters {sorted(extra)}; "
-                   f"expected 'scale' and/or 'bias'.")
+    raise KeyError(
+      f"{fn}: unexpected BatchNorm parameters {sorted(extra)}; "
+      f"expected 'scale' and/or 'bias'."
+    )
   for src, dst in (("scale", "weight"), ("bias", "bias")):
     if src in params:
       a = _to_numpy(fn, src, params[src])
@@ -618,27 +672,34 @@ def batch_norm_to_torch(
   if state is None:
     return out
   mean, var, count = _state_fields(fn, state)
-  mean, var = _to_numpy(fn, "state.mean", mean), _to_numpy(fn, "state.var",
-                                                          var)
+  mean, var = _to_numpy(fn, "state.mean", mean), _to_numpy(fn, "state.var", var)
   c = _check_vector(fn, "state.mean", mean, c)
   _check_vector(fn, "state.var", var, c)
   _check_statistics(fn, "state.mean", mean, "state.var", var)
-  count = 0 if count is None else _check_count(
-      fn, "state.count", _to_numpy(fn, "state.count", count))
+  count = (
+    0
+    if count is None
+    else _check_count(fn, "state.count", _to_numpy(fn, "state.count", count))
+  )
   if running_var == "convert":
     if elements_per_batch is None:
-      raise TypeError(f"{fn}: running_var='convert' needs "
-                      f"`elements_per_batch`.")
+      raise TypeError(
+        f"{fn}: running_var='convert' needs `elements_per_batch`."
+      )
     if _state_fields(fn, state)[2] is None:
-      raise TypeError(f"{fn}: running_var='convert' needs the update count; "
-                      f"this state has none. Use running_var='copy'.")
+      raise TypeError(
+        f"{fn}: running_var='convert' needs the update count; "
+        f"this state has none. Use running_var='copy'."
+      )
     var = unbiased_running_var_to_torch(
-        var, elements_per_batch=elements_per_batch, count=count,
-        torch_momentum=torch_momentum).astype(var.dtype)
+      var,
+      elements_per_batch=elements_per_batch,
+      count=count,
+      torch_momentum=torch_momentum,
+    ).astype(var.dtype)
   out[_key(prefix, "running_mean")] = _export(mean, as_torch)
   out[_key(prefix, "running_var")] = _export(var, as_torch)
-  out[_key(prefix, "num_batches_tracked")] = _export(count, as_torch,
-                                                     np.int64)
+  out[_key(prefix, "num_batches_tracked")] = _export(count, as_torch, np.int64)
   return out
 
 
@@ -650,17 +711,19 @@ _NORM_KINDS = ("layer_norm", "group_norm", "instance_norm", "rms_norm")
 
 def _check_norm_kind(fn: str, kind: Any) -> None:
   if kind not in _NORM_KINDS:
-    raise ValueError(f"{fn}: `kind` must be one of {_NORM_KINDS}; got "
-                     f"{kind!r}. BatchNorm has its own converters "
-                     f"(batch_norm_from_torch / batch_norm_to_torch).")
+    raise ValueError(
+      f"{fn}: `kind` must be one of {_NORM_KINDS}; got "
+      f"{kind!r}. BatchNorm has its own converters "
+      f"(batch_norm_from_torch / batch_norm_to_torch)."
+    )
 
 
 def norm_from_torch(
-    state_dict: StateDict,
-    *,
-    kind: NormKind,
-    prefix: str = "",
-    dtype: Any = jnp.float32,
+  state_dict: StateDict,
+  *,
+  kind: NormKind,
+  prefix: str = "",
+  dtype: Any = jnp.float32,
 ) -> dict[str, jax.Array]:
   """Reads a PyTorch LayerNorm/GroupNorm/InstanceNorm/RMSNorm state dict.
 
@@ -697,32 +760,35 @@ def norm_from_torch(
   _check_norm_kind(fn, kind)
   if kind == "instance_norm" and _key(prefix, "running_mean") in state_dict:
     raise ValueError(
-        f"{fn}: {prefix!r} is an InstanceNorm with track_running_stats=True; "
-        f"jaxnorm.instance_norm keeps no running statistics. In eval mode "
-        f"PyTorch normalizes it with the running statistics like BatchNorm: "
-        f"read it with batch_norm_from_torch(state_dict, prefix={prefix!r}) "
-        f"and apply batch_norm_infer in eval, instance_norm in training."
+      f"{fn}: {prefix!r} is an InstanceNorm with track_running_stats=True; "
+      f"jaxnorm.instance_norm keeps no running statistics. In eval mode "
+      f"PyTorch normalizes it with the running statistics like BatchNorm: "
+      f"read it with batch_norm_from_torch(state_dict, prefix={prefix!r}) "
+      f"and apply batch_norm_infer in eval, instance_norm in training."
     )
   if kind == "rms_norm" and _key(prefix, "bias") in state_dict:
-    raise ValueError(f"{fn}: RMSNorm has no bias, but the state dict has "
-                     f"{prefix}bias. Check `kind` and `prefix`.")
+    raise ValueError(
+      f"{fn}: RMSNorm has no bias, but the state dict has "
+      f"{prefix}bias. Check `kind` and `prefix`."
+    )
   out = {}
   for src, dst in (("weight", "scale"), ("bias", "bias")):
     a = _find(fn, state_dict, prefix, src)
     if a is not None:
       out[dst] = _float_out(a, dtype)
   if "scale" in out and "bias" in out:
-    _check_shape(fn, f"{prefix}bias", np.asarray(out["bias"]),
-                 out["scale"].shape)
+    _check_shape(
+      fn, f"{prefix}bias", np.asarray(out["bias"]), out["scale"].shape
+    )
   return out
 
 
 def norm_to_torch(
-    params: Mapping[str, ArrayLike] | None,
-    *,
-    kind: NormKind,
-    prefix: str = "",
-    as_torch: bool = False,
+  params: Mapping[str, ArrayLike] | None,
+  *,
+  kind: NormKind,
+  prefix: str = "",
+  as_torch: bool = False,
 ) -> dict[str, Any]:
   """Writes LayerNorm/GroupNorm/InstanceNorm/RMSNorm parameters for PyTorch.
 
@@ -748,14 +814,16 @@ def norm_to_torch(
   params = dict(params or {})
   extra = set(params) - {"scale", "bias"}
   if extra:
-    raise KeyError(f"{fn}: unexpected parameters {sorted(extra)}; expected "
-                   f"'scale' and/or 'bias'.")
+    raise KeyError(
+      f"{fn}: unexpected parameters {sorted(extra)}; expected "
+      f"'scale' and/or 'bias'."
+    )
   if kind == "rms_norm" and "bias" in params:
     raise ValueError(f"{fn}: torch.nn.RMSNorm has no bias; got one.")
   return {
-      _key(prefix, dst): _export(_to_numpy(fn, src, params[src]), as_torch)
-      for src, dst in (("scale", "weight"), ("bias", "bias"))
-      if src in params
+    _key(prefix, dst): _export(_to_numpy(fn, src, params[src]), as_torch)
+    for src, dst in (("scale", "weight"), ("bias", "bias"))
+    if src in params
   }
 
 
@@ -778,7 +846,7 @@ def _bias_in(fn, sd, prefix, out_features, dtype, params):
 
 
 def conv_from_torch(
-    state_dict: StateDict, *, prefix: str = "", dtype: Any = jnp.float32
+  state_dict: StateDict, *, prefix: str = "", dtype: Any = jnp.float32
 ) -> dict[str, jax.Array]:
   """Reads a PyTorch ``Conv1d/2d/3d`` as ``flax.linen.Conv`` parameters.
 
@@ -805,16 +873,17 @@ def conv_from_torch(
   fn = "conv_from_torch"
   w = _take(fn, state_dict, prefix, "weight")
   if not 3 <= w.ndim <= 5:
-    raise ValueError(f"{fn}: {prefix}weight must be a Conv1d/2d/3d weight "
-                     f"(O, I/groups, *kernel) of rank 3 to 5; got shape "
-                     f"{tuple(w.shape)}.")
+    raise ValueError(
+      f"{fn}: {prefix}weight must be a Conv1d/2d/3d weight "
+      f"(O, I/groups, *kernel) of rank 3 to 5; got shape "
+      f"{tuple(w.shape)}."
+    )
   params = {"kernel": _float_out(w.transpose(_conv_perms(w.ndim)[0]), dtype)}
   return _bias_in(fn, state_dict, prefix, w.shape[0], dtype, params)
 
 
 def conv_to_torch(
-    params: Mapping[str, ArrayLike], *, prefix: str = "",
-    as_torch: bool = False
+  params: Mapping[str, ArrayLike], *, prefix: str = "", as_torch: bool = False
 ) -> dict[str, Any]:
   """Writes ``flax.linen.Conv`` parameters as a PyTorch ``Conv*d`` state dict.
 
@@ -837,17 +906,23 @@ def conv_to_torch(
   fn = "conv_to_torch"
   k = _to_numpy(fn, "kernel", _param(fn, params, "kernel"))
   if not 3 <= k.ndim <= 5:
-    raise ValueError(f"{fn}: `kernel` must have rank 3 to 5 (*kernel, "
-                     f"I/groups, O); got shape {tuple(k.shape)}.")
-  out = {_key(prefix, "weight"): _export(k.transpose(_conv_perms(k.ndim)[1]),
-                                         as_torch)}
+    raise ValueError(
+      f"{fn}: `kernel` must have rank 3 to 5 (*kernel, "
+      f"I/groups, O); got shape {tuple(k.shape)}."
+    )
+  out = {
+    _key(prefix, "weight"): _export(
+      k.transpose(_conv_perms(k.ndim)[1]), as_torch
+    )
+  }
   return _bias_out(fn, params, prefix, k.shape[-1], as_torch, out)
 
 
 def _param(fn: str, params: Mapping[str, Any], name: str) -> Any:
   if name not in params:
-    raise KeyError(f"{fn}: `params` has no {name!r}; got keys "
-                   f"{sorted(params)}.")
+    raise KeyError(
+      f"{fn}: `params` has no {name!r}; got keys {sorted(params)}."
+    )
   return params[name]
 
 
@@ -865,20 +940,20 @@ def _check_flatten_chw(fn: str, flatten_chw: Any, in_features: int):
   shape = tuple(int(s) for s in flatten_chw)
   if len(shape) < 2 or math.prod(shape) != in_features:
     raise ValueError(
-        f"{fn}: `flatten_chw`={flatten_chw!r} must be the per-example shape "
-        f"(C, *spatial) that PyTorch flattened into this layer, with a "
-        f"product equal to in_features={in_features} (e.g. (64, 7, 7) for "
-        f"64*7*7 = 3136)."
+      f"{fn}: `flatten_chw`={flatten_chw!r} must be the per-example shape "
+      f"(C, *spatial) that PyTorch flattened into this layer, with a "
+      f"product equal to in_features={in_features} (e.g. (64, 7, 7) for "
+      f"64*7*7 = 3136)."
     )
   return shape
 
 
 def linear_from_torch(
-    state_dict: StateDict,
-    *,
-    prefix: str = "",
-    flatten_chw: tuple[int, ...] | None = None,
-    dtype: Any = jnp.float32,
+  state_dict: StateDict,
+  *,
+  prefix: str = "",
+  flatten_chw: tuple[int, ...] | None = None,
+  dtype: Any = jnp.float32,
 ) -> dict[str, jax.Array]:
   """Reads a PyTorch ``Linear`` as ``flax.linen.Dense`` parameters.
 
@@ -910,8 +985,10 @@ def linear_from_torch(
   fn = "linear_from_torch"
   w = _take(fn, state_dict, prefix, "weight")
   if w.ndim != 2:
-    raise ValueError(f"{fn}: {prefix}weight must be a Linear weight (out, "
-                     f"in); got shape {tuple(w.shape)}.")
+    raise ValueError(
+      f"{fn}: {prefix}weight must be a Linear weight (out, "
+      f"in); got shape {tuple(w.shape)}."
+    )
   out_f, in_f = w.shape
   chw = _check_flatten_chw(fn, flatten_chw, in_f)
   if chw is not None:  # (out, C, *s) -> (*s, C, out)
@@ -924,11 +1001,11 @@ def linear_from_torch(
 
 
 def linear_to_torch(
-    params: Mapping[str, ArrayLike],
-    *,
-    prefix: str = "",
-    flatten_chw: tuple[int, ...] | None = None,
-    as_torch: bool = False,
+  params: Mapping[str, ArrayLike],
+  *,
+  prefix: str = "",
+  flatten_chw: tuple[int, ...] | None = None,
+  as_torch: bool = False,
 ) -> dict[str, Any]:
   """Writes ``flax.linen.Dense`` parameters as a PyTorch ``Linear``.
 
@@ -952,8 +1029,9 @@ def linear_to_torch(
   fn = "linear_to_torch"
   k = _to_numpy(fn, "kernel", _param(fn, params, "kernel"))
   if k.ndim != 2:
-    raise ValueError(f"{fn}: `kernel` must be 2-D (in, out); got shape "
-                     f"{tuple(k.shape)}.")
+    raise ValueError(
+      f"{fn}: `kernel` must be 2-D (in, out); got shape {tuple(k.shape)}."
+    )
   in_f, out_f = k.shape
   chw = _check_flatten_chw(fn, flatten_chw, in_f)
   if chw is not None:  # (*s, C, out) -> (out, C, *s)
@@ -966,8 +1044,7 @@ def linear_to_torch(
   return _bias_out(fn, params, prefix, out_f, as_torch, out)
 
 
-_fill_docs(batch_norm_to_torch, norm_to_torch, conv_to_torch,
-           linear_to_torch)
+_fill_docs(batch_norm_to_torch, norm_to_torch, conv_to_torch, linear_to_torch)
 
 
 # --------------------------------------------------------------------------
@@ -975,10 +1052,10 @@ _fill_docs(batch_norm_to_torch, norm_to_torch, conv_to_torch,
 
 _KINDS = ("conv", "linear", "batch_norm", *_NORM_KINDS)
 _KEYS = {
-    "conv": ("weight", "bias"),
-    "linear": ("weight", "bias"),
-    "batch_norm": _BN_KEYS,
-    **{k: ("weight", "bias") for k in _NORM_KINDS},
+  "conv": ("weight", "bias"),
+  "linear": ("weight", "bias"),
+  "batch_norm": _BN_KEYS,
+  **{k: ("weight", "bias") for k in _NORM_KINDS},
 }
 
 
@@ -1000,12 +1077,15 @@ class TorchLayer:
 
   def __post_init__(self):
     if self.kind not in _KINDS:
-      raise ValueError(f"TorchLayer: `kind` must be one of {_KINDS}; got "
-                       f"{self.kind!r}.")
+      raise ValueError(
+        f"TorchLayer: `kind` must be one of {_KINDS}; got {self.kind!r}."
+      )
     if self.flatten_chw is not None:
       if self.kind != "linear":
-        raise ValueError(f"TorchLayer: `flatten_chw` applies to kind "
-                         f"'linear' only; got kind {self.kind!r}.")
+        raise ValueError(
+          f"TorchLayer: `flatten_chw` applies to kind "
+          f"'linear' only; got kind {self.kind!r}."
+        )
       object.__setattr__(self, "flatten_chw", tuple(self.flatten_chw))
 
 
@@ -1015,32 +1095,56 @@ class TorchLayer:
 #: bn2 - relu - maxpool 2 - flatten - fc1 (3136->128) - bn_fc1 - relu -
 #: fc2 (128->10).
 EXAMPLE_CNN_LAYERS: dict[str, TorchLayer] = {
-    "conv1": TorchLayer("conv"),
-    "bn1": TorchLayer("batch_norm"),
-    "conv2": TorchLayer("conv"),
-    "bn2": TorchLayer("batch_norm"),
-    "fc1": TorchLayer("linear", flatten_chw=(64, 7, 7)),
-    "bn_fc1": TorchLayer("batch_norm"),
-    "fc2": TorchLayer("linear"),
+  "conv1": TorchLayer("conv"),
+  "bn1": TorchLayer("batch_norm"),
+  "conv2": TorchLayer("conv"),
+  "bn2": TorchLayer("batch_norm"),
+  "fc1": TorchLayer("linear", flatten_chw=(64, 7, 7)),
+  "bn_fc1": TorchLayer("batch_norm"),
+  "fc2": TorchLayer("linear"),
 }
 
 
 def _layers(fn: str, layers: Any) -> dict[str, TorchLayer]:
   if not isinstance(layers, Mapping):
-    raise TypeError(f"{fn}: `layers` must map module names to TorchLayer or "
-                    f"kind strings; got {type(layers).__name__}.")
-  return {name: spec if isinstance(spec, TorchLayer) else TorchLayer(spec)
-          for name, spec in layers.items()}
+    raise TypeError(
+      f"{fn}: `layers` must map module names to TorchLayer or "
+      f"kind strings; got {type(layers).__name__}."
+    )
+  return {
+    name: spec if isinstance(spec, TorchLayer) else TorchLayer(spec)
+    for name, spec in layers.items()
+  }
 
 
 def _per_layer(fn: str, value: Any, name: str) -> Any:
   """``elements_per_batch``/``torch_momentum`` given per layer or for all."""
   if isinstance(value, Mapping):
     if name not in value:
-      raise KeyError(f"{fn}: no entry for BatchNorm layer {name!r} in "
-                     f"{sorted(value)}.")
+      raise KeyError(
+        f"{fn}: no entry for BatchNorm layer {name!r} in {sorted(value)}."
+      )
     return value[name]
   return value
+
+
+def _batch_norm_options(
+  fn: str,
+  name: str,
+  running_var: Any,
+  elements_per_batch: Any,
+  torch_momentum: Any,
+) -> dict[str, Any]:
+  """The keyword arguments of layer ``name``'s BatchNorm conversion."""
+  return dict(
+    running_var=running_var,
+    elements_per_batch=(
+      None
+      if running_var == "copy"
+      else _per_layer(fn, elements_per_batch, name)
+    ),
+    torch_momentum=_per_layer(fn, torch_momentum, name),
+  )
 
 
 _BATCH_STATS_FORMATS = ("state", "linen", "flax")
@@ -1049,9 +1153,9 @@ _BATCH_STATS_FORMATS = ("state", "linen", "flax")
 def _check_batch_stats_format(fn: str, fmt: Any) -> None:
   if fmt not in _BATCH_STATS_FORMATS:
     raise ValueError(
-        f"{fn}: `batch_stats_format` must be 'state' (jaxnorm.BatchNormState),"
-        f" 'linen' ({{'mean', 'var', 'count'}} as jaxnorm.linen.BatchNorm) or "
-        f"'flax' ({{'mean', 'var'}} as flax.linen.BatchNorm); got {fmt!r}."
+      f"{fn}: `batch_stats_format` must be 'state' (jaxnorm.BatchNormState),"
+      f" 'linen' ({{'mean', 'var', 'count'}} as jaxnorm.linen.BatchNorm) or "
+      f"'flax' ({{'mean', 'var'}} as flax.linen.BatchNorm); got {fmt!r}."
     )
 
 
@@ -1063,15 +1167,15 @@ def _batch_stats_entry(st: BatchNormState, fmt: str) -> Any:
 
 
 def from_torch(
-    state_dict: StateDict,
-    layers: Mapping[str, TorchLayer | str],
-    *,
-    running_var: Literal["copy", "convert"] = "copy",
-    elements_per_batch: int | Mapping[str, int] | None = None,
-    torch_momentum: float | None | Mapping[str, float | None] = 0.1,
-    batch_stats_format: Literal["state", "linen", "flax"] = "state",
-    dtype: Any = jnp.float32,
-    strict: bool = True,
+  state_dict: StateDict,
+  layers: Mapping[str, TorchLayer | str],
+  *,
+  running_var: Literal["copy", "convert"] = "copy",
+  elements_per_batch: int | Mapping[str, int] | None = None,
+  torch_momentum: float | None | Mapping[str, float | None] = 0.1,
+  batch_stats_format: Literal["state", "linen", "flax"] = "state",
+  dtype: Any = jnp.float32,
+  strict: bool = True,
 ) -> dict[str, dict[str, Any]]:
   """Converts a whole PyTorch state dict to Flax-style variables.
 
@@ -1123,39 +1227,60 @@ def from_torch(
     if spec.kind == "conv":
       p = conv_from_torch(state_dict, prefix=prefix, dtype=dtype)
     elif spec.kind == "linear":
-      p = linear_from_torch(state_dict, prefix=prefix, dtype=dtype,
-                            flatten_chw=spec.flatten_chw)
+      p = linear_from_torch(
+        state_dict, prefix=prefix, dtype=dtype, flatten_chw=spec.flatten_chw
+      )
     elif spec.kind == "batch_norm":
       p, st = batch_norm_from_torch(
-          state_dict, prefix=prefix, running_var=running_var,
-          elements_per_batch=(None if running_var == "copy" else _per_layer(
-              fn, elements_per_batch, name)),
-          torch_momentum=_per_layer(fn, torch_momentum, name), dtype=dtype)
+        state_dict,
+        prefix=prefix,
+        dtype=dtype,
+        **_batch_norm_options(
+          fn, name, running_var, elements_per_batch, torch_momentum
+        ),
+      )
       if st is not None:
         stats[name] = _batch_stats_entry(st, batch_stats_format)
     else:
-      p = norm_from_torch(state_dict, kind=cast(NormKind, spec.kind),
-                          prefix=prefix, dtype=dtype)
+      p = norm_from_torch(
+        state_dict, kind=cast(NormKind, spec.kind), prefix=prefix, dtype=dtype
+      )
     if p:
       params[name] = p
   unread = sorted(set(state_dict) - read)
   if strict and unread:
     raise ValueError(
-        f"{fn}: {len(unread)} state dict keys belong to no layer in "
-        f"`layers`: {unread[:12]}. Fix: add those modules to `layers` (with "
-        f"their kind), or pass strict=False to ignore them."
+      f"{fn}: {len(unread)} state dict keys belong to no layer in "
+      f"`layers`: {unread[:12]}. Fix: add those modules to `layers` (with "
+      f"their kind), or pass strict=False to ignore them."
     )
   return {"params": params, "batch_stats": stats}
 
 
+def _layer_params(
+  fn: str, name: str, kind: str, params: Mapping, stats: Mapping
+) -> Any:
+  """``params[name]`` for ``to_torch``; ``{}`` for a layer without params
+  (a norm layer without scale/bias), a KeyError for a conv/linear one."""
+  p = params.get(name)
+  if p is None and not (kind == "batch_norm" and name in stats):
+    if kind in ("conv", "linear"):
+      raise KeyError(
+        f"{fn}: variables['params'] has no entry {name!r} "
+        f"for the {kind} layer; got {sorted(params)}."
+      )
+    p = {}
+  return p
+
+
 def to_torch(
-    variables: Mapping[str, Mapping[str, Any]],
-    layers: Mapping[str, TorchLayer | str],
-    *,
-    running_var: Literal["copy", "convert"] = "copy",
-    elements_per_batch: int | Mapping[str, int] | None = None,
-    torch_momentum: float | None | Mapping[str, float | None] = 0.1,
-    as_torch: bool = False,
+  variables: Mapping[str, Mapping[str, Any]],
+  layers: Mapping[str, TorchLayer | str],
+  *,
+  running_var: Literal["copy", "convert"] = "copy",
+  elements_per_batch: int | Mapping[str, int] | None = None,
+  torch_momentum: float | None | Mapping[str, float | None] = 0.1,
+  as_torch: bool = False,
 ) -> dict[str, Any]:
   """Converts Flax-style variables to a PyTorch state dict.
 
@@ -1187,37 +1312,42 @@ def to_torch(
   fn = "to_torch"
   if not isinstance(variables, Mapping):
     raise TypeError(
-        f"{fn}: `variables` must be a mapping like flax's "
-        f"{{'params': ..., 'batch_stats': ...}}; got "
-        f"{type(variables).__name__}. Fix: pass the variables dict that "
-        f"model.init / from_torch return.")
+      f"{fn}: `variables` must be a mapping like flax's "
+      f"{{'params': ..., 'batch_stats': ...}}; got "
+      f"{type(variables).__name__}. Fix: pass the variables dict that "
+      f"model.init / from_torch return."
+    )
   specs = _layers(fn, layers)
   params = variables.get("params", {})
   stats = variables.get("batch_stats", {})
   out: dict[str, Any] = {}
   for name, spec in specs.items():
     prefix = f"{name}." if name else ""
-    p = params.get(name)
-    if p is None and not (spec.kind == "batch_norm" and name in stats):
-      if spec.kind in ("conv", "linear"):
-        raise KeyError(f"{fn}: variables['params'] has no entry {name!r} "
-                       f"for the {spec.kind} layer; got {sorted(params)}.")
-      p = {}
+    p = _layer_params(fn, name, spec.kind, params, stats)
     if spec.kind == "conv":
-      assert p is not None  # a missing entry raised above
       out.update(conv_to_torch(p, prefix=prefix, as_torch=as_torch))
     elif spec.kind == "linear":
-      assert p is not None  # a missing entry raised above
-      out.update(linear_to_torch(p, prefix=prefix, as_torch=as_torch,
-                                 flatten_chw=spec.flatten_chw))
+      out.update(
+        linear_to_torch(
+          p, prefix=prefix, as_torch=as_torch, flatten_chw=spec.flatten_chw
+        )
+      )
     elif spec.kind == "batch_norm":
-      out.update(batch_norm_to_torch(
-          p, stats.get(name), prefix=prefix, running_var=running_var,
-          elements_per_batch=(None if running_var == "copy" else _per_layer(
-              fn, elements_per_batch, name)),
-          torch_momentum=_per_layer(fn, torch_momentum, name),
-          as_torch=as_torch))
+      out.update(
+        batch_norm_to_torch(
+          p,
+          stats.get(name),
+          prefix=prefix,
+          as_torch=as_torch,
+          **_batch_norm_options(
+            fn, name, running_var, elements_per_batch, torch_momentum
+          ),
+        )
+      )
     else:
-      out.update(norm_to_torch(p, kind=cast(NormKind, spec.kind),
-                               prefix=prefix, as_torch=as_torch))
+      out.update(
+        norm_to_torch(
+          p, kind=cast(NormKind, spec.kind), prefix=prefix, as_torch=as_torch
+        )
+      )
   return out

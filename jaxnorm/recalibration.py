@@ -25,33 +25,35 @@ def _is_float_leaf(a: Any) -> bool:
   return hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
 
 
-def _check_batch_statistics(fn, f, treedef, leaves, is_float, out_leaves,
-                            batch):
+def _check_batch_statistics(
+  fn, f, treedef, leaves, is_float, out_leaves, batch
+):
   """Raises unless ``f`` ignores the incoming floating state leaves."""
   shifted = treedef.unflatten(
-      [a + 1 if fl else a for a, fl in zip(leaves, is_float, strict=True)])
+    [a + 1 if fl else a for a, fl in zip(leaves, is_float, strict=True)]
+  )
   alt = jax.tree.leaves(f(shifted, batch))
   for a, b, fl in zip(out_leaves, alt, is_float, strict=False):
-    if fl and not np.allclose(np.asarray(a, np.float64),
-                              np.asarray(b, np.float64), rtol=1e-6,
-                              atol=1e-6):
+    if fl and not np.allclose(
+      np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-6
+    ):
       raise NotBatchStatisticsError(
-          f"{fn}: the state returned by `stats_fn` depends on the running "
-          f"statistics passed in, so it does not hold batch statistics. "
-          f"Fix: run the train-mode forward with momentum=0.0 in every "
-          f"batch_norm_train call (new = 0 * old + 1 * batch) and give every "
-          f"feature valid elements in each batch. (check=False skips this "
-          f"test.)"
+        f"{fn}: the state returned by `stats_fn` depends on the running "
+        f"statistics passed in, so it does not hold batch statistics. "
+        f"Fix: run the train-mode forward with momentum=0.0 in every "
+        f"batch_norm_train call (new = 0 * old + 1 * batch) and give every "
+        f"feature valid elements in each batch. (check=False skips this "
+        f"test.)"
       )
 
 
 def recalibrate_batch_norm(
-    stats_fn: Callable[[Any, Any], Any],
-    state: Any,
-    batches: Iterable[Any],
-    *,
-    check: bool = True,
-    jit: bool = True,
+  stats_fn: Callable[[Any, Any], Any],
+  state: Any,
+  batches: Iterable[Any],
+  *,
+  check: bool = True,
+  jit: bool = True,
 ) -> Any:
   """Recomputes BatchNorm running statistics as an exact average over batches.
 
@@ -117,8 +119,10 @@ def recalibrate_batch_norm(
   """
   fn = _checks.caller("recalibrate_batch_norm")
   if not callable(stats_fn):
-    raise TypeError(f"{fn}: `stats_fn` must be callable (state, batch) -> "
-                    f"state; got {type(stats_fn).__name__}.")
+    raise TypeError(
+      f"{fn}: `stats_fn` must be callable (state, batch) -> "
+      f"state; got {type(stats_fn).__name__}."
+    )
   f = jax.jit(stats_fn) if jit else stats_fn
   # jax's PyTreeDef is an alias mypy cannot resolve: the tree structures
   # are typed Any.
@@ -140,16 +144,19 @@ def recalibrate_batch_norm(
     out_leaves, out_def = jax.tree.flatten(f(state, batch))
     if out_def != treedef:
       raise ValueError(
-          f"{fn}: `stats_fn` must return a state tree of the structure it "
-          f"was given; got {out_def}, expected {treedef}."
+        f"{fn}: `stats_fn` must return a state tree of the structure it "
+        f"was given; got {out_def}, expected {treedef}."
       )
     for i, (a, b) in enumerate(zip(leaves, out_leaves, strict=True)):
       if np.shape(a) != np.shape(b):
-        raise ValueError(f"{fn}: `stats_fn` changed the shape of state leaf "
-                         f"{i} from {np.shape(a)} to {np.shape(b)}.")
+        raise ValueError(
+          f"{fn}: `stats_fn` changed the shape of state leaf "
+          f"{i} from {np.shape(a)} to {np.shape(b)}."
+        )
     if check and k == 0:
-      _check_batch_statistics(fn, f, treedef, leaves, is_float, out_leaves,
-                              batch)
+      _check_batch_statistics(
+        fn, f, treedef, leaves, is_float, out_leaves, batch
+      )
     if pending is not None:  # copy batch k-1 to the host while k computes
       accumulate(pending)
     pending = out_leaves
@@ -157,19 +164,22 @@ def recalibrate_batch_norm(
   if pending is None:
     raise ValueError(f"{fn}: `batches` yielded no batch; give at least one.")
   accumulate(pending)
-  new = treedef.unflatten([
-      b if s is None  # not a floating leaf
+  new = treedef.unflatten(
+    [
+      b
+      if s is None  # not a floating leaf
       else jnp.asarray((s / k).astype(jax.dtypes.canonicalize_dtype(a.dtype)))
       for s, a, b in zip(sums, leaves, pending, strict=True)
-  ])
-  return jax.tree.map(lambda n: _with_count(n, k), new,
-                      is_leaf=_is_stats_node)
+    ]
+  )
+  return jax.tree.map(lambda n: _with_count(n, k), new, is_leaf=_is_stats_node)
 
 
 def _is_stats_node(n: Any) -> bool:
   """A BatchNormState, or a linen ``batch_stats`` entry with a count."""
   return isinstance(n, BatchNormState) or (
-      isinstance(n, Mapping) and {"mean", "var", "count"} <= set(n))
+    isinstance(n, Mapping) and {"mean", "var", "count"} <= set(n)
+  )
 
 
 def _with_count(n: Any, k: int) -> Any:

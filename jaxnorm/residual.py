@@ -33,26 +33,31 @@ from jaxnorm import _stats
 _add_normalize = _add_core.add_normalize
 
 
-def _add_norm(fn: str, x, residual, scale, bias=None, *, residual_dtype,
-              **options) -> tuple[jax.Array, jax.Array]:
+def _add_norm(
+  fn: str, x, residual, scale, bias=None, *, residual_dtype, **options
+) -> tuple[jax.Array, jax.Array]:
   """``add_layer_norm``/``add_rms_norm`` (``options``: their keyword
   arguments)."""
-  x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
-                                                      **options)
+  x, scale, bias, mask, kw, finish = _scaling.prepare(
+    fn, x, scale, bias, **options
+  )
   residual = _checks.as_float_array(fn, "residual", residual)
   if residual.shape != x.shape:
     raise ValueError(
-        f"{fn}: `residual` must have x's shape {tuple(x.shape)} (the "
-        f"residual stream the sublayer output x is added to); got shape "
-        f"{tuple(residual.shape)}. Fix: pass the stream of the same batch, "
-        f"sequence and feature sizes.")
+      f"{fn}: `residual` must have x's shape {tuple(x.shape)} (the "
+      f"residual stream the sublayer output x is added to); got shape "
+      f"{tuple(residual.shape)}. Fix: pass the stream of the same batch, "
+      f"sequence and feature sizes."
+    )
   if residual_dtype is None:
     residual_dtype = _stats.promote(x.dtype, residual.dtype)
   else:
-    residual_dtype = _checks.check_float_dtype(fn, "residual_dtype",
-                                               residual_dtype)
-  y, h = _add_normalize(x, residual, scale, bias, mask,
-                        residual_dtype=residual_dtype, **kw)
+    residual_dtype = _checks.check_float_dtype(
+      fn, "residual_dtype", residual_dtype
+    )
+  y, h = _add_normalize(
+    x, residual, scale, bias, mask, residual_dtype=residual_dtype, **kw
+  )
   return finish(y), h
 
 
@@ -98,19 +103,19 @@ _ARGS = """
 
 
 def add_rms_norm(
-    x: ArrayLike,
-    residual: ArrayLike,
-    scale: ArrayLike | None = None,
-    *,
-    reduction_axes: int | tuple[int, ...] = -1,
-    feature_axes: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-6,
-    scale_offset: float = 0.0,
-    cast_before_scale: bool = False,
-    residual_dtype: DTypeLike | None = None,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: ArrayLike,
+  residual: ArrayLike,
+  scale: ArrayLike | None = None,
+  *,
+  reduction_axes: int | tuple[int, ...] = -1,
+  feature_axes: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-6,
+  scale_offset: float = 0.0,
+  cast_before_scale: bool = False,
+  residual_dtype: DTypeLike | None = None,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Residual add and RMS normalization in one op: ``(y, h)``.
 
@@ -124,7 +129,7 @@ def add_rms_norm(
   in ``residual_dtype``, the statistics in at least float32, and ``y`` is
   rounded once to ``x``'s dtype. Same as ``h = x + residual;
   y = rms_norm(h, scale, ...)`` up to those dtypes.
-{options}
+  {options}
   Args:
     x: floating array of any rank >= 1, the sublayer output, e.g.
       (batch, seq, d_model).
@@ -137,30 +142,40 @@ def add_rms_norm(
     scale_offset: Python float added to ``scale`` (1.0: Gemma).
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       scale (Llama).
-{args}"""
+  {args}"""
   return _add_norm(
-      _checks.caller("add_rms_norm"), x, residual, scale, center=False,
-      reduction_axes=reduction_axes, feature_axes=feature_axes,
-      epsilon=epsilon, scale_offset=scale_offset,
-      cast_before_scale=cast_before_scale, residual_dtype=residual_dtype,
-      mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    _checks.caller("add_rms_norm"),
+    x,
+    residual,
+    scale,
+    center=False,
+    reduction_axes=reduction_axes,
+    feature_axes=feature_axes,
+    epsilon=epsilon,
+    scale_offset=scale_offset,
+    cast_before_scale=cast_before_scale,
+    residual_dtype=residual_dtype,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
 
 
 def add_layer_norm(
-    x: ArrayLike,
-    residual: ArrayLike,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    reduction_axes: int | tuple[int, ...] = -1,
-    feature_axes: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-6,
-    scale_offset: float = 0.0,
-    cast_before_scale: bool = False,
-    residual_dtype: DTypeLike | None = None,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: ArrayLike,
+  residual: ArrayLike,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  reduction_axes: int | tuple[int, ...] = -1,
+  feature_axes: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-6,
+  scale_offset: float = 0.0,
+  cast_before_scale: bool = False,
+  residual_dtype: DTypeLike | None = None,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Residual add and layer normalization in one op: ``(y, h)``.
 
@@ -176,7 +191,7 @@ def add_layer_norm(
   in ``residual_dtype``, the statistics in at least float32, and ``y`` is
   rounded once to ``x``'s dtype. Same as ``h = x + residual;
   y = layer_norm(h, scale, bias, ...)`` up to those dtypes.
-{options}
+  {options}
   Args:
     x: floating array of any rank >= 1, the sublayer output, e.g.
       (batch, seq, d_model).
@@ -190,17 +205,31 @@ def add_layer_norm(
     scale_offset: Python float added to ``scale``.
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       affine map.
-{args}"""
+  {args}"""
   return _add_norm(
-      _checks.caller("add_layer_norm"), x, residual, scale, bias, center=True,
-      reduction_axes=reduction_axes, feature_axes=feature_axes,
-      epsilon=epsilon, scale_offset=scale_offset,
-      cast_before_scale=cast_before_scale, residual_dtype=residual_dtype,
-      mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
+    _checks.caller("add_layer_norm"),
+    x,
+    residual,
+    scale,
+    bias,
+    center=True,
+    reduction_axes=reduction_axes,
+    feature_axes=feature_axes,
+    epsilon=epsilon,
+    scale_offset=scale_offset,
+    cast_before_scale=cast_before_scale,
+    residual_dtype=residual_dtype,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
 
 
 for _f, _plain in ((add_rms_norm, "rms_norm"), (add_layer_norm, "layer_norm")):
   if _f.__doc__:  # None under python -OO
-    _f.__doc__ = _f.__doc__.replace("{options}", _OPTIONS).replace(
-        "{args}", _ARGS).replace("{plain}", _plain)
+    _f.__doc__ = (
+      _f.__doc__.replace("  {options}", _OPTIONS)
+      .replace("  {args}", _ARGS)
+      .replace("{plain}", _plain)
+    )
 del _f, _plain

@@ -53,18 +53,18 @@ _CONVENTIONS = """
 
 
 def layer_norm(
-    x: ArrayLike,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    reduction_axes: int | tuple[int, ...] = -1,
-    feature_axes: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-6,
-    scale_offset: float = 0.0,
-    cast_before_scale: bool = False,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: ArrayLike,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  reduction_axes: int | tuple[int, ...] = -1,
+  feature_axes: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-6,
+  scale_offset: float = 0.0,
+  cast_before_scale: bool = False,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> jax.Array:
   """Layer normalization (Ba et al., 2016) over ``reduction_axes``.
 
@@ -78,7 +78,7 @@ def layer_norm(
      y = (\\gamma + o) \\hat x + \\beta,
 
   with :math:`o` = ``scale_offset`` (default 0).
-{conventions}
+  {conventions}
   Args:
     x: floating array of any rank >= 1, e.g. (batch, seq, d_model).
     scale: optional :math:`\\gamma` of shape
@@ -115,25 +115,34 @@ def layer_norm(
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
   return _row_norm(
-      _checks.caller("layer_norm"), x, scale, bias, center=True,
-      reduction_axes=reduction_axes, feature_axes=feature_axes,
-      epsilon=epsilon, scale_offset=scale_offset,
-      cast_before_scale=cast_before_scale, mask=mask, axis_name=axis_name,
-      axis_index_groups=axis_index_groups)
+    _checks.caller("layer_norm"),
+    x,
+    scale,
+    bias,
+    center=True,
+    reduction_axes=reduction_axes,
+    feature_axes=feature_axes,
+    epsilon=epsilon,
+    scale_offset=scale_offset,
+    cast_before_scale=cast_before_scale,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
 
 
 def rms_norm(
-    x: ArrayLike,
-    scale: ArrayLike | None = None,
-    *,
-    reduction_axes: int | tuple[int, ...] = -1,
-    feature_axes: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-6,
-    scale_offset: float = 0.0,
-    cast_before_scale: bool = False,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: ArrayLike,
+  scale: ArrayLike | None = None,
+  *,
+  reduction_axes: int | tuple[int, ...] = -1,
+  feature_axes: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-6,
+  scale_offset: float = 0.0,
+  cast_before_scale: bool = False,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> jax.Array:
   """Root-mean-square normalization (Zhang & Sennrich, 2019).
 
@@ -145,7 +154,7 @@ def rms_norm(
   :math:`o` = ``scale_offset`` (``1.0`` gives Gemma's ``(1 + scale)``) and
   :math:`\\epsilon` inside the square root. Without ``scale`` the output
   is :math:`\\hat x`.
-{conventions}
+  {conventions}
   Args:
     x: floating array of any rank >= 1.
     scale: optional :math:`\\gamma` of shape
@@ -178,37 +187,82 @@ def rms_norm(
       ``axis_name``.
   """
   return _row_norm(
-      _checks.caller("rms_norm"), x, scale, center=False,
-      reduction_axes=reduction_axes, feature_axes=feature_axes,
-      epsilon=epsilon, scale_offset=scale_offset,
-      cast_before_scale=cast_before_scale, mask=mask, axis_name=axis_name,
-      axis_index_groups=axis_index_groups)
+    _checks.caller("rms_norm"),
+    x,
+    scale,
+    center=False,
+    reduction_axes=reduction_axes,
+    feature_axes=feature_axes,
+    epsilon=epsilon,
+    scale_offset=scale_offset,
+    cast_before_scale=cast_before_scale,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+  )
 
 
 for _f in (layer_norm, rms_norm):
   if _f.__doc__:  # None under python -OO
-    _f.__doc__ = _f.__doc__.replace("{conventions}", _CONVENTIONS)
+    _f.__doc__ = _f.__doc__.replace("  {conventions}", _CONVENTIONS)
 
 
 def _row_norm(fn: str, x, scale, bias=None, **options) -> jax.Array:
   """``layer_norm``/``rms_norm`` (``options``: their keyword arguments)."""
-  x, scale, bias, mask, kw, finish = _scaling.prepare(fn, x, scale, bias,
-                                                      **options)
+  x, scale, bias, mask, kw, finish = _scaling.prepare(
+    fn, x, scale, bias, **options
+  )
   return finish(_core.normalize(x, scale, bias, mask, **kw)[0])
 
 
+def _group_count(
+  fn: str,
+  shape: tuple[int, ...],
+  num_groups: int | None,
+  group_size: int | None,
+) -> int:
+  """The number of groups of ``group_norm``'s channels (the last axis)."""
+  c = shape[-1]
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+      f"{fn}: exactly one of `num_groups` and `group_size` must be set; got "
+      f"num_groups={num_groups!r}, group_size={group_size!r}. Note that "
+      f"num_groups defaults to 32: pass num_groups=None with group_size."
+    )
+  for name, v in (("num_groups", num_groups), ("group_size", group_size)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+      raise TypeError(f"{fn}: `{name}` must be an int; got {v!r}.")
+    if v is not None and v <= 0:
+      raise ValueError(f"{fn}: `{name}` must be positive; got {v}.")
+  if group_size is not None:
+    if c % group_size:
+      raise ValueError(
+        f"{fn}: group_size={group_size} does not divide the {c} channels "
+        f"of x (shape {tuple(shape)}). Pick a divisor of {c}."
+      )
+    num_groups = c // group_size
+  else:
+    assert num_groups is not None  # exactly one of the two is set
+    if c % num_groups:
+      raise ValueError(
+        f"{fn}: num_groups={num_groups} does not divide the {c} channels "
+        f"of x (shape {tuple(shape)}). Pick a divisor of {c}."
+      )
+  return num_groups
+
+
 def group_norm(
-    x: ArrayLike,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    num_groups: int | None = 32,
-    group_size: int | None = None,
-    reduction_axes: int | tuple[int, ...] | None = None,
-    epsilon: float = 1e-6,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
+  x: ArrayLike,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  num_groups: int | None = 32,
+  group_size: int | None = None,
+  reduction_axes: int | tuple[int, ...] | None = None,
+  epsilon: float = 1e-6,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
 ) -> jax.Array:
   """Group normalization (Wu & He, 2018), channels last.
 
@@ -256,66 +310,53 @@ def group_norm(
   """
   fn = _checks.caller("group_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
-      fn, x, epsilon, mask, axis_name, axis_index_groups)
+    fn, x, epsilon, mask, axis_name, axis_index_groups
+  )
   if x.ndim < 2:
-    raise ValueError(f"{fn}: `x` must have a batch axis and a channel axis "
-                     f"(N, ..., C); got shape {tuple(x.shape)}.")
-  c = x.shape[-1]
-  if (num_groups is None) == (group_size is None):
     raise ValueError(
-        f"{fn}: exactly one of `num_groups` and `group_size` must be set; got "
-        f"num_groups={num_groups!r}, group_size={group_size!r}. Note that "
-        f"num_groups defaults to 32: pass num_groups=None with group_size."
+      f"{fn}: `x` must have a batch axis and a channel axis "
+      f"(N, ..., C); got shape {tuple(x.shape)}."
     )
-  for name, v in (("num_groups", num_groups), ("group_size", group_size)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-      raise TypeError(f"{fn}: `{name}` must be an int; got {v!r}.")
-    if v is not None and v <= 0:
-      raise ValueError(f"{fn}: `{name}` must be positive; got {v}.")
-  if group_size is not None:
-    if c % group_size:
-      raise ValueError(
-          f"{fn}: group_size={group_size} does not divide the {c} channels "
-          f"of x (shape {tuple(x.shape)}). Pick a divisor of {c}."
-      )
-    num_groups = c // group_size
-  else:
-    assert num_groups is not None  # exactly one of the two is set
-    if c % num_groups:
-      raise ValueError(
-          f"{fn}: num_groups={num_groups} does not divide the {c} channels "
-          f"of x (shape {tuple(x.shape)}). Pick a divisor of {c}."
-      )
+  num_groups = _group_count(fn, x.shape, num_groups, group_size)
   if reduction_axes is None:
     red = tuple(range(1, x.ndim))
   else:
-    red = _checks.canonicalize_axes(fn, "reduction_axes", reduction_axes,
-                                    x.ndim)
+    red = _checks.canonicalize_axes(
+      fn, "reduction_axes", reduction_axes, x.ndim
+    )
     if x.ndim - 1 not in red:
       raise ValueError(
-          f"{fn}: `reduction_axes`={reduction_axes!r} must include the "
-          f"channel axis -1 (the groups are reduced over their channels)."
+        f"{fn}: `reduction_axes`={reduction_axes!r} must include the "
+        f"channel axis -1 (the groups are reduced over their channels)."
       )
   scale, bias = _checks.affine_params(fn, x, scale, bias, (x.ndim - 1,))
   # Statistics per channel, each channel holding its group's (reduced in
   # x's own layout; see jaxnorm._stats.group_sum).
   axes = tuple(a for a in red if a != x.ndim - 1)
-  return _core.normalize(x, scale, bias, mask, axes=axes, epsilon=epsilon,
-                         axis_name=names, axis_index_groups=axis_index_groups,
-                         groups=num_groups)[0]
+  return _core.normalize(
+    x,
+    scale,
+    bias,
+    mask,
+    axes=axes,
+    epsilon=epsilon,
+    axis_name=names,
+    axis_index_groups=axis_index_groups,
+    groups=num_groups,
+  )[0]
 
 
 def instance_norm(
-    x: ArrayLike,
-    scale: ArrayLike | None = None,
-    bias: ArrayLike | None = None,
-    *,
-    feature_axes: int | tuple[int, ...] = -1,
-    epsilon: float = 1e-6,
-    mask: ArrayLike | None = None,
-    axis_name: Any = None,
-    axis_index_groups: Any = None,
-    allow_single: bool = False,
+  x: ArrayLike,
+  scale: ArrayLike | None = None,
+  bias: ArrayLike | None = None,
+  *,
+  feature_axes: int | tuple[int, ...] = -1,
+  epsilon: float = 1e-6,
+  mask: ArrayLike | None = None,
+  axis_name: Any = None,
+  axis_index_groups: Any = None,
+  allow_single: bool = False,
 ) -> jax.Array:
   """Instance normalization (Ulyanov et al., 2016).
 
@@ -359,20 +400,30 @@ def instance_norm(
   """
   fn = _checks.caller("instance_norm")
   x, epsilon, mask, names = _checks.norm_inputs(
-      fn, x, epsilon, mask, axis_name, axis_index_groups)
+    fn, x, epsilon, mask, axis_name, axis_index_groups
+  )
   feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, x.ndim)
   if 0 in feat:
-    raise ValueError(f"{fn}: axis 0 is the batch axis and cannot be a "
-                     f"feature axis; got feature_axes={feature_axes!r}.")
+    raise ValueError(
+      f"{fn}: axis 0 is the batch axis and cannot be a "
+      f"feature axis; got feature_axes={feature_axes!r}."
+    )
   red = tuple(i for i in range(1, x.ndim) if i not in feat)
   if not red and not allow_single:
     raise ValueError(
-        f"{fn}: x of shape {tuple(x.shape)} has no axis to reduce besides the "
-        f"batch axis 0 and feature_axes={feat}; instance norm needs spatial "
-        f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm, or pass "
-        f"allow_single=True for flax's result (the output is `bias`)."
+      f"{fn}: x of shape {tuple(x.shape)} has no axis to reduce besides the "
+      f"batch axis 0 and feature_axes={feat}; instance norm needs spatial "
+      f"axes, e.g. (N, H, W, C). For (N, C) input use layer_norm, or pass "
+      f"allow_single=True for flax's result (the output is `bias`)."
     )
   scale, bias = _checks.affine_params(fn, x, scale, bias, feat)
-  return _core.normalize(x, scale, bias, mask, axes=red, epsilon=epsilon,
-                         axis_name=names,
-                         axis_index_groups=axis_index_groups)[0]
+  return _core.normalize(
+    x,
+    scale,
+    bias,
+    mask,
+    axes=red,
+    epsilon=epsilon,
+    axis_name=names,
+    axis_index_groups=axis_index_groups,
+  )[0]

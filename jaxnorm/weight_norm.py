@@ -51,19 +51,20 @@ def _check_shape_arg(fn: str, shape: Any) -> tuple[int, ...]:
   if _checks.is_int(shape):
     shape = (int(shape),)
   if not isinstance(shape, (tuple, list)) or not all(
-      _checks.is_int(d) and d >= 0 for d in shape):
+    _checks.is_int(d) and d >= 0 for d in shape
+  ):
     raise TypeError(
-        f"{fn}: `shape` must be the weight's shape, a tuple of non-negative "
-        f"ints such as `kernel.shape`; got {shape!r}."
+      f"{fn}: `shape` must be the weight's shape, a tuple of non-negative "
+      f"ints such as `kernel.shape`; got {shape!r}."
     )
   return tuple(int(d) for d in shape)
 
 
 def spectral_norm_init(
-    shape: tuple[int, ...],
-    key: jax.Array,
-    *,
-    dtype: Any = jnp.float32,
+  shape: tuple[int, ...],
+  key: jax.Array,
+  *,
+  dtype: Any = jnp.float32,
 ) -> SpectralNormState:
   """The initial :class:`SpectralNormState` for a weight of ``shape``.
 
@@ -92,47 +93,50 @@ def spectral_norm_init(
   shape = _check_shape_arg(fn, shape)
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(
-        f"{fn}: `dtype` must be a floating dtype such as jnp.float32; got "
-        f"{dtype!r}."
+      f"{fn}: `dtype` must be a floating dtype such as jnp.float32; got "
+      f"{dtype!r}."
     )
   n = shape[-1] if len(shape) >= 2 else 0
   u = jax.random.normal(key, (1, n), dtype)
   return SpectralNormState(u=u, sigma=jnp.ones((), dtype))
 
 
-_EPS_NOTE = {"added_to": "the squared L2 norm",
-             "typical": "The default is 1e-12."}
+_EPS_NOTE = {
+  "added_to": "the squared L2 norm",
+  "typical": "The default is 1e-12.",
+}
 _TRACE_TIME = " (it selects the computation at trace time)"
 
 
 def _check_state(fn: str, state: Any, w_shape: tuple[int, ...]):
-  fix = (f"Fix: create it with `spectral_norm_init({w_shape}, key)` for this "
-         f"weight.")
+  fix = (
+    f"Fix: create it with `spectral_norm_init({w_shape}, key)` for this weight."
+  )
   if not (isinstance(state, tuple) and len(state) == 2):
     raise TypeError(
-        f"{fn}: `state` must be a SpectralNormState(u, sigma); got "
-        f"{type(state).__name__}. {fix}"
+      f"{fn}: `state` must be a SpectralNormState(u, sigma); got "
+      f"{type(state).__name__}. {fix}"
     )
   u = _checks.as_float_array(fn, "state.u", state[0])
   sigma = _checks.as_float_array(fn, "state.sigma", state[1])
   want = (1, w_shape[-1])
   if tuple(u.shape) != want or sigma.shape != ():
     raise ValueError(
-        f"{fn}: `state` does not belong to a weight of shape {w_shape}: "
-        f"state.u must have shape {want} and state.sigma shape (); got "
-        f"{tuple(u.shape)} and {tuple(sigma.shape)}. {fix}"
+      f"{fn}: `state` does not belong to a weight of shape {w_shape}: "
+      f"state.u must have shape {want} and state.sigma shape (); got "
+      f"{tuple(u.shape)} and {tuple(sigma.shape)}. {fix}"
     )
   return u, sigma
 
 
 def spectral_norm(
-    w: ArrayLike,
-    state: SpectralNormState,
-    *,
-    n_steps: int = 1,
-    epsilon: float = 1e-12,
-    update_stats: bool = True,
-    error_on_non_matrix: bool = False,
+  w: ArrayLike,
+  state: SpectralNormState,
+  *,
+  n_steps: int = 1,
+  epsilon: float = 1e-12,
+  update_stats: bool = True,
+  error_on_non_matrix: bool = False,
 ) -> tuple[jax.Array, SpectralNormState]:
   """Spectral normalization (Miyato et al., 2018) of one weight.
 
@@ -193,45 +197,48 @@ def spectral_norm(
     raise TypeError(f"{fn}: `n_steps` must be an int >= 1; got {n_steps!r}.")
   if n_steps < 1:
     raise ValueError(
-        f"{fn}: `n_steps` must be >= 1 (power iterations per call); got "
-        f"{n_steps}. To leave a weight unnormalized, use it as it is."
+      f"{fn}: `n_steps` must be >= 1 (power iterations per call); got "
+      f"{n_steps}. To leave a weight unnormalized, use it as it is."
     )
   epsilon = _checks.check_epsilon(fn, epsilon, **_EPS_NOTE)
-  update_stats = _checks.check_bool(fn, "update_stats", update_stats,
-                                    _TRACE_TIME)
+  update_stats = _checks.check_bool(
+    fn, "update_stats", update_stats, _TRACE_TIME
+  )
   error_on_non_matrix = _checks.check_bool(
-      fn, "error_on_non_matrix", error_on_non_matrix, _TRACE_TIME)
+    fn, "error_on_non_matrix", error_on_non_matrix, _TRACE_TIME
+  )
   if w.ndim <= 1:
     return w, state
   if w.ndim > 2 and error_on_non_matrix:
     raise ValueError(
-        f"{fn}: `w` has shape {tuple(w.shape)} ({w.ndim}D) but "
-        f"error_on_non_matrix=True allows only matrices. Fix: pass a 2D "
-        f"weight, or error_on_non_matrix=False to flatten the leading axes "
-        f"into a ({int(np.prod(w.shape[:-1]))}, {w.shape[-1]}) matrix."
+      f"{fn}: `w` has shape {tuple(w.shape)} ({w.ndim}D) but "
+      f"error_on_non_matrix=True allows only matrices. Fix: pass a 2D "
+      f"weight, or error_on_non_matrix=False to flatten the leading axes "
+      f"into a ({int(np.prod(w.shape[:-1]))}, {w.shape[-1]}) matrix."
     )
   u, sigma0 = _check_state(fn, state, tuple(w.shape))
   w2d = w.reshape(-1, w.shape[-1])
   dt = _stats.compute_dtype(w.dtype, u.dtype)
   u_new, v_new = _weight_core.power_iteration(
-      jax.lax.stop_gradient(w2d).astype(dt), u.astype(dt), int(n_steps),
-      epsilon)
+    jax.lax.stop_gradient(w2d).astype(dt), u.astype(dt), int(n_steps), epsilon
+  )
   w_bar, sigma = _weight_core.divide_by_sigma_jit(w2d, u_new, v_new)
   w_bar = w_bar.reshape(w.shape)
   if not update_stats:
     return w_bar, state
   new_state = SpectralNormState(
-      u=u_new.astype(u.dtype),
-      sigma=jax.lax.stop_gradient(sigma).astype(sigma0.dtype))
+    u=u_new.astype(u.dtype),
+    sigma=jax.lax.stop_gradient(sigma).astype(sigma0.dtype),
+  )
   return w_bar, new_state
 
 
 def weight_norm(
-    v: ArrayLike,
-    scale: ArrayLike | None = None,
-    *,
-    feature_axes: int | tuple[int, ...] | None = -1,
-    epsilon: float = 1e-12,
+  v: ArrayLike,
+  scale: ArrayLike | None = None,
+  *,
+  feature_axes: int | tuple[int, ...] | None = -1,
+  epsilon: float = 1e-12,
 ) -> jax.Array:
   """Weight normalization (Salimans & Kingma, 2016).
 
@@ -277,15 +284,21 @@ def weight_norm(
   fn = _checks.caller("weight_norm")
   v = _checks.as_float_array(fn, "v", v)
   epsilon = _checks.check_epsilon(fn, epsilon, **_EPS_NOTE)
-  feat = _checks.canonicalize_axes(fn, "feature_axes", feature_axes, v.ndim,
-                                   empty_ok=True)
+  feat = _checks.canonicalize_axes(
+    fn, "feature_axes", feature_axes, v.ndim, empty_ok=True
+  )
   fshape = tuple(v.shape[a] for a in feat)
   scale = _checks.check_param(
-      fn, "scale", scale, fshape,
-      f"v.shape={tuple(v.shape)} at the feature axes {feat}")
+    fn,
+    "scale",
+    scale,
+    fshape,
+    f"v.shape={tuple(v.shape)} at the feature axes {feat}",
+  )
   if scale is not None:
     scale = scale.reshape(
-        tuple(v.shape[i] if i in feat else 1 for i in range(v.ndim)))
+      tuple(v.shape[i] if i in feat else 1 for i in range(v.ndim))
+    )
   red = tuple(i for i in range(v.ndim) if i not in feat)
   return _weight_core.weight_norm_jit(red, epsilon, v, scale)
 
@@ -296,26 +309,26 @@ def _check_dim(fn: str, dim: Any, ndim: int) -> int | None:
     return None
   if not _checks.is_int(dim):
     raise TypeError(
-        f"{fn}: `dim` must be an int or None (PyTorch's convention: the one "
-        f"axis kept by the norm, None for the whole tensor); got {dim!r}."
+      f"{fn}: `dim` must be an int or None (PyTorch's convention: the one "
+      f"axis kept by the norm, None for the whole tensor); got {dim!r}."
     )
   if dim == -1:  # PyTorch: dim=None is stored as -1, the whole tensor
     return None
   if not 0 <= dim < ndim:
     raise ValueError(
-        f"{fn}: `dim`={dim} is not an axis of a weight with {ndim} "
-        f"dimensions. PyTorch's dim is in [0, {ndim - 1}], or None (also "
-        f"spelled -1, *not* the last axis) for one norm over the whole "
-        f"tensor. Fix: pass dim={ndim - 1} for the last axis."
+      f"{fn}: `dim`={dim} is not an axis of a weight with {ndim} "
+      f"dimensions. PyTorch's dim is in [0, {ndim - 1}], or None (also "
+      f"spelled -1, *not* the last axis) for one norm over the whole "
+      f"tensor. Fix: pass dim={ndim - 1} for the last axis."
     )
   return int(dim)
 
 
 def weight_norm_from_torch(
-    weight_g: ArrayLike,
-    weight_v: ArrayLike,
-    *,
-    dim: int | None = 0,
+  weight_g: ArrayLike,
+  weight_v: ArrayLike,
+  *,
+  dim: int | None = 0,
 ) -> tuple[jax.Array, jax.Array, int | None]:
   """PyTorch's ``weight_g``/``weight_v`` as :func:`weight_norm` arguments.
 
@@ -358,19 +371,19 @@ def weight_norm_from_torch(
   flat = () if d is None else (v.shape[d],)
   if tuple(g.shape) not in (want, flat):
     raise ValueError(
-        f"{fn}: `weight_g` must have shape {want} (PyTorch's norm along "
-        f"dim={dim} of a weight of shape {tuple(v.shape)}); got "
-        f"{tuple(g.shape)}. Fix: pass the same dim as the PyTorch module."
+      f"{fn}: `weight_g` must have shape {want} (PyTorch's norm along "
+      f"dim={dim} of a weight of shape {tuple(v.shape)}); got "
+      f"{tuple(g.shape)}. Fix: pass the same dim as the PyTorch module."
     )
   scale = g.reshape(()) if d is None else g.reshape((v.shape[d],))
   return v, scale, d
 
 
 def weight_norm_to_torch(
-    v: ArrayLike,
-    scale: ArrayLike | None = None,
-    *,
-    feature_axes: int | None = -1,
+  v: ArrayLike,
+  scale: ArrayLike | None = None,
+  *,
+  feature_axes: int | None = -1,
 ) -> tuple[jax.Array, jax.Array, int | None]:
   """:func:`weight_norm` arguments as PyTorch's ``weight_g``/``weight_v``.
 
@@ -405,16 +418,20 @@ def weight_norm_to_torch(
   v = _checks.as_float_array(fn, "v", v)
   if isinstance(feature_axes, (tuple, list)):
     raise ValueError(
-        f"{fn}: PyTorch's weight norm keeps a single axis (`dim`); got "
-        f"feature_axes={feature_axes!r}. Fix: pass one int, or None."
+      f"{fn}: PyTorch's weight norm keeps a single axis (`dim`); got "
+      f"feature_axes={feature_axes!r}. Fix: pass one int, or None."
     )
-  d = None if feature_axes is None else _checks.canonicalize_axes(
-      fn, "feature_axes", feature_axes, v.ndim)[0]
+  d = (
+    None
+    if feature_axes is None
+    else _checks.canonicalize_axes(fn, "feature_axes", feature_axes, v.ndim)[0]
+  )
   fshape = () if d is None else (v.shape[d],)
   if scale is None:
     scale = jnp.ones(fshape, v.dtype)
-  scale = _checks.check_param(fn, "scale", scale, fshape,
-                              f"v.shape={tuple(v.shape)}, feature_axes={d}")
+  scale = _checks.check_param(
+    fn, "scale", scale, fshape, f"v.shape={tuple(v.shape)}, feature_axes={d}"
+  )
   assert scale is not None  # ones when not given
   keep = tuple(v.shape[i] if i == d else 1 for i in range(v.ndim))
   return scale.reshape(keep), v, d

@@ -33,8 +33,13 @@ from jaxnorm import _kernel_library
 from jaxnorm import _kernels
 from jaxnorm._kernel_library import KernelsUnavailableWarning
 
-__all__ = ["KernelsUnavailableWarning", "KernelStatus", "build", "enabled",
-           "status"]
+__all__ = [
+  "KernelsUnavailableWarning",
+  "KernelStatus",
+  "build",
+  "enabled",
+  "status",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +64,15 @@ class KernelStatus:
 
   def __str__(self) -> str:
     lines = [
-        f"CPU kernels: {'in use' if self.used else 'not used'}"
-        + ("" if self.used else f" ({self.reason})"),
-        f"library: {self.library if self.built else 'not built'}",
-        f"compiler: {self.compiler or 'none found ($CXX, c++, g++)'}",
-        "cache directories: " + (", ".join(map(str, self.cache_dirs))
-                                 or "none (builds go to a temporary one)"),
+      f"CPU kernels: {'in use' if self.used else 'not used'}"
+      + ("" if self.used else f" ({self.reason})"),
+      f"library: {self.library if self.built else 'not built'}",
+      f"compiler: {self.compiler or 'none found ($CXX, c++, g++)'}",
+      "cache directories: "
+      + (
+        ", ".join(map(str, self.cache_dirs))
+        or "none (builds go to a temporary one)"
+      ),
     ]
     return "\n".join(lines)
 
@@ -89,19 +97,28 @@ def status(build: bool = False) -> KernelStatus:
   elif jax.default_backend() != "cpu":
     reason = f"JAX's default backend is {jax.default_backend()}, not cpu"
   elif found is None and not build and _kernel_library.loaded() is None:
-    reason = ("not built yet: compiled on the first op traced on the CPU, "
-              "or by `python -m jaxnorm.kernels build`")
+    reason = (
+      "not built yet: compiled on the first op traced on the CPU, "
+      "or by `python -m jaxnorm.kernels build`"
+    )
     if _kernel_library.compiler() is None:
-      reason = ("not built, and no C++ compiler ($CXX, c++ or g++) to build "
-                "them: install one (e.g. `apt-get install g++`), then run "
-                "`python -m jaxnorm.kernels build`")
+      reason = (
+        "not built, and no C++ compiler ($CXX, c++ or g++) to build "
+        "them: install one (e.g. `apt-get install g++`), then run "
+        "`python -m jaxnorm.kernels build`"
+      )
   else:
     state = _kernel_library.load()
     found = state.library or found
     reason = "" if state.loaded else state.detail
-  return KernelStatus(not reason, found is not None, found, reason,
-                      _kernel_library.compiler(),
-                      tuple(_kernel_library.cache_dirs()))
+  return KernelStatus(
+    not reason,
+    found is not None,
+    found,
+    reason,
+    _kernel_library.compiler(),
+    tuple(_kernel_library.cache_dirs()),
+  )
 
 
 def build() -> pathlib.Path:
@@ -118,9 +135,10 @@ def build() -> pathlib.Path:
   path, detail = _kernel_library.build()
   if path is None:
     raise RuntimeError(
-        f"jaxnorm.kernels.build: {detail}. Fix: install a C++ compiler "
-        f"(e.g. `apt-get install g++`) or name one in $CXX, then build "
-        f"again.")
+      f"jaxnorm.kernels.build: {detail}. Fix: install a C++ compiler "
+      f"(e.g. `apt-get install g++`) or name one in $CXX, then build "
+      f"again."
+    )
   return path
 
 

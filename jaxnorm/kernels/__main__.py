@@ -10,11 +10,15 @@ from jaxnorm import kernels
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
-      prog="python -m jaxnorm.kernels",
-      description="jaxnorm's CPU kernels: status, or build them now.")
-  p.add_argument("command", choices=("status", "build"),
-                 help="status: whether the kernels are built, where, and "
-                 "whether they are used; build: compile them now")
+    prog="python -m jaxnorm.kernels",
+    description="jaxnorm's CPU kernels: status, or build them now.",
+  )
+  p.add_argument(
+    "command",
+    choices=("status", "build"),
+    help="status: whether the kernels are built, where, and "
+    "whether they are used; build: compile them now",
+  )
   args = p.parse_args(argv)
   if args.command == "build":
     try:
