@@ -131,7 +131,7 @@ def cache_dirs() -> list[pathlib.Path]:
     out.append(pathlib.Path(xdg) / "jaxnorm")
   with contextlib.suppress(RuntimeError, KeyError, OSError):
     out.append(pathlib.Path.home() / ".cache" / "jaxnorm")
-  return out
+  return list(dict.fromkeys(out))  # each once, first place kept
 
 
 def find() -> pathlib.Path | None:

@@ -259,6 +259,15 @@ def test_without_kernels_the_xla_ops_run_and_say_why_once(tmp_path):
   assert "Warning" not in err
 
 
+def test_cache_dirs_name_each_directory_once(tmp_path, monkeypatch):
+  from jaxnorm import _kernel_library  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
+  monkeypatch.setenv("JAXNORM_CACHE_DIR", str(tmp_path / "mine"))
+  assert _kernel_library.cache_dirs() == [
+      tmp_path / "mine", tmp_path / ".cache" / "jaxnorm"]
+
+
 def test_cache_problems_never_raise(tmp_path):
   # No home, an unwritable cache directory: the library is built in a
   # temporary directory and used; nothing raises into the trace.
