@@ -183,12 +183,8 @@ def _scaled(
 _Y, _DX, _SG, _SGX, _DSCALE, _DBIAS = 3, 4, 5, 6, 7, 8
 
 
-def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
+def _forward(cfg: _Config, x, scale, bias, mask):
   """Primal computation; returns outputs and the residuals of ``_vjp``.
-
-  ``y_kernel``: BatchNorm's ``y`` from its CPU kernel (the op alone, not
-  differentiated); otherwise XLA's elementwise pass, which XLA fuses with
-  the consumers of ``y`` in a training step.
 
   ``y = ((x - m) - delta) * (r * scale) + bias`` (see :func:`_shifts`);
   with per-feature parameters ``r * scale`` is a per-feature coefficient,
@@ -215,20 +211,10 @@ def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
   xf = _stats.upcast(x, dt, _Y, cfg.cpu)
   m, delta = _shifts(hi, lo)
   mean = hi + lo
-  if cfg.kernel == "cols" and y_kernel:  # ((x - m) - delta) k + bias
-    k = rstd if scale is None else rstd * scale.astype(dt)
-    y = _channel_kernel(
-      x,
-      *(
-        jnp.broadcast_to(v, hi.shape)
-        for v in (m, delta, k, 0.0 if bias is None else bias.astype(dt))
-      ),
-    )
-  else:
-    d = (xf - m) - delta if cfg.center else xf
-    y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
-    if bias is not None:
-      y = y + bias.astype(dt)
+  d = (xf - m) - delta if cfg.center else xf
+  y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
+  if bias is not None:
+    y = y + bias.astype(dt)
   # Per-element weight of the statistics: w / n, with w the mask. It has the
   # broadcast shape of the mask and the statistics, so without a mask (or
   # with a per-example mask) it is small; it is the only place the mask
@@ -481,56 +467,6 @@ def _param_rows(p: jax.Array | None, width: int, fill: float) -> jax.Array:
   return p.astype(jnp.float32).reshape(1, width)
 
 
-def _channels_plain(x, m, d, k, b):
-  return (((x.astype(k.dtype) - m) - d) * k + b).astype(x.dtype)
-
-
-@jax.custom_jvp
-def _channel_kernel(x, m, d, k, b):
-  """``((x - m) - d) * k + b`` per channel of the last axis (statistics of
-  shape ``(1, ..., 1, C)``, float32), through the CPU kernel."""
-  c = x.shape[-1]
-  return _kernels.col_apply(x, *(v.reshape(c) for v in (m, d, k, b)))
-
-
-@_channel_kernel.defjvp
-def _channel_kernel_jvp(primals, tangents):
-  return _channel_kernel(*primals), jax.jvp(_channels_plain, primals, tangents)[
-    1
-  ]
-
-
-def affine_channels(
-  x: jax.Array, m: jax.Array, k: jax.Array, b: jax.Array | None
-) -> jax.Array:
-  """``(x - m) * k + b`` in ``k``'s dtype, returned in ``x``'s dtype.
-
-  BatchNorm's inference: ``m``, ``k``, ``b`` broadcastable to ``x``, of its
-  rank, at least float32. Over channels of the last axis, in the graph for
-  XLA's CPU backend, the CPU kernel writes ``y`` (one read of ``x``, one
-  write, with huge pages: see ``jaxnorm/_kernels.py``).
-  """
-  b = jnp.zeros_like(k) if b is None else b.astype(k.dtype)
-  per = (1,) * (x.ndim - 1) + x.shape[-1:]
-
-  def plain(x, m, k, b):
-    return ((x.astype(k.dtype) - m) * k + b).astype(x.dtype)
-
-  def kernel(x, m, k, b):
-    return _channel_kernel(x, m, jnp.zeros_like(m), k, b)
-
-  if (
-    jax.default_backend() != "cpu"
-    or x.ndim < 2
-    or jnp.dtype(k.dtype) != jnp.dtype(jnp.float32)
-    or any(tuple(v.shape) != per or _vma(v) for v in (m, k, b))
-    or _kernel_kind(tuple(range(x.ndim - 1)), x, None, None, None, None, None)
-    != "cols"
-  ):
-    return plain(x, m, k, b)
-  return jax.lax.platform_dependent(x, m, k, b, cpu=kernel, default=plain)
-
-
 def _kernel_kind(
   axes: tuple[int, ...], x, scale, bias, mask, axis_name, groups
 ) -> str | None:
@@ -677,7 +613,7 @@ def _normalize(cfg: _Config, x, scale, bias, mask):
       return _row_forward(cfg, x, scale, bias)
     # No backward pass to keep apart: the plain graph's spelling.
     cfg = dataclasses.replace(cfg, kernel=None, cpu=False)
-  return _forward(cfg, x, scale, bias, mask, y_kernel=True)[0]
+  return _forward(cfg, x, scale, bias, mask)[0]
 
 
 @_normalize.defjvp

@@ -46,7 +46,6 @@ TARGETS = {
   "jaxnorm_add_forward": "JaxnormAddFwd",
   "jaxnorm_add_stats": "JaxnormAddStats",
   "jaxnorm_add_backward": "JaxnormAddBwd",
-  "jaxnorm_col_apply": "JaxnormColApply",
 }
 _OFF = ("0", "false", "no", "off")
 

@@ -6,20 +6,20 @@ ops reads its activations several times. The kernels of ``csrc/rownorm.cc``
 keep each row (each run of rows, for BatchNorm) in cache between the sums
 that read it:
 
-- ``row_forward``: ``x -> (y, hi, lo, var)``, one read of ``x``, one write;
+- ``row_forward``: ``x -> (y, hi, lo, var)``, one read of ``x``, one write
+  (the row kernels ask for transparent huge pages on the outputs they
+  write, where the system allows them on request: the page faults of fresh
+  memory are most of the cost of writing a large output);
 - ``row_stats``: ``x -> (hi, lo, var)``, one read (the forward of a
   differentiated op, whose ``y`` XLA then fuses with its consumers);
 - ``row_backward``: ``(x, hi, lo, rstd, scale, dy) -> (dx, dscale, dbias)``,
-  one read of ``x`` and ``dy``, one write (the row kernels ask for huge
-  pages on the outputs they write: see ``col_apply``); given ``dh`` too,
-  the fused add + norm's backward ``dx = dh + (the norm's vjp of dy)``, one
-  read of ``h``, ``dy`` and ``dh``, one write;
+  one read of ``x`` and ``dy``, one write; given ``dh`` too, the fused add
+  + norm's backward ``dx = dh + (the norm's vjp of dy)``, one read of
+  ``h``, ``dy`` and ``dh``, one write;
 - ``col_stats`` and ``col_sums``: BatchNorm's per-channel statistics and
-  the backward's two per-channel sums, one read of each input;
-- ``col_apply``: BatchNorm's output ``((x - m) - d) * k + b`` per channel,
-  written with huge pages, where the system allows them on request (the
-  page faults of fresh memory are most of the cost of writing a large
-  output);
+  the backward's two per-channel sums, one read of each input (BatchNorm's
+  ``y`` is XLA's elementwise pass, which XLA fuses with its consumers, a
+  ReLU or the next layer's bias);
 - ``add_forward``: ``(x, r) -> (y, h, hi, lo, var)`` with ``h = x + r``
   normalized, one read of ``x`` and ``r``, one write of ``h`` and ``y``;
 - ``add_stats``: ``(x, r) -> (h, hi, lo, var)``, the forward of a
@@ -101,16 +101,6 @@ def row_forward(
     bias,
     center=bool(center),
     epsilon=np.float32(epsilon),
-  )
-
-
-def col_apply(
-  x: jax.Array, m: jax.Array, d: jax.Array, k: jax.Array, b: jax.Array
-) -> jax.Array:
-  """``((x - m) - d) * k + b`` over channels ``x[..., C]``; m, d, k, b
-  ``[C]`` float32."""
-  return _call(
-    "jaxnorm_col_apply", jax.ShapeDtypeStruct(x.shape, x.dtype), x, m, d, k, b
   )
 
 

@@ -154,6 +154,26 @@ def test_fwd_bwd_has_no_activation_sized_temporary(name, uses_y, dtype):
 _JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
 
 
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_batch_norm_output_fuses_with_the_next_op(mode):
+  # BatchNorm's y is XLA's elementwise pass: with a ReLU after it, one
+  # fusion writes the only activation-sized array (no kernel writes y).
+  import re  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((16, 8, 8, 32))
+  st = jaxnorm.batch_norm_init(32)
+  s, b = jnp.full((32,), 1.5), jnp.full((32,), 0.5)
+  if mode == "infer":
+    f = lambda x: jax.nn.relu(jaxnorm.batch_norm_infer(x, st, s, b))
+  else:
+    f = lambda x: jax.nn.relu(jaxnorm.batch_norm_train(x, st, s, b)[0])
+  hlo = jax.jit(f).lower(x).compile().as_text()
+  entry = hlo[hlo.index("ENTRY"):]
+  written = [line for line in entry.splitlines()
+             if re.search(r"= f32\[16,8,8,32\]", line)
+             and "parameter(" not in line]
+  assert len(written) == 1 and "fusion" in written[0], written
+
+
 def test_same_shape_layers_share_one_trace():
   x, s, b = _args()
   st = jaxnorm.batch_norm_init(_SHAPE[-1])
