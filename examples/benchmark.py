@@ -589,19 +589,25 @@ def _mse_loss(out, target):
 def bench_train_step(name: str, norms: dict[str, Any],
                      make: Callable[[Any], nn.Module], x: jax.Array,
                      target: jax.Array, loss: Callable, repeats: int,
-                     compiles: int = 3) -> list[dict]:
+                     compiles: int = 3, train: bool = True) -> list[dict]:
   """Times a full SGD step (forward, backward, update) with each norm layer.
 
   ``norms`` maps a contender to the normalization module class ``make``
   builds the model with; ``loss(output, target)`` is the training loss.
   Running statistics (``batch_stats``), where the model has them, are
-  updated as in training.
+  updated as in training. With ``train=False`` the step is the model's
+  inference forward (``train=False``, running statistics), an "infer
+  step" row.
   """
   models = {k: make(n) for k, n in norms.items()}
   variables = {k: m.init(jax.random.key(1), x, train=False)
                for k, m in models.items()}
 
   def make_step(model):  # a fresh function each call: no tracing cache hit
+    if not train:
+      return lambda variables, x, target: model.apply(variables, x,
+                                                      train=False)
+
     def step(variables, x, target):
       stats = {k: v for k, v in variables.items() if k != "params"}
 
@@ -633,7 +639,8 @@ def bench_train_step(name: str, norms: dict[str, Any],
                                                      variables[k])
            for k in norms}
   times = time_interleaved(steps, repeats)
-  rows = [{"op": f"train step: {name}", "shape": "x".join(map(str, x.shape)),
+  kind = "train step" if train else "infer step"
+  rows = [{"op": f"{kind}: {name}", "shape": "x".join(map(str, x.shape)),
            "dtype": jnp.dtype(x.dtype).name, "contender": k, "ms": t * 1e3,
            "vs_flax": times["flax(fast var)"] / t, "floor": None,
            "compile_s": compile_s[k],
@@ -764,10 +771,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                           nn.RMSNorm),
                   (tx, jnp.zeros(tshape, jnp.float32)), _mse_loss))
   for name, norms, make, (x, target), loss in steps:
-    if not wanted(f"train step: {name}"):
-      continue
+    if wanted(f"train step: {name}"):
+      rows += bench_train_step(name, norms, make, x, target, loss, repeats,
+                               compiles)
+  # The example CNN's inference forward: BatchNorm's y fused with the ReLU.
+  name, norms, make, (x, target), loss = steps[0]
+  if wanted(f"infer step: {name}"):
     rows += bench_train_step(name, norms, make, x, target, loss, repeats,
-                             compiles)
+                             compiles, train=False)
   bandwidth = {k: max(v, w) for (k, v), w in zip(
       bandwidth.items(), measure_bandwidth(repeats, stream_n).values())}
   gbps = max(bandwidth.values())

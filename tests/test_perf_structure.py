@@ -202,7 +202,8 @@ def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
   spec.loader.exec_module(bench)
   out = tmp_path / "rows.json"
   bench.main(["--quick", "--repeats", "1", "--only",
-              "batch_norm fwd+bwd,rms_norm fwd 2x1x256,add+norm (RMSNorm)",
+              "batch_norm fwd+bwd,rms_norm fwd 2x1x256,add+norm (RMSNorm),"
+              "example CNN",
               "--json", str(out)])
   rows = json.loads(out.read_text())["rows"]
   names = {r["contender"] for r in rows}
@@ -230,6 +231,9 @@ def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
   # transformer block's train step with its compile time.
   assert {("rms_norm fwd", "2x1x256", dt) for dt in ("float32", "bfloat16")
           } <= ops
+  # The example CNN's inference forward, beside its train step.
+  assert {op for op, _, _ in ops} >= {"train step: example CNN",
+                                      "infer step: example CNN"}
   block = [r for r in rows if "transformer" in r["op"]]
   assert {r["contender"] for r in block} == {"jaxnorm", "flax(fast var)"}
   assert all(r["compile_s"] > 0 and r["dtype"] == "bfloat16" for r in block)
