@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -184,7 +184,45 @@ def _set_batch_state(mdl: BatchNorm, new: BatchNormState) -> None:
     mdl.count[...] = new.count
 
 
-class BatchNorm(nnx.Module):
+class _Layer(nnx.Module):
+  """A normalization layer: its constructor's options become attributes, as
+  in flax's layers (all but ``rngs``, initializers and metadata), and its
+  ``scale``/``bias`` are made as flax makes them."""
+
+  if TYPE_CHECKING:  # the attributes _keep sets, one per option
+
+    def __getattr__(self, name: str) -> Any: ...
+
+  def _keep(
+    self, options: dict[str, Any], shape: tuple[int, ...]
+  ) -> tuple[int, ...]:
+    """Sets the attributes from ``options`` (the constructor's
+    ``locals()``) and the parameters of ``shape``; returns ``shape``."""
+    who = f"jaxnorm.nnx.{type(self).__name__}"
+    if "scale_offset" in options:
+      options["scale_init"] = _scale_init(
+        who, options["scale_init"], options["scale_offset"]
+      )
+    for name in ("scale", "bias"):
+      if f"use_{name}" in options:
+        param = _param(
+          options[f"use_{name}"],
+          options[f"{name}_init"],
+          options["rngs"],
+          shape,
+          options["param_dtype"],
+          options.get(f"{name}_metadata", _EMPTY),
+        )
+        setattr(self, name, param)
+    for name, value in options.items():
+      if name not in ("self", "rngs") and not name.endswith(
+        ("_init", "_metadata")
+      ):
+        setattr(self, name, value)
+    return shape
+
+
+class BatchNorm(_Layer):
   """Batch normalization, a drop-in for ``flax.nnx.BatchNorm``.
 
   {formula}
@@ -248,40 +286,12 @@ class BatchNorm(nnx.Module):
     ),
     skip_nonfinite: bool = False,
   ):
-    shape = _feature_shape("BatchNorm", num_features)
+    shape = self._keep(locals(), _feature_shape("BatchNorm", num_features))
     self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-    self.scale = _param(
-      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
-    )
-    self.bias = _param(
-      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
-    )
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.track_count = track_count
-    self.running_var = running_var
-    self.debias = debias
-    self.virtual_batch_size = virtual_batch_size
-    self.renorm = renorm
-    self.renorm_schedule = renorm_schedule
-    self.skip_nonfinite = skip_nonfinite
-    self.nonfinite_skipped: nnx.Intermediate[jax.Array] | None
     self.nonfinite_skipped = _optional(
       nnx.Intermediate, skip_nonfinite, jnp.zeros(shape, jnp.bool_)
     )
-    self.count: nnx.BatchStat[jax.Array] | None
     self.count = _optional(
       nnx.BatchStat, _keeps_count(self), jnp.zeros((), jnp.int32)
     )
@@ -353,7 +363,7 @@ class BatchNorm(nnx.Module):
       self.use_running_average = use_running_average
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(_Layer):
   """Layer normalization, a drop-in for ``flax.nnx.LayerNorm``.
 
   {formula}
@@ -396,29 +406,7 @@ class LayerNorm(nnx.Module):
     cast_before_scale: bool = False,
     residual_dtype: Dtype | None = None,
   ):
-    shape = _feature_shape("LayerNorm", num_features)
-    scale_init = _scale_init("jaxnorm.nnx.LayerNorm", scale_init, scale_offset)
-    self.scale = _param(
-      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
-    )
-    self.bias = _param(
-      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
-    )
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.scale_offset = scale_offset
-    self.cast_before_scale = cast_before_scale
-    self.residual_dtype = residual_dtype
+    self._keep(locals(), _feature_shape("LayerNorm", num_features))
 
   def __call__(
     self,
@@ -446,7 +434,7 @@ class LayerNorm(nnx.Module):
     )
 
 
-class RMSNorm(nnx.Module):
+class RMSNorm(_Layer):
   """RMS normalization, a drop-in for ``flax.nnx.RMSNorm``.
 
   {formula}
@@ -486,25 +474,7 @@ class RMSNorm(nnx.Module):
     cast_before_scale: bool = False,
     residual_dtype: Dtype | None = None,
   ):
-    shape = _feature_shape("RMSNorm", num_features)
-    scale_init = _scale_init("jaxnorm.nnx.RMSNorm", scale_init, scale_offset)
-    self.scale = _param(
-      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
-    )
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
-    self.scale_offset = scale_offset
-    self.cast_before_scale = cast_before_scale
-    self.residual_dtype = residual_dtype
+    self._keep(locals(), _feature_shape("RMSNorm", num_features))
 
   def __call__(
     self,
@@ -532,7 +502,7 @@ class RMSNorm(nnx.Module):
     )
 
 
-class DyT(nnx.Module):
+class DyT(_Layer):
   """Dynamic Tanh (Zhu et al., 2025), a LayerNorm replacement.
 
   {formula}
@@ -565,17 +535,8 @@ class DyT(nnx.Module):
     feature_axes: Axes = -1,
     rngs: nnx.Rngs,
   ):
-    shape = _feature_shape("DyT", num_features)
+    shape = self._keep(locals(), _feature_shape("DyT", num_features))
     self.alpha = nnx.Param(jnp.full((), alpha_init_value, param_dtype))
-    self.scale = _param(use_scale, scale_init, rngs, shape, param_dtype)
-    self.bias = _param(use_bias, bias_init, rngs, shape, param_dtype)
-    self.num_features = num_features
-    self.alpha_init_value = alpha_init_value
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """Applies Dynamic Tanh.
@@ -621,7 +582,7 @@ def _groups(
   return c, num_groups
 
 
-class GroupNorm(nnx.Module):
+class GroupNorm(_Layer):
   """Group normalization, a drop-in for ``flax.nnx.GroupNorm``.
 
   {formula}
@@ -665,26 +626,10 @@ class GroupNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = _EMPTY,
   ):
     c, g = _groups(num_features, num_groups, group_size)
+    self._keep(locals(), (c,))
     self.feature_axis = -1
     self.num_groups = g
     self.group_size = c // g
-    self.scale = _param(
-      use_scale, scale_init, rngs, (c,), param_dtype, scale_metadata
-    )
-    self.bias = _param(
-      use_bias, bias_init, rngs, (c,), param_dtype, bias_metadata
-    )
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.reduction_axes = reduction_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
 
   def __call__(
     self, x: ArrayLike, *, mask: ArrayLike | None = None
@@ -707,7 +652,7 @@ class GroupNorm(nnx.Module):
     )
 
 
-class InstanceNorm(nnx.Module):
+class InstanceNorm(_Layer):
   """Instance normalization, a drop-in for ``flax.nnx.InstanceNorm``.
 
   {formula}
@@ -745,24 +690,7 @@ class InstanceNorm(nnx.Module):
     bias_metadata: Mapping[str, Any] = _EMPTY,
     scale_metadata: Mapping[str, Any] = _EMPTY,
   ):
-    shape = _feature_shape("InstanceNorm", num_features)
-    self.scale = _param(
-      use_scale, scale_init, rngs, shape, param_dtype, scale_metadata
-    )
-    self.bias = _param(
-      use_bias, bias_init, rngs, shape, param_dtype, bias_metadata
-    )
-    self.num_features = num_features
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.feature_axes = feature_axes
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
+    self._keep(locals(), _feature_shape("InstanceNorm", num_features))
 
   def __call__(
     self, x: ArrayLike, *, mask: ArrayLike | None = None
