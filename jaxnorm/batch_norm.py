@@ -474,19 +474,19 @@ def _train(
   scale,
   bias,
   *,
-  renorm: bool,
-  skip_nonfinite: bool,
-  rmax: Any = None,
-  dmax: Any = None,
+  skip_nonfinite: bool = False,
   **options: Any,
 ):
   """The training functions' shared body: ``(y, new_state, skipped)``.
 
   ``options`` are their other keyword arguments (``axis``, ``momentum``,
-  ...). ``skipped`` flags the features whose running statistics were kept
+  ...); with ``rmax``/``dmax`` among them it is Batch Renormalization.
+  ``skipped`` flags the features whose running statistics were kept
   because their batch statistics were not finite (all False without
   ``skip_nonfinite``; None for complex ``x``).
   """
+  renorm = "rmax" in options
+  rmax, dmax = options.pop("rmax", None), options.pop("dmax", None)
   if jnp.issubdtype(getattr(x, "dtype", jnp.float32), jnp.complexfloating):
     _check_complex(fn, x, renorm, skip_nonfinite, options["virtual_batch_size"])
     return _train_complex(fn, x, state, scale, bias, **options) + (None,)
@@ -778,25 +778,7 @@ def batch_norm_train(
 
   Raises:{raises}
   """
-  return _train(
-    _checks.caller("batch_norm_train"),
-    x,
-    state,
-    scale,
-    bias,
-    renorm=False,
-    skip_nonfinite=False,
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    mask=mask,
-    running_var=running_var,
-    debias=debias,
-    virtual_batch_size=virtual_batch_size,
-    allow_single=allow_single,
-  )[:2]
+  return _train(_checks.caller("batch_norm_train"), **locals())[:2]
 
 
 _SKIP_DOC = """\
@@ -894,27 +876,7 @@ def batch_renorm_train(
 
   Raises:{raises}{renorm_raises}
   """
-  return _train(
-    _checks.caller("batch_renorm_train"),
-    x,
-    state,
-    scale,
-    bias,
-    renorm=True,
-    skip_nonfinite=False,
-    rmax=rmax,
-    dmax=dmax,
-    axis=axis,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    mask=mask,
-    running_var=running_var,
-    debias=debias,
-    virtual_batch_size=virtual_batch_size,
-    allow_single=allow_single,
-  )[:2]
+  return _train(_checks.caller("batch_renorm_train"), **locals())[:2]
 
 
 _RENORM_SKIP_DOC = """\
@@ -978,12 +940,7 @@ def _skip_nonfinite_variant(
     except TypeError as e:
       raise TypeError(f"{name}: {e}.") from None
     bound.apply_defaults()
-    return _train(
-      _checks.caller(name),
-      **bound.arguments,
-      renorm="rmax" in bound.arguments,
-      skip_nonfinite=True,
-    )
+    return _train(_checks.caller(name), **bound.arguments, skip_nonfinite=True)
 
   variant.__name__ = variant.__qualname__ = name
   variant.__doc__ = doc

@@ -143,22 +143,7 @@ def add_rms_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       scale (Llama).
   {args}"""
-  return _add_norm(
-    _checks.caller("add_rms_norm"),
-    x,
-    residual,
-    scale,
-    center=False,
-    reduction_axes=reduction_axes,
-    feature_axes=feature_axes,
-    epsilon=epsilon,
-    scale_offset=scale_offset,
-    cast_before_scale=cast_before_scale,
-    residual_dtype=residual_dtype,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-  )
+  return _add_norm(_checks.caller("add_rms_norm"), center=False, **locals())
 
 
 def add_layer_norm(
@@ -206,23 +191,7 @@ def add_layer_norm(
     cast_before_scale: round :math:`\\hat x` to ``x``'s dtype before the
       affine map.
   {args}"""
-  return _add_norm(
-    _checks.caller("add_layer_norm"),
-    x,
-    residual,
-    scale,
-    bias,
-    center=True,
-    reduction_axes=reduction_axes,
-    feature_axes=feature_axes,
-    epsilon=epsilon,
-    scale_offset=scale_offset,
-    cast_before_scale=cast_before_scale,
-    residual_dtype=residual_dtype,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-  )
+  return _add_norm(_checks.caller("add_layer_norm"), center=True, **locals())
 
 
 for _f, _plain in ((add_rms_norm, "rms_norm"), (add_layer_norm, "layer_norm")):

@@ -114,21 +114,7 @@ def layer_norm(
       negative ``epsilon``, a NaN or infinite ``scale_offset``, an unbound
       ``axis_name``, ``axis_index_groups`` without ``axis_name``.
   """
-  return _row_norm(
-    _checks.caller("layer_norm"),
-    x,
-    scale,
-    bias,
-    center=True,
-    reduction_axes=reduction_axes,
-    feature_axes=feature_axes,
-    epsilon=epsilon,
-    scale_offset=scale_offset,
-    cast_before_scale=cast_before_scale,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-  )
+  return _row_norm(_checks.caller("layer_norm"), center=True, **locals())
 
 
 def rms_norm(
@@ -186,20 +172,7 @@ def rms_norm(
       an unbound ``axis_name``, ``axis_index_groups`` without
       ``axis_name``.
   """
-  return _row_norm(
-    _checks.caller("rms_norm"),
-    x,
-    scale,
-    center=False,
-    reduction_axes=reduction_axes,
-    feature_axes=feature_axes,
-    epsilon=epsilon,
-    scale_offset=scale_offset,
-    cast_before_scale=cast_before_scale,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-  )
+  return _row_norm(_checks.caller("rms_norm"), center=False, **locals())
 
 
 for _f in (layer_norm, rms_norm):
