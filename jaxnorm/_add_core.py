@@ -54,8 +54,7 @@ def _kernel_forward(cfg: _core._Config, x, residual, scale, bias):
   y, h, *_ = _kernels.add_forward(
     rows(x),
     rows(residual),
-    _core._param_rows(scale, width, 1.0),
-    _core._param_rows(bias, width, 0.0),
+    *_core._forward_params(scale, bias, width),
     center=cfg.center,
     epsilon=cfg.epsilon,
   )

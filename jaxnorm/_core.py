@@ -462,9 +462,32 @@ def _as_rows(cfg: _Config, a: jax.Array) -> jax.Array:
 
 
 def _param_rows(p: jax.Array | None, width: int, fill: float) -> jax.Array:
+  """A backward kernel's scale: float32 ``[1, width]`` (``fill`` if None)."""
   if p is None:
     return jnp.full((1, width), fill, jnp.float32)
   return p.astype(jnp.float32).reshape(1, width)
+
+
+def _forward_params(
+  scale: jax.Array | None, bias: jax.Array | None, width: int
+) -> tuple[jax.Array, jax.Array]:
+  """A forward kernel's scale and bias: ``[1, width]`` in one dtype,
+  bfloat16 if both given ones are, else float32 (the kernel reads them as
+  they are); shape ``(0,)`` for an absent one.
+
+  No XLA op is left beside the kernel (an op with bfloat16 parameters or
+  none is one custom call), and XLA's CPU client runs a program of one
+  custom call on the caller's thread (see ``csrc/rownorm.cc``).
+  """
+  given = [p for p in (scale, bias) if p is not None]
+  bf16 = jnp.dtype(jnp.bfloat16)
+  dtype = bf16 if all(p.dtype == bf16 for p in given) else jnp.float32
+  dtype = dtype if given else jnp.float32
+  scale, bias = (
+    jnp.zeros((0,), dtype) if p is None else p.astype(dtype).reshape(1, width)
+    for p in (scale, bias)
+  )
+  return scale, bias
 
 
 def _kernel_kind(
@@ -538,8 +561,7 @@ def _row_forward(cfg: _Config, x, scale, bias):
   stat_shape = _stat_shape(cfg, x)
   y, hi, lo, var = _kernels.row_forward(
     _as_rows(cfg, x),
-    _param_rows(scale, width, 1.0),
-    _param_rows(bias, width, 0.0),
+    *_forward_params(scale, bias, width),
     center=cfg.center,
     epsilon=cfg.epsilon,
   )
@@ -597,22 +619,10 @@ def _tangent_map(cfg: _Config, shapes, res, tangents):
   return ty
 
 
-# A forward-only float32 RMSNorm of fewer elements than this (a decoding
-# step's rows) runs as XLA ops, whose graph is then plain jnp's: at
-# 8x1x4096 on 2 cores the kernel and XLA ops both take 10-13 us a call,
-# equal within the run's noise. LayerNorm keeps the kernel there (12.8 us
-# against 13-16 us for flax's one-pass layer), and so does bfloat16 (14 us
-# against 15-17 us).
-_RMS_FORWARD_MIN_F32 = 1 << 16
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _normalize(cfg: _Config, x, scale, bias, mask):
   if cfg.kernel == "rows":
-    if cfg.center or x.dtype != jnp.float32 or x.size >= _RMS_FORWARD_MIN_F32:
-      return _row_forward(cfg, x, scale, bias)
-    # No backward pass to keep apart: the plain graph's spelling.
-    cfg = dataclasses.replace(cfg, kernel=None, cpu=False)
+    return _row_forward(cfg, x, scale, bias)
   return _forward(cfg, x, scale, bias, mask)[0]
 
 

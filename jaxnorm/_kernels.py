@@ -91,7 +91,8 @@ def row_forward(
   center: bool,
   epsilon: float,
 ):
-  """``(y, hi, lo, var)`` of rows ``x[..., D]``; scale, bias ``[P, D]`` f32."""
+  """``(y, hi, lo, var)`` of rows ``x[..., D]``; scale, bias ``[P, D]``
+  float32 or bfloat16, or shape ``(0,)`` for none."""
   stat = _f32(x.shape[:-1])
   return _call(
     "jaxnorm_row_forward",
@@ -114,7 +115,8 @@ def add_forward(
   epsilon: float,
 ):
   """``(y, h, hi, lo, var)``: rows of ``h = x + r`` (``r``'s dtype) and
-  their normalization ``y`` (``x``'s dtype); scale, bias ``[P, D]`` f32."""
+  their normalization ``y`` (``x``'s dtype); scale, bias as in
+  :func:`row_forward`."""
   stat = _f32(x.shape[:-1])
   return _call(
     "jaxnorm_add_forward",

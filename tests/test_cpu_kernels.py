@@ -630,3 +630,61 @@ def test_fused_add_norm_keeps_its_kernels_under_transformations():
     calls = _kernel_calls(f, x, r, scale)
     assert calls["jaxnorm_add_stats"] == 1, calls
     assert calls["jaxnorm_add_backward"] == 1, calls
+
+
+_PARAM_CASES = [
+    (BF16, BF16),  # read as bfloat16 by the kernel
+    (F32, None),  # no bias: an empty operand
+    (None, BF16),  # no scale
+    (None, None),
+    (BF16, F32),  # mixed: both converted to float32 in the graph
+    (jnp.float16, None),  # neither: converted to float32 in the graph
+]
+
+
+@pytest.mark.parametrize("x_dtype", [F32, BF16])
+@pytest.mark.parametrize("scale_dtype,bias_dtype", _PARAM_CASES)
+def test_forward_kernel_parameters_in_their_dtype_or_absent(
+    x_dtype, scale_dtype, bias_dtype):
+  # The forward kernels read bfloat16/float32 parameters as given and an
+  # absent one as an empty array, with the values of the XLA ops (which
+  # convert to float32 and use ones and zeros); a forward op whose
+  # parameters need no conversion compiles to its kernel alone, no XLA op
+  # beside it (XLA's CPU client then runs it on the calling thread).
+  shape = (5, 3, 40)
+  x, _ = _data(shape, x_dtype, mean=2.0, std=3.0)
+  r, _ = _data(shape, x_dtype, seed=4)
+  k = jax.random.split(jax.random.PRNGKey(9), 2)
+  scale = None if scale_dtype is None else (
+      1 + 0.5 * jax.random.normal(k[0], (40,), F32)).astype(scale_dtype)
+  bias = None if bias_dtype is None else (
+      jax.random.normal(k[1], (40,), F32)).astype(bias_dtype)
+  ops = {
+      "layer_norm": lambda x, r, s, b: jaxnorm.layer_norm(x, s, b),
+      "add_layer_norm": lambda x, r, s, b: jaxnorm.add_layer_norm(x, r, s, b),
+  }
+  if bias is None:
+    ops["rms_norm"] = lambda x, r, s, b: jaxnorm.rms_norm(x, s)
+    ops["add_rms_norm"] = lambda x, r, s, b: jaxnorm.add_rms_norm(x, r, s)
+  plain = {BF16, F32}.issuperset(
+      {p.dtype for p in (scale, bias) if p is not None})
+  one_dtype = len({p.dtype for p in (scale, bias) if p is not None}) <= 1
+  for name, op in ops.items():
+    out = {}
+    for flag in (True, False):
+      with _kernels.enabled(flag):
+        f = jax.jit(op)
+        out[flag] = f(x, r, scale, bias)
+        hlo = f.lower(x, r, scale, bias).compile().as_text()
+      if flag:
+        assert "jaxnorm_" in hlo, name
+        if plain and one_dtype:
+          assert "fusion" not in hlo and " convert(" not in hlo, (name, hlo)
+    for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]),
+                    strict=True):
+      assert a.dtype == b.dtype, name
+      a, b = np.asarray(a.astype(F32)), np.asarray(b.astype(F32))
+      tol = 2e-6 if x_dtype == F32 else 1e-2
+      np.testing.assert_allclose(a, b, rtol=0,
+                                 atol=tol * (1 + np.abs(b).max()),
+                                 err_msg=name)

@@ -31,8 +31,13 @@
 // Row kernels: scale and bias are [P, D] with P dividing R: row r uses row
 // r / (R / P) of them (P = 1 normally; jax.vmap's broadcast_all stacks
 // per-example copies in front, which this layout covers); dscale and dbias
-// are [P, D] likewise. x and y are float32 or bfloat16; statistics,
-// parameters and their gradients are float32.
+// are [P, D] likewise. x and y are float32 or bfloat16; statistics and
+// gradients are float32. The forward kernels read scale and bias in their
+// own dtype (float32 or bfloat16, both the same), and a parameter with no
+// elements is absent (a scale of ones, a bias of zeros), so that a forward
+// op needs no XLA op beside its kernel: XLA's CPU client runs a program of
+// under 1000 counted flops on the caller's thread, and counts none for a
+// custom call. The backward kernels take a float32 scale.
 
 #include <algorithm>
 #include <atomic>
@@ -258,7 +263,7 @@ ffi::Error GetRows(const ffi::AnyBuffer& x, const Param& param, Rows* out) {
   for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
   int64_t p = 1;
   auto pd = param.dimensions();
-  if (pd.size() >= 1) {
+  if (param.element_count() > 0) {
     if (pd[pd.size() - 1] != d) {
       return ffi::Error::InvalidArgument("parameter width != feature count");
     }
@@ -347,22 +352,41 @@ inline int64_t RowChunks(const Rows& r) {
 
 // y = ((x - hi) - lo) * rstd * scale + bias for one row x of type T,
 // whose statistics it computes; y of type TY.
-template <typename T, typename TY>
-void NormalizeRow(const T* xr, int64_t d, const float* s, const float* b,
-                  bool center, float eps, TY* yr, float* hi, float* lo,
-                  float* var) {
-  RowStats(xr, d, center, hi, lo, var);
-  const float rs = 1.f / std::sqrt(*var + eps);
-  const float h = *hi, l = *lo;
+template <typename T, typename TY, typename Vec, typename One>
+void AffineRow(const T* xr, int64_t d, float h, float l, float rs, TY* yr,
+               Vec vec, One one) {
   const VF vh = Splat(h), vl = Splat(l), vr = Splat(rs);
   int64_t i = 0;
   for (; i + W <= d; i += W) {
-    VF xh = ((LoadV(xr + i) - vh) - vl) * vr;
-    StoreV(yr + i, xh * LoadV(s + i) + LoadV(b + i));
+    StoreV(yr + i, vec(((LoadV(xr + i) - vh) - vl) * vr, i));
   }
-  for (; i < d; ++i) {
-    float xh = ((Load(xr, i) - h) - l) * rs;
-    Store(yr, i, xh * s[i] + b[i]);
+  for (; i < d; ++i) Store(yr, i, one(((Load(xr, i) - h) - l) * rs, i));
+}
+
+// y = xhat * s + b over one row; an absent s (nullptr) multiplies by
+// nothing (xhat * 1 exactly), an absent b adds zero, as the arrays would.
+template <typename T, typename TS, typename TY>
+void NormalizeRow(const T* xr, int64_t d, const TS* s, const TS* b,
+                  bool center, float eps, TY* yr, float* hi, float* lo,
+                  float* var) {
+  RowStats(xr, d, center, hi, lo, var);
+  const float rs = 1.f / std::sqrt(*var + eps), h = *hi, l = *lo;
+  const VF zero = Splat(0.f);
+  if (s != nullptr && b != nullptr) {
+    AffineRow(xr, d, h, l, rs, yr,
+              [&](VF xh, int64_t i) { return xh * LoadV(s + i) + LoadV(b + i); },
+              [&](float xh, int64_t i) { return xh * Load(s, i) + Load(b, i); });
+  } else if (s != nullptr) {
+    AffineRow(xr, d, h, l, rs, yr,
+              [&](VF xh, int64_t i) { return xh * LoadV(s + i) + zero; },
+              [&](float xh, int64_t i) { return xh * Load(s, i) + 0.f; });
+  } else if (b != nullptr) {
+    AffineRow(xr, d, h, l, rs, yr,
+              [&](VF xh, int64_t i) { return xh + LoadV(b + i); },
+              [&](float xh, int64_t i) { return xh + Load(b, i); });
+  } else {
+    AffineRow(xr, d, h, l, rs, yr, [&](VF xh, int64_t) { return xh + zero; },
+              [&](float xh, int64_t) { return xh + 0.f; });
   }
 }
 
@@ -370,17 +394,16 @@ void NormalizeRow(const T* xr, int64_t d, const float* s, const float* b,
 // normalized are h = x + r, rounded to TH and written to h, then read back
 // from cache: x and r are read once, h and y written once. Without y
 // (nullptr) only h and the statistics are written.
-template <typename TX, typename TH>
+template <typename TX, typename TH, typename TS>
 void Forward(ffi::ThreadPool& pool, const Rows& r, const TX* x,
-             const TH* res, const float* scale, const float* bias,
-             bool center, float eps, TX* y, TH* h, float* hi, float* lo,
-             float* var) {
+             const TH* res, const TS* scale, const TS* bias, bool center,
+             float eps, TX* y, TH* h, float* hi, float* lo, float* var) {
   if (y != nullptr) AdviseHugePages(y, sizeof(TX) * r.rows * r.d);
   if (h != nullptr) AdviseHugePages(h, sizeof(TH) * r.rows * r.d);
   ForRowChunks(pool, r, [&](int64_t, int64_t p, int64_t start,
                             int64_t stop) {
-    const float* s = scale + p * r.d;
-    const float* b = bias + p * r.d;
+    const TS* s = scale == nullptr ? nullptr : scale + p * r.d;
+    const TS* b = bias == nullptr ? nullptr : bias + p * r.d;
     for (int64_t row = start; row < stop; ++row) {
       const int64_t o = row * r.d;
       if (res == nullptr) {
@@ -773,39 +796,69 @@ using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 using AnyOut = ffi::Result<ffi::AnyBuffer>;
 
-ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x, F32 scale, F32 bias,
-                      AnyOut y, F32Out hi, F32Out lo, F32Out var, Center center,
-                      Epsilon epsilon) {
+// A forward kernel's parameter of type TS: its data, or nullptr if absent.
+template <typename TS>
+const TS* Param(const ffi::AnyBuffer& p) {
+  return p.element_count() > 0 ? In<TS>(p) : nullptr;
+}
+
+// The rows of x for a forward kernel, its scale and bias checked: absent,
+// or [P, D] of one floating dtype (that of `*typed`, which is returned).
+ffi::Error GetForward(const ffi::AnyBuffer& x, const ffi::AnyBuffer& scale,
+                      const ffi::AnyBuffer& bias, Rows* r,
+                      const ffi::AnyBuffer** typed) {
+  *typed = scale.element_count() > 0 ? &scale : &bias;
+  if (auto e = GetRows(x, **typed, r); e.failure()) return e;
+  const ffi::AnyBuffer& other = *typed == &scale ? bias : scale;
+  if (other.element_count() > 0 &&
+      (other.element_count() != (*typed)->element_count() ||
+       other.element_type() != (*typed)->element_type())) {
+    return ffi::Error::InvalidArgument("scale and bias differ in shape/dtype");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RowFwdImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer scale,
+                      ffi::AnyBuffer bias, AnyOut y, F32Out hi, F32Out lo,
+                      F32Out var, Center center, Epsilon epsilon) {
   Rows r;
-  if (auto e = GetRows(x, scale, &r); e.failure()) return e;
+  const ffi::AnyBuffer* typed;
+  if (auto e = GetForward(x, scale, bias, &r, &typed); e.failure()) return e;
   if (x.element_type() != y->element_type()) {
     return ffi::Error::InvalidArgument("y dtype != x dtype");
   }
-  return ByDtype(x, [&](auto tag) {
-    using T = decltype(tag);
-    Forward<T, T>(pool, r, In<T>(x), nullptr, scale.typed_data(),
-                  bias.typed_data(), *center, *epsilon, Out<T>(y), nullptr,
-                  hi->typed_data(), lo->typed_data(), var->typed_data());
+  return ByDtypes(x, *typed, [&](auto tx, auto ts) {
+    using T = decltype(tx);
+    using TS = decltype(ts);
+    Forward<T, T, TS>(pool, r, In<T>(x), nullptr, Param<TS>(scale),
+                      Param<TS>(bias), *center, *epsilon, Out<T>(y), nullptr,
+                      hi->typed_data(), lo->typed_data(), var->typed_data());
   });
 }
 
 ffi::Error AddFwdImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer res,
-                      F32 scale, F32 bias, AnyOut y, AnyOut h, F32Out hi,
-                      F32Out lo, F32Out var, Center center, Epsilon epsilon) {
+                      ffi::AnyBuffer scale, ffi::AnyBuffer bias, AnyOut y,
+                      AnyOut h, F32Out hi, F32Out lo, F32Out var,
+                      Center center, Epsilon epsilon) {
   Rows r;
-  if (auto e = GetRows(x, scale, &r); e.failure()) return e;
+  const ffi::AnyBuffer* typed;
+  if (auto e = GetForward(x, scale, bias, &r, &typed); e.failure()) return e;
   if (x.element_type() != y->element_type() ||
-      res.element_type() != h->element_type() || !Float(x) || !Float(res)) {
+      res.element_type() != h->element_type() || !Float(x) || !Float(res) ||
+      !Float(*typed)) {
     return ffi::Error::InvalidArgument(
         "y must have x's dtype and h the residual's, float32 or bfloat16");
   }
   return ByDtypes(x, res, [&](auto tx, auto th) {
     using TX = decltype(tx);
     using TH = decltype(th);
-    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), scale.typed_data(),
-                    bias.typed_data(), *center, *epsilon, Out<TX>(y),
-                    Out<TH>(h), hi->typed_data(), lo->typed_data(),
-                    var->typed_data());
+    (void)ByDtype(*typed, [&](auto ts) {
+      using TS = decltype(ts);
+      Forward<TX, TH, TS>(pool, r, In<TX>(x), In<TH>(res), Param<TS>(scale),
+                          Param<TS>(bias), *center, *epsilon, Out<TX>(y),
+                          Out<TH>(h), hi->typed_data(), lo->typed_data(),
+                          var->typed_data());
+    });
   });
 }
 
@@ -818,13 +871,13 @@ ffi::Error AddStatsImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer res,
     return ffi::Error::InvalidArgument(
         "h must have the residual's dtype, float32 or bfloat16");
   }
-  const float one = 1.f;  // (no parameters: only statistics are computed)
   return ByDtypes(x, res, [&](auto tx, auto th) {
     using TX = decltype(tx);
     using TH = decltype(th);
-    Forward<TX, TH>(pool, r, In<TX>(x), In<TH>(res), &one, &one, *center,
-                    0.f, static_cast<TX*>(nullptr), Out<TH>(h),
-                    hi->typed_data(), lo->typed_data(), var->typed_data());
+    Forward<TX, TH, float>(pool, r, In<TX>(x), In<TH>(res), nullptr, nullptr,
+                           *center, 0.f, static_cast<TX*>(nullptr),
+                           Out<TH>(h), hi->typed_data(), lo->typed_data(),
+                           var->typed_data());
   });
 }
 
