@@ -72,7 +72,8 @@ def _block(out: Any) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                     warmup: int = 3) -> dict[str, float]:
+                     warmup: int = 3, awaited: bool = False
+                     ) -> dict[str, float]:
   """Median seconds per call of each zero-argument callable, interleaved.
 
   Each round calls every contender once, in an order shuffled anew each
@@ -84,7 +85,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
   is called in a loop of as many calls as take that one about 2 ms per
   sample, so the clock's resolution, one-off jitter and the final
   synchronization do not decide the median; the same loop for all, so the
-  synchronization weighs the same in each.
+  synchronization weighs the same in each. The loop's calls run back to
+  back: XLA's runtime hands a program to a worker thread and returns, so
+  the next call's dispatch overlaps the last one's work (throughput).
+  ``awaited=True`` waits for each call's result before the next, as a
+  token-by-token decode waits for each step (latency).
   """
   fastest = float("inf")
   for f in fns.values():
@@ -102,6 +107,8 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
       t0 = time.perf_counter()
       for _ in range(loops):
         out = fns[k]()
+        if awaited:
+          _block(out)
       _block(out)
       samples[k].append((time.perf_counter() - t0) / loops)
   return {k: statistics.median(v) for k, v in samples.items()}
@@ -478,7 +485,7 @@ def _time_rows(kind, op, shape, dtype, calls, x, repeats):
   tc = torch_call(kind, op, x)
   if tc is not None:
     calls = {**calls, "pytorch": tc}
-  times = time_interleaved(calls, repeats)
+  times = time_interleaved(calls, repeats, awaited=op.endswith("awaited"))
   return times, [
       {"op": f"{kind} {op}", "shape": "x".join(map(str, shape)),
        "dtype": jnp.dtype(dtype).name, "contender": k, "ms": t * 1e3,
@@ -722,8 +729,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
       ("batch_norm", "fwd+bwd", conv, f32),
       ("batch_norm", "infer", conv, f32),
       ("batch_norm", "fwd+bwd", conv2, f32),
-      *((k, "fwd", shp, dt) for k in ("layer_norm", "rms_norm")
-        for shp in (seq, dec) for dt in (f32, bf16)),
+      *((k, op, shp, dt) for k in ("layer_norm", "rms_norm")
+        for op, shp in (("fwd", seq), ("fwd", dec), ("fwd awaited", dec))
+        for dt in (f32, bf16)),
       ("layer_norm", "fwd+bwd", seq, f32),
       ("layer_norm", "fwd+bwd", seq, bf16),
       ("rms_norm", "fwd+bwd", seq, f32),

@@ -188,22 +188,48 @@ def test_same_shape_layers_share_one_trace():
   assert calls[0].params["jaxpr"] is calls[1].params["jaxpr"]
 
 
-def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
-                                                     monkeypatch):
-  # The README's benchmark, on small shapes: one row per contender with a
-  # time, the ratios, and jaxnorm saving less than flax.
+@pytest.fixture
+def bench(monkeypatch):
+  """examples/benchmark.py, loaded as a module."""
   import importlib.util
-  import json
   import pathlib
   path = pathlib.Path(__file__).parents[1] / "examples" / "benchmark.py"
   spec = importlib.util.spec_from_file_location("_jaxnorm_benchmark", path)
-  bench = importlib.util.module_from_spec(spec)
-  monkeypatch.setitem(sys.modules, spec.name, bench)  # for its dataclasses
-  spec.loader.exec_module(bench)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)  # for its dataclasses
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("awaited", [False, True])
+def test_benchmark_awaits_each_call_only_when_asked(bench, awaited):
+  # Back to back, a sample waits once, for its last call; awaited, it
+  # waits for every call.
+  calls, waits = [], []
+
+  class Result:
+    def block_until_ready(self):
+      waits.append(len(calls))
+      return self
+
+  def call():
+    calls.append(1)
+    return Result()
+  bench.time_interleaved({"f": call}, repeats=2, warmup=1, awaited=awaited)
+  loops = (len(calls) - 1) // 2  # the warmup's call, then 2 samples
+  assert loops > 1
+  sample_waits = waits[1:]
+  assert len(sample_waits) == (2 * loops + 2 if awaited else 2)
+
+
+def test_benchmark_quick_run_reports_every_contender(bench, tmp_path, capsys):
+  # The README's benchmark, on small shapes: one row per contender with a
+  # time, the ratios, and jaxnorm saving less than flax.
+  import json
   out = tmp_path / "rows.json"
   bench.main(["--quick", "--repeats", "1", "--only",
-              "batch_norm fwd+bwd,rms_norm fwd 2x1x256,add+norm (RMSNorm),"
-              "example CNN",
+              "batch_norm fwd+bwd,rms_norm fwd 2x1x256,rms_norm fwd awaited,"
+              "add+norm (RMSNorm),example CNN",
               "--json", str(out)])
   rows = json.loads(out.read_text())["rows"]
   names = {r["contender"] for r in rows}
@@ -227,10 +253,12 @@ def test_benchmark_quick_run_reports_every_contender(tmp_path, capsys,
     assert r["best_ms"] == min(peers)
     assert r["vs_best"] == pytest.approx(r["best_ms"] / r["ms"])
   ops = {(r["op"], r["shape"], r["dtype"]) for r in rows}
-  # The new rows: forward only at the decode shape in both dtypes, and the
-  # transformer block's train step with its compile time.
-  assert {("rms_norm fwd", "2x1x256", dt) for dt in ("float32", "bfloat16")
-          } <= ops
+  # Forward only at the decode shape in both dtypes, back to back and with
+  # each call awaited, and the transformer block's train step with its
+  # compile time.
+  assert {(op, "2x1x256", dt)
+          for op in ("rms_norm fwd", "rms_norm fwd awaited")
+          for dt in ("float32", "bfloat16")} <= ops
   # The example CNN's inference forward, beside its train step.
   assert {op for op, _, _ in ops} >= {"train step: example CNN",
                                       "infer step: example CNN"}
