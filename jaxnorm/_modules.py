@@ -426,13 +426,14 @@ def _transformer_norm(
   plain,
   fused,
   residual: ArrayLike | None,
-  **kwargs: Any,
+  mask: ArrayLike | None,
 ):
   """The LayerNorm/RMSNorm modules' call, with their transformer options.
 
-  Without ``residual``: ``plain(x, *params, **kwargs)`` (``layer_norm`` or
-  ``rms_norm``) under the modules' dtype rule. With it: ``fused(x,
-  residual, *params, **kwargs)`` (``add_layer_norm``/``add_rms_norm``) ->
+  Without ``residual``: ``plain(x, *params, mask=mask, **options)``
+  (``layer_norm`` or ``rms_norm``; the options from the module's fields)
+  under the modules' dtype rule. With it: ``fused(x, residual, *params,
+  ...)`` (``add_layer_norm``/``add_rms_norm``) ->
   ``(y, h)``, ``y`` under the dtype rule and ``h`` in ``residual_dtype``
   (default: the promoted dtype of the input ``x`` and ``residual``, not of
   the compute dtype). With ``cast_before_scale`` the input reaches the
@@ -442,7 +443,10 @@ def _transformer_norm(
   present = [p for p in params if p is not None]
   compute, out = _dtypes_for([x, *present], mdl.dtype)
   cast = [None if p is None else p.astype(compute) for p in params]
-  kwargs.update(
+  kwargs = dict(
+    reduction_axes=_as_axes(mdl.reduction_axes),
+    feature_axes=_as_axes(mdl.feature_axes),
+    mask=_as_mask(mask),
     epsilon=mdl.epsilon,
     scale_offset=mdl.scale_offset,
     cast_before_scale=mdl.cast_before_scale,

@@ -52,7 +52,6 @@ from jax.typing import ArrayLike
 from jaxnorm import recalibration
 from jaxnorm._modules import _RECALIBRATING
 from jaxnorm._modules import _as_axes
-from jaxnorm._modules import _as_mask
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
 from jaxnorm._modules import _document
@@ -355,9 +354,7 @@ def _row_norm(
     plain,
     fused,
     residual,
-    reduction_axes=_as_axes(mdl.reduction_axes),
-    feature_axes=_as_axes(mdl.feature_axes),
-    mask=_as_mask(mask),
+    mask,
   )
 
 

@@ -50,7 +50,6 @@ from jaxnorm.batch_norm import BatchNormState
 from jaxnorm.batch_norm import batch_renorm_schedule
 from jaxnorm._modules import _RECALIBRATING
 from jaxnorm._modules import _as_axes
-from jaxnorm._modules import _as_mask
 from jaxnorm._modules import _batch_norm
 from jaxnorm._modules import _check_instance_axes
 from jaxnorm._modules import _document
@@ -422,15 +421,7 @@ class LayerNorm(_Layer):
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale, bias = _promote(self, x, _value(self.scale), _value(self.bias))
     return _transformer_norm(
-      self,
-      x,
-      [scale, bias],
-      layer_norm,
-      add_layer_norm,
-      residual,
-      reduction_axes=_as_axes(self.reduction_axes),
-      feature_axes=_as_axes(self.feature_axes),
-      mask=_as_mask(mask),
+      self, x, [scale, bias], layer_norm, add_layer_norm, residual, mask
     )
 
 
@@ -490,15 +481,7 @@ class RMSNorm(_Layer):
     _check_features(self, x, self.feature_axes, "feature_axes")
     x, scale = _promote(self, x, _value(self.scale))
     return _transformer_norm(
-      self,
-      x,
-      [scale],
-      rms_norm,
-      add_rms_norm,
-      residual,
-      reduction_axes=_as_axes(self.reduction_axes),
-      feature_axes=_as_axes(self.feature_axes),
-      mask=_as_mask(mask),
+      self, x, [scale], rms_norm, add_rms_norm, residual, mask
     )
 
 
