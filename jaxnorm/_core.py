@@ -481,8 +481,7 @@ def _forward_params(
   """
   given = [p for p in (scale, bias) if p is not None]
   bf16 = jnp.dtype(jnp.bfloat16)
-  dtype = bf16 if all(p.dtype == bf16 for p in given) else jnp.float32
-  dtype = dtype if given else jnp.float32
+  dtype = bf16 if given and all(p.dtype == bf16 for p in given) else jnp.float32
   scale, bias = (
     jnp.zeros((0,), dtype) if p is None else p.astype(dtype).reshape(1, width)
     for p in (scale, bias)
