@@ -782,11 +782,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if wanted(f"train step: {name}"):
       rows += bench_train_step(name, norms, make, x, target, loss, repeats,
                                compiles)
-  # The example CNN's inference forward: BatchNorm's y fused with the ReLU.
-  name, norms, make, (x, target), loss = steps[0]
-  if wanted(f"infer step: {name}"):
-    rows += bench_train_step(name, norms, make, x, target, loss, repeats,
-                             compiles, train=False)
+  # Inference forwards: the example CNN's (BatchNorm's y fused with the
+  # ReLU) and the transformer blocks' (each norm between XLA's ops).
+  for name, norms, make, (x, target), loss in (steps[0], *steps[2:]):
+    if wanted(f"infer step: {name}"):
+      rows += bench_train_step(name, norms, make, x, target, loss, repeats,
+                               compiles, train=False)
   bandwidth = {k: max(v, w) for (k, v), w in zip(
       bandwidth.items(), measure_bandwidth(repeats, stream_n).values())}
   gbps = max(bandwidth.values())

@@ -259,9 +259,12 @@ def test_benchmark_quick_run_reports_every_contender(bench, tmp_path, capsys):
   assert {(op, "2x1x256", dt)
           for op in ("rms_norm fwd", "rms_norm fwd awaited")
           for dt in ("float32", "bfloat16")} <= ops
-  # The example CNN's inference forward, beside its train step.
-  assert {op for op, _, _ in ops} >= {"train step: example CNN",
-                                      "infer step: example CNN"}
+  # The inference forwards of the example CNN and of the transformer
+  # block, beside their train steps.
+  block_op = "pre-norm transformer block, fused add+norm (RMSNorm)"
+  assert {op for op, _, _ in ops} >= {
+      f"{kind} step: {name}" for kind in ("train", "infer")
+      for name in ("example CNN", block_op)}
   block = [r for r in rows if "transformer" in r["op"]]
   assert {r["contender"] for r in block} == {"jaxnorm", "flax(fast var)"}
   assert all(r["compile_s"] > 0 and r["dtype"] == "bfloat16" for r in block)

@@ -207,11 +207,16 @@ inline void AdviseHugePages(void* p, size_t bytes) {
 // threads. The caller waits only for chunks that were claimed; a pool task
 // that starts after all chunks are claimed returns at once (its state is
 // shared, so it outlives this call). Work below kParallelElements runs on
-// the calling thread alone: waking pool threads costs more than it saves.
-// (On 2 cores, a LayerNorm of 8 rows of 4,096 takes 12.8 us a call with a
-// second thread against 15.4 us without, as XLA's own fusions split it; 8
-// rows of 1,024 take 9.3 us against 8.6 us.)
-constexpr int64_t kParallelElements = 1 << 14;
+// the calling thread alone: waking pool threads costs more than it saves,
+// most of all inside a larger program, which XLA runs on a pool thread
+// whose neighbours are busy with XLA's own split fusions. On 2 cores,
+// LayerNorm(2x + 1) * 3 jitted over 8 rows of 4,096 takes 73-80 us a call
+// split and 44 us not (RMSNorm 74-77 against 34 us); over 32 rows of
+// 1,024, 99-110 us against 45-62 us. Called alone, a split gains at most
+// 2 us below this size (8 x 4,096: 12.9-13.3 against 15.3 us), and above
+// it the split wins in a program too: 16 rows of 4,096 take 54-65 us
+// split and 106 us not.
+constexpr int64_t kParallelElements = 1 << 16;
 
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t elements,
