@@ -183,8 +183,12 @@ def _scaled(
 _Y, _DX, _SG, _SGX, _DSCALE, _DBIAS = 3, 4, 5, 6, 7, 8
 
 
-def _forward(cfg: _Config, x, scale, bias, mask):
+def _forward(cfg: _Config, x, scale, bias, mask, y_kernel: bool = False):
   """Primal computation; returns outputs and the residuals of ``_vjp``.
+
+  ``y_kernel``: BatchNorm's ``y`` from its CPU kernel (the op not
+  differentiated, where ``_kernels.output_pays``); otherwise XLA's
+  elementwise pass, which XLA fuses with the consumers of ``y``.
 
   ``y = ((x - m) - delta) * (r * scale) + bias`` (see :func:`_shifts`);
   with per-feature parameters ``r * scale`` is a per-feature coefficient,
@@ -211,10 +215,16 @@ def _forward(cfg: _Config, x, scale, bias, mask):
   xf = _stats.upcast(x, dt, _Y, cfg.cpu)
   m, delta = _shifts(hi, lo)
   mean = hi + lo
-  d = (xf - m) - delta if cfg.center else xf
-  y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
-  if bias is not None:
-    y = y + bias.astype(dt)
+  if y_kernel:  # ((x - m) - delta) * (rstd * scale) + bias
+    k = rstd if scale is None else rstd * scale.astype(dt)
+    y = _channel_kernel(
+      x, m, delta, k, jnp.zeros((), dt) if bias is None else bias.astype(dt)
+    )
+  else:
+    d = (xf - m) - delta if cfg.center else xf
+    y = _scaled(cfg, d, rstd, None if scale is None else scale.astype(dt))
+    if bias is not None:
+      y = y + bias.astype(dt)
   # Per-element weight of the statistics: w / n, with w the mask. It has the
   # broadcast shape of the mask and the statistics, so without a mask (or
   # with a per-example mask) it is small; it is the only place the mask
@@ -489,6 +499,58 @@ def _forward_params(
   return scale, bias
 
 
+def _channels_plain(x, m, d, k, b):
+  return (((x.astype(k.dtype) - m) - d) * k + b).astype(x.dtype)
+
+
+@jax.custom_jvp
+def _channel_kernel(x, m, d, k, b):
+  """``((x - m) - d) * k + b`` per channel of the last axis, through the CPU
+  kernel; ``m``, ``d``, ``k``, ``b`` float32 scalars or of shape
+  ``(1, ..., 1, C)``."""
+  per = (1,) * (x.ndim - 1) + x.shape[-1:]
+  return _kernels.col_apply(
+    x, *(jnp.broadcast_to(v, per).reshape(-1) for v in (m, d, k, b))
+  )
+
+
+@_channel_kernel.defjvp
+def _channel_kernel_jvp(primals, tangents):
+  _, ty = jax.jvp(_channels_plain, primals, tangents)
+  return _channel_kernel(*primals), ty
+
+
+def affine_channels(
+  x: jax.Array, m: jax.Array, k: jax.Array, b: jax.Array | None
+) -> jax.Array:
+  """``(x - m) * k + b`` in ``k``'s dtype, returned in ``x``'s dtype.
+
+  BatchNorm's inference: ``m``, ``k``, ``b`` broadcastable to ``x``, of its
+  rank, at least float32. One elementwise pass, which XLA fuses with the
+  consumers of the output; over channels of the last axis, lowered for
+  CPU, the kernel writes it where ``_kernels.output_pays``.
+  """
+  b = jnp.zeros_like(k) if b is None else b.astype(k.dtype)
+
+  def plain(x, m, k, b):
+    return ((x.astype(k.dtype) - m) * k + b).astype(x.dtype)
+
+  def kernel(x, m, k, b):
+    return _channel_kernel(x, m, jnp.zeros_like(m), k, b)
+
+  per = (1,) * (x.ndim - 1) + x.shape[-1:]
+  if (
+    x.ndim < 2
+    or jnp.dtype(k.dtype) != jnp.dtype(jnp.float32)
+    or any(tuple(v.shape) != per or _vma(v) for v in (m, k, b))
+    or not _kernels.output_pays(x.size * x.dtype.itemsize)
+    or _kernel_kind(tuple(range(x.ndim - 1)), x, None, None, None, None, None)
+    != "cols"
+  ):
+    return plain(x, m, k, b)
+  return jax.lax.platform_dependent(x, m, k, b, cpu=kernel, default=plain)
+
+
 def _kernel_kind(
   axes: tuple[int, ...], x, scale, bias, mask, axis_name, groups
 ) -> str | None:
@@ -622,7 +684,10 @@ def _tangent_map(cfg: _Config, shapes, res, tangents):
 def _normalize(cfg: _Config, x, scale, bias, mask):
   if cfg.kernel == "rows":
     return _row_forward(cfg, x, scale, bias)
-  return _forward(cfg, x, scale, bias, mask)[0]
+  y_kernel = cfg.kernel == "cols" and _kernels.output_pays(
+    x.size * x.dtype.itemsize
+  )
+  return _forward(cfg, x, scale, bias, mask, y_kernel)[0]
 
 
 @_normalize.defjvp

@@ -43,6 +43,7 @@ TARGETS = {
   "jaxnorm_row_backward": "JaxnormRowBwd",
   "jaxnorm_col_stats": "JaxnormColStats",
   "jaxnorm_col_sums": "JaxnormColSums",
+  "jaxnorm_col_apply": "JaxnormColApply",
   "jaxnorm_add_forward": "JaxnormAddFwd",
   "jaxnorm_add_stats": "JaxnormAddStats",
   "jaxnorm_add_backward": "JaxnormAddBwd",

@@ -1084,9 +1084,7 @@ def batch_norm_infer(
   if scale is not None:
     mul = mul * scale.astype(dt).reshape(bshape)
   # Centre first, as training does: x - mean is exact for x near the mean
-  # (Sterbenz), where x * mul - mean * mul cancels two large terms. One
-  # elementwise pass, which XLA fuses with the consumers of y (a ReLU).
-  y = (x.astype(dt) - mean) * mul
-  if bias is not None:
-    y = y + bias.astype(dt).reshape(bshape)
-  return y.astype(x.dtype)
+  # (Sterbenz), where x * mul - mean * mul cancels two large terms.
+  return _core.affine_channels(
+    x, mean, mul, None if bias is None else bias.reshape(bshape)
+  )

@@ -421,6 +421,76 @@ def test_batch_norm_kernel_transforms_agree_with_xla_ops():
                                atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_batch_norm_output_kernel_matches_xla_ops_and_float64(
+    dtype, monkeypatch):
+  # The output kernel at every size (its size and system conditions are
+  # tested below); 37 channels: vector lanes and a scalar tail.
+  monkeypatch.setattr(_kernels, "output_pays", lambda nbytes: True)
+  x, dy = _data((3, 5, 7, 37), dtype, mean=50.0, std=3.0)
+  c = x.shape[-1]
+  scale = 1.0 + 0.1 * jnp.arange(c, dtype=F32)
+  bias = jnp.linspace(-1.0, 1.0, c, dtype=F32)
+  state = jaxnorm.batch_norm_init(c)._replace(
+      mean=jnp.full((c,), 49.0, F32), var=jnp.full((c,), 8.0, F32))
+  xf = np.asarray(x.astype(F32), np.float64)
+  axes = (0, 1, 2)
+  refs = {
+      "train": (xf - xf.mean(axes)) / np.sqrt(xf.var(axes) + 1e-5),
+      "infer": (xf - 49.0) / np.sqrt(8.0 + 1e-5),
+  }
+  fns = {
+      "train": lambda x, s: jaxnorm.batch_norm_train(x, state, s, bias)[0],
+      "infer": lambda x, s: jaxnorm.batch_norm_infer(x, state, s, bias),
+  }
+  for mode, f in fns.items():
+    ref = refs[mode] * np.asarray(scale) + np.asarray(bias)
+    out = {}
+    for flag in (True, False):
+      with _kernels.enabled(flag):
+        hlo = jax.jit(f).lower(x, scale).compile().as_text()
+        assert ("jaxnorm_col_apply" in hlo) == flag, mode
+        out[flag] = [jax.jit(f)(x, scale),
+                     jax.jvp(f, (x, scale), (dy, jnp.ones_like(scale)))[1]]
+        if mode == "infer":  # a derivative through the kernel's custom_jvp
+          out[flag].append(jax.grad(lambda s: jnp.vdot(
+              f(x, s).astype(F32), dy.astype(F32)))(scale))
+    y = np.asarray(out[True][0].astype(F32), np.float64)
+    tol = 2e-6 if dtype == F32 else 8e-3
+    assert np.abs(y - ref).max() <= tol * np.abs(ref).max(), mode
+    for a, b in zip(out[True], out[False], strict=True):
+      a, b = (np.asarray(v.astype(F32), np.float64) for v in (a, b))
+      assert np.abs(a - b).max() <= tol * (1.0 + np.abs(b).max()), mode
+
+
+def test_output_kernel_only_where_fresh_memory_faults(monkeypatch):
+  # Above glibc's largest mmap threshold every XLA output is fresh memory;
+  # below it malloc reuses memory already faulted in.
+  monkeypatch.setattr(_kernels, "_huge_pages_on_request", lambda: True)
+  assert _kernels.output_pays(_kernels.FRESH_MAPPING_BYTES)
+  assert not _kernels.output_pays(_kernels.FRESH_MAPPING_BYTES - 1)
+  line = "BatchNorm's output: a kernel, on huge pages, from 32 MiB"
+  assert line in str(jaxnorm.kernels.status()).splitlines()[-1]
+  monkeypatch.setattr(_kernels, "_huge_pages_on_request", lambda: False)
+  assert not _kernels.output_pays(1 << 40)
+  assert str(jaxnorm.kernels.status()).splitlines()[-1] == (
+      "BatchNorm's output: XLA's pass (huge pages are not on request here)")
+
+
+@pytest.mark.parametrize("env", [("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+                                 ("MALLOC_MMAP_THRESHOLD_", "1048576")])
+def test_output_kernel_stays_off_where_malloc_is_tuned(env, monkeypatch):
+  monkeypatch.setenv(*env)
+  probe = _kernels._huge_pages_on_request  # pylint: disable=protected-access
+  probe.cache_clear()
+  try:
+    assert not probe()
+    assert not _kernels.output_pays(1 << 40)
+  finally:
+    monkeypatch.undo()
+    probe.cache_clear()
+
+
 def _export_case():
   x, dy = _data((4, 6, 32), F32, mean=2.0)
   scale, bias = _params(x.shape, (2,), "layer")
@@ -430,6 +500,8 @@ def _export_case():
       jax.grad(lambda x: jnp.vdot(jaxnorm.rms_norm(x, s), dy))(x),
       jax.grad(lambda x: jnp.vdot(
           jaxnorm.batch_norm_train(x, state, s, b)[0], dy))(x),
+      jaxnorm.batch_norm_infer(x, state, s, b),
+      jaxnorm.batch_norm_train(x, state, s, b)[0],
       # no kernel: XLA ops, with per-reader upcasts on CPU
       jax.grad(lambda x: jnp.vdot(jaxnorm.group_norm(
           x.astype(BF16), num_groups=4), dy.astype(BF16),
@@ -438,12 +510,16 @@ def _export_case():
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_programs_for_gpu_and_tpu_are_the_plain_graph(platform):
+def test_programs_for_gpu_and_tpu_are_the_plain_graph(platform, monkeypatch):
   # Lowered or exported for another platform from this CPU host, the
   # program holds no kernel and none of the CPU spellings (per-reader
   # upcast barriers, a centred input spelled x + (-m)): the reductions are
-  # those of the program traced with the kernels off.
+  # those of the program traced with the kernels off. (BatchNorm's output
+  # kernel at every size, so that it is in the CPU branch.)
+  monkeypatch.setattr(_kernels, "output_pays", lambda nbytes: True)
   f, args = _export_case()
+  cpu = jax.jit(f).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+  assert "jaxnorm_col_apply" in cpu
   lower = lambda: jax.jit(f).trace(*args).lower(
       lowering_platforms=(platform,)).as_text(debug_info=False)
   mlir = lower()

@@ -185,7 +185,7 @@ struct Vecs {
 };
 
 // Writing fresh memory costs a page fault per 4 KiB page, the larger part
-// of the time of writing a large output: a row kernel asks the kernel for
+// of the time of writing a large output: a kernel asks the system for
 // transparent huge pages on its outputs' whole 2 MiB pages (where the
 // system allows them "on madvise"; a no-op elsewhere), a fault per 2 MiB.
 constexpr size_t kHugePage = size_t{2} << 20;
@@ -740,6 +740,32 @@ void ColSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
   }
 }
 
+// y = ((x - m) - d) * k + b per channel (BatchNorm's output where a kernel
+// writes it: see jaxnorm/_kernels.py), written on huge pages.
+template <typename T>
+void ColApply(ffi::ThreadPool& pool, int64_t rows, int64_t c, const T* x,
+              const float* m, const float* d, const float* k,
+              const float* b, T* y) {
+  AdviseHugePages(y, sizeof(T) * rows * c);
+  const int64_t block = std::max<int64_t>(1, kTaskElements / c);
+  ParallelFor(pool, (rows + block - 1) / block, rows * c, [&](int64_t t) {
+    const int64_t stop = std::min(rows, (t + 1) * block);
+    for (int64_t r = t * block; r < stop; ++r) {
+      const T* xr = x + r * c;
+      T* yr = y + r * c;
+      int64_t j = 0;
+      for (; j + W <= c; j += W) {
+        StoreV(yr + j, ((LoadV(xr + j) - LoadV(m + j)) - LoadV(d + j)) *
+                               LoadV(k + j) +
+                           LoadV(b + j));
+      }
+      for (; j < c; ++j) {
+        Store(yr, j, ((Load(xr, j) - m[j]) - d[j]) * k[j] + b[j]);
+      }
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // FFI handlers
 
@@ -981,6 +1007,23 @@ ffi::Error ColSumsImpl(Pool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, F32 hi,
   });
 }
 
+ffi::Error ColApplyImpl(Pool pool, ffi::AnyBuffer x, F32 m, F32 d, F32 k, F32 b,
+                        AnyOut y) {
+  Cols q = GetCols(x, static_cast<int64_t>(m.element_count()));
+  if (x.element_type() != y->element_type()) {
+    return ffi::Error::InvalidArgument("x and y dtypes differ");
+  }
+  return ByDtype(x, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = 0; i < q.batches; ++i) {
+      int64_t off = i * q.rows * q.c, so = i * q.c;
+      ColApply(pool, q.rows, q.c, In<T>(x) + off, m.typed_data() + so,
+               d.typed_data() + so, k.typed_data() + so, b.typed_data() + so,
+               Out<T>(y) + off);
+    }
+  });
+}
+
 }  // namespace
 
 namespace xla::ffi {
@@ -999,3 +1042,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowStats, RowStatsImpl);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormRowBwd, RowBwdImpl);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColStats, ColStatsImpl);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColSums, ColSumsImpl);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnormColApply, ColApplyImpl);

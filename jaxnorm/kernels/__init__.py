@@ -53,6 +53,10 @@ class KernelStatus:
     reason: why the kernels are not used ("" when they are).
     compiler: the C++ compiler a build would use, if any.
     cache_dirs: where the library is looked up, in order.
+    output_kernel: whether BatchNorm's output comes from a kernel where it
+      is ``FRESH_MAPPING_BYTES`` (32 MiB) or larger: on Linux with glibc's
+      default malloc and transparent huge pages on request (``madvise``),
+      where XLA's outputs that large fault in 4 KiB pages on every call.
   """
 
   used: bool
@@ -61,6 +65,7 @@ class KernelStatus:
   reason: str
   compiler: str | None
   cache_dirs: tuple[pathlib.Path, ...]
+  output_kernel: bool = False
 
   def __str__(self) -> str:
     lines = [
@@ -72,6 +77,13 @@ class KernelStatus:
       + (
         ", ".join(map(str, self.cache_dirs))
         or "none (builds go to a temporary one)"
+      ),
+      "BatchNorm's output: "
+      + (
+        "a kernel, on huge pages, from 32 MiB (XLA's pass below)"
+        if self.output_kernel
+        else "XLA's pass"
+        + (" (huge pages are not on request here)" if self.used else "")
       ),
     ]
     return "\n".join(lines)
@@ -118,6 +130,7 @@ def status(build: bool = False) -> KernelStatus:
     reason,
     _kernel_library.compiler(),
     tuple(_kernel_library.cache_dirs()),
+    not reason and _kernels.output_pays(_kernels.FRESH_MAPPING_BYTES),
   )
 
 
