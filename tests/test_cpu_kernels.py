@@ -455,6 +455,9 @@ def test_batch_norm_output_kernel_matches_xla_ops_and_float64(
         if mode == "infer":  # a derivative through the kernel's custom_jvp
           out[flag].append(jax.grad(lambda s: jnp.vdot(
               f(x, s).astype(F32), dy.astype(F32)))(scale))
+        # batched: the kernel's leading batches, one scale per member
+        out[flag].append(jax.jit(jax.vmap(f))(
+            jnp.stack([x, x[::-1]]), jnp.stack([scale, 2.0 * scale])))
     y = np.asarray(out[True][0].astype(F32), np.float64)
     tol = 2e-6 if dtype == F32 else 8e-3
     assert np.abs(y - ref).max() <= tol * np.abs(ref).max(), mode
